@@ -1,0 +1,486 @@
+//! Plugin configuration: the JSON in Envoy's `configuration` for the Wasm filter.
+//!
+//! Parsed with serde and validated once (in `on_configure`); every error names the
+//! field it is about, e.g. `models[1].target_models[0].weight: must be at least 1`.
+//! The reference for every field is `docs/configuration.md`.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// Default cap on a buffered request body: 4 MiB. Envoy's own per-connection buffer
+/// limit must be larger, or Envoy answers 413 itself before the filter can.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a listener's instance of the filter does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Routes OpenAI requests (the data plane).
+    #[default]
+    Gateway,
+    /// Loopback control listener: serves `/debug/state` (and snapshot ingest later).
+    Control,
+}
+
+/// What to do with requests to paths that are not OpenAI inference endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherPaths {
+    /// Let them through untouched (to whatever route Envoy has for them).
+    #[default]
+    Pass,
+    /// Answer 404 in the OpenAI error shape.
+    Reject,
+}
+
+/// Legacy InferenceModel criticality (`inference.networking.x-k8s.io/v1alpha2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Criticality {
+    Critical,
+    Standard,
+    Sheddable,
+}
+
+impl Criticality {
+    /// Critical outranks Standard; Sheddable is negative, so it may be shed.
+    pub fn priority(self) -> i32 {
+        match self {
+            Criticality::Critical => 1,
+            Criticality::Standard => 0,
+            Criticality::Sheddable => -1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default = "default_max_body")]
+    pub max_request_body_bytes: usize,
+    #[serde(default)]
+    pub other_paths: OtherPaths,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    #[serde(default)]
+    pub objectives: Vec<RawObjective>,
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+    /// Pool for models not listed in `models`; without it they get 404 `model_not_found`.
+    #[serde(default)]
+    pub default_pool: Option<String>,
+}
+
+fn default_max_body() -> usize {
+    DEFAULT_MAX_REQUEST_BODY_BYTES
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    /// Model-server endpoints as `ip:port` (IPv6 as `[::1]:8000`).
+    pub endpoints: Vec<String>,
+}
+
+/// An InferenceObjective: a named priority a client can select with the
+/// `x-gateway-inference-objective` header, or a model can refer to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawObjective {
+    pub name: String,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// The `model` clients send.
+    pub name: String,
+    pub pool: String,
+    /// Name of an objective in `objectives` whose priority applies.
+    #[serde(default)]
+    pub objective: Option<String>,
+    #[serde(default)]
+    pub priority: Option<i32>,
+    #[serde(default)]
+    pub criticality: Option<Criticality>,
+    /// Weighted rewrite of `model` (InferenceModel `targetModels`), e.g. LoRA versions.
+    #[serde(default)]
+    pub target_models: Vec<RawTargetModel>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTargetModel {
+    pub name: String,
+    pub weight: u32,
+}
+
+/// A configuration error, naming the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() || self.field == "." {
+            write!(f, "invalid configuration: {}", self.message)
+        } else {
+            write!(f, "invalid configuration: {}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The validated configuration the filter runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub role: Role,
+    pub max_request_body_bytes: usize,
+    pub other_paths: OtherPaths,
+    pub pools: Vec<Pool>,
+    pub objectives: HashMap<String, i32>,
+    pub models: HashMap<String, ModelRoute>,
+    /// Model names in configuration order, for `GET /v1/models`.
+    pub model_names: Vec<String>,
+    /// Index into `pools`.
+    pub default_pool: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    /// Normalised `ip:port` strings, as written to `x-gateway-destination-endpoint`.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRoute {
+    /// Index into `Config::pools`.
+    pub pool: usize,
+    /// `None`: no priority configured for the model (the default, 0, applies).
+    pub priority: Option<i32>,
+    pub targets: Vec<TargetModel>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetModel {
+    pub name: String,
+    pub weight: u32,
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration. An empty configuration is an
+    /// error for the gateway role (it would route nothing).
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            err(field, e.into_inner().to_string())
+        })?;
+        raw.validate()
+    }
+
+    pub fn pool_by_name(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.name == name)
+    }
+
+    /// Every endpoint of every pool, deduplicated, in configuration order.
+    pub fn all_endpoints(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.pools
+            .iter()
+            .flat_map(|p| p.endpoints.iter())
+            .filter(|e| seen.insert(e.as_str()))
+            .cloned()
+            .collect()
+    }
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.max_request_body_bytes == 0 {
+            return Err(err("max_request_body_bytes", "must be greater than 0"));
+        }
+        if self.role == Role::Gateway && self.pools.is_empty() {
+            return Err(err("pools", "at least one pool is required"));
+        }
+
+        let mut pools = Vec::with_capacity(self.pools.len());
+        for (i, p) in self.pools.iter().enumerate() {
+            let at = format!("pools[{i}]");
+            check_name(&p.name, &format!("{at}.name"))?;
+            if pools.iter().any(|q: &Pool| q.name == p.name) {
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("duplicate pool '{}'", p.name),
+                ));
+            }
+            if p.endpoints.is_empty() {
+                return Err(err(
+                    format!("{at}.endpoints"),
+                    "at least one endpoint is required",
+                ));
+            }
+            let mut endpoints = Vec::with_capacity(p.endpoints.len());
+            for (j, e) in p.endpoints.iter().enumerate() {
+                let addr: SocketAddr = e.trim().parse().map_err(|_| {
+                    err(
+                        format!("{at}.endpoints[{j}]"),
+                        format!("'{e}' is not an ip:port address (IPv6 as [::1]:8000)"),
+                    )
+                })?;
+                let norm = addr.to_string();
+                if endpoints.contains(&norm) {
+                    return Err(err(
+                        format!("{at}.endpoints[{j}]"),
+                        format!("duplicate endpoint '{norm}'"),
+                    ));
+                }
+                endpoints.push(norm);
+            }
+            pools.push(Pool {
+                name: p.name.clone(),
+                endpoints,
+            });
+        }
+        let pool_index = |name: &str, field: String| {
+            pools
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| err(field, format!("no pool named '{name}' in pools")))
+        };
+
+        let mut objectives = HashMap::new();
+        for (i, o) in self.objectives.iter().enumerate() {
+            check_name(&o.name, &format!("objectives[{i}].name"))?;
+            if objectives.insert(o.name.clone(), o.priority).is_some() {
+                return Err(err(
+                    format!("objectives[{i}].name"),
+                    format!("duplicate objective '{}'", o.name),
+                ));
+            }
+        }
+
+        let mut models = HashMap::new();
+        let mut model_names = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let at = format!("models[{i}]");
+            check_name(&m.name, &format!("{at}.name"))?;
+            let pool = pool_index(&m.pool, format!("{at}.pool"))?;
+            let set = [
+                m.objective.is_some(),
+                m.priority.is_some(),
+                m.criticality.is_some(),
+            ];
+            if set.iter().filter(|s| **s).count() > 1 {
+                return Err(err(
+                    at,
+                    "set at most one of objective, priority and criticality",
+                ));
+            }
+            let priority = match (&m.objective, m.priority, m.criticality) {
+                (Some(o), _, _) => Some(*objectives.get(o).ok_or_else(|| {
+                    err(
+                        format!("{at}.objective"),
+                        format!("no objective named '{o}' in objectives"),
+                    )
+                })?),
+                (None, Some(p), _) => Some(p),
+                (None, None, Some(c)) => Some(c.priority()),
+                (None, None, None) => None,
+            };
+            let mut targets = Vec::with_capacity(m.target_models.len());
+            for (j, t) in m.target_models.iter().enumerate() {
+                check_name(&t.name, &format!("{at}.target_models[{j}].name"))?;
+                if t.weight == 0 {
+                    return Err(err(
+                        format!("{at}.target_models[{j}].weight"),
+                        "must be at least 1",
+                    ));
+                }
+                targets.push(TargetModel {
+                    name: t.name.clone(),
+                    weight: t.weight,
+                });
+            }
+            if targets.iter().map(|t| u64::from(t.weight)).sum::<u64>() > u64::from(u32::MAX) {
+                return Err(err(
+                    format!("{at}.target_models"),
+                    "weights add up to more than 4294967295",
+                ));
+            }
+            let route = ModelRoute {
+                pool,
+                priority,
+                targets,
+            };
+            if models.insert(m.name.clone(), route).is_some() {
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("duplicate model '{}'", m.name),
+                ));
+            }
+            model_names.push(m.name.clone());
+        }
+
+        let default_pool = match &self.default_pool {
+            Some(name) => Some(pool_index(name, "default_pool".into())?),
+            None => None,
+        };
+
+        Ok(Config {
+            role: self.role,
+            max_request_body_bytes: self.max_request_body_bytes,
+            other_paths: self.other_paths,
+            pools,
+            objectives,
+            models,
+            model_names,
+            default_pool,
+        })
+    }
+}
+
+fn check_name(name: &str, field: &str) -> Result<(), ConfigError> {
+    if name.trim().is_empty() {
+        return Err(err(field, "must not be empty"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::from_json(json.as_bytes())
+    }
+
+    const GOOD: &str = r#"{
+        "pools": [{"name": "p", "endpoints": ["127.0.0.1:8001", "[::1]:8002"]}],
+        "objectives": [{"name": "critical", "priority": 5}],
+        "models": [
+            {"name": "a", "pool": "p", "objective": "critical"},
+            {"name": "b", "pool": "p", "criticality": "Sheddable",
+             "target_models": [{"name": "b-v1", "weight": 90}, {"name": "b-v2", "weight": 10}]},
+            {"name": "c", "pool": "p"}
+        ]
+    }"#;
+
+    #[test]
+    fn accepts_a_full_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.role, Role::Gateway);
+        assert_eq!(c.max_request_body_bytes, DEFAULT_MAX_REQUEST_BODY_BYTES);
+        assert_eq!(c.pools[0].endpoints, vec!["127.0.0.1:8001", "[::1]:8002"]);
+        assert_eq!(c.models["a"].priority, Some(5));
+        assert_eq!(c.models["b"].priority, Some(-1));
+        assert_eq!(c.models["c"].priority, None);
+        assert_eq!(c.models["b"].targets.len(), 2);
+        assert_eq!(c.model_names, vec!["a", "b", "c"]);
+        assert_eq!(c.default_pool, None);
+    }
+
+    #[test]
+    fn control_role_needs_no_pools() {
+        let c = parse(r#"{"role": "control"}"#).unwrap();
+        assert_eq!(c.role, Role::Control);
+    }
+
+    fn field_of(json: &str) -> String {
+        parse(json).unwrap_err().field
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field_of("{}"), "pools");
+        assert_eq!(
+            field_of(r#"{"pools": [{"name": "p", "endpoints": ["nope"]}]}"#),
+            "pools[0].endpoints[0]"
+        );
+        assert_eq!(
+            field_of(r#"{"pools": [{"name": "p", "endpoints": []}]}"#),
+            "pools[0].endpoints"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}],
+                    "models": [{"name": "m", "pool": "q"}]}"#
+            ),
+            "models[0].pool"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}],
+                    "models": [{"name": "m", "pool": "p",
+                                "target_models": [{"name": "x", "weight": 0}]}]}"#
+            ),
+            "models[0].target_models[0].weight"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}],
+                    "models": [{"name": "m", "pool": "p", "objective": "nope"}]}"#
+            ),
+            "models[0].objective"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}], "default_pool": "x"}"#
+            ),
+            "default_pool"
+        );
+    }
+
+    #[test]
+    fn serde_errors_carry_the_path() {
+        let e = parse(r#"{"pools": [{"name": "p", "endpoints": [1]}]}"#).unwrap_err();
+        assert_eq!(e.field, "pools[0].endpoints[0]");
+        let e = parse(r#"{"pools": [], "max_request_body_bytes": "big"}"#).unwrap_err();
+        assert_eq!(e.field, "max_request_body_bytes");
+        let e = parse(r#"{"poools": []}"#).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(parse("not json").is_err());
+    }
+
+    #[test]
+    fn rejects_duplicates_and_conflicts() {
+        let dup_endpoint =
+            r#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1", "127.0.0.1:1"]}]}"#;
+        assert_eq!(field_of(dup_endpoint), "pools[0].endpoints[1]");
+        let dup_model = r#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1"]}],
+            "models": [{"name": "m", "pool": "p"}, {"name": "m", "pool": "p"}]}"#;
+        assert_eq!(field_of(dup_model), "models[1].name");
+        let both = r#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1"]}],
+            "models": [{"name": "m", "pool": "p", "priority": 1, "criticality": "Critical"}]}"#;
+        assert_eq!(field_of(both), "models[0]");
+    }
+
+    #[test]
+    fn all_endpoints_deduplicates_across_pools() {
+        let c = parse(
+            r#"{"pools": [{"name": "a", "endpoints": ["127.0.0.1:1", "127.0.0.1:2"]},
+                          {"name": "b", "endpoints": ["127.0.0.1:2", "127.0.0.1:3"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.all_endpoints(),
+            vec!["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! The gateway's HTTP stream: hold the headers, buffer the body, route, release.
+
+use super::control::reply;
+use super::store::HostStore;
+use crate::config::Config;
+use crate::gateway::{self, HeadAction, RequestHead};
+use crate::inflight;
+use crate::openai::{ApiError, ApiKind};
+use crate::routing::OBJECTIVE_HEADER;
+use crate::scheduling::{self, Candidate};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use std::rc::Rc;
+
+/// The header the ORIGINAL_DST cluster routes on.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+
+pub struct GatewayStream {
+    config: Rc<Config>,
+    rng: fastrand::Rng,
+    /// Set once the headers say the body decides the route.
+    buffering: Option<ApiKind>,
+    /// The endpoint whose in-flight count this stream holds; released exactly once.
+    holding: Option<String>,
+}
+
+impl GatewayStream {
+    pub fn new(config: Rc<Config>, seed: u64) -> Self {
+        GatewayStream {
+            config,
+            rng: fastrand::Rng::with_seed(seed),
+            buffering: None,
+            holding: None,
+        }
+    }
+
+    fn request_id(&self) -> String {
+        self.get_http_request_header("x-request-id")
+            .unwrap_or_else(|| "-".into())
+    }
+
+    fn reject(&mut self, e: &ApiError) -> Action {
+        log::info!(
+            "inference-gateway: request {} answered {} {}",
+            self.request_id(),
+            e.status,
+            e.code
+        );
+        reply(self, e);
+        Action::Pause
+    }
+
+    /// Routes a complete body: plan, pick an endpoint, rewrite, continue.
+    fn route(&mut self, kind: ApiKind, body: &[u8], body_size: usize) -> Action {
+        let objective = self.get_http_request_header(OBJECTIVE_HEADER);
+        let plan = match gateway::plan_route(
+            &self.config,
+            kind,
+            body,
+            objective.as_deref(),
+            self.rng.u32(..),
+        ) {
+            Ok(plan) => plan,
+            Err(e) => return self.reject(&e),
+        };
+        let Some(pool) = self.config.pools.get(plan.pool) else {
+            return self.reject(&ApiError::internal("route names an unknown pool"));
+        };
+
+        let counts: Vec<u64> = pool
+            .endpoints
+            .iter()
+            .map(|e| inflight::read(&HostStore, e))
+            .collect();
+        let candidates: Vec<Candidate<'_>> = pool
+            .endpoints
+            .iter()
+            .zip(&counts)
+            .map(|(endpoint, &in_flight)| Candidate {
+                endpoint,
+                in_flight,
+            })
+            .collect();
+        let Some(chosen) = scheduling::pick(&candidates, self.rng.u32(..)) else {
+            return self.reject(&ApiError::no_endpoint(&pool.name));
+        };
+        let endpoint = candidates[chosen].endpoint.to_string();
+
+        if let Err(err) = inflight::add(&HostStore, &endpoint, 1) {
+            // Route anyway: a missed count skews balancing a little, a refusal fails the user.
+            log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
+        } else {
+            self.holding = Some(endpoint.clone());
+        }
+
+        if let Some(new_body) = &plan.new_body {
+            self.set_http_request_body(0, body_size, new_body);
+            if self.get_http_request_header("content-length").is_some() {
+                self.set_http_request_header("content-length", Some(&new_body.len().to_string()));
+            }
+        }
+        self.set_http_request_header(DESTINATION_HEADER, Some(&endpoint));
+        log::debug!(
+            "inference-gateway: request {} model={} target={} priority={} -> {endpoint}",
+            self.request_id(),
+            plan.model,
+            plan.target_model,
+            plan.priority
+        );
+        Action::Continue
+    }
+
+    fn release(&mut self) {
+        if let Some(endpoint) = self.holding.take() {
+            if let Err(err) = inflight::add(&HostStore, &endpoint, -1) {
+                log::warn!("inference-gateway: in-flight release for {endpoint} failed: {err:?}");
+            }
+        }
+    }
+}
+
+impl Context for GatewayStream {
+    fn on_done(&mut self) -> bool {
+        self.release();
+        true
+    }
+}
+
+impl HttpContext for GatewayStream {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let content_type = self.get_http_request_header("content-type");
+        let content_length = self.get_http_request_header("content-length");
+        let head = RequestHead {
+            method: &method,
+            path: &path,
+            content_type: content_type.as_deref(),
+            content_length: content_length.as_deref(),
+            end_of_stream,
+        };
+        match gateway::on_request_head(&self.config, &head) {
+            HeadAction::Pass => Action::Continue,
+            HeadAction::Reject(e) => self.reject(&e),
+            HeadAction::Respond(body) => {
+                self.send_http_response(
+                    200,
+                    vec![("content-type", "application/json")],
+                    Some(&body),
+                );
+                Action::Pause
+            }
+            HeadAction::Buffer(kind) => {
+                // Any stale destination from the client must not steer the router.
+                self.set_http_request_header(DESTINATION_HEADER, None);
+                self.buffering = Some(kind);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(kind) = self.buffering else {
+            return Action::Continue;
+        };
+        if body_size > self.config.max_request_body_bytes {
+            self.buffering = None;
+            return self.reject(&ApiError::body_too_large(
+                self.config.max_request_body_bytes,
+            ));
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.buffering = None;
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        self.route(kind, &body, body_size)
+    }
+
+    fn on_log(&mut self) {
+        self.release();
+    }
+}

@@ -1,0 +1,73 @@
+//! proxy-wasm glue: reads from the host, asks the pure modules what to do, and
+//! carries it out. Decisions live in `gateway`, `routing` and `scheduling`.
+
+mod control;
+mod http;
+mod store;
+
+use crate::config::{Config, Role};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+}}
+
+/// One per plugin configuration per worker VM.
+struct Root {
+    config: Option<Rc<Config>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match Config::from_json(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("inference-gateway: {e}");
+                return false;
+            }
+        };
+        if config.role == Role::Gateway {
+            let endpoints = config.all_endpoints();
+            store::register_endpoints(&endpoints);
+        }
+        log::info!(
+            "inference-gateway: configured as {:?} with {} pool(s), {} model(s)",
+            config.role,
+            config.pools.len(),
+            config.models.len()
+        );
+        self.config = Some(Rc::new(config));
+        true
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Envoy never creates streams for a plugin whose on_configure failed.
+        let config = Rc::clone(self.config.as_ref()?);
+        Some(match config.role {
+            Role::Gateway => Box::new(http::GatewayStream::new(config, seed(self, context_id))),
+            Role::Control => Box::new(control::ControlStream),
+        })
+    }
+}
+
+/// A per-stream RNG seed: host time mixed with the context id, so concurrent
+/// streams on different workers do not draw the same numbers.
+fn seed(ctx: &dyn Context, context_id: u32) -> u64 {
+    let nanos = ctx
+        .get_current_time()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ u64::from(context_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}

@@ -1,0 +1,15 @@
+//! inference-gateway: an Envoy proxy-wasm filter that routes OpenAI-style LLM
+//! requests to the best model-server endpoint, and its native companions.
+//!
+//! Host-free logic lives in the public modules (unit-tested natively); the
+//! proxy-wasm glue is `filter`, compiled only for `wasm32`.
+
+pub mod config;
+pub mod gateway;
+pub mod inflight;
+pub mod openai;
+pub mod routing;
+pub mod scheduling;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;

@@ -1,0 +1,184 @@
+//! From a parsed request to a route: which pool serves the model, at which
+//! priority, and which target model the body is rewritten to.
+
+use crate::config::{Config, TargetModel};
+use crate::openai::ApiError;
+
+/// The header a client may use to name an InferenceObjective.
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// Index into `Config::pools`.
+    pub pool: usize,
+    /// Negative: sheddable.
+    pub priority: i32,
+    /// The model the server sees; equal to the requested one when not rewritten.
+    pub target_model: String,
+}
+
+/// Resolves a request's model and priority against the configuration.
+///
+/// Priority, first that applies: the body's `priority` (vLLM's field), the objective
+/// named by the `x-gateway-inference-objective` header, the model's configured
+/// objective/priority/criticality, then 0. `draw` is a uniform random `u32`, used
+/// only for the weighted choice of a target model.
+pub fn resolve(
+    cfg: &Config,
+    model: &str,
+    body_priority: Option<i32>,
+    objective_header: Option<&str>,
+    draw: u32,
+) -> Result<Resolution, ApiError> {
+    let header_priority = match objective_header.map(str::trim).filter(|h| !h.is_empty()) {
+        None => None,
+        Some(name) => Some(*cfg.objectives.get(name).ok_or_else(|| {
+            ApiError::invalid_request(
+                "unknown_objective",
+                format!("Unknown inference objective '{name}' in {OBJECTIVE_HEADER}."),
+            )
+        })?),
+    };
+    let (pool, model_priority, target_model) = match cfg.models.get(model) {
+        Some(route) => (
+            route.pool,
+            route.priority,
+            pick_weighted(&route.targets, draw)
+                .unwrap_or(model)
+                .to_string(),
+        ),
+        None => match cfg.default_pool {
+            Some(pool) => (pool, None, model.to_string()),
+            None => return Err(ApiError::model_not_found(model)),
+        },
+    };
+    Ok(Resolution {
+        pool,
+        priority: body_priority
+            .or(header_priority)
+            .or(model_priority)
+            .unwrap_or(0),
+        target_model,
+    })
+}
+
+/// Picks a target with probability proportional to its weight; `draw` is uniform
+/// over `u32`. `None` when there are no targets.
+pub fn pick_weighted(targets: &[TargetModel], draw: u32) -> Option<&str> {
+    let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    // Scale the draw into [0, total) without modulo bias worth caring about.
+    let mut point = (u64::from(draw) * total) >> 32;
+    for t in targets {
+        let w = u64::from(t.weight);
+        if point < w {
+            return Some(&t.name);
+        }
+        point -= w;
+    }
+    targets.last().map(|t| t.name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::from_json(
+            br#"{
+            "pools": [{"name": "main", "endpoints": ["127.0.0.1:1"]},
+                      {"name": "other", "endpoints": ["127.0.0.1:2"]}],
+            "objectives": [{"name": "batch", "priority": -1}, {"name": "premium", "priority": 10}],
+            "models": [
+                {"name": "chat", "pool": "main", "objective": "premium"},
+                {"name": "plain", "pool": "other"},
+                {"name": "split", "pool": "main",
+                 "target_models": [{"name": "v1", "weight": 3}, {"name": "v2", "weight": 1}]}
+            ]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn priority_precedence() {
+        let c = cfg();
+        assert_eq!(resolve(&c, "chat", None, None, 0).unwrap().priority, 10);
+        assert_eq!(
+            resolve(&c, "chat", None, Some("batch"), 0)
+                .unwrap()
+                .priority,
+            -1
+        );
+        assert_eq!(
+            resolve(&c, "chat", Some(3), Some("batch"), 0)
+                .unwrap()
+                .priority,
+            3
+        );
+        assert_eq!(resolve(&c, "plain", None, None, 0).unwrap().priority, 0);
+        assert_eq!(
+            resolve(&c, "plain", None, Some(" "), 0).unwrap().priority,
+            0
+        );
+    }
+
+    #[test]
+    fn unknown_objective_is_400() {
+        let e = resolve(&cfg(), "chat", None, Some("gold"), 0).unwrap_err();
+        assert_eq!((e.status, e.code), (400, "unknown_objective"));
+    }
+
+    #[test]
+    fn unknown_model_is_404_unless_default_pool() {
+        let mut c = cfg();
+        let e = resolve(&c, "nope", None, None, 0).unwrap_err();
+        assert_eq!((e.status, e.code), (404, "model_not_found"));
+        c.default_pool = Some(1);
+        let r = resolve(&c, "nope", None, None, 0).unwrap();
+        assert_eq!((r.pool, r.target_model.as_str()), (1, "nope"));
+    }
+
+    #[test]
+    fn pool_and_rewrite() {
+        let c = cfg();
+        let r = resolve(&c, "plain", None, None, 7).unwrap();
+        assert_eq!((r.pool, r.target_model.as_str()), (1, "plain"));
+        assert_eq!(
+            resolve(&c, "split", None, None, 0).unwrap().target_model,
+            "v1"
+        );
+        assert_eq!(
+            resolve(&c, "split", None, None, u32::MAX)
+                .unwrap()
+                .target_model,
+            "v2"
+        );
+    }
+
+    #[test]
+    fn weighted_pick_follows_weights() {
+        let targets = vec![
+            TargetModel {
+                name: "a".into(),
+                weight: 90,
+            },
+            TargetModel {
+                name: "b".into(),
+                weight: 10,
+            },
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let n = 100_000;
+        let a = (0..n)
+            .filter(|_| pick_weighted(&targets, rng.u32(..)) == Some("a"))
+            .count();
+        let share = a as f64 / n as f64;
+        assert!((0.88..0.92).contains(&share), "share of a: {share}");
+        assert_eq!(pick_weighted(&[], 5), None);
+        // Boundaries: the draw is scaled, never out of range.
+        assert_eq!(pick_weighted(&targets, 0), Some("a"));
+        assert_eq!(pick_weighted(&targets, u32::MAX), Some("b"));
+    }
+}
