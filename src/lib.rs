@@ -10,6 +10,7 @@ pub mod inflight;
 pub mod openai;
 pub mod routing;
 pub mod scheduling;
+pub mod snapshot;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
