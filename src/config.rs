@@ -72,6 +72,34 @@ pub struct RawConfig {
     /// Pool for models not listed in `models`; without it they get 404 `model_not_found`.
     #[serde(default)]
     pub default_pool: Option<String>,
+    /// Snapshot push endpoint (control role only).
+    #[serde(default)]
+    pub ingest: Option<RawIngest>,
+    /// A snapshot older than this is stale: routing falls back to in-flight counts only.
+    #[serde(default = "default_snapshot_stale_after_ms")]
+    pub snapshot_stale_after_ms: u64,
+}
+
+fn default_snapshot_stale_after_ms() -> u64 {
+    DEFAULT_SNAPSHOT_STALE_AFTER_MS
+}
+
+/// Default age after which a snapshot (or an endpoint's last scrape) is stale.
+pub const DEFAULT_SNAPSHOT_STALE_AFTER_MS: u64 = 2_000;
+/// Default cap on a pushed snapshot: 8 MiB (about 100k endpoints).
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIngest {
+    /// Bearer token the collector must present.
+    pub token: String,
+    #[serde(default = "default_max_snapshot_bytes")]
+    pub max_snapshot_bytes: usize,
+}
+
+fn default_max_snapshot_bytes() -> usize {
+    DEFAULT_MAX_SNAPSHOT_BYTES
 }
 
 fn default_max_body() -> usize {
@@ -159,6 +187,14 @@ pub struct Config {
     pub model_names: Vec<String>,
     /// Index into `pools`.
     pub default_pool: Option<usize>,
+    pub ingest: Option<IngestConfig>,
+    pub snapshot_stale_after_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestConfig {
+    pub token: String,
+    pub max_snapshot_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,6 +374,31 @@ impl RawConfig {
             model_names.push(m.name.clone());
         }
 
+        let ingest = match &self.ingest {
+            None => None,
+            Some(_) if self.role != Role::Control => {
+                return Err(err(
+                    "ingest",
+                    "only a control listener accepts snapshots; set role to \"control\"",
+                ))
+            }
+            Some(i) => {
+                if i.token.len() < 8 {
+                    return Err(err("ingest.token", "must be at least 8 characters"));
+                }
+                if i.max_snapshot_bytes == 0 {
+                    return Err(err("ingest.max_snapshot_bytes", "must be greater than 0"));
+                }
+                Some(IngestConfig {
+                    token: i.token.clone(),
+                    max_snapshot_bytes: i.max_snapshot_bytes,
+                })
+            }
+        };
+        if self.snapshot_stale_after_ms == 0 {
+            return Err(err("snapshot_stale_after_ms", "must be greater than 0"));
+        }
+
         let default_pool = match &self.default_pool {
             Some(name) => Some(pool_index(name, "default_pool".into())?),
             None => None,
@@ -352,6 +413,8 @@ impl RawConfig {
             models,
             model_names,
             default_pool,
+            ingest,
+            snapshot_stale_after_ms: self.snapshot_stale_after_ms,
         })
     }
 }
@@ -394,6 +457,25 @@ mod tests {
         assert_eq!(c.models["b"].targets.len(), 2);
         assert_eq!(c.model_names, vec!["a", "b", "c"]);
         assert_eq!(c.default_pool, None);
+    }
+
+    #[test]
+    fn ingest_belongs_to_the_control_role() {
+        let c = parse(r#"{"role": "control", "ingest": {"token": "0123456789"}}"#).unwrap();
+        assert_eq!(
+            c.ingest.unwrap().max_snapshot_bytes,
+            DEFAULT_MAX_SNAPSHOT_BYTES
+        );
+        assert_eq!(
+            field_of(
+                r#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1"]}], "ingest": {"token": "0123456789"}}"#
+            ),
+            "ingest"
+        );
+        assert_eq!(
+            field_of(r#"{"role": "control", "ingest": {"token": "short"}}"#),
+            "ingest.token"
+        );
     }
 
     #[test]

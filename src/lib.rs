@@ -7,6 +7,7 @@
 pub mod config;
 pub mod gateway;
 pub mod inflight;
+pub mod ingest;
 pub mod openai;
 pub mod routing;
 pub mod scheduling;

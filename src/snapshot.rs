@@ -56,6 +56,35 @@ pub struct EndpointMetrics {
     pub labels: Vec<(String, String)>,
 }
 
+/// A decoded snapshot with an address index, so a request looks up each candidate
+/// endpoint in O(1) instead of scanning pools of thousands of endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct IndexedSnapshot {
+    pub snapshot: Snapshot,
+    by_address: std::collections::HashMap<String, (usize, usize)>,
+}
+
+impl IndexedSnapshot {
+    pub fn new(snapshot: Snapshot) -> Self {
+        let mut by_address = std::collections::HashMap::with_capacity(snapshot.endpoint_count());
+        for (p, pool) in snapshot.pools.iter().enumerate() {
+            for (e, ep) in pool.endpoints.iter().enumerate() {
+                by_address.entry(ep.address.clone()).or_insert((p, e));
+            }
+        }
+        IndexedSnapshot {
+            snapshot,
+            by_address,
+        }
+    }
+
+    /// The metrics of the endpoint at `address` (first pool that lists it).
+    pub fn endpoint(&self, address: &str) -> Option<&EndpointMetrics> {
+        let &(p, e) = self.by_address.get(address)?;
+        self.snapshot.pools.get(p)?.endpoints.get(e)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     TooShort,
@@ -125,6 +154,24 @@ impl Snapshot {
 
     pub fn pool(&self, name: &str) -> Option<&PoolSnapshot> {
         self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The collector has not pushed for longer than `stale_after_ms`.
+    pub fn is_stale(&self, now_ms: u64, stale_after_ms: u64) -> bool {
+        now_ms.saturating_sub(self.generated_at_ms) > stale_after_ms
+    }
+
+    /// `endpoint`'s metrics can be trusted: the snapshot is not stale and the
+    /// endpoint was scraped successfully within `stale_after_ms`.
+    pub fn endpoint_is_fresh(
+        &self,
+        endpoint: &EndpointMetrics,
+        now_ms: u64,
+        stale_after_ms: u64,
+    ) -> bool {
+        !self.is_stale(now_ms, stale_after_ms)
+            && endpoint.scraped_at_ms != 0
+            && now_ms.saturating_sub(endpoint.scraped_at_ms) <= stale_after_ms
     }
 }
 
@@ -234,6 +281,31 @@ mod tests {
             b.is_newer_than(&a),
             "a restarted collector with a later clock wins"
         );
+    }
+
+    #[test]
+    fn index_finds_endpoints() {
+        let ix = IndexedSnapshot::new(sample());
+        assert_eq!(ix.endpoint("[::1]:8002").map(|e| e.running), Some(0));
+        assert_eq!(ix.endpoint("127.0.0.1:8001").map(|e| e.running), Some(7));
+        assert!(ix.endpoint("127.0.0.1:9").is_none());
+    }
+
+    #[test]
+    fn freshness() {
+        let s = sample();
+        let t = s.generated_at_ms;
+        assert!(!s.is_stale(t + 2_000, 2_000));
+        assert!(s.is_stale(t + 2_001, 2_000));
+        assert!(
+            !s.is_stale(t - 50, 2_000),
+            "a collector clock ahead is not stale"
+        );
+        let scraped = &s.pools[0].endpoints[0];
+        let never = &s.pools[0].endpoints[1];
+        assert!(s.endpoint_is_fresh(scraped, t + 100, 2_000));
+        assert!(!s.endpoint_is_fresh(scraped, t + 5_000, 2_000));
+        assert!(!s.endpoint_is_fresh(never, t, 2_000));
     }
 
     #[test]

@@ -1,45 +1,150 @@
-//! The control listener (loopback only): `GET /debug/state` shows what the
-//! gateway's workers share, so operators and tests can see in-flight counts.
+//! The control listener (loopback only): `POST /v1/snapshot` takes the collector's
+//! pushes, `GET /debug/state` shows what the gateway's workers share.
 
 use super::store::{self, HostStore};
+use crate::config::Config;
 use crate::inflight;
+use crate::ingest::{self, INGEST_PATH};
 use crate::openai::ApiError;
+use crate::snapshot::Snapshot;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
-pub struct ControlStream;
+pub const STATE_PATH: &str = "/debug/state";
+
+pub struct ControlStream {
+    config: Rc<Config>,
+    /// Set while a snapshot push's body is being buffered.
+    ingesting: bool,
+}
+
+impl ControlStream {
+    pub fn new(config: Rc<Config>) -> Self {
+        ControlStream {
+            config,
+            ingesting: false,
+        }
+    }
+
+    fn state(&self) -> Vec<u8> {
+        let now_ms = super::now_ms(self);
+        let endpoints = store::registered_endpoints();
+        let state = State {
+            in_flight: inflight::snapshot(&HostStore, &endpoints)
+                .into_iter()
+                .collect(),
+            snapshot: store::stored_snapshot().map(|s| SnapshotView {
+                age_ms: now_ms.saturating_sub(s.generated_at_ms),
+                stale: s.is_stale(now_ms, self.config.snapshot_stale_after_ms),
+                endpoints: s
+                    .pools
+                    .iter()
+                    .flat_map(|p| p.endpoints.iter())
+                    .map(|e| {
+                        let fresh =
+                            s.endpoint_is_fresh(e, now_ms, self.config.snapshot_stale_after_ms);
+                        (e.address.clone(), fresh)
+                    })
+                    .collect(),
+                snapshot: s,
+            }),
+        };
+        serde_json::to_vec(&state).unwrap_or_default()
+    }
+}
 
 #[derive(Serialize)]
 struct State {
     in_flight: BTreeMap<String, u64>,
+    snapshot: Option<SnapshotView>,
+}
+
+#[derive(Serialize)]
+struct SnapshotView {
+    age_ms: u64,
+    stale: bool,
+    /// Endpoint → fresh (scraped recently enough to be trusted).
+    endpoints: BTreeMap<String, bool>,
+    #[serde(flatten)]
+    snapshot: Snapshot,
 }
 
 impl Context for ControlStream {}
 
 impl HttpContext for ControlStream {
-    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         let method = self.get_http_request_header(":method").unwrap_or_default();
         let path = self.get_http_request_header(":path").unwrap_or_default();
         let route = path.split('?').next().unwrap_or_default();
         match (method.as_str(), route) {
-            ("GET", "/debug/state") => {
-                let endpoints = store::registered_endpoints();
-                let state = State {
-                    in_flight: inflight::snapshot(&HostStore, &endpoints)
-                        .into_iter()
-                        .collect(),
-                };
-                let body = serde_json::to_vec(&state).unwrap_or_default();
+            ("GET", STATE_PATH) => {
+                let body = self.state();
                 self.send_http_response(
                     200,
                     vec![("content-type", "application/json")],
                     Some(&body),
                 );
             }
-            (_, "/debug/state") => reply(self, &ApiError::method_not_allowed(&method, "GET")),
+            (_, STATE_PATH) => reply(self, &ApiError::method_not_allowed(&method, "GET")),
+            (_, INGEST_PATH) => {
+                let Some(cfg) = &self.config.ingest else {
+                    reply(self, &ApiError::not_found(route));
+                    return Action::Pause;
+                };
+                let auth = self.get_http_request_header("authorization");
+                let length = self.get_http_request_header("content-length");
+                if let Err(e) = ingest::check_head(cfg, &method, auth.as_deref(), length.as_deref())
+                {
+                    reply(self, &e);
+                } else if end_of_stream {
+                    reply(
+                        self,
+                        &ApiError::invalid_request("invalid_snapshot", "The push has no body."),
+                    );
+                } else {
+                    self.ingesting = true;
+                }
+            }
             _ => reply(self, &ApiError::not_found(route)),
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.ingesting {
+            return Action::Pause;
+        }
+        let Some(cfg) = &self.config.ingest else {
+            return Action::Pause;
+        };
+        if body_size > cfg.max_snapshot_bytes {
+            self.ingesting = false;
+            reply(self, &ApiError::body_too_large(cfg.max_snapshot_bytes));
+            return Action::Pause;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.ingesting = false;
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        match store::publish_snapshot(&body) {
+            Ok(s) => {
+                log::debug!(
+                    "inference-gateway: snapshot {}#{} stored ({} endpoints, {} bytes)",
+                    s.generated_at_ms,
+                    s.sequence,
+                    s.endpoint_count(),
+                    body.len()
+                );
+                self.send_http_response(204, vec![], None);
+            }
+            Err(e) => {
+                log::warn!("inference-gateway: snapshot push rejected: {}", e.message);
+                reply(self, &e);
+            }
         }
         Action::Pause
     }

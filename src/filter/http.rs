@@ -1,7 +1,7 @@
 //! The gateway's HTTP stream: hold the headers, buffer the body, route, release.
 
 use super::control::reply;
-use super::store::HostStore;
+use super::store::{HostStore, SnapshotCache};
 use crate::config::Config;
 use crate::gateway::{self, HeadAction, RequestHead};
 use crate::inflight;
@@ -10,6 +10,7 @@ use crate::routing::OBJECTIVE_HEADER;
 use crate::scheduling::{self, Candidate};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 /// The header the ORIGINAL_DST cluster routes on.
@@ -17,6 +18,7 @@ pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 
 pub struct GatewayStream {
     config: Rc<Config>,
+    snapshot: Rc<RefCell<SnapshotCache>>,
     rng: fastrand::Rng,
     /// Set once the headers say the body decides the route.
     buffering: Option<ApiKind>,
@@ -25,9 +27,10 @@ pub struct GatewayStream {
 }
 
 impl GatewayStream {
-    pub fn new(config: Rc<Config>, seed: u64) -> Self {
+    pub fn new(config: Rc<Config>, snapshot: Rc<RefCell<SnapshotCache>>, seed: u64) -> Self {
         GatewayStream {
             config,
+            snapshot,
             rng: fastrand::Rng::with_seed(seed),
             buffering: None,
             holding: None,
@@ -67,18 +70,23 @@ impl GatewayStream {
             return self.reject(&ApiError::internal("route names an unknown pool"));
         };
 
-        let counts: Vec<u64> = pool
-            .endpoints
-            .iter()
-            .map(|e| inflight::read(&HostStore, e))
-            .collect();
+        let snapshot = self.snapshot.borrow_mut().current();
+        let now_ms = super::now_ms(self);
+        let stale_after = self.config.snapshot_stale_after_ms;
         let candidates: Vec<Candidate<'_>> = pool
             .endpoints
             .iter()
-            .zip(&counts)
-            .map(|(endpoint, &in_flight)| Candidate {
-                endpoint,
-                in_flight,
+            .map(|endpoint| {
+                let metrics = snapshot.as_deref().and_then(|s| s.endpoint(endpoint));
+                Candidate {
+                    endpoint,
+                    in_flight: inflight::read(&HostStore, endpoint),
+                    metrics,
+                    fresh: match (snapshot.as_deref(), metrics) {
+                        (Some(s), Some(m)) => s.snapshot.endpoint_is_fresh(m, now_ms, stale_after),
+                        _ => false,
+                    },
+                }
             })
             .collect();
         let Some(chosen) = scheduling::pick(&candidates, self.rng.u32(..)) else {

@@ -8,17 +8,20 @@ mod store;
 use crate::config::{Config, Role};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, snapshot: Rc::default() }) });
 }}
 
 /// One per plugin configuration per worker VM.
 struct Root {
     config: Option<Rc<Config>>,
+    /// This VM's decoded copy of the metrics snapshot, shared by its streams.
+    snapshot: Rc<RefCell<store::SnapshotCache>>,
 }
 
 impl Context for Root {}
@@ -55,10 +58,22 @@ impl RootContext for Root {
         // Envoy never creates streams for a plugin whose on_configure failed.
         let config = Rc::clone(self.config.as_ref()?);
         Some(match config.role {
-            Role::Gateway => Box::new(http::GatewayStream::new(config, seed(self, context_id))),
-            Role::Control => Box::new(control::ControlStream),
+            Role::Gateway => Box::new(http::GatewayStream::new(
+                config,
+                Rc::clone(&self.snapshot),
+                seed(self, context_id),
+            )),
+            Role::Control => Box::new(control::ControlStream::new(config)),
         })
     }
+}
+
+/// Host wall clock in Unix milliseconds (0 if the host clock is before 1970).
+fn now_ms(ctx: &dyn Context) -> u64 {
+    ctx.get_current_time()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A per-stream RNG seed: host time mixed with the context id, so concurrent

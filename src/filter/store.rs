@@ -63,3 +63,76 @@ fn registered_endpoints_from(bytes: Option<&[u8]>) -> Vec<String> {
         .and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or_default()
 }
+
+/// The latest accepted snapshot, encoded as pushed.
+pub const SNAPSHOT_KEY: &str = "igw.snapshot";
+/// 16 bytes: the stored snapshot's `generated_at_ms` and `sequence` (LE). Routing
+/// VMs read only this per request and decode the snapshot when it changes.
+pub const SNAPSHOT_VERSION_KEY: &str = "igw.snapshot.version";
+
+pub fn snapshot_version(s: &crate::snapshot::Snapshot) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&s.generated_at_ms.to_le_bytes());
+    v[8..].copy_from_slice(&s.sequence.to_le_bytes());
+    v
+}
+
+/// Stores a pushed snapshot if it is valid and newer than the stored one.
+/// CAS on the snapshot key keeps concurrent pushes on different workers ordered.
+pub fn publish_snapshot(body: &[u8]) -> Result<crate::snapshot::Snapshot, crate::openai::ApiError> {
+    for _ in 0..16 {
+        let (current, cas) = HostStore.get(SNAPSHOT_KEY);
+        let snapshot = crate::ingest::accept(current.as_deref(), body)?;
+        match HostStore.set(SNAPSHOT_KEY, body, cas) {
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => {
+                return Err(crate::openai::ApiError::internal(format!(
+                    "could not store the snapshot: {e:?}"
+                )))
+            }
+            Ok(()) => {
+                // The version key only has to change; readers reload the snapshot key.
+                if let Err(e) =
+                    HostStore.set(SNAPSHOT_VERSION_KEY, &snapshot_version(&snapshot), None)
+                {
+                    log::warn!("inference-gateway: snapshot version not updated: {e:?}");
+                }
+                return Ok(snapshot);
+            }
+        }
+    }
+    Err(crate::openai::ApiError::internal(
+        "snapshot store busy; retry the push",
+    ))
+}
+
+/// The stored snapshot, decoded; `None` when there is none or it is unreadable.
+pub fn stored_snapshot() -> Option<crate::snapshot::Snapshot> {
+    let bytes = HostStore.get(SNAPSHOT_KEY).0?;
+    crate::snapshot::Snapshot::decode(&bytes).ok()
+}
+
+/// A routing VM's copy of the snapshot, re-decoded only when the version changes.
+#[derive(Default)]
+pub struct SnapshotCache {
+    version: Option<Vec<u8>>,
+    snapshot: Option<std::rc::Rc<crate::snapshot::IndexedSnapshot>>,
+}
+
+impl SnapshotCache {
+    pub fn current(&mut self) -> Option<std::rc::Rc<crate::snapshot::IndexedSnapshot>> {
+        let version = HostStore.get(SNAPSHOT_VERSION_KEY).0;
+        if version.is_some() && version != self.version {
+            match stored_snapshot() {
+                Some(s) => {
+                    self.snapshot = Some(std::rc::Rc::new(crate::snapshot::IndexedSnapshot::new(s)))
+                }
+                None => log::warn!(
+                    "inference-gateway: stored snapshot unreadable; keeping the last one"
+                ),
+            }
+            self.version = version;
+        }
+        self.snapshot.clone()
+    }
+}

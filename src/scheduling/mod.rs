@@ -1,23 +1,53 @@
-//! Endpoint choice. This first version picks the endpoint with the fewest requests
-//! in flight from this gateway; the metric-aware scheduler replaces the body of
-//! [`pick`] behind the same signature.
+//! Endpoint choice. This version drops endpoints that fresh metrics report as
+//! unhealthy (unless that would drop them all) and picks the one with the fewest
+//! requests in flight from this gateway; the metric-aware scheduler replaces the
+//! body of [`pick`] behind the same signature.
+
+use crate::snapshot::EndpointMetrics;
 
 /// One endpoint the request could go to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate<'a> {
     pub endpoint: &'a str,
     /// Requests this gateway (all workers) has in flight to the endpoint.
     pub in_flight: u64,
+    /// The endpoint's metrics from the last snapshot, if it has any.
+    pub metrics: Option<&'a EndpointMetrics>,
+    /// The metrics are recent enough to be trusted.
+    pub fresh: bool,
+}
+
+impl<'a> Candidate<'a> {
+    pub fn new(endpoint: &'a str, in_flight: u64) -> Self {
+        Candidate {
+            endpoint,
+            in_flight,
+            metrics: None,
+            fresh: false,
+        }
+    }
+
+    /// Fresh metrics say the endpoint is down. Stale or missing metrics never do:
+    /// without a collector, the gateway still routes.
+    fn known_down(&self) -> bool {
+        self.fresh && self.metrics.is_some_and(|m| !m.healthy)
+    }
 }
 
 /// Returns the index of the chosen candidate, or `None` for an empty list.
 /// Ties are broken by `draw` (uniform `u32`) so bursts spread across equals.
 pub fn pick(candidates: &[Candidate<'_>], draw: u32) -> Option<usize> {
-    let least = candidates.iter().map(|c| c.in_flight).min()?;
+    let any_up = candidates.iter().any(|c| !c.known_down());
+    let eligible = |c: &Candidate<'_>| !any_up || !c.known_down();
+    let least = candidates
+        .iter()
+        .filter(|c| eligible(c))
+        .map(|c| c.in_flight)
+        .min()?;
     let tied: Vec<usize> = candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.in_flight == least)
+        .filter(|(_, c)| eligible(c) && c.in_flight == least)
         .map(|(i, _)| i)
         .collect();
     let slot = ((u64::from(draw) * tied.len() as u64) >> 32) as usize;
@@ -29,10 +59,7 @@ mod tests {
     use super::*;
 
     fn c(endpoint: &str, in_flight: u64) -> Candidate<'_> {
-        Candidate {
-            endpoint,
-            in_flight,
-        }
+        Candidate::new(endpoint, in_flight)
     }
 
     #[test]
@@ -58,5 +85,27 @@ mod tests {
             .filter(|_| pick(&cs, rng.u32(..)) == Some(0))
             .count();
         assert!((4_500..5_500).contains(&to_a), "{to_a}");
+    }
+
+    #[test]
+    fn avoids_endpoints_fresh_metrics_call_down() {
+        let down = EndpointMetrics::default();
+        let up = EndpointMetrics {
+            healthy: true,
+            ..Default::default()
+        };
+        let with = |e, n, m, fresh| Candidate {
+            metrics: Some(m),
+            fresh,
+            ..c(e, n)
+        };
+        let cs = [with("a", 0, &down, true), with("b", 9, &up, true)];
+        assert_eq!(pick(&cs, 0), Some(1));
+        // Stale "down" is not trusted.
+        let cs = [with("a", 0, &down, false), with("b", 9, &up, true)];
+        assert_eq!(pick(&cs, 0), Some(0));
+        // All down: still route somewhere rather than fail.
+        let cs = [with("a", 4, &down, true), with("b", 2, &down, true)];
+        assert_eq!(pick(&cs, 0), Some(1));
     }
 }

@@ -1,0 +1,154 @@
+//! Snapshot ingest on the control listener, as pure decisions: is this push
+//! allowed, and does its body replace the snapshot we have? A push that fails any
+//! check never touches the stored snapshot.
+
+use crate::config::IngestConfig;
+use crate::openai::ApiError;
+use crate::snapshot::Snapshot;
+
+pub const INGEST_PATH: &str = "/v1/snapshot";
+
+/// Checks a push's headers: method, bearer token, declared size.
+pub fn check_head(
+    cfg: &IngestConfig,
+    method: &str,
+    authorization: Option<&str>,
+    content_length: Option<&str>,
+) -> Result<(), ApiError> {
+    if !method.eq_ignore_ascii_case("POST") {
+        return Err(ApiError::method_not_allowed(method, "POST"));
+    }
+    let presented = authorization
+        .and_then(|a| {
+            a.strip_prefix("Bearer ")
+                .or_else(|| a.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    if !presented.is_some_and(|t| token_eq(t, &cfg.token)) {
+        return Err(ApiError::new(
+            401,
+            "authentication_error",
+            "invalid_token",
+            "A valid bearer token is required to push snapshots.".into(),
+        )
+        .with_header("www-authenticate", "Bearer"));
+    }
+    if let Some(len) = content_length.and_then(|l| l.trim().parse::<usize>().ok()) {
+        if len > cfg.max_snapshot_bytes {
+            return Err(ApiError::body_too_large(cfg.max_snapshot_bytes));
+        }
+    }
+    Ok(())
+}
+
+/// Length-independent-time comparison, so the token cannot be guessed byte by
+/// byte from response timings.
+fn token_eq(presented: &str, expected: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
+    }
+    diff == 0 && !b.is_empty()
+}
+
+/// Decides whether `body` replaces `current` (the stored encoded snapshot).
+/// Returns the decoded new snapshot.
+pub fn accept(current: Option<&[u8]>, body: &[u8]) -> Result<Snapshot, ApiError> {
+    let new = Snapshot::decode(body).map_err(|e| {
+        ApiError::invalid_request("invalid_snapshot", format!("Snapshot rejected: {e}."))
+    })?;
+    if let Some(old) = current.and_then(|b| Snapshot::decode(b).ok()) {
+        if !new.is_newer_than(&old) {
+            return Err(ApiError::new(
+                409,
+                "invalid_request_error",
+                "stale_snapshot",
+                format!(
+                    "Snapshot (generated at {} ms, round {}) is not newer than the stored one ({} ms, round {}).",
+                    new.generated_at_ms, new.sequence, old.generated_at_ms, old.sequence
+                ),
+            ));
+        }
+    }
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> IngestConfig {
+        IngestConfig {
+            token: "s3cret".into(),
+            max_snapshot_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn head_checks() {
+        let c = cfg();
+        assert!(check_head(&c, "POST", Some("Bearer s3cret"), Some("10")).is_ok());
+        assert_eq!(
+            check_head(&c, "GET", Some("Bearer s3cret"), None)
+                .unwrap_err()
+                .status,
+            405
+        );
+        for auth in [
+            None,
+            Some("Bearer nope"),
+            Some("s3cret"),
+            Some("Bearer "),
+            Some("Bearer s3cret2"),
+        ] {
+            assert_eq!(
+                check_head(&c, "POST", auth, None).unwrap_err().status,
+                401,
+                "{auth:?}"
+            );
+        }
+        assert_eq!(
+            check_head(&c, "POST", Some("Bearer s3cret"), Some("101"))
+                .unwrap_err()
+                .status,
+            413
+        );
+    }
+
+    #[test]
+    fn empty_expected_token_matches_nothing() {
+        assert!(!token_eq("", ""));
+        assert!(token_eq("abc", "abc"));
+        assert!(!token_eq("abd", "abc"));
+        assert!(!token_eq("ab", "abc"));
+    }
+
+    #[test]
+    fn accepts_only_newer_good_snapshots() {
+        let mut s = Snapshot {
+            generated_at_ms: 10,
+            sequence: 1,
+            ..Default::default()
+        };
+        let first = s.encode();
+        assert!(accept(None, &first).is_ok());
+        assert!(
+            accept(Some(b"corrupt"), &first).is_ok(),
+            "a corrupt store is replaced"
+        );
+        assert_eq!(accept(Some(&first), &first).unwrap_err().status, 409);
+        s.sequence = 2;
+        assert!(accept(Some(&first), &s.encode()).is_ok());
+        assert_eq!(
+            accept(Some(&first), &first[..first.len() - 1])
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            accept(Some(&first), &[0u8; 1000]).unwrap_err().code,
+            "invalid_snapshot"
+        );
+    }
+}
