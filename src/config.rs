@@ -4,6 +4,7 @@
 //! field it is about, e.g. `models[1].target_models[0].weight: must be at least 1`.
 //! The reference for every field is `docs/configuration.md`.
 
+use crate::scheduling::config::{RawScheduling, Scheduling};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -78,6 +79,14 @@ pub struct RawConfig {
     /// A snapshot older than this is stale: routing falls back to in-flight counts only.
     #[serde(default = "default_snapshot_stale_after_ms")]
     pub snapshot_stale_after_ms: u64,
+    #[serde(default)]
+    pub scheduling: RawScheduling,
+    /// Write the chosen endpoint and its fallbacks, comma-separated, to
+    /// `x-gateway-destination-endpoint` (for Envoy's override-host load balancer,
+    /// which retries on the next one). Off: only the chosen endpoint, as an
+    /// ORIGINAL_DST cluster needs.
+    #[serde(default)]
+    pub destination_list: bool,
 }
 
 fn default_snapshot_stale_after_ms() -> u64 {
@@ -121,6 +130,10 @@ pub struct RawPool {
 pub struct RawObjective {
     pub name: String,
     pub priority: i32,
+    /// Scheduling profile for requests with this objective (default: the
+    /// scheduling section's `default_profile`).
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +152,10 @@ pub struct RawModel {
     /// Weighted rewrite of `model` (InferenceModel `targetModels`), e.g. LoRA versions.
     #[serde(default)]
     pub target_models: Vec<RawTargetModel>,
+    /// The model (and its targets) are LoRA adapters: turns on LoRA affinity. When
+    /// unset, a model counts as an adapter if fresh metrics list it as one.
+    #[serde(default)]
+    pub adapter: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,7 +198,7 @@ pub struct Config {
     pub max_request_body_bytes: usize,
     pub other_paths: OtherPaths,
     pub pools: Vec<Pool>,
-    pub objectives: HashMap<String, i32>,
+    pub objectives: HashMap<String, Objective>,
     pub models: HashMap<String, ModelRoute>,
     /// Model names in configuration order, for `GET /v1/models`.
     pub model_names: Vec<String>,
@@ -189,6 +206,15 @@ pub struct Config {
     pub default_pool: Option<usize>,
     pub ingest: Option<IngestConfig>,
     pub snapshot_stale_after_ms: u64,
+    pub scheduling: Scheduling,
+    pub destination_list: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Objective {
+    pub priority: i32,
+    /// Index into `scheduling.profiles`; `None`: the default profile.
+    pub profile: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +236,10 @@ pub struct ModelRoute {
     pub pool: usize,
     /// `None`: no priority configured for the model (the default, 0, applies).
     pub priority: Option<i32>,
+    /// Profile of the model's objective, if it names one with a profile.
+    pub profile: Option<usize>,
     pub targets: Vec<TargetModel>,
+    pub adapter: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,10 +330,24 @@ impl RawConfig {
                 .ok_or_else(|| err(field, format!("no pool named '{name}' in pools")))
         };
 
+        let scheduling = self.scheduling.validate()?;
         let mut objectives = HashMap::new();
         for (i, o) in self.objectives.iter().enumerate() {
             check_name(&o.name, &format!("objectives[{i}].name"))?;
-            if objectives.insert(o.name.clone(), o.priority).is_some() {
+            let profile = match &o.profile {
+                None => None,
+                Some(p) => Some(scheduling.profile_index(p).ok_or_else(|| {
+                    err(
+                        format!("objectives[{i}].profile"),
+                        format!("no scheduling profile named '{p}'"),
+                    )
+                })?),
+            };
+            let objective = Objective {
+                priority: o.priority,
+                profile,
+            };
+            if objectives.insert(o.name.clone(), objective).is_some() {
                 return Err(err(
                     format!("objectives[{i}].name"),
                     format!("duplicate objective '{}'", o.name),
@@ -329,13 +372,17 @@ impl RawConfig {
                     "set at most one of objective, priority and criticality",
                 ));
             }
-            let priority = match (&m.objective, m.priority, m.criticality) {
-                (Some(o), _, _) => Some(*objectives.get(o).ok_or_else(|| {
+            let objective = match &m.objective {
+                None => None,
+                Some(o) => Some(*objectives.get(o).ok_or_else(|| {
                     err(
                         format!("{at}.objective"),
                         format!("no objective named '{o}' in objectives"),
                     )
                 })?),
+            };
+            let priority = match (objective, m.priority, m.criticality) {
+                (Some(o), _, _) => Some(o.priority),
                 (None, Some(p), _) => Some(p),
                 (None, None, Some(c)) => Some(c.priority()),
                 (None, None, None) => None,
@@ -363,7 +410,9 @@ impl RawConfig {
             let route = ModelRoute {
                 pool,
                 priority,
+                profile: objective.and_then(|o| o.profile),
                 targets,
+                adapter: m.adapter,
             };
             if models.insert(m.name.clone(), route).is_some() {
                 return Err(err(
@@ -415,6 +464,8 @@ impl RawConfig {
             default_pool,
             ingest,
             snapshot_stale_after_ms: self.snapshot_stale_after_ms,
+            scheduling,
+            destination_list: self.destination_list,
         })
     }
 }
@@ -452,6 +503,7 @@ mod tests {
         assert_eq!(c.max_request_body_bytes, DEFAULT_MAX_REQUEST_BODY_BYTES);
         assert_eq!(c.pools[0].endpoints, vec!["127.0.0.1:8001", "[::1]:8002"]);
         assert_eq!(c.models["a"].priority, Some(5));
+        assert_eq!(c.objectives["critical"].profile, None);
         assert_eq!(c.models["b"].priority, Some(-1));
         assert_eq!(c.models["c"].priority, None);
         assert_eq!(c.models["b"].targets.len(), 2);
@@ -475,6 +527,27 @@ mod tests {
         assert_eq!(
             field_of(r#"{"role": "control", "ingest": {"token": "short"}}"#),
             "ingest.token"
+        );
+    }
+
+    #[test]
+    fn objectives_select_profiles() {
+        let c = parse(
+            r#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1"]}],
+                "objectives": [{"name": "o", "priority": 1, "profile": "lora"}],
+                "models": [{"name": "m", "pool": "p", "objective": "o", "adapter": true}]}"#,
+        )
+        .unwrap();
+        let lora = c.scheduling.profile_index("lora");
+        assert_eq!(c.objectives["o"].profile, lora);
+        assert_eq!(c.models["m"].profile, lora);
+        assert_eq!(c.models["m"].adapter, Some(true));
+        assert_eq!(
+            field_of(
+                r#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1"]}],
+                    "objectives": [{"name": "o", "priority": 1, "profile": "nope"}]}"#
+            ),
+            "objectives[0].profile"
         );
     }
 

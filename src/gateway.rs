@@ -118,6 +118,9 @@ pub struct RoutePlan {
     pub model: String,
     pub target_model: String,
     pub priority: i32,
+    /// Index into `Config::scheduling.profiles`.
+    pub profile: usize,
+    pub adapter: Option<bool>,
     pub stream: bool,
     pub include_usage: bool,
     pub prompt: String,
@@ -146,6 +149,8 @@ pub fn plan_route(
         model: parsed.model,
         target_model: res.target_model,
         priority: res.priority,
+        profile: res.profile,
+        adapter: res.adapter,
         stream: parsed.stream,
         include_usage: parsed.include_usage,
         prompt: parsed.prompt,

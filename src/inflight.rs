@@ -85,9 +85,12 @@ pub mod memory {
     use super::*;
     use std::sync::Mutex;
 
+    /// Key → (value, cas), and the last cas handed out.
+    type Slots = (HashMap<String, (Vec<u8>, u32)>, u32);
+
     #[derive(Default)]
     pub struct MemoryStore {
-        inner: Mutex<(HashMap<String, (Vec<u8>, u32)>, u32)>,
+        inner: Mutex<Slots>,
     }
 
     impl SharedStore for MemoryStore {

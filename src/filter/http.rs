@@ -7,7 +7,8 @@ use crate::gateway::{self, HeadAction, RequestHead};
 use crate::inflight;
 use crate::openai::{ApiError, ApiKind};
 use crate::routing::OBJECTIVE_HEADER;
-use crate::scheduling::{self, Candidate};
+use crate::scheduling::prefix::{self, PrefixIndex};
+use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
@@ -15,6 +16,8 @@ use std::rc::Rc;
 
 /// The header the ORIGINAL_DST cluster routes on.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Response header with the scored candidates, when `scheduling.explain` is on.
+pub const EXPLAIN_HEADER: &str = "x-gateway-scheduling";
 
 pub struct GatewayStream {
     config: Rc<Config>,
@@ -24,6 +27,8 @@ pub struct GatewayStream {
     buffering: Option<ApiKind>,
     /// The endpoint whose in-flight count this stream holds; released exactly once.
     holding: Option<String>,
+    /// The scheduling decision, for the `x-gateway-scheduling` response header.
+    explanation: Option<String>,
 }
 
 impl GatewayStream {
@@ -34,6 +39,7 @@ impl GatewayStream {
             rng: fastrand::Rng::with_seed(seed),
             buffering: None,
             holding: None,
+            explanation: None,
         }
     }
 
@@ -66,13 +72,42 @@ impl GatewayStream {
             Ok(plan) => plan,
             Err(e) => return self.reject(&e),
         };
-        let Some(pool) = self.config.pools.get(plan.pool) else {
-            return self.reject(&ApiError::internal("route names an unknown pool"));
+        let config = Rc::clone(&self.config);
+        let (Some(pool), Some(profile)) = (
+            config.pools.get(plan.pool),
+            config.scheduling.profiles.get(plan.profile),
+        ) else {
+            return self.reject(&ApiError::internal(
+                "route names an unknown pool or profile",
+            ));
+        };
+        let sched = &config.scheduling;
+        let now_ms = super::now_ms(self);
+        let snapshot = self.snapshot.borrow_mut().current();
+
+        // Prefix matches cost shared-data reads: only when the profile scores them.
+        let pc = &sched.prefix_cache;
+        let hashes = if profile
+            .scorers
+            .iter()
+            .any(|&(k, w)| k == ScorerKind::PrefixCache && w > 0.0)
+        {
+            prefix::block_hashes(
+                &plan.target_model,
+                &plan.prompt,
+                pc.block_bytes,
+                pc.max_blocks,
+            )
+        } else {
+            Vec::new()
+        };
+        let index = PrefixIndex::new(&HostStore, pc.index_slots, pc.ttl_ms);
+        let matches = if hashes.is_empty() {
+            Default::default()
+        } else {
+            index.matches(&hashes, now_ms)
         };
 
-        let snapshot = self.snapshot.borrow_mut().current();
-        let now_ms = super::now_ms(self);
-        let stale_after = self.config.snapshot_stale_after_ms;
         let candidates: Vec<Candidate<'_>> = pool
             .endpoints
             .iter()
@@ -83,16 +118,56 @@ impl GatewayStream {
                     in_flight: inflight::read(&HostStore, endpoint),
                     metrics,
                     fresh: match (snapshot.as_deref(), metrics) {
-                        (Some(s), Some(m)) => s.snapshot.endpoint_is_fresh(m, now_ms, stale_after),
+                        (Some(s), Some(m)) => {
+                            s.snapshot
+                                .endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
+                        }
                         _ => false,
                     },
+                    prefix_blocks: matches.get(endpoint.as_str()).copied().unwrap_or(0),
                 }
             })
             .collect();
-        let Some(chosen) = scheduling::pick(&candidates, self.rng.u32(..)) else {
-            return self.reject(&ApiError::no_endpoint(&pool.name));
+        let adapter = plan.adapter.unwrap_or_else(|| {
+            candidates
+                .iter()
+                .filter(|c| c.fresh)
+                .filter_map(|c| c.metrics)
+                .any(|m| {
+                    m.running_adapters.contains(&plan.target_model)
+                        || m.waiting_adapters.contains(&plan.target_model)
+                })
+        });
+        let request = Request {
+            model: &plan.target_model,
+            priority: plan.priority,
+            adapter,
+            prompt_blocks: hashes.len(),
         };
-        let endpoint = candidates[chosen].endpoint.to_string();
+
+        let decision =
+            match scheduling::schedule(sched, profile, &request, &candidates, self.rng.u32(..)) {
+                Outcome::Route(d) => d,
+                Outcome::Shed => {
+                    return self.reject(&ApiError::shed(&pool.name, sched.retry_after_seconds))
+                }
+                Outcome::NoEndpoint => return self.reject(&ApiError::no_endpoint(&pool.name)),
+            };
+        let endpoint = candidates[decision.chosen()].endpoint.to_string();
+        if sched.explain {
+            let text = scheduling::explain(&decision, &candidates);
+            log::info!(
+                "inference-gateway: request {} model={} priority={} profile={} -> {endpoint}: {text}",
+                self.request_id(),
+                plan.target_model,
+                plan.priority,
+                profile.name
+            );
+            self.explanation = Some(text);
+        }
+        if !hashes.is_empty() {
+            index.record(&hashes, &endpoint, now_ms);
+        }
 
         if let Err(err) = inflight::add(&HostStore, &endpoint, 1) {
             // Route anyway: a missed count skews balancing a little, a refusal fails the user.
@@ -107,14 +182,16 @@ impl GatewayStream {
                 self.set_http_request_header("content-length", Some(&new_body.len().to_string()));
             }
         }
-        self.set_http_request_header(DESTINATION_HEADER, Some(&endpoint));
-        log::debug!(
-            "inference-gateway: request {} model={} target={} priority={} -> {endpoint}",
-            self.request_id(),
-            plan.model,
-            plan.target_model,
-            plan.priority
-        );
+        let destination = match config.destination_list {
+            false => endpoint,
+            true => decision
+                .order
+                .iter()
+                .map(|&i| candidates[i].endpoint)
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        self.set_http_request_header(DESTINATION_HEADER, Some(&destination));
         Action::Continue
     }
 
@@ -183,6 +260,13 @@ impl HttpContext for GatewayStream {
         self.buffering = None;
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         self.route(kind, &body, body_size)
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if let Some(text) = self.explanation.take() {
+            self.set_http_response_header(EXPLAIN_HEADER, Some(&text));
+        }
+        Action::Continue
     }
 
     fn on_log(&mut self) {

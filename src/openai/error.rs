@@ -102,6 +102,20 @@ impl ApiError {
         )
     }
 
+    /// A sheddable request met a saturated pool. OpenAI clients retry 429s,
+    /// honouring `retry-after`.
+    pub fn shed(pool: &str, retry_after_seconds: u32) -> Self {
+        Self::new(
+            429,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            format!(
+                "Pool '{pool}' is saturated and this request is sheddable (priority < 0); retry later."
+            ),
+        )
+        .with_header("retry-after", retry_after_seconds.to_string())
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "server_error", "internal_error", message.into())
     }

@@ -15,6 +15,10 @@ pub struct Resolution {
     pub priority: i32,
     /// The model the server sees; equal to the requested one when not rewritten.
     pub target_model: String,
+    /// Index into `Config::scheduling.profiles`.
+    pub profile: usize,
+    /// Configured as a LoRA adapter (`None`: not said; infer from metrics).
+    pub adapter: Option<bool>,
 }
 
 /// Resolves a request's model and priority against the configuration.
@@ -30,7 +34,7 @@ pub fn resolve(
     objective_header: Option<&str>,
     draw: u32,
 ) -> Result<Resolution, ApiError> {
-    let header_priority = match objective_header.map(str::trim).filter(|h| !h.is_empty()) {
+    let header_objective = match objective_header.map(str::trim).filter(|h| !h.is_empty()) {
         None => None,
         Some(name) => Some(*cfg.objectives.get(name).ok_or_else(|| {
             ApiError::invalid_request(
@@ -39,26 +43,28 @@ pub fn resolve(
             )
         })?),
     };
-    let (pool, model_priority, target_model) = match cfg.models.get(model) {
-        Some(route) => (
-            route.pool,
-            route.priority,
-            pick_weighted(&route.targets, draw)
-                .unwrap_or(model)
-                .to_string(),
-        ),
-        None => match cfg.default_pool {
-            Some(pool) => (pool, None, model.to_string()),
-            None => return Err(ApiError::model_not_found(model)),
-        },
+    let route = cfg.models.get(model);
+    let pool = match (route, cfg.default_pool) {
+        (Some(r), _) => r.pool,
+        (None, Some(pool)) => pool,
+        (None, None) => return Err(ApiError::model_not_found(model)),
     };
+    let target_model = route
+        .and_then(|r| pick_weighted(&r.targets, draw))
+        .unwrap_or(model)
+        .to_string();
     Ok(Resolution {
         pool,
         priority: body_priority
-            .or(header_priority)
-            .or(model_priority)
+            .or(header_objective.map(|o| o.priority))
+            .or(route.and_then(|r| r.priority))
             .unwrap_or(0),
         target_model,
+        profile: header_objective
+            .and_then(|o| o.profile)
+            .or(route.and_then(|r| r.profile))
+            .unwrap_or(cfg.scheduling.default_profile),
+        adapter: route.and_then(|r| r.adapter),
     })
 }
 
@@ -90,7 +96,8 @@ mod tests {
             br#"{
             "pools": [{"name": "main", "endpoints": ["127.0.0.1:1"]},
                       {"name": "other", "endpoints": ["127.0.0.1:2"]}],
-            "objectives": [{"name": "batch", "priority": -1}, {"name": "premium", "priority": 10}],
+            "objectives": [{"name": "batch", "priority": -1, "profile": "least-request"},
+                           {"name": "premium", "priority": 10, "profile": "prefix-heavy"}],
             "models": [
                 {"name": "chat", "pool": "main", "objective": "premium"},
                 {"name": "plain", "pool": "other"},
@@ -121,6 +128,24 @@ mod tests {
         assert_eq!(
             resolve(&c, "plain", None, Some(" "), 0).unwrap().priority,
             0
+        );
+    }
+
+    #[test]
+    fn profile_precedence() {
+        let c = cfg();
+        let idx = |n| c.scheduling.profile_index(n).unwrap();
+        assert_eq!(
+            resolve(&c, "chat", None, None, 0).unwrap().profile,
+            idx("prefix-heavy")
+        );
+        assert_eq!(
+            resolve(&c, "chat", None, Some("batch"), 0).unwrap().profile,
+            idx("least-request")
+        );
+        assert_eq!(
+            resolve(&c, "plain", None, None, 0).unwrap().profile,
+            c.scheduling.default_profile
         );
     }
 

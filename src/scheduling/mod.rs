@@ -1,9 +1,24 @@
-//! Endpoint choice. This version drops endpoints that fresh metrics report as
-//! unhealthy (unless that would drop them all) and picks the one with the fewest
-//! requests in flight from this gateway; the metric-aware scheduler replaces the
-//! body of [`pick`] behind the same signature.
+//! Endpoint choice, as small composable steps (after GIE's scheduler): filters drop
+//! candidates, scorers rate the rest 0..1, a profile weights the scorers, a picker
+//! chooses. Everything here is pure: candidates come in with their in-flight count,
+//! metrics and prefix matches already looked up.
+//!
+//! Steps, in order:
+//! 1. health: drop endpoints that fresh metrics report down; stale or missing
+//!    metrics are used only when nothing fresh and healthy is left;
+//! 2. LoRA: for an adapter request, drop endpoints that would have to evict an
+//!    adapter to load it (unless nothing else is left);
+//! 3. saturation: keep unsaturated endpoints when there are any; when every one is
+//!    saturated, shed a sheddable request (priority < 0), route others to the best;
+//! 4. score with the profile's weighted scorers; 5. pick; the next best are fallbacks.
+
+pub mod config;
+pub mod prefix;
+
+pub use config::{Picker, Profile, Saturation, Scheduling, ScorerKind};
 
 use crate::snapshot::EndpointMetrics;
+use std::fmt::Write as _;
 
 /// One endpoint the request could go to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -15,6 +30,8 @@ pub struct Candidate<'a> {
     pub metrics: Option<&'a EndpointMetrics>,
     /// The metrics are recent enough to be trusted.
     pub fresh: bool,
+    /// Leading prompt blocks this endpoint recently served (prefix index).
+    pub prefix_blocks: usize,
 }
 
 impl<'a> Candidate<'a> {
@@ -24,88 +41,282 @@ impl<'a> Candidate<'a> {
             in_flight,
             metrics: None,
             fresh: false,
+            prefix_blocks: 0,
         }
     }
 
-    /// Fresh metrics say the endpoint is down. Stale or missing metrics never do:
-    /// without a collector, the gateway still routes.
+    /// Metrics only when they can be trusted.
+    fn fresh_metrics(&self) -> Option<&'a EndpointMetrics> {
+        self.metrics.filter(|_| self.fresh)
+    }
+
     fn known_down(&self) -> bool {
-        self.fresh && self.metrics.is_some_and(|m| !m.healthy)
+        self.fresh_metrics().is_some_and(|m| !m.healthy)
+    }
+
+    fn known_up(&self) -> bool {
+        self.fresh_metrics().is_some_and(|m| m.healthy)
+    }
+
+    /// Saturated by the thresholds, scaled by `headroom` (1.0, or less for
+    /// sheddable requests). Unknown metrics are never saturated.
+    fn saturated(&self, s: &Saturation, headroom: f64) -> bool {
+        self.fresh_metrics().is_some_and(|m| {
+            f64::from(m.waiting) >= f64::from(s.queue_depth) * headroom
+                || f64::from(m.kv_cache_utilization) >= s.kv_cache_utilization * headroom
+        })
+    }
+
+    /// Would serving `adapter` here force an eviction? Only fresh metrics say so.
+    fn would_evict(&self, adapter: &str) -> bool {
+        self.fresh_metrics().is_some_and(|m| {
+            !has(&m.running_adapters, adapter)
+                && !has(&m.waiting_adapters, adapter)
+                && m.running_adapters.len() >= m.max_lora as usize
+        })
     }
 }
 
-/// Returns the index of the chosen candidate, or `None` for an empty list.
-/// Ties are broken by `draw` (uniform `u32`) so bursts spread across equals.
-pub fn pick(candidates: &[Candidate<'_>], draw: u32) -> Option<usize> {
-    let any_up = candidates.iter().any(|c| !c.known_down());
-    let eligible = |c: &Candidate<'_>| !any_up || !c.known_down();
-    let least = candidates
+fn has(list: &[String], name: &str) -> bool {
+    list.iter().any(|a| a == name)
+}
+
+/// What the scheduler needs to know about the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// The model the server will see (after any rewrite).
+    pub model: &'a str,
+    pub priority: i32,
+    /// `model` names a LoRA adapter.
+    pub adapter: bool,
+    /// Full blocks in the prompt (the prefix scorer's denominator).
+    pub prompt_blocks: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Route(Decision),
+    /// Every candidate is saturated and the request is sheddable: answer 429.
+    Shed,
+    /// No candidates at all.
+    NoEndpoint,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Candidate indexes: the chosen one first, then fallbacks.
+    pub order: Vec<usize>,
+    /// Every scored candidate, best first, for explanations.
+    pub scored: Vec<Scored>,
+}
+
+impl Decision {
+    pub fn chosen(&self) -> usize {
+        self.order[0]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub index: usize,
+    pub total: f64,
+    pub parts: Vec<(ScorerKind, f64)>,
+}
+
+/// Chooses an endpoint. `draw` is a uniform random `u32` (tie-break / weighted pick).
+pub fn schedule(
+    cfg: &Scheduling,
+    profile: &Profile,
+    req: &Request<'_>,
+    candidates: &[Candidate<'_>],
+    draw: u32,
+) -> Outcome {
+    if candidates.is_empty() {
+        return Outcome::NoEndpoint;
+    }
+    let all: Vec<usize> = (0..candidates.len()).collect();
+
+    // 1. Health: fresh-and-up first, then not-known-down, then anything.
+    let up: Vec<usize> = keep(&all, |i| candidates[i].known_up());
+    let not_down = keep(&all, |i| !candidates[i].known_down());
+    let mut pool = if !up.is_empty() {
+        up
+    } else if !not_down.is_empty() {
+        not_down
+    } else {
+        all
+    };
+
+    // 2. LoRA: never evict when another endpoint can take the adapter.
+    if req.adapter {
+        let no_evict = keep(&pool, |i| !candidates[i].would_evict(req.model));
+        if !no_evict.is_empty() {
+            pool = no_evict;
+        }
+    }
+
+    // 3. Saturation and shedding.
+    let headroom = if req.priority < 0 {
+        cfg.saturation.sheddable_headroom
+    } else {
+        1.0
+    };
+    let open = keep(&pool, |i| {
+        !candidates[i].saturated(&cfg.saturation, headroom)
+    });
+    if open.is_empty() {
+        if req.priority < 0 {
+            return Outcome::Shed;
+        }
+    } else {
+        pool = open;
+    }
+
+    // 4. Score.
+    let mut scored: Vec<Scored> = pool
         .iter()
-        .filter(|c| eligible(c))
-        .map(|c| c.in_flight)
-        .min()?;
-    let tied: Vec<usize> = candidates
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| eligible(c) && c.in_flight == least)
-        .map(|(i, _)| i)
+        .map(|&i| score(profile, req, candidates, &pool, i))
         .collect();
-    let slot = ((u64::from(draw) * tied.len() as u64) >> 32) as usize;
-    tied.get(slot).copied()
+    scored.sort_by(|a, b| b.total.total_cmp(&a.total).then(a.index.cmp(&b.index)));
+
+    // 5. Pick, then fallbacks in score order.
+    let chosen = pick(profile.picker, &scored, draw);
+    let mut order = vec![chosen];
+    order.extend(
+        scored
+            .iter()
+            .map(|s| s.index)
+            .filter(|&i| i != chosen)
+            .take(cfg.fallback_endpoints),
+    );
+    Outcome::Route(Decision { order, scored })
+}
+
+fn keep(from: &[usize], f: impl Fn(usize) -> bool) -> Vec<usize> {
+    from.iter().copied().filter(|&i| f(i)).collect()
+}
+
+/// Scores where "lower is better" are min-max normalised across the pool, as GIE
+/// does: the best gets 1, the worst 0, all equal → 1.
+fn lower_is_better(value: f64, min: f64, max: f64) -> f64 {
+    if max - min <= f64::EPSILON {
+        1.0
+    } else {
+        (max - value) / (max - min)
+    }
+}
+
+/// Neutral score when the scorer has nothing to go on (no fresh metrics).
+const UNKNOWN: f64 = 0.5;
+
+fn score(
+    profile: &Profile,
+    req: &Request<'_>,
+    cands: &[Candidate<'_>],
+    pool: &[usize],
+    i: usize,
+) -> Scored {
+    let c = &cands[i];
+    let fresh_waiting = pool
+        .iter()
+        .filter_map(|&j| cands[j].fresh_metrics().map(|m| f64::from(m.waiting)));
+    let (wmin, wmax) = min_max(fresh_waiting);
+    let (fmin, fmax) = min_max(pool.iter().map(|&j| cands[j].in_flight as f64));
+
+    let mut parts = Vec::with_capacity(profile.scorers.len());
+    let (mut sum, mut weights) = (0.0, 0.0);
+    for &(kind, weight) in &profile.scorers {
+        let s = match kind {
+            ScorerKind::Queue => c.fresh_metrics().map_or(UNKNOWN, |m| {
+                lower_is_better(f64::from(m.waiting), wmin, wmax)
+            }),
+            ScorerKind::KvCache => c.fresh_metrics().map_or(UNKNOWN, |m| {
+                (1.0 - f64::from(m.kv_cache_utilization)).clamp(0.0, 1.0)
+            }),
+            ScorerKind::InFlight => lower_is_better(c.in_flight as f64, fmin, fmax),
+            ScorerKind::PrefixCache => {
+                if req.prompt_blocks == 0 {
+                    0.0
+                } else {
+                    (c.prefix_blocks as f64 / req.prompt_blocks as f64).min(1.0)
+                }
+            }
+            ScorerKind::LoraAffinity => lora_score(req, c),
+        };
+        parts.push((kind, s));
+        sum += weight * s;
+        weights += weight;
+    }
+    Scored {
+        index: i,
+        total: if weights > 0.0 { sum / weights } else { 0.0 },
+        parts,
+    }
+}
+
+fn lora_score(req: &Request<'_>, c: &Candidate<'_>) -> f64 {
+    if !req.adapter {
+        return 1.0;
+    }
+    match c.fresh_metrics() {
+        None => UNKNOWN,
+        Some(m) if has(&m.running_adapters, req.model) => 1.0,
+        Some(m) if has(&m.waiting_adapters, req.model) => 0.8,
+        Some(m) if m.running_adapters.len() < m.max_lora as usize => 0.6,
+        Some(_) => 0.0,
+    }
+}
+
+fn min_max(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    })
+}
+
+/// Scales a uniform `u32` into `0..n`.
+fn slot(draw: u32, n: usize) -> usize {
+    ((u64::from(draw) * n as u64) >> 32) as usize
+}
+
+/// `scored` is sorted best first and non-empty.
+fn pick(picker: Picker, scored: &[Scored], draw: u32) -> usize {
+    match picker {
+        Picker::MaxScore => {
+            let best = scored[0].total;
+            let tied = scored.iter().take_while(|s| best - s.total <= 1e-9).count();
+            scored[slot(draw, tied)].index
+        }
+        Picker::WeightedRandom { top_k } => {
+            let top = &scored[..top_k.clamp(1, scored.len())];
+            let total: f64 = top.iter().map(|s| s.total.max(0.0)).sum();
+            if total <= 0.0 {
+                return top[slot(draw, top.len())].index;
+            }
+            let mut point = f64::from(draw) / (f64::from(u32::MAX) + 1.0) * total;
+            for s in top {
+                point -= s.total.max(0.0);
+                if point < 0.0 {
+                    return s.index;
+                }
+            }
+            top[top.len() - 1].index
+        }
+    }
+}
+
+/// One line explaining a decision: `ep=total(queue=…,kv_cache=…) …`, best first.
+pub fn explain(decision: &Decision, candidates: &[Candidate<'_>]) -> String {
+    let mut out = String::new();
+    for s in &decision.scored {
+        let _ = write!(out, "{}={:.3}(", candidates[s.index].endpoint, s.total);
+        for (n, (kind, v)) in s.parts.iter().enumerate() {
+            let sep = if n == 0 { "" } else { "," };
+            let _ = write!(out, "{sep}{kind:?}={v:.2}");
+        }
+        out.push_str(") ");
+    }
+    out.trim_end().to_string()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn c(endpoint: &str, in_flight: u64) -> Candidate<'_> {
-        Candidate::new(endpoint, in_flight)
-    }
-
-    #[test]
-    fn picks_the_least_loaded() {
-        let cs = [c("a", 3), c("b", 1), c("c", 2)];
-        for draw in [0, 1 << 31, u32::MAX] {
-            assert_eq!(pick(&cs, draw), Some(1));
-        }
-    }
-
-    #[test]
-    fn empty_is_none() {
-        assert_eq!(pick(&[], 0), None);
-    }
-
-    #[test]
-    fn ties_are_spread_by_the_draw() {
-        let cs = [c("a", 0), c("b", 5), c("c", 0)];
-        assert_eq!(pick(&cs, 0), Some(0));
-        assert_eq!(pick(&cs, u32::MAX), Some(2));
-        let mut rng = fastrand::Rng::with_seed(1);
-        let to_a = (0..10_000)
-            .filter(|_| pick(&cs, rng.u32(..)) == Some(0))
-            .count();
-        assert!((4_500..5_500).contains(&to_a), "{to_a}");
-    }
-
-    #[test]
-    fn avoids_endpoints_fresh_metrics_call_down() {
-        let down = EndpointMetrics::default();
-        let up = EndpointMetrics {
-            healthy: true,
-            ..Default::default()
-        };
-        let with = |e, n, m, fresh| Candidate {
-            metrics: Some(m),
-            fresh,
-            ..c(e, n)
-        };
-        let cs = [with("a", 0, &down, true), with("b", 9, &up, true)];
-        assert_eq!(pick(&cs, 0), Some(1));
-        // Stale "down" is not trusted.
-        let cs = [with("a", 0, &down, false), with("b", 9, &up, true)];
-        assert_eq!(pick(&cs, 0), Some(0));
-        // All down: still route somewhere rather than fail.
-        let cs = [with("a", 4, &down, true), with("b", 2, &down, true)];
-        assert_eq!(pick(&cs, 0), Some(1));
-    }
-}
+mod tests;

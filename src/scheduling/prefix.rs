@@ -1,0 +1,229 @@
+//! Prefix-cache affinity: which endpoints have recently served a prompt that starts
+//! like this one, and so probably still hold its KV blocks in their prefix cache.
+//!
+//! The prompt is cut into fixed-size blocks and hashed as a chain (each block's hash
+//! covers everything before it), as vLLM's automatic prefix cache does, so equal
+//! hashes mean equal prefixes. The index lives in shared data so every Envoy worker
+//! sees what the others routed. It is a fixed table of `slots` keys (bounded memory:
+//! about 150 bytes a slot): a block hash maps to slot `hash % slots`, which keeps the
+//! most recently used (hash, endpoint) entries. Collisions and evictions only make
+//! the index forget, never lie: entries carry the full hash.
+
+use crate::inflight::{SharedStore, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Entries kept per slot: a hot prefix served by a few replicas, plus collisions.
+const ENTRIES_PER_SLOT: usize = 4;
+
+/// Chained hashes of the prompt's full blocks (a partial last block is not cached
+/// by the server either), seeded by the model: different models share no cache.
+pub fn block_hashes(model: &str, prompt: &str, block_bytes: usize, max_blocks: usize) -> Vec<u64> {
+    if block_bytes == 0 {
+        return Vec::new();
+    }
+    let mut prev = xxh3_64_with_seed(model.as_bytes(), 0x1f0d_5eed);
+    prompt
+        .as_bytes()
+        .chunks_exact(block_bytes)
+        .take(max_blocks)
+        .map(|block| {
+            prev = xxh3_64_with_seed(block, prev);
+            prev
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    hash: u64,
+    at_ms: u64,
+    endpoint: String,
+}
+
+/// The shared prefix index, over any [`SharedStore`].
+pub struct PrefixIndex<'s> {
+    store: &'s dyn SharedStore,
+    slots: u64,
+    ttl_ms: u64,
+}
+
+impl<'s> PrefixIndex<'s> {
+    pub fn new(store: &'s dyn SharedStore, slots: u32, ttl_ms: u64) -> Self {
+        PrefixIndex {
+            store,
+            slots: u64::from(slots.max(1)),
+            ttl_ms,
+        }
+    }
+
+    fn key(&self, hash: u64) -> String {
+        format!("igw.prefix.{}", hash % self.slots)
+    }
+
+    fn read(&self, hash: u64) -> (Vec<Entry>, Option<u32>) {
+        let (bytes, cas) = self.store.get(&self.key(hash));
+        let entries = bytes
+            .and_then(|b| postcard::from_bytes::<Vec<Entry>>(&b).ok())
+            .unwrap_or_default();
+        (entries, cas)
+    }
+
+    /// For each endpoint, how many leading blocks of `hashes` it recently served.
+    /// Reads stop at the first block no endpoint has, so a miss costs one read.
+    pub fn matches(&self, hashes: &[u64], now_ms: u64) -> HashMap<String, usize> {
+        let mut matched: HashMap<String, usize> = HashMap::new();
+        for (depth, &h) in hashes.iter().enumerate() {
+            let (entries, _) = self.read(h);
+            let mut extended = false;
+            for e in entries
+                .iter()
+                .filter(|e| e.hash == h && now_ms.saturating_sub(e.at_ms) <= self.ttl_ms)
+            {
+                // Only an endpoint that matched every block so far extends its run.
+                let run = matched.entry(e.endpoint.clone()).or_insert(0);
+                if *run == depth {
+                    *run = depth + 1;
+                    extended = true;
+                }
+            }
+            if !extended {
+                break;
+            }
+        }
+        matched.retain(|_, n| *n > 0);
+        matched
+    }
+
+    /// Records that `endpoint` now holds the blocks of `hashes`. Entries younger than
+    /// a quarter of the TTL are not rewritten, so a hot prefix costs no writes.
+    /// Best effort: a lost CAS race skips that block.
+    pub fn record(&self, hashes: &[u64], endpoint: &str, now_ms: u64) {
+        for &h in hashes {
+            let (mut entries, cas) = self.read(h);
+            let fresh_enough = |e: &Entry| now_ms.saturating_sub(e.at_ms) < self.ttl_ms / 4;
+            if let Some(e) = entries
+                .iter_mut()
+                .find(|e| e.hash == h && e.endpoint == endpoint)
+            {
+                if fresh_enough(e) {
+                    continue;
+                }
+                e.at_ms = now_ms;
+            } else {
+                entries.push(Entry {
+                    hash: h,
+                    at_ms: now_ms,
+                    endpoint: endpoint.to_string(),
+                });
+            }
+            // Keep the most recent entries; expired ones go first.
+            entries.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
+            entries.truncate(ENTRIES_PER_SLOT);
+            let Ok(bytes) = postcard::to_allocvec(&entries) else {
+                continue;
+            };
+            match self.store.set(&self.key(h), &bytes, cas) {
+                Ok(()) | Err(StoreError::CasMismatch) => {}
+                Err(StoreError::Host) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inflight::memory::MemoryStore;
+
+    #[test]
+    fn hashes_chain_and_depend_on_the_model() {
+        let a = block_hashes("m", "abcdefgh", 4, 10);
+        let b = block_hashes("m", "abcdXXXX", 4, 10);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0], b[0]);
+        assert_ne!(a[1], b[1]);
+        // Same second block after a different first block: different hash (chained).
+        let c = block_hashes("m", "zzzzefgh", 4, 10);
+        assert_ne!(a[1], c[1]);
+        assert_ne!(
+            block_hashes("other", "abcd", 4, 10),
+            block_hashes("m", "abcd", 4, 10)
+        );
+        assert_eq!(
+            block_hashes("m", "abc", 4, 10),
+            Vec::<u64>::new(),
+            "partial blocks are not hashed"
+        );
+        assert_eq!(block_hashes("m", &"x".repeat(100), 4, 3).len(), 3);
+        assert!(block_hashes("m", "abcd", 0, 3).is_empty());
+    }
+
+    #[test]
+    fn finds_the_longest_shared_prefix_per_endpoint() {
+        let store = MemoryStore::default();
+        let ix = PrefixIndex::new(&store, 1024, 60_000);
+        let system = "You are a helpful assistant. ".repeat(8);
+        let p1 = block_hashes("m", &format!("{system}question one"), 16, 64);
+        let p2 = block_hashes("m", &format!("{system}another question"), 16, 64);
+        ix.record(&p1, "10.0.0.1:8000", 1_000);
+        let m = ix.matches(&p2, 2_000);
+        let shared = system.len() / 16;
+        assert!(m["10.0.0.1:8000"] >= shared, "{m:?} vs {shared}");
+        assert!(m["10.0.0.1:8000"] < p2.len());
+        assert_eq!(ix.matches(&p1, 2_000)["10.0.0.1:8000"], p1.len());
+        assert!(ix
+            .matches(&block_hashes("m", &"q".repeat(200), 16, 64), 2_000)
+            .is_empty());
+    }
+
+    #[test]
+    fn entries_expire() {
+        let store = MemoryStore::default();
+        let ix = PrefixIndex::new(&store, 64, 1_000);
+        let h = block_hashes("m", &"a".repeat(64), 16, 8);
+        ix.record(&h, "e1", 0);
+        assert_eq!(ix.matches(&h, 1_000).get("e1"), Some(&4));
+        assert!(ix.matches(&h, 1_001).is_empty());
+    }
+
+    #[test]
+    fn a_run_must_start_at_the_first_block() {
+        let store = MemoryStore::default();
+        let ix = PrefixIndex::new(&store, 4096, 60_000);
+        let h = block_hashes("m", &"b".repeat(64), 16, 8);
+        ix.record(&h[..2], "e1", 0);
+        ix.record(&h, "e2", 0);
+        ix.record(&h[3..], "e1", 0); // e1 "has" block 4 too, but not block 3
+        let m = ix.matches(&h, 1);
+        assert_eq!(m.get("e1"), Some(&2));
+        assert_eq!(m.get("e2"), Some(&4));
+    }
+
+    #[test]
+    fn slots_stay_bounded() {
+        let store = MemoryStore::default();
+        let ix = PrefixIndex::new(&store, 1, 60_000); // everything collides
+        for i in 0..20u64 {
+            let h = block_hashes("m", &format!("{i:016}"), 16, 1);
+            ix.record(&h, &format!("e{i}"), i);
+        }
+        let (entries, _) = ix.read(0);
+        assert_eq!(entries.len(), ENTRIES_PER_SLOT);
+        assert_eq!(entries[0].endpoint, "e19", "most recent first");
+    }
+
+    #[test]
+    fn hot_prefixes_are_not_rewritten() {
+        let store = MemoryStore::default();
+        let ix = PrefixIndex::new(&store, 64, 1_000);
+        let h = block_hashes("m", &"c".repeat(16), 16, 1);
+        ix.record(&h, "e", 0);
+        let (_, cas1) = store.get(&ix.key(h[0]));
+        ix.record(&h, "e", 100);
+        assert_eq!(store.get(&ix.key(h[0])).1, cas1, "no write within ttl/4");
+        ix.record(&h, "e", 300);
+        assert_ne!(store.get(&ix.key(h[0])).1, cas1);
+    }
+}
