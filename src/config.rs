@@ -4,6 +4,7 @@
 //! field it is about, e.g. `models[1].target_models[0].weight: must be at least 1`.
 //! The reference for every field is `docs/configuration.md`.
 
+use crate::safety::config::{RawSafety, Safety};
 use crate::scheduling::config::{RawScheduling, Scheduling};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -87,6 +88,9 @@ pub struct RawConfig {
     /// ORIGINAL_DST cluster needs.
     #[serde(default)]
     pub destination_list: bool,
+    /// Prompt and response screening (Model Armor REST shape); absent: off.
+    #[serde(default)]
+    pub safety: Option<RawSafety>,
 }
 
 fn default_snapshot_stale_after_ms() -> u64 {
@@ -208,6 +212,7 @@ pub struct Config {
     pub snapshot_stale_after_ms: u64,
     pub scheduling: Scheduling,
     pub destination_list: bool,
+    pub safety: Option<Safety>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,6 +471,10 @@ impl RawConfig {
             snapshot_stale_after_ms: self.snapshot_stale_after_ms,
             scheduling,
             destination_list: self.destination_list,
+            safety: match &self.safety {
+                Some(s) => Some(s.validate()?),
+                None => None,
+            },
         })
     }
 }

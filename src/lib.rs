@@ -10,6 +10,7 @@ pub mod inflight;
 pub mod ingest;
 pub mod openai;
 pub mod routing;
+pub mod safety;
 pub mod scheduling;
 pub mod snapshot;
 
