@@ -1,6 +1,7 @@
 //! The control listener (loopback only): `POST /v1/snapshot` takes the collector's
 //! pushes, `GET /debug/state` shows what the gateway's workers share.
 
+use super::host;
 use super::store::{self, HostStore};
 use crate::config::Config;
 use crate::inflight;
@@ -76,8 +77,8 @@ impl Context for ControlStream {}
 
 impl HttpContext for ControlStream {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let method = host::request_header(":method").unwrap_or_default();
+        let path = host::request_header(":path").unwrap_or_default();
         let route = path.split('?').next().unwrap_or_default();
         match (method.as_str(), route) {
             ("GET", STATE_PATH) => {
@@ -94,8 +95,8 @@ impl HttpContext for ControlStream {
                     reply(self, &ApiError::not_found(route));
                     return Action::Pause;
                 };
-                let auth = self.get_http_request_header("authorization");
-                let length = self.get_http_request_header("content-length");
+                let auth = host::request_header("authorization");
+                let length = host::request_header("content-length");
                 if let Err(e) = ingest::check_head(cfg, &method, auth.as_deref(), length.as_deref())
                 {
                     reply(self, &e);

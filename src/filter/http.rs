@@ -1,9 +1,11 @@
 //! The gateway's HTTP stream: hold the headers, buffer the body, route, release.
 
 use super::control::reply;
+use super::host;
+use super::safety::{PendingPrompt, ResponseCheck};
 use super::store::{HostStore, SnapshotCache};
 use crate::config::Config;
-use crate::gateway::{self, HeadAction, RequestHead};
+use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
 use crate::inflight;
 use crate::openai::{ApiError, ApiKind};
 use crate::routing::OBJECTIVE_HEADER;
@@ -20,7 +22,7 @@ pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 pub const EXPLAIN_HEADER: &str = "x-gateway-scheduling";
 
 pub struct GatewayStream {
-    config: Rc<Config>,
+    pub(super) config: Rc<Config>,
     snapshot: Rc<RefCell<SnapshotCache>>,
     rng: fastrand::Rng,
     /// Set once the headers say the body decides the route.
@@ -29,6 +31,12 @@ pub struct GatewayStream {
     holding: Option<String>,
     /// The scheduling decision, for the `x-gateway-scheduling` response header.
     explanation: Option<String>,
+    /// Safety: the prompt check in flight (the request waits for it).
+    pub(super) prompt_check: Option<PendingPrompt>,
+    /// Safety: the response template for this request's model, if responses are screened.
+    pub(super) response_template: Option<String>,
+    /// Safety: the response check's state once the response started.
+    pub(super) response_check: Option<ResponseCheck>,
 }
 
 impl GatewayStream {
@@ -40,15 +48,17 @@ impl GatewayStream {
             buffering: None,
             holding: None,
             explanation: None,
+            prompt_check: None,
+            response_template: None,
+            response_check: None,
         }
     }
 
-    fn request_id(&self) -> String {
-        self.get_http_request_header("x-request-id")
-            .unwrap_or_else(|| "-".into())
+    pub(super) fn request_id(&self) -> String {
+        host::request_header("x-request-id").unwrap_or_else(|| "-".into())
     }
 
-    fn reject(&mut self, e: &ApiError) -> Action {
+    pub(super) fn reject(&mut self, e: &ApiError) -> Action {
         log::info!(
             "inference-gateway: request {} answered {} {}",
             self.request_id(),
@@ -59,9 +69,9 @@ impl GatewayStream {
         Action::Pause
     }
 
-    /// Routes a complete body: plan, pick an endpoint, rewrite, continue.
+    /// A complete body: plan the route, screen the prompt if configured, forward.
     fn route(&mut self, kind: ApiKind, body: &[u8], body_size: usize) -> Action {
-        let objective = self.get_http_request_header(OBJECTIVE_HEADER);
+        let objective = host::request_header(OBJECTIVE_HEADER);
         let plan = match gateway::plan_route(
             &self.config,
             kind,
@@ -73,13 +83,28 @@ impl GatewayStream {
             Err(e) => return self.reject(&e),
         };
         let config = Rc::clone(&self.config);
+        if let Some(safety) = &config.safety {
+            self.response_template = safety.response_template(&plan.model).map(str::to_string);
+            if let Some(template) = safety.prompt_template(&plan.model) {
+                let prompt = plan.prompt.clone();
+                return self.check_prompt(safety, template, &prompt, plan, body_size);
+            }
+        }
+        match self.forward(&plan, body_size) {
+            Ok(()) => Action::Continue,
+            Err(e) => self.reject(&e),
+        }
+    }
+
+    /// Picks the endpoint, takes its in-flight count, rewrites the body if needed
+    /// and sets the destination header. The caller continues the request.
+    pub(super) fn forward(&mut self, plan: &RoutePlan, body_size: usize) -> Result<(), ApiError> {
+        let config = Rc::clone(&self.config);
         let (Some(pool), Some(profile)) = (
             config.pools.get(plan.pool),
             config.scheduling.profiles.get(plan.profile),
         ) else {
-            return self.reject(&ApiError::internal(
-                "route names an unknown pool or profile",
-            ));
+            return Err(ApiError::internal("route names an unknown pool or profile"));
         };
         let sched = &config.scheduling;
         let now_ms = super::now_ms(self);
@@ -148,10 +173,8 @@ impl GatewayStream {
         let decision =
             match scheduling::schedule(sched, profile, &request, &candidates, self.rng.u32(..)) {
                 Outcome::Route(d) => d,
-                Outcome::Shed => {
-                    return self.reject(&ApiError::shed(&pool.name, sched.retry_after_seconds))
-                }
-                Outcome::NoEndpoint => return self.reject(&ApiError::no_endpoint(&pool.name)),
+                Outcome::Shed => return Err(ApiError::shed(&pool.name, sched.retry_after_seconds)),
+                Outcome::NoEndpoint => return Err(ApiError::no_endpoint(&pool.name)),
             };
         let endpoint = candidates[decision.chosen()].endpoint.to_string();
         if sched.explain {
@@ -178,7 +201,7 @@ impl GatewayStream {
 
         if let Some(new_body) = &plan.new_body {
             self.set_http_request_body(0, body_size, new_body);
-            if self.get_http_request_header("content-length").is_some() {
+            if host::request_header("content-length").is_some() {
                 self.set_http_request_header("content-length", Some(&new_body.len().to_string()));
             }
         }
@@ -192,7 +215,7 @@ impl GatewayStream {
                 .join(","),
         };
         self.set_http_request_header(DESTINATION_HEADER, Some(&destination));
-        Action::Continue
+        Ok(())
     }
 
     fn release(&mut self) {
@@ -205,6 +228,10 @@ impl GatewayStream {
 }
 
 impl Context for GatewayStream {
+    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        self.safety_call_response(token, body_size);
+    }
+
     fn on_done(&mut self) -> bool {
         self.release();
         true
@@ -213,10 +240,10 @@ impl Context for GatewayStream {
 
 impl HttpContext for GatewayStream {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        let path = self.get_http_request_header(":path").unwrap_or_default();
-        let content_type = self.get_http_request_header("content-type");
-        let content_length = self.get_http_request_header("content-length");
+        let method = host::request_header(":method").unwrap_or_default();
+        let path = host::request_header(":path").unwrap_or_default();
+        let content_type = host::request_header("content-type");
+        let content_length = host::request_header("content-length");
         let head = RequestHead {
             method: &method,
             path: &path,
@@ -262,11 +289,15 @@ impl HttpContext for GatewayStream {
         self.route(kind, &body, body_size)
     }
 
-    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         if let Some(text) = self.explanation.take() {
             self.set_http_response_header(EXPLAIN_HEADER, Some(&text));
         }
-        Action::Continue
+        self.response_headers_safety(end_of_stream)
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.response_body_safety(body_size, end_of_stream)
     }
 
     fn on_log(&mut self) {

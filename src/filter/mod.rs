@@ -2,7 +2,10 @@
 //! carries it out. Decisions live in `gateway`, `routing` and `scheduling`.
 
 mod control;
+mod host;
 mod http;
+mod metrics;
+mod safety;
 mod store;
 
 use crate::config::{Config, Role};
