@@ -5,6 +5,8 @@
 //! proxy-wasm glue is `filter`, compiled only for `wasm32`.
 
 pub mod config;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod deploy;
 pub mod gateway;
 pub mod inflight;
 pub mod ingest;

@@ -1,0 +1,665 @@
+//! Renders the Envoy bootstrap YAML that runs the filter: a gateway listener
+//! (HTTP connection manager → the Wasm filter → router → `ORIGINAL_DST` cluster
+//! routed by `x-gateway-destination-endpoint`), a loopback control listener with the
+//! same Wasm module and `vm_id` (role `control`: `GET /debug/state`), and the admin
+//! interface on loopback.
+//!
+//! `envoy/envoy.yaml` is exactly [`demo_envoy_yaml`]; a unit test keeps them equal.
+
+use crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+
+/// The header the filter writes and the `ORIGINAL_DST` cluster routes on.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Where build.rs puts the filter, relative to the repository root.
+pub const DEMO_WASM_PATH: &str = "target/wasm-filter/wasm32-wasip1/release/inference_gateway.wasm";
+/// The committed bootstrap, relative to the repository root.
+pub const ENVOY_YAML_PATH: &str = "envoy/envoy.yaml";
+/// How to regenerate `envoy/envoy.yaml` after changing the demo settings.
+pub const REGENERATE_COMMAND: &str =
+    "cargo run --bin gateway-demo -- --print-envoy-config > envoy/envoy.yaml";
+/// The demo pool's model servers.
+pub const DEMO_ENDPOINTS: [&str; 3] = ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"];
+/// The demo pool's name.
+pub const DEMO_POOL: &str = "demo-pool";
+/// The models clients may ask the demo gateway for.
+pub const DEMO_MODELS: [&str; 2] = ["food-review", "chat"];
+/// The model names that reach the demo's model servers (after the weighted
+/// rewrite of `food-review`): what the simulators must serve.
+pub const DEMO_UPSTREAM_MODELS: [&str; 3] = ["food-review-v1", "food-review-v2", "chat"];
+/// Name of the cluster the gateway routes to.
+pub const MODEL_SERVERS_CLUSTER: &str = "model_servers";
+
+/// Everything that varies between the demo, the tests and the benchmarks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvoySettings {
+    /// The OpenAI-facing listener.
+    pub gateway_address: String,
+    pub gateway_port: u16,
+    /// The control listener (`GET /debug/state`, snapshot ingest). Keep it on loopback.
+    pub control_address: String,
+    pub control_port: u16,
+    /// Envoy's admin interface (`/ready`, `/stats/prometheus`). Keep it on loopback.
+    pub admin_address: String,
+    pub admin_port: u16,
+    /// The filter module, absolute or relative to Envoy's working directory.
+    pub wasm_path: String,
+    /// The gateway listener's plugin configuration (see `docs/configuration.md`).
+    pub gateway_config: Value,
+    /// The control listener's plugin configuration, e.g. `{"role": "control"}`.
+    pub control_config: Value,
+    /// Shared by both listeners, so the control listener sees the gateway's state.
+    pub vm_id: String,
+    /// What Envoy does when the Wasm VM has failed: `FAIL_CLOSED` (requests get
+    /// 503), `FAIL_OPEN` (skip the filter) or `FAIL_RELOAD` (restart the VM).
+    pub failure_policy: String,
+    /// Envoy's `--log-level` (for [`envoy_args`]).
+    pub log_level: String,
+    /// Envoy's `--concurrency` (worker threads); `None`: one per CPU.
+    pub concurrency: Option<u32>,
+    /// A stream that sends nothing for this long is reset (there is no overall
+    /// request timeout: generations stream for minutes).
+    pub stream_idle_timeout_secs: u64,
+    pub connect_timeout_ms: u64,
+    /// The gateway listener's `per_connection_buffer_limit_bytes`; `None`: twice the
+    /// plugin's `max_request_body_bytes` (at least 1 MiB above it), so the filter,
+    /// not Envoy, answers oversized bodies.
+    pub buffer_limit_bytes: Option<u64>,
+    /// Access log of the gateway listener on stdout.
+    pub access_log: bool,
+    /// Circuit-breaker ceiling for connections/requests to the model servers.
+    pub max_upstream_requests: u64,
+    /// Global cap on downstream connections (overload manager).
+    pub max_downstream_connections: u64,
+}
+
+impl Default for EnvoySettings {
+    fn default() -> Self {
+        EnvoySettings::demo()
+    }
+}
+
+impl EnvoySettings {
+    /// The demo layout: gateway on 127.0.0.1:8080, control on 127.0.0.1:9902,
+    /// admin on 127.0.0.1:9901, three model servers on 127.0.0.1:8001..8003.
+    pub fn demo() -> Self {
+        let endpoints: Vec<String> = DEMO_ENDPOINTS.iter().map(|e| e.to_string()).collect();
+        EnvoySettings {
+            gateway_address: "127.0.0.1".into(),
+            gateway_port: 8080,
+            control_address: "127.0.0.1".into(),
+            control_port: 9902,
+            admin_address: "127.0.0.1".into(),
+            admin_port: 9901,
+            wasm_path: DEMO_WASM_PATH.into(),
+            gateway_config: demo_gateway_config(&endpoints),
+            control_config: json!({"role": "control"}),
+            vm_id: "inference-gateway".into(),
+            failure_policy: "FAIL_CLOSED".into(),
+            log_level: "info".into(),
+            concurrency: None,
+            stream_idle_timeout_secs: 300,
+            connect_timeout_ms: 5_000,
+            buffer_limit_bytes: None,
+            access_log: true,
+            max_upstream_requests: 100_000,
+            max_downstream_connections: 50_000,
+        }
+    }
+
+    /// The plugin's `max_request_body_bytes` (or its default).
+    pub fn max_request_body_bytes(&self) -> u64 {
+        self.gateway_config
+            .get("max_request_body_bytes")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES as u64)
+    }
+
+    /// The gateway listener's buffer limit: explicit, or derived from the body cap.
+    pub fn effective_buffer_limit_bytes(&self) -> u64 {
+        self.buffer_limit_bytes.unwrap_or_else(|| {
+            let max_body = self.max_request_body_bytes();
+            max_body.saturating_mul(2).max(max_body + (1 << 20))
+        })
+    }
+
+    pub fn gateway_url(&self) -> String {
+        format!(
+            "http://{}",
+            host_port(&self.gateway_address, self.gateway_port)
+        )
+    }
+
+    pub fn control_url(&self) -> String {
+        format!(
+            "http://{}",
+            host_port(&self.control_address, self.control_port)
+        )
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", host_port(&self.admin_address, self.admin_port))
+    }
+}
+
+fn host_port(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+/// The demo's gateway configuration over the given pool endpoints: `food-review`
+/// (rewritten 90/10 to `food-review-v1`/`food-review-v2`, as a GKE InferenceModel
+/// with `targetModels` would) and `chat`, in one pool; other paths are rejected by
+/// the filter (404 in the OpenAI shape), so nothing but an inference request the
+/// filter routed ever reaches the `ORIGINAL_DST` cluster.
+pub fn demo_gateway_config(endpoints: &[String]) -> Value {
+    json!({
+        "max_request_body_bytes": DEFAULT_MAX_REQUEST_BODY_BYTES,
+        "other_paths": "reject",
+        "pools": [{"name": DEMO_POOL, "endpoints": endpoints}],
+        "models": [
+            {
+                "name": "food-review",
+                "pool": DEMO_POOL,
+                "criticality": "Standard",
+                "target_models": [
+                    {"name": "food-review-v1", "weight": 90},
+                    {"name": "food-review-v2", "weight": 10}
+                ]
+            },
+            {"name": "chat", "pool": DEMO_POOL}
+        ]
+    })
+}
+
+/// The committed `envoy/envoy.yaml`: [`render`] of [`EnvoySettings::demo`]. The demo
+/// binary prints it for `--print-envoy-config`.
+pub fn demo_envoy_yaml() -> String {
+    render(&EnvoySettings::demo())
+}
+
+/// Envoy's command line for a bootstrap at `config_path`: config, log level,
+/// concurrency, and no hot-restart shared memory (so several Envoys can run side by
+/// side, as parallel tests do).
+pub fn envoy_args(settings: &EnvoySettings, config_path: &str) -> Vec<String> {
+    let mut args = vec![
+        "--config-path".to_string(),
+        config_path.to_string(),
+        "--log-level".to_string(),
+        settings.log_level.clone(),
+        "--disable-hot-restart".to_string(),
+    ];
+    if let Some(n) = settings.concurrency {
+        args.push("--concurrency".into());
+        args.push(n.to_string());
+    }
+    args
+}
+
+/// Renders the bootstrap YAML.
+pub fn render(s: &EnvoySettings) -> String {
+    let gateway_filter = wasm_filter("inference-gateway", &s.gateway_config, s);
+    let control_filter = wasm_filter("inference-gateway-control", &s.control_config, s);
+    let access_log = if s.access_log {
+        ACCESS_LOG.to_string()
+    } else {
+        String::new()
+    };
+    let max_body = s.max_request_body_bytes();
+    format!(
+        r#"# Envoy bootstrap for inference-gateway. GENERATED: do not edit by hand.
+# Source: src/deploy/envoy_config.rs (EnvoySettings::demo()). Regenerate with
+#   {regenerate}
+#
+#   {gateway}  gateway: OpenAI API -> Wasm filter (picks a model server) -> ORIGINAL_DST
+#   {control}  control: the same Wasm module and vm_id, role "control": GET /debug/state
+#   {admin}  Envoy admin: /ready, /stats/prometheus
+#
+# The .wasm path is relative to the working directory: run Envoy from the repository
+# root, e.g. `envoy -c envoy/envoy.yaml`.
+
+admin:
+  address:
+    socket_address: {{address: {admin_address}, port_value: {admin_port}}}
+
+static_resources:
+  listeners:
+  - name: gateway
+    address:
+      socket_address: {{address: {gateway_address}, port_value: {gateway_port}}}
+    # Above the filter's max_request_body_bytes ({max_body}): otherwise Envoy itself
+    # answers 413 in plain text before the filter can answer in the OpenAI shape.
+    per_connection_buffer_limit_bytes: {buffer_limit}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: gateway
+          use_remote_address: true
+          # Generations stream for minutes: no overall request timeout (the route's
+          # timeout is 0 too), but a stream silent for this long is reset.
+          request_timeout: 0s
+          stream_idle_timeout: {idle}s
+{access_log}          http_filters:
+{gateway_filter}          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            name: gateway
+            virtual_hosts:
+            - name: gateway
+              domains: ["*"]
+              routes:
+              # Envoy's own liveness, for load balancers: answered here, the filter
+              # is skipped. (The model servers' health is not proxied.)
+              - match: {{path: /health}}
+                direct_response: {{status: 200, body: {{inline_string: "ok\n"}}}}
+                typed_per_filter_config:
+                  envoy.filters.http.wasm:
+                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                    disabled: true
+              # Everything else passes the filter first. Inference requests leave it
+              # with {header} set; GET /v1/models and
+              # errors are answered by the filter. Other paths follow the plugin's
+              # other_paths: "reject" answers 404 in the OpenAI shape; with "pass"
+              # they arrive here with no destination the filter chose.
+              - match: {{prefix: /}}
+                route:
+                  cluster: {cluster}
+                  timeout: 0s
+
+  - name: control
+    address:
+      socket_address: {{address: {control_address}, port_value: {control_port}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: control
+          http_filters:
+{control_filter}          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            name: control
+            virtual_hosts:
+            - name: control
+              domains: ["*"]
+              routes:
+              # The filter answers every request on this listener.
+              - match: {{prefix: /}}
+                direct_response: {{status: 404}}
+
+  clusters:
+  # The model servers: each request goes to the ip:port the filter wrote into
+  # {header}.
+  - name: {cluster}
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: {connect_timeout}
+    original_dst_lb_config:
+      use_http_header: true
+      http_header_name: {header}
+    circuit_breakers:
+      thresholds:
+      - priority: DEFAULT
+        max_connections: {max_upstream}
+        max_pending_requests: {max_upstream}
+        max_requests: {max_upstream}
+
+# The filter's metrics carry labels as `.label.value` pairs in their names; these
+# turn them into Prometheus labels, e.g.
+# inference_model_request_total.model_name.chat -> inference_model_request_total{{model_name="chat"}}.
+stats_config:
+  stats_tags:
+{stats_tags}
+overload_manager:
+  resource_monitors:
+  - name: envoy.resource_monitors.global_downstream_max_connections
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+      max_active_downstream_connections: {max_downstream}
+"#,
+        regenerate = REGENERATE_COMMAND,
+        gateway = host_port(&s.gateway_address, s.gateway_port),
+        control = host_port(&s.control_address, s.control_port),
+        admin = host_port(&s.admin_address, s.admin_port),
+        admin_address = scalar(&s.admin_address),
+        admin_port = s.admin_port,
+        gateway_address = scalar(&s.gateway_address),
+        gateway_port = s.gateway_port,
+        control_address = scalar(&s.control_address),
+        control_port = s.control_port,
+        buffer_limit = s.effective_buffer_limit_bytes(),
+        idle = s.stream_idle_timeout_secs,
+        header = DESTINATION_HEADER,
+        cluster = MODEL_SERVERS_CLUSTER,
+        connect_timeout = duration_ms(s.connect_timeout_ms),
+        max_upstream = s.max_upstream_requests,
+        max_downstream = s.max_downstream_connections,
+        stats_tags = stats_tags(),
+    )
+}
+
+const ACCESS_LOG: &str = r#"          access_log:
+          - name: envoy.access_loggers.stdout
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+              log_format:
+                text_format_source:
+                  inline_string: "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_HOST% request_id=%REQ(X-REQUEST-ID)%\n"
+"#;
+
+/// Labels of the filter's metrics (`.label.value` in the name).
+const STAT_LABELS: [&str; 5] = [
+    "model_name",
+    "target_model_name",
+    "error_code",
+    "check",
+    "filter",
+];
+
+fn stats_tags() -> String {
+    let mut out = String::new();
+    for label in STAT_LABELS {
+        let _ = writeln!(out, "  - tag_name: {label}");
+        let _ = writeln!(out, "    regex: '(\\.{label}\\.([^.]+))'");
+    }
+    out
+}
+
+/// The Wasm HTTP filter with `plugin` as its configuration, as a list item of
+/// `http_filters` (10 spaces of indentation).
+fn wasm_filter(name: &str, plugin: &Value, s: &EnvoySettings) -> String {
+    let mut json = String::new();
+    for line in pretty_json(plugin).lines() {
+        let _ = writeln!(json, "                    {line}");
+    }
+    format!(
+        r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {name}
+                root_id: inference-gateway
+                # Without this, pausing in on_http_request_headers stops the body
+                # from ever reaching the filter (the request hangs).
+                allow_on_headers_stop_iteration: true
+                failure_policy: {failure_policy}
+                vm_config:
+                  vm_id: {vm_id}
+                  runtime: envoy.wasm.runtime.v8
+                  code:
+                    local:
+                      filename: {wasm}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: |
+{json}"#,
+        name = scalar(name),
+        failure_policy = scalar(&s.failure_policy),
+        vm_id = scalar(&s.vm_id),
+        wasm = scalar(&s.wasm_path),
+    )
+}
+
+/// A YAML scalar: plain when that cannot be misread, JSON-quoted otherwise.
+fn scalar(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'))
+        && !s.starts_with(['-', '.'])
+        && s.parse::<f64>().is_err()
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "y" | "n" | "inf" | "nan"
+        );
+    if plain {
+        s.to_string()
+    } else {
+        Value::String(s.to_string()).to_string()
+    }
+}
+
+fn duration_ms(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}s", ms as f64 / 1000.0)
+    }
+}
+
+/// Keys first in this order (the rest alphabetically), so the configuration reads
+/// top-down: what the listener is, its pools, then the models on them.
+const KEY_ORDER: [&str; 15] = [
+    "role",
+    "name",
+    "pool",
+    "max_request_body_bytes",
+    "other_paths",
+    "pools",
+    "endpoints",
+    "objectives",
+    "priority",
+    "criticality",
+    "objective",
+    "models",
+    "target_models",
+    "weight",
+    "default_pool",
+];
+
+const LINE_WIDTH: usize = 72;
+
+/// Pretty JSON for people: two-space indentation, keys in [`KEY_ORDER`], and short
+/// lists or objects of plain values on one line.
+pub fn pretty_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_pretty(v, 0, &mut out);
+    out.push('\n');
+    out
+}
+
+fn ordered(map: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    let rank = |k: &str| KEY_ORDER.iter().position(|o| *o == k).unwrap_or(usize::MAX);
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_by(|a, b| rank(a.0).cmp(&rank(b.0)).then_with(|| a.0.cmp(b.0)));
+    entries
+}
+
+fn is_scalar(v: &Value) -> bool {
+    !matches!(v, Value::Array(_) | Value::Object(_))
+}
+
+fn compact(v: &Value) -> String {
+    match v {
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(compact).collect();
+            format!("[{}]", parts.join(", "))
+        }
+        Value::Object(map) => {
+            let parts: Vec<String> = ordered(map)
+                .into_iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), compact(v)))
+                .collect();
+            format!("{{{}}}", parts.join(", "))
+        }
+        scalar => scalar.to_string(),
+    }
+}
+
+fn write_pretty(v: &Value, indent: usize, out: &mut String) {
+    let flat = match v {
+        Value::Array(items) => items.iter().all(is_scalar),
+        Value::Object(map) => map.values().all(is_scalar),
+        _ => true,
+    };
+    let one_line = compact(v);
+    if flat && indent + one_line.len() <= LINE_WIDTH {
+        out.push_str(&one_line);
+        return;
+    }
+    let pad = " ".repeat(indent + 2);
+    match v {
+        Value::Array(items) => {
+            out.push_str("[\n");
+            for (i, item) in items.iter().enumerate() {
+                out.push_str(&pad);
+                write_pretty(item, indent + 2, out);
+                out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
+            }
+            out.push_str(&" ".repeat(indent));
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push_str("{\n");
+            let entries = ordered(map);
+            for (i, (k, item)) in entries.iter().enumerate() {
+                out.push_str(&pad);
+                out.push_str(&Value::String((*k).clone()).to_string());
+                out.push_str(": ");
+                write_pretty(item, indent + 2, out);
+                out.push_str(if i + 1 < entries.len() { ",\n" } else { "\n" });
+            }
+            out.push_str(&" ".repeat(indent));
+            out.push('}');
+        }
+        _ => out.push_str(&one_line),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn committed_envoy_yaml_is_the_rendering_of_the_demo_settings() {
+        let committed = include_str!("../../envoy/envoy.yaml");
+        let rendered = demo_envoy_yaml();
+        if committed != rendered && std::env::var_os("INFERENCE_GATEWAY_BLESS").is_some() {
+            let path = crate::deploy::repo_root().join(ENVOY_YAML_PATH);
+            std::fs::write(&path, &rendered).unwrap();
+            eprintln!("wrote {}", path.display());
+            return;
+        }
+        if committed != rendered {
+            let line = committed
+                .lines()
+                .zip(rendered.lines())
+                .position(|(a, b)| a != b)
+                .map(|i| i + 1)
+                .unwrap_or_else(|| committed.lines().count().min(rendered.lines().count()) + 1);
+            panic!(
+                "{ENVOY_YAML_PATH} differs from render(&EnvoySettings::demo()) (first at line {line}).\n\
+                 Regenerate it from the repository root with:\n    {REGENERATE_COMMAND}\n\
+                 or: INFERENCE_GATEWAY_BLESS=1 cargo test --lib committed_envoy_yaml"
+            );
+        }
+    }
+
+    #[test]
+    fn plugin_configurations_are_valid_filter_configs() {
+        let s = EnvoySettings::demo();
+        let gateway = Config::from_json(s.gateway_config.to_string().as_bytes()).unwrap();
+        assert_eq!(gateway.pools[0].endpoints, DEMO_ENDPOINTS);
+        assert_eq!(gateway.model_names, DEMO_MODELS);
+        let upstream: Vec<&str> = gateway
+            .models
+            .values()
+            .flat_map(|m| m.targets.iter().map(|t| t.name.as_str()))
+            .chain(["chat"])
+            .collect();
+        for name in DEMO_UPSTREAM_MODELS {
+            assert!(upstream.contains(&name), "{name}");
+        }
+        Config::from_json(s.control_config.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn embedded_json_round_trips() {
+        let s = EnvoySettings::demo();
+        let yaml = render(&s);
+        // The gateway's configuration block: the lines after the first `value: |`,
+        // up to the next line that is not indented deeper.
+        let start = yaml.find("value: |\n").unwrap() + "value: |\n".len();
+        let block: String = yaml[start..]
+            .lines()
+            .take_while(|l| l.starts_with("                    "))
+            .map(|l| format!("{}\n", &l[20..]))
+            .collect();
+        let parsed: Value = serde_json::from_str(&block).unwrap();
+        assert_eq!(parsed, s.gateway_config);
+        assert!(block
+            .contains(r#""endpoints": ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"]"#));
+    }
+
+    #[test]
+    fn buffer_limit_stays_above_the_body_cap() {
+        let mut s = EnvoySettings::demo();
+        assert_eq!(s.effective_buffer_limit_bytes(), 8 * 1024 * 1024);
+        s.gateway_config["max_request_body_bytes"] = json!(1000);
+        assert_eq!(s.effective_buffer_limit_bytes(), 1000 + (1 << 20));
+        s.buffer_limit_bytes = Some(5);
+        assert_eq!(s.effective_buffer_limit_bytes(), 5);
+        assert!(render(&s).contains("per_connection_buffer_limit_bytes: 5\n"));
+    }
+
+    #[test]
+    fn settings_reach_the_yaml() {
+        let mut s = EnvoySettings::demo();
+        s.gateway_port = 18080;
+        s.control_port = 19902;
+        s.admin_port = 19901;
+        s.wasm_path = "/abs/path with space/f.wasm".into();
+        s.vm_id = "vm-7".into();
+        let yaml = render(&s);
+        assert!(yaml.contains("port_value: 18080}"));
+        assert!(yaml.contains("port_value: 19902}"));
+        assert!(yaml.contains("port_value: 19901}"));
+        assert_eq!(
+            yaml.matches(r#"filename: "/abs/path with space/f.wasm""#)
+                .count(),
+            2
+        );
+        assert_eq!(yaml.matches("vm_id: vm-7\n").count(), 2);
+        assert!(yaml.contains("allow_on_headers_stop_iteration: true"));
+        assert!(yaml.contains("http_header_name: x-gateway-destination-endpoint"));
+        assert_eq!(s.gateway_url(), "http://127.0.0.1:18080");
+    }
+
+    #[test]
+    fn scalars_are_quoted_when_needed() {
+        assert_eq!(scalar("127.0.0.1"), "127.0.0.1");
+        assert_eq!(scalar("::1"), "\"::1\"");
+        assert_eq!(scalar("1.40"), "\"1.40\"");
+        assert_eq!(scalar("yes"), "\"yes\"");
+        assert_eq!(scalar(""), "\"\"");
+        assert_eq!(scalar("a: b"), "\"a: b\"");
+    }
+
+    #[test]
+    fn envoy_args_disable_hot_restart() {
+        let mut s = EnvoySettings::demo();
+        s.concurrency = Some(2);
+        let args = envoy_args(&s, "/tmp/e.yaml");
+        assert_eq!(
+            args,
+            [
+                "--config-path",
+                "/tmp/e.yaml",
+                "--log-level",
+                "info",
+                "--disable-hot-restart",
+                "--concurrency",
+                "2"
+            ]
+        );
+    }
+}
