@@ -56,6 +56,10 @@ pub struct EnvoySettings {
     pub failure_policy: String,
     /// Envoy's `--log-level` (for [`envoy_args`]).
     pub log_level: String,
+    /// Envoy's `--component-log-level`, e.g. `wasm:info` (empty: none).
+    pub component_log_level: String,
+    /// Envoy's `--file-flush-interval-msec`: how soon access-log lines appear.
+    pub log_flush_interval_ms: u32,
     /// Envoy's `--concurrency` (worker threads); `None`: one per CPU.
     pub concurrency: Option<u32>,
     /// A stream that sends nothing for this long is reset (there is no overall
@@ -98,6 +102,8 @@ impl EnvoySettings {
             vm_id: "inference-gateway".into(),
             failure_policy: "FAIL_CLOSED".into(),
             log_level: "info".into(),
+            component_log_level: String::new(),
+            log_flush_interval_ms: 1_000,
             concurrency: None,
             stream_idle_timeout_secs: 300,
             connect_timeout_ms: 5_000,
@@ -192,7 +198,13 @@ pub fn envoy_args(settings: &EnvoySettings, config_path: &str) -> Vec<String> {
         "--log-level".to_string(),
         settings.log_level.clone(),
         "--disable-hot-restart".to_string(),
+        "--file-flush-interval-msec".to_string(),
+        settings.log_flush_interval_ms.to_string(),
     ];
+    if !settings.component_log_level.is_empty() {
+        args.push("--component-log-level".into());
+        args.push(settings.component_log_level.clone());
+    }
     if let Some(n) = settings.concurrency {
         args.push("--concurrency".into());
         args.push(n.to_string());
@@ -657,6 +669,8 @@ mod tests {
                 "--log-level",
                 "info",
                 "--disable-hot-restart",
+                "--file-flush-interval-msec",
+                "1000",
                 "--concurrency",
                 "2"
             ]

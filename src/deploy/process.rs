@@ -164,21 +164,33 @@ pub fn free_port() -> Result<u16> {
     Err(Error::new("no free port on 127.0.0.1 after 64 tries"))
 }
 
-/// Polls `check` every 50 ms until it returns `Ok(Some(_))`, an `Err`, or
-/// `timeout` passes (an error that names `what` and the last `Ok(None)` reason).
+/// What a readiness check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check<T> {
+    /// Ready, with a value.
+    Ready(T),
+    /// Not yet, and why (reported if the wait times out).
+    NotYet(String),
+    /// Never going to be ready (e.g. the process died): stop waiting.
+    Failed(String),
+}
+
+/// Polls `check` every 50 ms until it is [`Check::Ready`] or [`Check::Failed`], or
+/// `timeout` passes (an error that names `what` and the last reason given).
 pub fn wait_until<T>(
     what: &str,
     timeout: Duration,
-    mut check: impl FnMut() -> std::result::Result<Option<T>, String>,
+    mut check: impl FnMut() -> Check<T>,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("never checked");
     loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = e,
-        }
+        let last = match check() {
+            Check::Ready(v) => return Ok(v),
+            Check::NotYet(why) => why,
+            Check::Failed(why) => {
+                return Err(Error::new(format!("gave up waiting for {what}: {why}")))
+            }
+        };
         if Instant::now() >= deadline {
             return Err(Error::new(format!(
                 "timed out after {timeout:?} waiting for {what} (last: {last})"
@@ -190,19 +202,22 @@ pub fn wait_until<T>(
 
 /// Waits until something accepts TCP connections on `addr`.
 pub fn wait_for_tcp(addr: SocketAddr, timeout: Duration) -> Result<()> {
-    wait_until(&format!("tcp {addr}"), timeout, || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-            .map(|_| Some(()))
-            .map_err(|e| e.to_string())
-    })
+    wait_until(
+        &format!("tcp {addr}"),
+        timeout,
+        || match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(_) => Check::Ready(()),
+            Err(e) => Check::NotYet(e.to_string()),
+        },
+    )
 }
 
 /// Waits until `GET url` answers with a 2xx status; returns the body.
 pub fn wait_for_http(url: &str, timeout: Duration) -> Result<String> {
     wait_until(&format!("GET {url}"), timeout, || match http_get(url) {
-        Ok((status, body)) if (200..300).contains(&status) => Ok(Some(body)),
-        Ok((status, body)) => Err(format!("{status}: {}", body.trim())),
-        Err(e) => Err(e.to_string()),
+        Ok((status, body)) if (200..300).contains(&status) => Check::Ready(body),
+        Ok((status, body)) => Check::NotYet(format!("{status}: {}", body.trim())),
+        Err(e) => Check::NotYet(e.to_string()),
     })
 }
 
@@ -334,10 +349,16 @@ mod tests {
     #[test]
     fn wait_until_times_out_with_the_last_reason() {
         let e = wait_until::<()>("nothing", Duration::from_millis(120), || {
-            Err("still no".into())
+            Check::NotYet("still no".into())
         })
         .unwrap_err();
         assert!(e.0.contains("nothing") && e.0.contains("still no"), "{e}");
+        let started = Instant::now();
+        let e = wait_until::<()>("x", Duration::from_secs(10), || {
+            Check::Failed("dead".into())
+        })
+        .unwrap_err();
+        assert!(e.0.contains("dead") && started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
@@ -365,7 +386,10 @@ mod tests {
         )
         .unwrap();
         let e = wait_until("exit", Duration::from_secs(5), || {
-            Ok(guard.check_running().err())
+            match guard.check_running() {
+                Ok(()) => Check::NotYet("running".into()),
+                Err(e) => Check::Ready(e),
+            }
         })
         .unwrap();
         assert!(e.0.contains("boom"), "{e}");

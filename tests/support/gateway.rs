@@ -1,0 +1,218 @@
+//! A whole gateway on loopback: N simulator replicas, the demo Envoy bootstrap
+//! rendered for free ports and the current `.wasm`, and the real Envoy.
+
+use super::deploy::envoy_config::{self, EnvoySettings};
+use super::deploy::process::{self, Check};
+use super::envoy::Envoy;
+use super::sim::{Sim, SimOptions};
+use super::{http_client, wasm_path};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub struct GatewayOptions {
+    pub replicas: usize,
+    pub sim: SimOptions,
+    /// Adjusts the settings after the demo defaults, ports and endpoints are set.
+    pub configure: Box<dyn FnOnce(&mut EnvoySettings) + Send>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            replicas: 3,
+            sim: SimOptions::default(),
+            configure: Box::new(|_| {}),
+        }
+    }
+}
+
+pub struct Gateway {
+    // Fields drop in order: Envoy stops before the simulators, the directory goes last.
+    envoy: Envoy,
+    pub sims: Vec<Sim>,
+    pub settings: EnvoySettings,
+    pub client: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts everything (blocking; from async tests use [`Gateway::start`]).
+    pub fn start_blocking(options: GatewayOptions) -> Gateway {
+        let dir = tempfile::Builder::new()
+            .prefix("e2e-envoy-")
+            .tempdir()
+            .expect("temp dir");
+        let mut sims = Vec::with_capacity(options.replicas);
+        for i in 0..options.replicas {
+            let sim = Sim::start(&format!("sim-{i}"), &options.sim, dir.path())
+                .unwrap_or_else(|e| panic!("{e}"));
+            sims.push(sim);
+        }
+        let endpoints: Vec<String> = sims.iter().map(Sim::endpoint).collect();
+        let port = || process::free_port().expect("free port");
+        let mut settings = EnvoySettings {
+            gateway_port: port(),
+            control_port: port(),
+            admin_port: port(),
+            wasm_path: wasm_path().to_string_lossy().into_owned(),
+            gateway_config: envoy_config::demo_gateway_config(&endpoints),
+            concurrency: Some(2),
+            // The filter's own log lines and the access log, without the startup banner.
+            log_level: "warning".into(),
+            component_log_level: "wasm:info".into(),
+            log_flush_interval_ms: 100,
+            ..EnvoySettings::demo()
+        };
+        (options.configure)(&mut settings);
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, envoy_config::render(&settings)).expect("write envoy.yaml");
+        let envoy = match Envoy::start(&settings, &config, dir.path()) {
+            Ok(e) => e,
+            Err(e) => panic!("Envoy did not start: {e}"),
+        };
+        Gateway {
+            envoy,
+            sims,
+            settings,
+            client: http_client(),
+            dir,
+        }
+    }
+
+    /// Starts everything without blocking the test's runtime.
+    pub async fn start(options: GatewayOptions) -> Gateway {
+        tokio::task::spawn_blocking(move || Gateway::start_blocking(options))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    pub fn runtime(&self) -> &'static str {
+        self.envoy.runtime
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.settings.gateway_url())
+    }
+
+    pub fn control_url(&self, path: &str) -> String {
+        format!("{}{path}", self.settings.control_url())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.settings.admin_url())
+    }
+
+    pub fn envoy_logs(&self) -> String {
+        self.envoy.logs()
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// The replica with this id.
+    pub fn sim(&self, id: &str) -> &Sim {
+        self.sims
+            .iter()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("no replica {id}"))
+    }
+
+    pub fn sim_mut(&mut self, id: &str) -> &mut Sim {
+        self.sims
+            .iter_mut()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("no replica {id}"))
+    }
+
+    /// Endpoint (`ip:port`) -> replica id.
+    pub fn endpoint_ids(&self) -> BTreeMap<String, String> {
+        self.sims
+            .iter()
+            .map(|s| (s.endpoint(), s.id.clone()))
+            .collect()
+    }
+
+    /// `GET /debug/state` on the control listener.
+    pub async fn debug_state(&self) -> Value {
+        let resp = self
+            .client
+            .get(self.control_url("/debug/state"))
+            .send()
+            .await
+            .expect("GET /debug/state");
+        assert_eq!(resp.status(), 200, "GET /debug/state");
+        resp.json().await.expect("/debug/state is JSON")
+    }
+
+    /// The in-flight counts by endpoint.
+    pub async fn in_flight(&self) -> BTreeMap<String, u64> {
+        let state = self.debug_state().await;
+        let map = state
+            .get("in_flight")
+            .and_then(Value::as_object)
+            .unwrap_or_else(|| panic!("no in_flight object in {state}"));
+        map.iter()
+            .map(|(k, v)| {
+                let n = v.as_u64().unwrap_or_else(|| panic!("in_flight[{k}] = {v}"));
+                (k.clone(), n)
+            })
+            .collect()
+    }
+
+    /// Polls `/debug/state` until `pred` holds for the in-flight counts; panics with
+    /// the last counts after `timeout`.
+    pub async fn wait_in_flight(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> BTreeMap<String, u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let counts = self.in_flight().await;
+            if pred(&counts) {
+                return counts;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for {what}; in flight: {counts:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until nothing is in flight on any endpoint.
+    pub async fn wait_all_released(&self, timeout: Duration) -> BTreeMap<String, u64> {
+        self.wait_in_flight("all in-flight counts back to 0", timeout, |c| {
+            c.values().all(|n| *n == 0)
+        })
+        .await
+    }
+
+    /// Is Envoy still up (process or container)?
+    pub fn check_envoy_alive(&mut self) -> Result<(), String> {
+        self.envoy.check_alive()
+    }
+
+    /// Blocking wait for a condition over the gateway's HTTP surface.
+    pub fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl FnMut() -> Check<T>,
+    ) -> T {
+        process::wait_until(what, timeout, check).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn temp_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
