@@ -467,7 +467,7 @@ async fn load_spreads_by_least_in_flight_and_counts_return_to_zero() {
     // Six long streams, each started once the previous one is counted.
     let mut streams = Vec::new();
     for i in 0..6 {
-        let resp = start_stream(&gw, &format!("story {i}"), 60).await;
+        let resp = start_stream(&gw, &format!("story {i}"), 80).await;
         streams.push(resp);
         gw.wait_in_flight(&format!("{} in flight", i + 1), SETTLE, |c| {
             total(c) == i + 1

@@ -39,6 +39,8 @@ pub struct Gateway {
 impl Gateway {
     /// Starts everything (blocking; from async tests use [`Gateway::start`]).
     pub fn start_blocking(options: GatewayOptions) -> Gateway {
+        // Choose (and announce) Envoy's runtime first: its errors come before any other.
+        super::envoy::runtime();
         let dir = tempfile::Builder::new()
             .prefix("e2e-envoy-")
             .tempdir()
