@@ -37,6 +37,7 @@ pub struct GatewayStream {
     pub(super) response_template: Option<String>,
     /// Safety: the response check's state once the response started.
     pub(super) response_check: Option<ResponseCheck>,
+    request_id: String,
 }
 
 impl GatewayStream {
@@ -51,11 +52,14 @@ impl GatewayStream {
             prompt_check: None,
             response_template: None,
             response_check: None,
+            request_id: String::from("-"),
         }
     }
 
-    pub(super) fn request_id(&self) -> String {
-        host::request_header("x-request-id").unwrap_or_else(|| "-".into())
+    /// Envoy's `x-request-id`, read with the request headers (it cannot be read
+    /// in response-phase callbacks).
+    pub(super) fn request_id(&self) -> &str {
+        &self.request_id
     }
 
     pub(super) fn reject(&mut self, e: &ApiError) -> Action {
@@ -240,6 +244,9 @@ impl Context for GatewayStream {
 
 impl HttpContext for GatewayStream {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        if let Some(id) = host::request_header("x-request-id") {
+            self.request_id = id;
+        }
         let method = host::request_header(":method").unwrap_or_default();
         let path = host::request_header(":path").unwrap_or_default();
         let content_type = host::request_header("content-type");

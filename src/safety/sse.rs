@@ -16,6 +16,8 @@ pub struct SseText {
     max_text: usize,
     pub truncated: bool,
     pub done_seen: bool,
+    /// The blank line ending the `[DONE]` event goes with it.
+    skip_blank: bool,
 }
 
 impl SseText {
@@ -44,6 +46,10 @@ impl SseText {
             let trimmed = trim_eol(line);
             if trimmed == DONE {
                 self.done_seen = true;
+                self.skip_blank = true;
+                continue;
+            }
+            if std::mem::take(&mut self.skip_blank) && trimmed.is_empty() {
                 continue;
             }
             if let Some(data) = trimmed.strip_prefix(b"data:") {
