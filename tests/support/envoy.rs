@@ -28,6 +28,8 @@ use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
 /// The environment variable that picks the runtime.
 pub const RUNTIME_ENV: &str = "GATEWAY_E2E_RUNTIME";
+/// Label on every Envoy container the tests start: the test process's pid.
+pub const CONTAINER_LABEL: &str = "inference-gateway-e2e-pid";
 
 /// Where Envoy runs.
 #[derive(Debug, Clone)]
@@ -109,6 +111,7 @@ fn native(why: &str) -> Runtime {
 /// Builds the image if missing and, when the daemon's Engine API is older than
 /// the one testcontainers' client pins, puts the version shim in between.
 fn docker_setup(server_api: &str) -> Result<String, String> {
+    remove_orphaned_containers();
     let image = docker::ensure_image(&repo_root()).map_err(|e| e.to_string())?;
     let client = &testcontainers::bollard::API_DEFAULT_VERSION;
     let server = docker::parse_api_version(server_api)
@@ -143,6 +146,27 @@ fn docker_setup(server_api: &str) -> Result<String, String> {
         std::env::set_var("DOCKER_HOST", shim.docker_host());
     }
     Ok(image)
+}
+
+/// Removes Envoy containers left by test processes that no longer exist (killed
+/// before they could clean up).
+fn remove_orphaned_containers() {
+    let Ok(out) = Command::new("docker")
+        .args(["ps", "-a", "--filter", &format!("label={CONTAINER_LABEL}")])
+        .arg("--format")
+        .arg(format!("{{{{.ID}}}} {{{{.Label \"{CONTAINER_LABEL}\"}}}}"))
+        .output()
+    else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((id, pid)) = line.split_once(' ') else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{}", pid.trim())).exists() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+    }
 }
 
 /// A process-wide runtime for every testcontainers call: its client and pooled
@@ -203,6 +227,7 @@ impl Envoy {
                 let request = GenericImage::new(name, tag)
                     .with_wait_for(WaitFor::Nothing)
                     .with_network("host")
+                    .with_label(CONTAINER_LABEL, std::process::id().to_string())
                     .with_mount(
                         Mount::bind_mount(config_s.clone(), config_s.clone())
                             .with_access_mode(AccessMode::ReadOnly),
