@@ -16,5 +16,8 @@ pub mod safety;
 pub mod scheduling;
 pub mod snapshot;
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod sim;
+
 #[cfg(target_arch = "wasm32")]
 mod filter;

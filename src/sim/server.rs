@@ -1,0 +1,282 @@
+//! The HTTP surface: OpenAI endpoints, `/health`, `/metrics`, and test hooks.
+
+use super::engine::Engine;
+use super::openai::{self, Endpoint, Request};
+use super::record::{Received, Recorder};
+use super::{tokens, SimConfig, SERVER_ID_HEADER};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+struct App {
+    config: SimConfig,
+    engine: Engine,
+    recorder: Recorder,
+}
+
+/// Serves the simulator on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: SimConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(config))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+pub fn router(config: SimConfig) -> Router {
+    let id = HeaderValue::from_str(&config.id).unwrap_or_else(|_| HeaderValue::from_static("sim"));
+    let app = Arc::new(App {
+        engine: Engine::new(config.clone()),
+        recorder: Recorder::new(config.record_capacity),
+        config,
+    });
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/metrics", get(metrics))
+        .route("/sim/requests", get(requests).delete(clear_requests))
+        .route("/sim/state", get(state))
+        .with_state(app)
+        .layer(axum::middleware::map_response(move |mut res: Response| {
+            let id = id.clone();
+            async move {
+                res.headers_mut().insert(SERVER_ID_HEADER, id);
+                res
+            }
+        }))
+}
+
+fn now() -> (u64, u64) {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.as_millis() as u64)
+}
+
+fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>) -> Response {
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    (status, Json(openai::error(message, kind, code, param))).into_response()
+}
+
+fn record(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) {
+    let headers = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+    app.recorder.push(Received {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        headers,
+        body,
+        received_at_ms: now().1,
+    });
+}
+
+/// Parses and checks a request: JSON, model present and served.
+fn accept(app: &App, body: &Bytes) -> Result<(Request, String), Response> {
+    let req: Request = serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid JSON body: {e}"),
+            "invalid_json",
+            None,
+        )
+    })?;
+    let model = req
+        .model()
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "model is required",
+                "missing_model",
+                Some("model"),
+            )
+        })?
+        .to_string();
+    if !app.config.serves(&model) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{model}` does not exist."),
+            "model_not_found",
+            Some("model"),
+        ));
+    }
+    Ok((req, model))
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(app, Endpoint::Completions, method, uri, headers, body).await
+}
+
+async fn chat(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(app, Endpoint::Chat, method, uri, headers, body).await
+}
+
+async fn generate(
+    app: Arc<App>,
+    ep: Endpoint,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(&app, &method, &uri, &headers, &body);
+    let (req, model) = match accept(&app, &body) {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    let prompt = req.prompt_text();
+    let prompt_tokens = tokens::count(&prompt);
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or(app.config.max_tokens_default)
+        .clamp(1, app.config.max_tokens_cap);
+    let output = tokens::generate(app.config.seed, &prompt, max_tokens);
+    let (created, millis) = now();
+    let id = format!(
+        "{}-{}-{millis}",
+        if ep == Endpoint::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        app.config.id
+    );
+    let usage = openai::usage(prompt_tokens, max_tokens);
+    let generation = app.engine.admit(&model, prompt_tokens);
+
+    if req.stream != Some(true) {
+        tokio::time::sleep(generation.ttft + generation.inter_token * max_tokens.saturating_sub(1))
+            .await;
+        output.iter().for_each(|_| generation.token());
+        let text: String = output.concat();
+        return Json(openai::response(
+            ep, &id, created, &model, &text, "length", usage,
+        ))
+        .into_response();
+    }
+
+    let include_usage = req.include_usage();
+    let stream = async_stream::stream! {
+        // The generation lives in the stream: a client that goes away frees it.
+        let generation = generation;
+        tokio::time::sleep(generation.ttft).await;
+        for (i, t) in output.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(generation.inter_token).await;
+            }
+            generation.token();
+            let c = openai::chunk(ep, &id, created, &model, Some(t), i == 0, None);
+            yield Ok::<_, Infallible>(Bytes::from(openai::sse(&c)));
+        }
+        let c = openai::chunk(ep, &id, created, &model, None, false, Some("length"));
+        yield Ok(Bytes::from(openai::sse(&c)));
+        if include_usage {
+            yield Ok(Bytes::from(openai::sse(&openai::usage_chunk(ep, &id, created, &model, usage))));
+        }
+        yield Ok(Bytes::from_static(openai::SSE_DONE.as_bytes()));
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn embeddings(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(&app, &method, &uri, &headers, &body);
+    let (req, model) = match accept(&app, &body) {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    let text = req.prompt_text();
+    let mut rng = fastrand::Rng::with_seed(app.config.seed ^ text.len() as u64);
+    let vector: Vec<f32> = (0..8).map(|_| rng.f32() * 2.0 - 1.0).collect();
+    let n = tokens::count(&text);
+    Json(json!({
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+        "model": model,
+        "usage": {"prompt_tokens": n, "total_tokens": n}
+    }))
+    .into_response()
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    let (created, _) = now();
+    let data: Vec<Value> = app
+        .config
+        .models
+        .iter()
+        .filter(|m| m.as_str() != "*")
+        .map(|m| json!({"id": m, "object": "model", "created": created, "owned_by": "sim"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.engine.metrics(),
+    )
+        .into_response()
+}
+
+async fn requests(State(app): State<Arc<App>>) -> Response {
+    Json(app.recorder.list()).into_response()
+}
+
+async fn clear_requests(State(app): State<Arc<App>>) -> Response {
+    app.recorder.clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn state(State(app): State<Arc<App>>) -> Response {
+    Json(json!({"id": app.config.id, "running": app.engine.running()})).into_response()
+}
