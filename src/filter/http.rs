@@ -247,6 +247,9 @@ impl HttpContext for GatewayStream {
         if let Some(id) = host::request_header("x-request-id") {
             self.request_id = id;
         }
+        // Only the filter picks upstreams: a destination sent by the client must
+        // never steer the ORIGINAL_DST cluster, on any path.
+        self.set_http_request_header(DESTINATION_HEADER, None);
         let method = host::request_header(":method").unwrap_or_default();
         let path = host::request_header(":path").unwrap_or_default();
         let content_type = host::request_header("content-type");
@@ -270,8 +273,6 @@ impl HttpContext for GatewayStream {
                 Action::Pause
             }
             HeadAction::Buffer(kind) => {
-                // Any stale destination from the client must not steer the router.
-                self.set_http_request_header(DESTINATION_HEADER, None);
                 self.buffering = Some(kind);
                 Action::Pause
             }
