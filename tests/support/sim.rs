@@ -126,6 +126,11 @@ impl Sim {
             .unwrap_or_else(|e| panic!("DELETE /sim/requests on {}: {e}", self.id));
     }
 
+    /// SIGTERM, then SIGKILL after `grace`; the exit status.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        self.guard.stop(grace)
+    }
+
     /// SIGKILL: the replica dies mid-whatever it was doing.
     pub fn kill(&mut self) {
         self.guard.kill();
