@@ -1,0 +1,641 @@
+//! The compiled filter in a wasmtime proxy-wasm host: request handling, errors,
+//! in-flight counting across workers, snapshot ingest, scheduling, shedding and
+//! safety callouts, without Envoy.
+
+mod wasm_host;
+
+use inference_gateway::snapshot::{EndpointMetrics, PoolSnapshot, Snapshot};
+use serde_json::{json, Value};
+use wasm_host::{Action, Host, Vm};
+
+const E1: &str = "127.0.0.1:8001";
+const E2: &str = "127.0.0.1:8002";
+const TOKEN: &str = "test-token-123";
+
+fn config() -> Value {
+    json!({
+        "max_request_body_bytes": 1024,
+        "pools": [{"name": "main", "endpoints": [E1, E2]}],
+        "objectives": [{"name": "batch", "priority": -1}],
+        "models": [
+            {"name": "food-review", "pool": "main"},
+            {"name": "split", "pool": "main",
+             "target_models": [{"name": "split-v1", "weight": 1}, {"name": "split-v2", "weight": 1}]}
+        ]
+    })
+}
+
+fn gateway(host: &Host, cfg: &Value) -> Vm {
+    let mut vm = host.vm();
+    vm.configure(&cfg.to_string()).expect("valid config");
+    vm
+}
+
+fn control(host: &Host) -> Vm {
+    let mut vm = host.vm();
+    vm.configure(&json!({"role": "control", "ingest": {"token": TOKEN}}).to_string())
+        .expect("valid control config");
+    vm
+}
+
+fn post<'a>(path: &'a str, len: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        (":method", "POST"),
+        (":path", path),
+        ("content-type", "application/json"),
+        ("content-length", len),
+        ("x-request-id", "req-1"),
+    ]
+}
+
+/// Sends a chat body; returns the stream id and the body-phase action.
+fn chat(vm: &mut Vm, body: &str) -> (u32, Action) {
+    let s = vm.stream();
+    let len = body.len().to_string();
+    let a = vm.request_headers(s, &post("/v1/chat/completions", &len), false);
+    assert_eq!(a, Action::Pause, "headers are held for the body");
+    let a = vm.request_body(s, body.as_bytes(), true);
+    (s, a)
+}
+
+fn chat_body(model: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]}).to_string()
+}
+
+#[test]
+fn routes_a_chat_request_to_a_pool_endpoint() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    let (s, a) = chat(&mut vm, &chat_body("food-review"));
+    assert_eq!(a, Action::Continue);
+    let dest = vm
+        .request_header(s, "x-gateway-destination-endpoint")
+        .unwrap();
+    assert!(dest == E1 || dest == E2, "{dest}");
+    assert!(vm.local_response(s).is_none());
+    assert_eq!(host.in_flight(&dest), 1);
+    vm.end(s);
+    assert_eq!(host.in_flight(&dest), 0);
+    vm.assert_alive();
+}
+
+#[test]
+fn weighted_targets_rewrite_the_model_and_content_length() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let body = json!({"model": "split", "temperature": 0.5, "messages": [{"role": "user", "content": "x"}]}).to_string();
+        let (s, a) = chat(&mut vm, &body);
+        assert_eq!(a, Action::Continue);
+        let st = vm.state(s);
+        let sent: Value = serde_json::from_slice(&st.request_body).unwrap();
+        let target = sent["model"].as_str().unwrap().to_string();
+        assert!(target == "split-v1" || target == "split-v2", "{target}");
+        assert_eq!(sent["temperature"], 0.5);
+        assert_eq!(
+            vm.request_header(s, "content-length").unwrap(),
+            st.request_body.len().to_string()
+        );
+        seen.insert(target);
+        vm.end(s);
+    }
+    assert_eq!(seen.len(), 2, "both targets drawn over 40 requests");
+}
+
+fn expect_error(vm: &mut Vm, s: u32, status: u32, code: &str) {
+    let r = vm
+        .local_response(s)
+        .unwrap_or_else(|| panic!("expected a local {status} reply"));
+    assert_eq!(r.status, status, "{:?}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].is_string());
+    assert!(v["error"]["type"].is_string());
+    assert!(v["error"].as_object().unwrap().contains_key("param"));
+    vm.end(s);
+}
+
+#[test]
+fn every_error_path_answers_in_the_openai_shape_and_the_vm_lives_on() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    for (body, status, code) in [
+        ("{not json", 400, "invalid_json"),
+        (r#"{"messages": []}"#, 400, "missing_model"),
+        (r#"{"model": 7, "messages": []}"#, 400, "missing_model"),
+        (&chat_body("nope") as &str, 404, "model_not_found"),
+        (
+            r#"{"model": "food-review"}"#,
+            400,
+            "missing_required_parameter",
+        ),
+    ] {
+        let (s, a) = chat(&mut vm, body);
+        assert_eq!(a, Action::Pause);
+        expect_error(&mut vm, s, status, code);
+        let (ok, a) = chat(&mut vm, &chat_body("food-review"));
+        assert_eq!(
+            a,
+            Action::Continue,
+            "a valid request still routes after {code}"
+        );
+        vm.end(ok);
+    }
+
+    // 413 from content-length, before the body.
+    let s = vm.stream();
+    assert_eq!(
+        vm.request_headers(s, &post("/v1/chat/completions", "5000"), false),
+        Action::Pause
+    );
+    expect_error(&mut vm, s, 413, "request_too_large");
+    // 413 from a chunked body that grows past the limit.
+    let s = vm.stream();
+    vm.request_headers(
+        s,
+        &[
+            (":method", "POST"),
+            (":path", "/v1/completions"),
+            ("content-type", "application/json"),
+        ],
+        false,
+    );
+    assert_eq!(vm.request_body(s, &[b' '; 600], false), Action::Pause);
+    vm.request_body(s, &[b' '; 600], false);
+    expect_error(&mut vm, s, 413, "request_too_large");
+    // Wrong method, wrong content type.
+    let s = vm.stream();
+    vm.request_headers(
+        s,
+        &[(":method", "GET"), (":path", "/v1/chat/completions")],
+        true,
+    );
+    expect_error(&mut vm, s, 405, "method_not_allowed");
+    let s = vm.stream();
+    vm.request_headers(
+        s,
+        &[
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("content-type", "text/plain"),
+        ],
+        false,
+    );
+    expect_error(&mut vm, s, 400, "unsupported_content_type");
+    // Unknown objective header.
+    let s = vm.stream();
+    let mut h = post("/v1/chat/completions", "60");
+    h.push(("x-gateway-inference-objective", "gold"));
+    vm.request_headers(s, &h, false);
+    vm.request_body(s, chat_body("food-review").as_bytes(), true);
+    expect_error(&mut vm, s, 400, "unknown_objective");
+
+    for e in [E1, E2] {
+        assert_eq!(host.in_flight(e), 0, "no count leaked by errors");
+    }
+    vm.assert_alive();
+}
+
+#[test]
+fn other_paths_pass_and_models_are_listed() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    let s = vm.stream();
+    let a = vm.request_headers(
+        s,
+        &[
+            (":method", "GET"),
+            (":path", "/healthz"),
+            ("x-gateway-destination-endpoint", "10.9.9.9:1"),
+        ],
+        true,
+    );
+    assert_eq!(a, Action::Continue);
+    assert!(vm.local_response(s).is_none());
+    assert_eq!(
+        vm.request_header(s, "x-gateway-destination-endpoint"),
+        None,
+        "client destination stripped"
+    );
+    vm.end(s);
+
+    let s = vm.stream();
+    vm.request_headers(s, &[(":method", "GET"), (":path", "/v1/models")], true);
+    let r = vm.local_response(s).unwrap();
+    assert_eq!(r.status, 200);
+    let ids: Vec<String> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec!["food-review", "split"]);
+    vm.end(s);
+}
+
+#[test]
+fn an_invalid_configuration_is_refused_with_the_field_named() {
+    let host = Host::new();
+    let mut vm = host.vm();
+    let mut cfg = config();
+    cfg["pools"][0]["endpoints"][1] = json!("not-an-address");
+    let logs = vm.configure(&cfg.to_string()).unwrap_err();
+    assert!(logs.contains("pools[0].endpoints[1]"), "{logs}");
+}
+
+#[test]
+fn in_flight_counts_spread_load_across_workers_and_return_to_zero() {
+    let host = Host::new();
+    let mut w1 = gateway(&host, &config());
+    let mut w2 = gateway(&host, &config());
+    let mut open = Vec::new();
+    for i in 0..8 {
+        let vm = if i % 2 == 0 { &mut w1 } else { &mut w2 };
+        let (s, a) = chat(vm, &chat_body("food-review"));
+        assert_eq!(a, Action::Continue);
+        open.push((i % 2, s));
+    }
+    assert_eq!(
+        (host.in_flight(E1), host.in_flight(E2)),
+        (4, 4),
+        "least in-flight across both workers"
+    );
+    // A client abort before the body, and a local reply, hold nothing.
+    let s = w1.stream();
+    w1.request_headers(s, &post("/v1/chat/completions", "10"), false);
+    w1.end(s);
+    for (w, s) in open {
+        if w == 0 {
+            w1.end(s)
+        } else {
+            w2.end(s)
+        }
+    }
+    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (0, 0));
+
+    let mut c = control(&host);
+    let s = c.stream();
+    c.request_headers(s, &[(":method", "GET"), (":path", "/debug/state")], true);
+    let state = c.local_response(s).unwrap().json();
+    assert_eq!(state["in_flight"], json!({E1: 0, E2: 0}));
+}
+
+fn snapshot(generated_at_ms: u64, sequence: u64, endpoints: Vec<EndpointMetrics>) -> Snapshot {
+    Snapshot {
+        generated_at_ms,
+        sequence,
+        collector: "test".into(),
+        pools: vec![PoolSnapshot {
+            name: "main".into(),
+            endpoints,
+        }],
+    }
+}
+
+fn metrics(address: &str, now_ms: u64, healthy: bool, waiting: u32, kv: f32) -> EndpointMetrics {
+    EndpointMetrics {
+        address: address.into(),
+        healthy,
+        scraped_at_ms: now_ms,
+        waiting,
+        kv_cache_utilization: kv,
+        server_type: "vllm".into(),
+        ..Default::default()
+    }
+}
+
+fn push(c: &mut Vm, token: &str, body: &[u8]) -> (u32, Value) {
+    let s = c.stream();
+    let auth = format!("Bearer {token}");
+    let len = body.len().to_string();
+    c.request_headers(
+        s,
+        &[
+            (":method", "POST"),
+            (":path", "/v1/snapshot"),
+            ("authorization", &auth),
+            ("content-length", &len),
+        ],
+        false,
+    );
+    if c.local_response(s).is_none() {
+        c.request_body(s, body, true);
+    }
+    let r = c.local_response(s).expect("ingest answers");
+    c.end(s);
+    (r.status, r.json())
+}
+
+#[test]
+fn snapshot_ingest_checks_token_shape_and_order_and_routing_uses_it() {
+    let host = Host::new();
+    let mut c = control(&host);
+    let mut vm = gateway(&host, &config());
+    let now = vm.now_ms();
+    // E1 is down per fresh metrics: everything goes to E2.
+    let good = snapshot(
+        now,
+        1,
+        vec![
+            metrics(E1, now, false, 0, 0.0),
+            metrics(E2, now, true, 0, 0.1),
+        ],
+    )
+    .encode();
+    assert_eq!(push(&mut c, "wrong-token", &good).0, 401);
+    assert_eq!(push(&mut c, TOKEN, &good[..good.len() - 3]).0, 400);
+    assert_eq!(push(&mut c, TOKEN, &vec![7u8; 4096]).0, 400);
+    assert!(
+        host.shared("igw.snapshot").is_none(),
+        "bad pushes store nothing"
+    );
+    assert_eq!(push(&mut c, TOKEN, &good).0, 204);
+    assert_eq!(
+        push(&mut c, TOKEN, &good).0,
+        409,
+        "same version again is stale"
+    );
+    assert_eq!(push(&mut c, TOKEN, b"junk").0, 400);
+    assert_eq!(
+        host.shared("igw.snapshot").unwrap(),
+        good,
+        "a bad push never replaces a good one"
+    );
+
+    for _ in 0..6 {
+        let (s, _) = chat(&mut vm, &chat_body("food-review"));
+        assert_eq!(
+            vm.request_header(s, "x-gateway-destination-endpoint")
+                .unwrap(),
+            E2
+        );
+    }
+    // Once the snapshot is stale, "down" is no longer trusted: both are used again.
+    vm.advance_ms(10_000);
+    let mut dests = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (s, _) = chat(&mut vm, &chat_body("food-review"));
+        dests.insert(
+            vm.request_header(s, "x-gateway-destination-endpoint")
+                .unwrap(),
+        );
+    }
+    assert!(dests.contains(E1), "{dests:?}");
+
+    let s = c.stream();
+    c.request_headers(s, &[(":method", "GET"), (":path", "/debug/state")], true);
+    let state = c.local_response(s).unwrap().json();
+    assert_eq!(state["snapshot"]["sequence"], 1);
+    assert_eq!(state["snapshot"]["endpoints"][E2], true);
+    vm.assert_alive();
+    c.assert_alive();
+}
+
+#[test]
+fn a_saturated_pool_sheds_sheddable_requests_only() {
+    let host = Host::new();
+    let mut c = control(&host);
+    let mut vm = gateway(&host, &config());
+    let now = vm.now_ms();
+    let full = snapshot(
+        now,
+        1,
+        vec![
+            metrics(E1, now, true, 20, 0.97),
+            metrics(E2, now, true, 12, 0.95),
+        ],
+    )
+    .encode();
+    assert_eq!(push(&mut c, TOKEN, &full).0, 204);
+
+    let s = vm.stream();
+    let body = chat_body("food-review");
+    let len = body.len().to_string();
+    let mut h = post("/v1/chat/completions", &len);
+    h.push(("x-gateway-inference-objective", "batch"));
+    vm.request_headers(s, &h, false);
+    vm.request_body(s, body.as_bytes(), true);
+    let r = vm.local_response(s).expect("shed");
+    assert_eq!(r.status, 429);
+    assert!(r.headers.iter().any(|(k, _)| k == "retry-after"));
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    vm.end(s);
+
+    let (s, a) = chat(&mut vm, &json!({"model": "food-review", "priority": 1, "messages": [{"role": "user", "content": "x"}]}).to_string());
+    assert_eq!(a, Action::Continue);
+    assert_eq!(
+        vm.request_header(s, "x-gateway-destination-endpoint")
+            .unwrap(),
+        E2,
+        "least-bad endpoint"
+    );
+}
+
+#[test]
+fn repeated_prefixes_stick_to_one_endpoint_across_workers() {
+    let host = Host::new();
+    let mut cfg = config();
+    cfg["max_request_body_bytes"] = json!(65536);
+    let mut w1 = gateway(&host, &cfg);
+    let mut w2 = gateway(&host, &cfg);
+    let system = "You are a meticulous food critic. ".repeat(40);
+    let mut first = None;
+    for i in 0..6 {
+        let body = json!({"model": "food-review", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": format!("question {i}")}]}).to_string();
+        let vm = if i % 2 == 0 { &mut w1 } else { &mut w2 };
+        let (s, a) = chat(vm, &body);
+        assert_eq!(a, Action::Continue);
+        let dest = vm
+            .request_header(s, "x-gateway-destination-endpoint")
+            .unwrap();
+        vm.end(s); // one at a time: in-flight counts do not pull them apart
+        match &first {
+            None => first = Some(dest),
+            Some(f) => assert_eq!(&dest, f, "request {i} left the endpoint holding its prefix"),
+        }
+    }
+}
+
+fn safety_config(fail_open: bool) -> Value {
+    let mut cfg = config();
+    cfg["safety"] = json!({
+        "cluster": "model-armor",
+        "timeout_ms": 300,
+        "fail_open": fail_open,
+        "headers": {"authorization": "Bearer armor"},
+        "default": {"user_prompt_template_id": "projects/p/locations/l/templates/in"}
+    });
+    cfg
+}
+
+const NO_MATCH: &str =
+    r#"{"sanitizationResult":{"filterMatchState":"NO_MATCH_FOUND","filterResults":{}}}"#;
+const JAILBREAK: &str = r#"{"sanitizationResult":{"filterMatchState":"MATCH_FOUND","filterResults":{"pi_and_jailbreak":{"piAndJailbreakFilterResult":{"matchState":"MATCH_FOUND"}}}}}"#;
+
+#[test]
+fn prompts_are_screened_before_routing() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &safety_config(false));
+    let (s, a) = chat(&mut vm, &chat_body("food-review"));
+    assert_eq!(a, Action::Pause, "held for the verdict");
+    let call = vm.calls().last().cloned().unwrap();
+    assert_eq!(call.upstream, "model-armor");
+    assert_eq!(call.timeout_ms, 300);
+    let path = call
+        .headers
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .unwrap()
+        .1
+        .clone();
+    assert_eq!(
+        path,
+        "/v1/projects/p/locations/l/templates/in:sanitizeUserPrompt"
+    );
+    assert!(call
+        .headers
+        .contains(&("authorization".into(), "Bearer armor".into())));
+    let sent: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(sent["userPromptData"]["text"], "hello");
+    vm.http_call_response(call.token, Some(200), NO_MATCH.as_bytes());
+    assert!(vm.state(s).resumed_request);
+    assert!(vm
+        .request_header(s, "x-gateway-destination-endpoint")
+        .is_some());
+    vm.end(s);
+
+    let (s, _) = chat(&mut vm, &chat_body("food-review"));
+    let token = vm.calls().last().unwrap().token;
+    vm.http_call_response(token, Some(200), JAILBREAK.as_bytes());
+    let r = vm.local_response(s).unwrap();
+    assert_eq!(r.status, 403);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("pi_and_jailbreak") && !msg.contains("hello"),
+        "{msg}"
+    );
+    assert!(vm
+        .request_header(s, "x-gateway-destination-endpoint")
+        .is_none());
+    assert_eq!(
+        vm.metric("inference_gateway_safety_blocks_total.check.prompt.filter.pi_and_jailbreak"),
+        Some(1)
+    );
+    vm.end(s);
+    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (0, 0));
+}
+
+#[test]
+fn failed_checks_fail_closed_or_open() {
+    for fail_open in [false, true] {
+        let host = Host::new();
+        let mut vm = gateway(&host, &safety_config(fail_open));
+        for (status, body) in [(None, ""), (Some(503), "{}"), (Some(200), "\u{0}garbage")] {
+            let (s, _) = chat(&mut vm, &chat_body("food-review"));
+            let token = vm.calls().last().unwrap().token;
+            vm.http_call_response(token, status, body.as_bytes());
+            vm.assert_alive();
+            if fail_open {
+                assert!(vm.state(s).resumed_request, "fail-open serves the request");
+                assert!(vm.local_response(s).is_none());
+            } else {
+                let r = vm.local_response(s).expect("fail-closed answers");
+                assert_eq!(r.status, 503);
+                assert_eq!(r.json()["error"]["code"], "safety_check_unavailable");
+            }
+            vm.end(s);
+        }
+        if fail_open {
+            assert_eq!(
+                vm.metric("inference_gateway_safety_fail_open_total.check.prompt"),
+                Some(3)
+            );
+        }
+    }
+}
+
+#[test]
+fn streamed_responses_end_with_an_error_event_when_blocked() {
+    let host = Host::new();
+    let mut cfg = safety_config(false);
+    cfg["safety"]["default"] =
+        json!({"model_response_template_id": "projects/p/locations/l/templates/out"});
+    let mut vm = gateway(&host, &cfg);
+    let (s, a) = chat(&mut vm, &chat_body("food-review"));
+    assert_eq!(a, Action::Continue, "no prompt template: routed at once");
+    assert_eq!(
+        vm.response_headers(
+            s,
+            &[(":status", "200"), ("content-type", "text/event-stream")],
+            false
+        ),
+        Action::Continue
+    );
+    let c1 = b"data: {\"choices\":[{\"delta\":{\"content\":\"card 4111 \"}}]}\n\n";
+    assert_eq!(vm.response_body(s, c1, false, false), Action::Continue);
+    assert_eq!(
+        vm.state(s).response_body,
+        c1.to_vec(),
+        "chunks pass through unchanged"
+    );
+    let a = vm.response_body(s, b"data: [DONE]\n\n", true, false);
+    assert_eq!(a, Action::Pause, "the ending waits for the verdict");
+    assert!(vm.state(s).response_body.is_empty(), "[DONE] held back");
+    let call = vm.calls().last().cloned().unwrap();
+    let sent: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(sent["modelResponseData"]["text"], "card 4111 ");
+    let sdp = r#"{"sanitizationResult":{"filterMatchState":"MATCH_FOUND","filterResults":{"sdp":{"sdpFilterResult":{"inspectResult":{"matchState":"MATCH_FOUND"}}}}}}"#;
+    vm.http_call_response(call.token, Some(200), sdp.as_bytes());
+    let end = String::from_utf8(vm.state(s).response_body).unwrap();
+    assert!(end.starts_with("data: {\"error\""), "{end}");
+    assert!(
+        end.contains("content_blocked") && !end.contains("[DONE]"),
+        "{end}"
+    );
+    assert!(vm.state(s).resumed_response);
+}
+
+#[test]
+fn random_and_mutated_bodies_never_crash_the_vm() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    let mut rng = fastrand::Rng::with_seed(2024);
+    let seeds = [
+        chat_body("food-review"),
+        json!({"model": "split", "prompt": ["a", "b"], "priority": -3, "stream": true}).to_string(),
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".into(),
+    ];
+    for i in 0..3000 {
+        let mut body = seeds[i % seeds.len()].clone().into_bytes();
+        for _ in 0..rng.usize(0..4) {
+            if body.is_empty() {
+                break;
+            }
+            let at = rng.usize(..body.len());
+            match rng.u8(..3) {
+                0 => body[at] = rng.u8(..),
+                1 => {
+                    body.remove(at);
+                }
+                _ => body.insert(at, rng.u8(..)),
+            }
+        }
+        body.truncate(1024);
+        let s = vm.stream();
+        let len = body.len().to_string();
+        vm.request_headers(s, &post("/v1/chat/completions", &len), false);
+        let a = vm.request_body(s, &body, true);
+        vm.assert_alive();
+        match (a, vm.local_response(s)) {
+            (Action::Continue, None) => assert!(vm
+                .request_header(s, "x-gateway-destination-endpoint")
+                .is_some()),
+            (Action::Pause, Some(r)) => assert!((400..500).contains(&r.status), "{}", r.status),
+            other => panic!("neither routed nor answered 4xx: {other:?}"),
+        }
+        vm.end(s);
+    }
+    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (0, 0));
+}
