@@ -211,6 +211,7 @@ fn the_official_openai_client_works_against_it() {
         return;
     }
     let (sim, _dir) = start("m1", 1);
+    let base = format!("http://127.0.0.1:{}", sim.port);
     let script = format!(
         r#"
 import openai
@@ -232,7 +233,6 @@ except openai.NotFoundError as e:
     assert e.status_code == 404
 print("ok")
 "#,
-        base = format!("http://127.0.0.1:{}", sim.port)
     );
     let out = Command::new(&python)
         .args(["-c", &script])

