@@ -26,6 +26,10 @@ pub struct Request {
     pub messages: Option<Value>,
     #[serde(default)]
     pub input: Option<Value>,
+    /// Completions only: the response text starts with the prompt (OpenAI's and
+    /// vLLM's `echo`).
+    #[serde(default)]
+    pub echo: Option<bool>,
 }
 
 impl Request {

@@ -169,7 +169,10 @@ async fn generate(
         .or(req.max_tokens)
         .unwrap_or(app.config.max_tokens_default)
         .clamp(1, app.config.max_tokens_cap);
-    let output = tokens::generate(app.config.seed, &prompt, max_tokens);
+    let mut output = tokens::generate(app.config.seed, &prompt, max_tokens);
+    if ep == Endpoint::Completions && req.echo == Some(true) {
+        output.insert(0, prompt.clone());
+    }
     let (created, millis) = now();
     let id = format!(
         "{}-{}-{millis}",
