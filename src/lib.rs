@@ -13,6 +13,8 @@ pub mod ingest;
 pub mod openai;
 pub mod routing;
 pub mod safety;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod safety_sim;
 pub mod scheduling;
 pub mod snapshot;
 

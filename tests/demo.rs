@@ -68,7 +68,10 @@ fn demo_serves_a_chat_completion_and_stops_cleanly_on_sigterm() {
     let v: serde_json::Value = serde_json::from_str(&text).expect("JSON answer");
     assert_eq!(v["object"], "chat.completion");
     let served = v["model"].as_str().unwrap();
-    assert!(served.starts_with("food-review-v"), "rewritten to a target model: {served}");
+    assert!(
+        served.starts_with("food-review-v"),
+        "rewritten to a target model: {served}"
+    );
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -14,77 +14,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::api::{chat, openai_error, server_id, sse_data, streamed_content};
 use support::deploy::envoy_config::{DEMO_WASM_PATH, DESTINATION_HEADER, ENVOY_YAML_PATH};
 use support::gateway::{Gateway, GatewayOptions};
 use support::sim::{self, SimOptions, SERVER_ID_HEADER};
 
 const SETTLE: Duration = Duration::from_secs(10);
-
-fn chat(model: &str, content: &str) -> Value {
-    json!({
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 8
-    })
-}
-
-fn server_id(resp: &reqwest::Response) -> String {
-    resp.headers()
-        .get(SERVER_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("no {SERVER_ID_HEADER} in {:?}", resp.headers()))
-        .to_string()
-}
-
-/// Status, content type and parsed body of a response the gateway should have
-/// answered with an OpenAI error.
-async fn openai_error(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let text = resp.text().await.unwrap_or_default();
-    assert!(
-        content_type.starts_with("application/json"),
-        "status {status}: content-type '{content_type}', body: {text}"
-    );
-    let body: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text}"));
-    let err = &body["error"];
-    assert!(
-        err["message"].as_str().is_some_and(|m| !m.is_empty())
-            && err["type"].is_string()
-            && err["code"].is_string()
-            && err.get("param").is_some(),
-        "not an OpenAI error: {body}"
-    );
-    (status, body)
-}
-
-/// Every `data:` payload of an SSE body.
-fn sse_data(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.trim().to_string())
-        .collect()
-}
-
-/// The concatenated `choices[0].delta.content` of chat completion chunks.
-fn streamed_content(events: &[String]) -> String {
-    events
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect()
-}
 
 #[test]
 fn committed_envoy_yaml_passes_envoy_validate() {

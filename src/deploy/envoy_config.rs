@@ -30,6 +30,13 @@ pub const DEMO_MODELS: [&str; 2] = ["food-review", "chat"];
 pub const DEMO_UPSTREAM_MODELS: [&str; 3] = ["food-review-v1", "food-review-v2", "chat"];
 /// Name of the cluster the gateway routes to.
 pub const MODEL_SERVERS_CLUSTER: &str = "model_servers";
+/// Name of the cluster the filter's safety callouts go to.
+pub const SAFETY_CLUSTER: &str = "safety_service";
+/// Where the demo's safety simulator listens.
+pub const DEMO_SAFETY_ADDRESS: &str = "127.0.0.1:8090";
+/// The demo's Model Armor templates (served by the safety simulator's default rules).
+pub const DEMO_PROMPT_TEMPLATE: &str = "projects/demo/locations/local/templates/prompt-guard";
+pub const DEMO_RESPONSE_TEMPLATE: &str = "projects/demo/locations/local/templates/response-guard";
 
 /// Everything that varies between the demo, the tests and the benchmarks.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +83,9 @@ pub struct EnvoySettings {
     pub max_upstream_requests: u64,
     /// Global cap on downstream connections (overload manager).
     pub max_downstream_connections: u64,
+    /// `ip:port` of the safety service: renders the STATIC cluster
+    /// [`SAFETY_CLUSTER`] that the plugin's `safety.cluster` names. `None`: no cluster.
+    pub safety_address: Option<String>,
 }
 
 impl Default for EnvoySettings {
@@ -97,7 +107,7 @@ impl EnvoySettings {
             admin_address: "127.0.0.1".into(),
             admin_port: 9901,
             wasm_path: DEMO_WASM_PATH.into(),
-            gateway_config: demo_gateway_config(&endpoints),
+            gateway_config: with_demo_safety(demo_gateway_config(&endpoints)),
             control_config: json!({"role": "control"}),
             vm_id: "inference-gateway".into(),
             failure_policy: "FAIL_CLOSED".into(),
@@ -111,6 +121,7 @@ impl EnvoySettings {
             access_log: true,
             max_upstream_requests: 100_000,
             max_downstream_connections: 50_000,
+            safety_address: Some(DEMO_SAFETY_ADDRESS.into()),
         }
     }
 
@@ -182,6 +193,29 @@ pub fn demo_gateway_config(endpoints: &[String]) -> Value {
     })
 }
 
+/// The demo's safety settings: every model's prompts screened with
+/// [`DEMO_PROMPT_TEMPLATE`] and responses with [`DEMO_RESPONSE_TEMPLATE`] through
+/// [`SAFETY_CLUSTER`], failing closed.
+pub fn demo_safety_config() -> Value {
+    json!({
+        "cluster": SAFETY_CLUSTER,
+        "timeout_ms": 1000,
+        "fail_open": false,
+        "default": {
+            "user_prompt_template_id": DEMO_PROMPT_TEMPLATE,
+            "model_response_template_id": DEMO_RESPONSE_TEMPLATE
+        }
+    })
+}
+
+/// `gateway_config` with [`demo_safety_config`] as its `safety` section.
+pub fn with_demo_safety(mut gateway_config: Value) -> Value {
+    if let Some(obj) = gateway_config.as_object_mut() {
+        obj.insert("safety".into(), demo_safety_config());
+    }
+    gateway_config
+}
+
 /// The committed `envoy/envoy.yaml`: [`render`] of [`EnvoySettings::demo`]. The demo
 /// binary prints it for `--print-envoy-config`.
 pub fn demo_envoy_yaml() -> String {
@@ -222,6 +256,11 @@ pub fn render(s: &EnvoySettings) -> String {
         String::new()
     };
     let max_body = s.max_request_body_bytes();
+    let safety_cluster = s
+        .safety_address
+        .as_deref()
+        .map(static_cluster_yaml)
+        .unwrap_or_default();
     format!(
         r#"# Envoy bootstrap for inference-gateway. GENERATED: do not edit by hand.
 # Source: src/deploy/envoy_config.rs (EnvoySettings::demo()). Regenerate with
@@ -324,7 +363,7 @@ static_resources:
         max_connections: {max_upstream}
         max_pending_requests: {max_upstream}
         max_requests: {max_upstream}
-
+{safety_cluster}
 # The filter's metrics carry labels as `.label.value` pairs in their names; these
 # turn them into Prometheus labels, e.g.
 # inference_model_request_total.model_name.chat -> inference_model_request_total{{model_name="chat"}}.
@@ -356,6 +395,33 @@ overload_manager:
         max_upstream = s.max_upstream_requests,
         max_downstream = s.max_downstream_connections,
         stats_tags = stats_tags(),
+    )
+}
+
+/// The safety service as a STATIC cluster (loopback simulator or a local proxy).
+/// For Google Cloud Model Armor itself use a `STRICT_DNS` cluster on
+/// `modelarmor.<region>.rep.googleapis.com:443` with a TLS transport socket
+/// (see docs/safety.md).
+fn static_cluster_yaml(address: &str) -> String {
+    let (host, port) = match address.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']), p),
+        None => (address, "80"),
+    };
+    format!(
+        r#"  # The safety service the filter calls (Model Armor's REST API) with
+  # dispatch_http_call; its timeout is the plugin's safety.timeout_ms.
+  - name: {SAFETY_CLUSTER}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {SAFETY_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: {host}, port_value: {port}}}
+"#,
+        host = scalar(host),
     )
 }
 

@@ -64,6 +64,8 @@ impl Gateway {
             log_level: "warning".into(),
             component_log_level: "wasm:info".into(),
             log_flush_interval_ms: 100,
+            // Tests that screen prompts start a safety simulator and set both.
+            safety_address: None,
             ..EnvoySettings::demo()
         };
         (options.configure)(&mut settings);

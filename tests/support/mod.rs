@@ -4,8 +4,10 @@
 //! ports.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod envoy;
 pub mod gateway;
+pub mod safety;
 pub mod sim;
 
 use std::io::Write;
