@@ -69,3 +69,39 @@ pub fn streamed_content(events: &[String]) -> String {
         })
         .collect()
 }
+
+/// A Python with the official `openai` client (CI installs it into `.venv`), or
+/// `None` after announcing that `test` is skipped.
+pub fn openai_python(test: &str) -> Option<std::path::PathBuf> {
+    let venv = super::repo_root().join(".venv/bin/python");
+    let python = if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    };
+    let has_openai = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_openai {
+        Some(python)
+    } else {
+        super::announce(&format!("SKIPPED {test}: no python with `openai`"));
+        None
+    }
+}
+
+/// Runs a Python script; panics with its output unless it exits 0.
+pub fn run_python(python: &std::path::Path, script: &str) {
+    let out = std::process::Command::new(python)
+        .args(["-c", script])
+        .env("NO_PROXY", "*")
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
