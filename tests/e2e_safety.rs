@@ -247,7 +247,11 @@ async fn responses_with_a_card_number_are_replaced_or_end_with_an_error_event() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_answers_503_within_the_timeout_for_every_kind_of_failure() {
     let timeout_ms = 400;
-    let Setup { gw, mut safety, _dir } = start(timeout_ms, false).await;
+    let Setup {
+        gw,
+        mut safety,
+        _dir,
+    } = start(timeout_ms, false).await;
     let limit = Duration::from_millis(timeout_ms) + Duration::from_secs(3);
 
     for (mode, delay_ms) in [
@@ -304,7 +308,11 @@ async fn fail_closed_answers_503_within_the_timeout_for_every_kind_of_failure() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_serves_requests_while_the_safety_service_is_down_and_counts_them() {
-    let Setup { gw, mut safety, _dir } = start(400, true).await;
+    let Setup {
+        gw,
+        mut safety,
+        _dir,
+    } = start(400, true).await;
     safety.set_behaviour(&gw.client, "hang", 60_000).await;
     let resp = gw
         .post_json("/v1/chat/completions", &chat("chat", "Hello there"))
@@ -350,7 +358,11 @@ async fn the_official_openai_client_sees_blocks_as_api_errors() {
     else {
         return;
     };
-    let Setup { gw, safety: _safety, _dir } = start(1_000, false).await;
+    let Setup {
+        gw,
+        safety: _safety,
+        _dir,
+    } = start(1_000, false).await;
     let script = format!(
         r#"
 import openai

@@ -86,6 +86,9 @@ pub struct EnvoySettings {
     /// `ip:port` of the safety service: renders the STATIC cluster
     /// [`SAFETY_CLUSTER`] that the plugin's `safety.cluster` names. `None`: no cluster.
     pub safety_address: Option<String>,
+    /// With the plugin's `destination_list: true`: how many times the router
+    /// retries on the next fallback endpoint.
+    pub fallback_retries: u32,
 }
 
 impl Default for EnvoySettings {
@@ -122,6 +125,7 @@ impl EnvoySettings {
             max_upstream_requests: 100_000,
             max_downstream_connections: 50_000,
             safety_address: Some(DEMO_SAFETY_ADDRESS.into()),
+            fallback_retries: 2,
         }
     }
 
@@ -256,6 +260,13 @@ pub fn render(s: &EnvoySettings) -> String {
         String::new()
     };
     let max_body = s.max_request_body_bytes();
+    let (model_servers, retry_policy) = match destination_list(&s.gateway_config) {
+        false => (original_dst_cluster(s), String::new()),
+        true => (
+            override_host_cluster(s),
+            retry_policy_yaml(s.fallback_retries),
+        ),
+    };
     let safety_cluster = s
         .safety_address
         .as_deref()
@@ -323,7 +334,7 @@ static_resources:
                 route:
                   cluster: {cluster}
                   timeout: 0s
-
+{retry_policy}
   - name: control
     address:
       socket_address: {{address: {control_address}, port_value: {control_port}}}
@@ -348,16 +359,9 @@ static_resources:
                 direct_response: {{status: 404}}
 
   clusters:
-  # The model servers: each request goes to the ip:port the filter wrote into
+  # The model servers: each request goes to the endpoint the filter wrote into
   # {header}.
-  - name: {cluster}
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: {connect_timeout}
-    original_dst_lb_config:
-      use_http_header: true
-      http_header_name: {header}
-    circuit_breakers:
+{model_servers}    circuit_breakers:
       thresholds:
       - priority: DEFAULT
         max_connections: {max_upstream}
@@ -391,10 +395,109 @@ overload_manager:
         idle = s.stream_idle_timeout_secs,
         header = DESTINATION_HEADER,
         cluster = MODEL_SERVERS_CLUSTER,
-        connect_timeout = duration_ms(s.connect_timeout_ms),
         max_upstream = s.max_upstream_requests,
         max_downstream = s.max_downstream_connections,
         stats_tags = stats_tags(),
+    )
+}
+
+/// The plugin writes a comma-separated endpoint list (chosen first, then fallbacks).
+fn destination_list(gateway_config: &Value) -> bool {
+    gateway_config.get("destination_list") == Some(&Value::Bool(true))
+}
+
+/// One `ip:port` in the header: Envoy connects to whatever address it names.
+fn original_dst_cluster(s: &EnvoySettings) -> String {
+    format!(
+        r#"  - name: {MODEL_SERVERS_CLUSTER}
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: {connect_timeout}
+    original_dst_lb_config:
+      use_http_header: true
+      http_header_name: {DESTINATION_HEADER}
+"#,
+        connect_timeout = duration_ms(s.connect_timeout_ms),
+    )
+}
+
+/// A list in the header (`destination_list: true`): the override-host policy takes
+/// the first address and, on each retry, the next. It picks among the cluster's
+/// own hosts, so the cluster lists every pool endpoint; an address outside it
+/// falls back to round robin over the pool.
+fn override_host_cluster(s: &EnvoySettings) -> String {
+    let mut hosts = String::new();
+    for endpoint in pool_endpoints(&s.gateway_config) {
+        let (host, port) = match endpoint.rsplit_once(':') {
+            Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.to_string()),
+            None => continue,
+        };
+        let _ = writeln!(
+            hosts,
+            "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {port}}}}}}}",
+            scalar(&host)
+        );
+    }
+    format!(
+        r#"  - name: {MODEL_SERVERS_CLUSTER}
+    type: STATIC
+    connect_timeout: {connect_timeout}
+    load_assignment:
+      cluster_name: {MODEL_SERVERS_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+{hosts}    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources:
+            - header: {DESTINATION_HEADER}
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
+"#,
+        connect_timeout = duration_ms(s.connect_timeout_ms),
+    )
+}
+
+/// Every endpoint of every pool in the plugin configuration, once.
+fn pool_endpoints(gateway_config: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for pool in gateway_config
+        .get("pools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for e in pool
+            .get("endpoints")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if !out.iter().any(|o| o == e) {
+                out.push(e.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Retries that move to the next fallback: only failures before any response
+/// byte reached the client (a refused or reset connection, or a 503 from a server
+/// that is overloaded or draining); a started stream is never replayed.
+fn retry_policy_yaml(retries: u32) -> String {
+    format!(
+        r#"                  retry_policy:
+                    retry_on: connect-failure,refused-stream,reset-before-request,503
+                    num_retries: {retries}
+"#
     )
 }
 
@@ -710,6 +813,26 @@ mod tests {
         assert!(yaml.contains("allow_on_headers_stop_iteration: true"));
         assert!(yaml.contains("http_header_name: x-gateway-destination-endpoint"));
         assert_eq!(s.gateway_url(), "http://127.0.0.1:18080");
+    }
+
+    #[test]
+    fn a_destination_list_gets_the_override_host_cluster_and_retries() {
+        let mut s = EnvoySettings::demo();
+        let yaml = render(&s);
+        assert!(yaml.contains("type: ORIGINAL_DST") && !yaml.contains("retry_policy"));
+        s.gateway_config["destination_list"] = json!(true);
+        s.fallback_retries = 3;
+        let yaml = render(&s);
+        assert!(!yaml.contains("type: ORIGINAL_DST"));
+        assert!(yaml.contains("envoy.load_balancing_policies.override_host"));
+        assert!(yaml.contains("num_retries: 3"));
+        for endpoint in DEMO_ENDPOINTS {
+            let (host, port) = endpoint.split_once(':').unwrap();
+            assert!(
+                yaml.contains(&format!("address: {host}, port_value: {port}}}")),
+                "{endpoint} is a host of the cluster"
+            );
+        }
     }
 
     #[test]
