@@ -268,7 +268,7 @@ fn lru_eviction_drops_the_oldest_unused_prefix() {
         costs(),
     );
     let mut clock = 0.0;
-    let mut cached = |e: &mut Engine, seed: u32, clock: &mut f64| {
+    let cached = |e: &mut Engine, seed: u32, clock: &mut f64| {
         e.submit(req("m", prompt(seed, 9), 1), *clock).unwrap();
         let (info, _) = e.step(clock).unwrap();
         run(e, clock);
