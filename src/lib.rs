@@ -4,6 +4,8 @@
 //! Host-free logic lives in the public modules (unit-tested natively); the
 //! proxy-wasm glue is `filter`, compiled only for `wasm32`.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod collector;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod deploy;

@@ -26,6 +26,9 @@ pub struct Request {
     pub messages: Option<Value>,
     #[serde(default)]
     pub input: Option<Value>,
+    /// vLLM's extension: with `--scheduling-policy priority`, lower runs first.
+    #[serde(default)]
+    pub priority: Option<Value>,
     /// Completions only: the response text starts with the prompt (OpenAI's and
     /// vLLM's `echo`).
     #[serde(default)]
@@ -38,6 +41,17 @@ impl Request {
             .as_ref()
             .and_then(Value::as_str)
             .filter(|m| !m.is_empty())
+    }
+
+    /// The `priority` field as an integer (0 when absent or not a number).
+    pub fn priority(&self) -> i64 {
+        match &self.priority {
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .or_else(|| n.as_f64().map(|f| f as i64))
+                .unwrap_or(0),
+            _ => 0,
+        }
     }
 
     pub fn include_usage(&self) -> bool {
@@ -184,5 +198,8 @@ mod tests {
         assert_eq!(r.prompt_text(), "a\nb");
         assert!(r.include_usage());
         assert_eq!(r.model(), Some("m"));
+        assert_eq!(r.priority(), 0);
+        let r: Request = serde_json::from_str(r#"{"model":"m","priority":-3}"#).unwrap();
+        assert_eq!(r.priority(), -3);
     }
 }

@@ -1,6 +1,8 @@
 //! The HTTP surface: OpenAI endpoints, `/health`, `/metrics`, and test hooks.
 
-use super::engine::Engine;
+use super::driver::Driver;
+use super::engine::{NewRequest, Rejected};
+use super::metrics;
 use super::openai::{self, Endpoint, Request};
 use super::record::{Received, Recorder};
 use super::{tokens, SimConfig, SERVER_ID_HEADER};
@@ -18,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 struct App {
     config: SimConfig,
-    engine: Engine,
+    driver: Driver,
     recorder: Recorder,
 }
 
@@ -33,10 +35,11 @@ pub async fn serve(
         .await
 }
 
+/// The simulator's routes. Starts the engine loop: call within a tokio runtime.
 pub fn router(config: SimConfig) -> Router {
     let id = HeaderValue::from_str(&config.id).unwrap_or_else(|_| HeaderValue::from_static("sim"));
     let app = Arc::new(App {
-        engine: Engine::new(config.clone()),
+        driver: Driver::start(config.build_engine()),
         recorder: Recorder::new(config.record_capacity),
         config,
     });
@@ -169,10 +172,9 @@ async fn generate(
         .or(req.max_tokens)
         .unwrap_or(app.config.max_tokens_default)
         .clamp(1, app.config.max_tokens_cap);
-    let mut output = tokens::generate(app.config.seed, &prompt, max_tokens);
-    if ep == Endpoint::Completions && req.echo == Some(true) {
-        output.insert(0, prompt.clone());
-    }
+    let output = tokens::generate(app.config.seed, &prompt, max_tokens);
+    // Completions' `echo`: the text starts with the prompt (not a generated token).
+    let echo = (ep == Endpoint::Completions && req.echo == Some(true)).then(|| prompt.clone());
     let (created, millis) = now();
     let id = format!(
         "{}-{}-{millis}",
@@ -184,13 +186,45 @@ async fn generate(
         app.config.id
     );
     let usage = openai::usage(prompt_tokens, max_tokens);
-    let generation = app.engine.admit(&model, prompt_tokens);
+    let submitted = app.driver.submit(NewRequest {
+        model: model.clone(),
+        prompt: tokens::ids(&prompt),
+        max_tokens,
+        priority: req.priority(),
+    });
+    // The stream lives in the response: a client that goes away drops it, which
+    // aborts the request and frees its KV blocks.
+    let mut stream = match submitted {
+        Ok(s) => s,
+        Err(Rejected::TooLong { tokens, limit }) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "This model's maximum context length is {limit} tokens. However, you requested {tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion."
+                ),
+                "context_length_exceeded",
+                Some("max_tokens"),
+            )
+        }
+    };
 
     if req.stream != Some(true) {
-        tokio::time::sleep(generation.ttft + generation.inter_token * max_tokens.saturating_sub(1))
-            .await;
-        output.iter().for_each(|_| generation.token());
-        let text: String = output.concat();
+        let mut n = 0;
+        while let Some(ev) = stream.next().await {
+            n += 1;
+            if ev.last {
+                break;
+            }
+        }
+        if n < output.len() {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the engine stopped before the request finished",
+                "engine_error",
+                None,
+            );
+        }
+        let text = format!("{}{}", echo.unwrap_or_default(), output.concat());
         return Json(openai::response(
             ep, &id, created, &model, &text, "length", usage,
         ))
@@ -198,17 +232,20 @@ async fn generate(
     }
 
     let include_usage = req.include_usage();
-    let stream = async_stream::stream! {
-        // The generation lives in the stream: a client that goes away frees it.
-        let generation = generation;
-        tokio::time::sleep(generation.ttft).await;
-        for (i, t) in output.iter().enumerate() {
-            if i > 0 {
-                tokio::time::sleep(generation.inter_token).await;
-            }
-            generation.token();
+    let body = async_stream::stream! {
+        let mut stream = stream;
+        if let Some(prompt) = &echo {
+            let c = openai::chunk(ep, &id, created, &model, Some(prompt), true, None);
+            yield Ok::<_, Infallible>(Bytes::from(openai::sse(&c)));
+        }
+        while let Some(ev) = stream.next().await {
+            let i = ev.index as usize;
+            let t = output.get(i).map(String::as_str).unwrap_or("");
             let c = openai::chunk(ep, &id, created, &model, Some(t), i == 0, None);
             yield Ok::<_, Infallible>(Bytes::from(openai::sse(&c)));
+            if ev.last {
+                break;
+            }
         }
         let c = openai::chunk(ep, &id, created, &model, None, false, Some("length"));
         yield Ok(Bytes::from(openai::sse(&c)));
@@ -222,7 +259,7 @@ async fn generate(
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        Body::from_stream(stream),
+        Body::from_stream(body),
     )
         .into_response()
 }
@@ -265,11 +302,12 @@ async fn models(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.engine.metrics(),
-    )
-        .into_response()
+    let flavor = app.config.metrics_flavor;
+    let model_name = app.config.model_name();
+    let text = app
+        .driver
+        .inspect(|e, now, wall| metrics::render(e, flavor, model_name, now, wall));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn requests(State(app): State<Arc<App>>) -> Response {
@@ -281,6 +319,26 @@ async fn clear_requests(State(app): State<Arc<App>>) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// The engine's state as JSON, for tests and for eyeballing a benchmark.
 async fn state(State(app): State<Arc<App>>) -> Response {
-    Json(json!({"id": app.config.id, "running": app.engine.running()})).into_response()
+    let v = app.driver.inspect(|e, _, _| {
+        let s = e.stats();
+        json!({
+            "id": app.config.id,
+            "running": e.num_running(),
+            "waiting": e.num_waiting(),
+            "kv_cache_usage": e.kv_usage(),
+            "free_blocks": e.kv().num_free(),
+            "cached_blocks": e.kv().num_cached(),
+            "num_gpu_blocks": e.kv().num_blocks(),
+            "running_lora_adapters": e.running_loras(),
+            "waiting_lora_adapters": e.waiting_loras(),
+            "prefix_cache_queries": s.prefix_queries,
+            "prefix_cache_hits": s.prefix_hits,
+            "preemptions": s.preemptions,
+            "prompt_tokens": s.prompt_tokens,
+            "generation_tokens": s.generation_tokens,
+        })
+    });
+    Json(v).into_response()
 }

@@ -9,22 +9,33 @@ const VOCABULARY: &[&str] = &[
 
 /// Approximate token count: words and punctuation marks.
 pub fn count(text: &str) -> u32 {
-    let mut n = 0u32;
-    let mut in_word = false;
-    for c in text.chars() {
-        if c.is_alphanumeric() {
-            if !in_word {
-                n = n.saturating_add(1);
-                in_word = true;
-            }
+    u32::try_from(pieces(text).count()).unwrap_or(u32::MAX)
+}
+
+/// Token ids for `text`, one per counted token: a hash of the word or mark, so equal
+/// text gives equal ids and the prefix cache can match shared prefixes.
+pub fn ids(text: &str) -> Vec<u32> {
+    pieces(text).map(|p| fxhash(p) as u32).collect()
+}
+
+/// The tokens of `text`: runs of alphanumerics, and each other non-space char.
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        rest = rest.trim_start();
+        let mut chars = rest.char_indices();
+        let (_, c) = chars.next()?;
+        let end = if c.is_alphanumeric() {
+            chars
+                .find(|(_, c)| !c.is_alphanumeric())
+                .map_or(rest.len(), |(i, _)| i)
         } else {
-            in_word = false;
-            if !c.is_whitespace() {
-                n = n.saturating_add(1);
-            }
-        }
-    }
-    n
+            c.len_utf8()
+        };
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// `n` output tokens (words, each with a leading space but the first), reproducible
@@ -58,6 +69,17 @@ mod tests {
         assert_eq!(count(""), 0);
         assert_eq!(count("Hello, world!"), 4);
         assert_eq!(count("  one   two "), 2);
+        assert_eq!(count("héllo wörld…"), 3);
+    }
+
+    #[test]
+    fn ids_match_count_and_prefixes() {
+        let a = ids("the cat sat, on the mat");
+        assert_eq!(a.len() as u32, count("the cat sat, on the mat"));
+        assert_eq!(a[0], a[5], "same word, same id");
+        let b = ids("the cat sat, on a hat");
+        assert_eq!(a[..5], b[..5]);
+        assert_ne!(a[5], b[5]);
     }
 
     #[test]

@@ -118,6 +118,30 @@ impl Sim {
             .unwrap_or_else(|| panic!("/sim/requests is not an array: {v}"))
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET /metrics on {}: {e}", self.id))
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("GET /metrics body on {}: {e}", self.id))
+    }
+
+    /// `GET /sim/state`: running, waiting, KV blocks, LoRA adapters, counters.
+    pub async fn state(&self, client: &reqwest::Client) -> Value {
+        client
+            .get(self.url("/sim/state"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET /sim/state on {}: {e}", self.id))
+            .json()
+            .await
+            .expect("/sim/state is JSON")
+    }
+
     pub async fn clear(&self, client: &reqwest::Client) {
         client
             .delete(self.url("/sim/requests"))
@@ -139,6 +163,18 @@ impl Sim {
     pub fn log(&self) -> String {
         self.guard.log_tail(16 * 1024)
     }
+}
+
+/// The value of one series in Prometheus text, e.g.
+/// `sample(text, r#"vllm:num_requests_running{model_name="m"}"#)`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A received request's header, case-insensitively, whether the simulator lists

@@ -1,0 +1,2 @@
+//! Collector benchmark (filled in below).
+fn main() {}

@@ -1,0 +1,730 @@
+//! The collector's configuration file (YAML or JSON): serde types, then one
+//! validation pass whose errors name the field, e.g.
+//! `pools[1].endpoints[0]: not ip:port or host:port`. Every field is documented in
+//! `docs/collector.md`.
+
+use crate::config::ConfigError;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The model-server flavours the collector knows how to read (see `mapping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+pub enum ServerType {
+    #[default]
+    #[serde(rename = "vllm")]
+    Vllm,
+    #[serde(rename = "sglang")]
+    Sglang,
+    #[serde(rename = "tgi")]
+    Tgi,
+    #[serde(rename = "triton-trtllm")]
+    TritonTrtllm,
+    #[serde(rename = "llamacpp")]
+    Llamacpp,
+}
+
+impl ServerType {
+    pub const ALL: [ServerType; 5] = [
+        ServerType::Vllm,
+        ServerType::Sglang,
+        ServerType::Tgi,
+        ServerType::TritonTrtllm,
+        ServerType::Llamacpp,
+    ];
+
+    /// The name used in the configuration and in the snapshot.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerType::Vllm => "vllm",
+            ServerType::Sglang => "sglang",
+            ServerType::Tgi => "tgi",
+            ServerType::TritonTrtllm => "triton-trtllm",
+            ServerType::Llamacpp => "llamacpp",
+        }
+    }
+}
+
+impl fmt::Display for ServerType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub const DEFAULT_SCRAPE_INTERVAL_MS: u64 = 50;
+pub const DEFAULT_SCRAPE_TIMEOUT_MS: u64 = 500;
+pub const DEFAULT_DNS_REFRESH_INTERVAL_MS: u64 = 5_000;
+pub const DEFAULT_PUSH_TIMEOUT_MS: u64 = 1_000;
+pub const DEFAULT_PUSH_BACKOFF_INITIAL_MS: u64 = 100;
+pub const DEFAULT_PUSH_BACKOFF_MAX_MS: u64 = 2_000;
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+/// The filter rejects shorter ingest tokens, so a shorter one here can never work.
+pub const MIN_TOKEN_LEN: usize = 8;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCollectorConfig {
+    #[serde(default = "d_scrape_interval")]
+    pub scrape_interval_ms: u64,
+    #[serde(default = "d_scrape_timeout")]
+    pub scrape_timeout_ms: u64,
+    #[serde(default = "d_dns_refresh")]
+    pub dns_refresh_interval_ms: u64,
+    /// Envoy ingest addresses: `host:port` or `http://host:port[/path]`.
+    #[serde(default)]
+    pub push_targets: Vec<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Name of an environment variable that holds the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default = "d_push_timeout")]
+    pub push_timeout_ms: u64,
+    #[serde(default = "d_backoff_initial")]
+    pub push_backoff_initial_ms: u64,
+    #[serde(default = "d_backoff_max")]
+    pub push_backoff_max_ms: u64,
+    /// The collector's own `/metrics` and `/healthz`.
+    #[serde(default = "d_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+}
+
+fn d_scrape_interval() -> u64 {
+    DEFAULT_SCRAPE_INTERVAL_MS
+}
+fn d_scrape_timeout() -> u64 {
+    DEFAULT_SCRAPE_TIMEOUT_MS
+}
+fn d_dns_refresh() -> u64 {
+    DEFAULT_DNS_REFRESH_INTERVAL_MS
+}
+fn d_push_timeout() -> u64 {
+    DEFAULT_PUSH_TIMEOUT_MS
+}
+fn d_backoff_initial() -> u64 {
+    DEFAULT_PUSH_BACKOFF_INITIAL_MS
+}
+fn d_backoff_max() -> u64 {
+    DEFAULT_PUSH_BACKOFF_MAX_MS
+}
+fn d_listen() -> String {
+    DEFAULT_LISTEN.into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    /// Default for the pool's endpoints.
+    #[serde(default)]
+    pub server_type: Option<ServerType>,
+    /// Labels every endpoint of the pool carries (an endpoint's own labels win).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub endpoints: Vec<RawEndpoint>,
+}
+
+/// An endpoint: either just its address, or an object with labels and a server type.
+#[derive(Debug, Clone, Default)]
+pub struct RawEndpoint {
+    pub address: String,
+    pub server_type: Option<ServerType>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpointObject {
+    address: String,
+    #[serde(default)]
+    server_type: Option<ServerType>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+// Hand-written rather than `#[serde(untagged)]`, whose only error is "did not match
+// any variant": this keeps serde's precise message and the field path.
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawEndpoint;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"ip:port\", \"host:port\" or {address, server_type, labels}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawEndpoint, E> {
+                Ok(RawEndpoint {
+                    address: v.to_string(),
+                    ..Default::default()
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawEndpoint, A::Error> {
+                let o = RawEndpointObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawEndpoint {
+                    address: o.address,
+                    server_type: o.server_type,
+                    labels: o.labels,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectorConfig {
+    pub scrape_interval: Duration,
+    pub scrape_timeout: Duration,
+    pub dns_refresh_interval: Duration,
+    pub push_targets: Vec<PushTarget>,
+    pub token: Option<String>,
+    pub push_timeout: Duration,
+    pub push_backoff_initial: Duration,
+    pub push_backoff_max: Duration,
+    pub listen: SocketAddr,
+    pub pools: Vec<PoolSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushTarget {
+    /// As written in the configuration (the `target` label of the push counters).
+    pub name: String,
+    /// `http://host:port/v1/snapshot`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    pub name: String,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSpec {
+    pub source: Source,
+    pub server_type: ServerType,
+    /// Pool labels merged with the endpoint's, sorted by key.
+    pub labels: Vec<(String, String)>,
+}
+
+/// Where an endpoint's addresses come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    Static(SocketAddr),
+    /// Re-resolved every `dns_refresh_interval`; every address is an endpoint.
+    Dns {
+        host: String,
+        port: u16,
+    },
+}
+
+impl CollectorConfig {
+    /// Parses YAML or JSON (`json`: the file name ends in `.json`; YAML also reads
+    /// JSON) and validates. `env` looks up `token_env`.
+    pub fn parse(
+        text: &str,
+        json: bool,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<CollectorConfig, ConfigError> {
+        RawCollectorConfig::parse(text, json)?.validate(env)
+    }
+
+    /// Every DNS source in the configuration, deduplicated.
+    pub fn dns_sources(&self) -> Vec<(String, u16)> {
+        let mut out: Vec<(String, u16)> = self
+            .pools
+            .iter()
+            .flat_map(|p| &p.endpoints)
+            .filter_map(|e| match &e.source {
+                Source::Dns { host, port } => Some((host.clone(), *port)),
+                Source::Static(_) => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn millis(field: &str, v: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    if v < min || v > max {
+        return Err(err(field, format!("must be between {min} and {max} (ms)")));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+impl RawCollectorConfig {
+    /// Deserializes without validating; errors name the field.
+    pub fn parse(text: &str, json: bool) -> Result<RawCollectorConfig, ConfigError> {
+        if json {
+            let de = &mut serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let field = e.path().to_string();
+                err(field, e.into_inner().to_string())
+            })
+        } else {
+            let de = serde_yaml_ng::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let field = e.path().to_string();
+                err(field, e.into_inner().to_string())
+            })
+        }
+    }
+
+    /// Reads and deserializes a configuration file (`.json`: JSON, else YAML).
+    pub fn load(path: &std::path::Path) -> Result<RawCollectorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text, path.extension().is_some_and(|e| e == "json"))
+    }
+
+    pub fn validate(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<CollectorConfig, ConfigError> {
+        let scrape_interval = millis("scrape_interval_ms", self.scrape_interval_ms, 1, 600_000)?;
+        let scrape_timeout = millis("scrape_timeout_ms", self.scrape_timeout_ms, 1, 600_000)?;
+        let dns_refresh_interval = millis(
+            "dns_refresh_interval_ms",
+            self.dns_refresh_interval_ms,
+            100,
+            86_400_000,
+        )?;
+        let push_timeout = millis("push_timeout_ms", self.push_timeout_ms, 1, 600_000)?;
+        let push_backoff_initial = millis(
+            "push_backoff_initial_ms",
+            self.push_backoff_initial_ms,
+            1,
+            600_000,
+        )?;
+        let push_backoff_max = millis(
+            "push_backoff_max_ms",
+            self.push_backoff_max_ms,
+            1,
+            3_600_000,
+        )?;
+        if push_backoff_max < push_backoff_initial {
+            return Err(err(
+                "push_backoff_max_ms",
+                "must not be less than push_backoff_initial_ms",
+            ));
+        }
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|_| err("listen", format!("not ip:port: '{}'", self.listen)))?;
+
+        let mut push_targets = Vec::with_capacity(self.push_targets.len());
+        for (i, t) in self.push_targets.iter().enumerate() {
+            let url = push_url(t).map_err(|m| err(format!("push_targets[{i}]"), m))?;
+            if push_targets.iter().any(|p: &PushTarget| p.url == url) {
+                return Err(err(
+                    format!("push_targets[{i}]"),
+                    format!("duplicate target '{t}'"),
+                ));
+            }
+            push_targets.push(PushTarget {
+                name: t.clone(),
+                url,
+            });
+        }
+
+        let token = match (&self.token, &self.token_env) {
+            (Some(_), Some(_)) => {
+                return Err(err("token_env", "set either token or token_env, not both"))
+            }
+            (Some(t), None) => Some(("token", t.clone())),
+            (None, Some(var)) => match env(var) {
+                Some(t) => Some(("token_env", t)),
+                None => {
+                    return Err(err(
+                        "token_env",
+                        format!("the environment variable {var} is not set"),
+                    ))
+                }
+            },
+            (None, None) => None,
+        };
+        if let Some((field, t)) = &token {
+            if t.trim() != t || t.len() < MIN_TOKEN_LEN {
+                return Err(err(
+                    *field,
+                    format!(
+                        "the token must be at least {MIN_TOKEN_LEN} characters, without surrounding whitespace"
+                    ),
+                ));
+            }
+        }
+        if !push_targets.is_empty() && token.is_none() {
+            return Err(err(
+                "token",
+                "push_targets need a token (token, token_env or --token-env)",
+            ));
+        }
+
+        if self.pools.is_empty() {
+            return Err(err("pools", "at least one pool is required"));
+        }
+        let mut pools: Vec<PoolSpec> = Vec::with_capacity(self.pools.len());
+        // Address → (server type, where), to catch one address configured as two types.
+        let mut types: BTreeMap<Source, (ServerType, String)> = BTreeMap::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let at = format!("pools[{i}]");
+            if p.name.trim().is_empty() || p.name.trim() != p.name {
+                return Err(err(
+                    format!("{at}.name"),
+                    "must be non-empty, without surrounding whitespace",
+                ));
+            }
+            if pools.iter().any(|q| q.name == p.name) {
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("duplicate pool '{}'", p.name),
+                ));
+            }
+            check_labels(&p.labels, &format!("{at}.labels"))?;
+            if p.endpoints.is_empty() {
+                return Err(err(
+                    format!("{at}.endpoints"),
+                    "at least one endpoint is required",
+                ));
+            }
+            let mut endpoints: Vec<EndpointSpec> = Vec::with_capacity(p.endpoints.len());
+            for (j, e) in p.endpoints.iter().enumerate() {
+                let at = format!("{at}.endpoints[{j}]");
+                let source = parse_source(&e.address).map_err(|m| err(&at, m))?;
+                if endpoints.iter().any(|x| x.source == source) {
+                    return Err(err(
+                        &at,
+                        format!("duplicate endpoint '{}' in this pool", e.address),
+                    ));
+                }
+                check_labels(&e.labels, &format!("{at}.labels"))?;
+                let server_type = e.server_type.or(p.server_type).unwrap_or_default();
+                match types.get(&source) {
+                    Some((t, first)) if *t != server_type => {
+                        return Err(err(
+                            format!("{at}.server_type"),
+                            format!("'{}' is {t} at {first}, not {server_type}", e.address),
+                        ))
+                    }
+                    Some(_) => {}
+                    None => {
+                        types.insert(source.clone(), (server_type, at.clone()));
+                    }
+                }
+                let mut labels = p.labels.clone();
+                labels.extend(e.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                endpoints.push(EndpointSpec {
+                    source,
+                    server_type,
+                    labels: labels.into_iter().collect(),
+                });
+            }
+            pools.push(PoolSpec {
+                name: p.name.clone(),
+                endpoints,
+            });
+        }
+
+        Ok(CollectorConfig {
+            scrape_interval,
+            scrape_timeout,
+            dns_refresh_interval,
+            push_targets,
+            token: token.map(|(_, t)| t),
+            push_timeout,
+            push_backoff_initial,
+            push_backoff_max,
+            listen,
+            pools,
+        })
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>, at: &str) -> Result<(), ConfigError> {
+    for k in labels.keys() {
+        let ok = k
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
+        if k.is_empty() || !ok {
+            return Err(err(
+                format!("{at}.{k}"),
+                "label names are [a-zA-Z_][a-zA-Z0-9_]*",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `ip:port` (static) or `host:port` (DNS, re-resolved).
+pub fn parse_source(s: &str) -> Result<Source, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("port 0 in '{s}'"));
+        }
+        return Ok(Source::Static(addr));
+    }
+    let bad = || format!("not ip:port or host:port: '{s}'");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 || !is_hostname(host) {
+        return Err(bad());
+    }
+    Ok(Source::Dns {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// RFC 1123 host name, and not something that merely looks like a broken IP.
+fn is_hostname(h: &str) -> bool {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    !h.is_empty()
+        && h.len() <= 253
+        && !h.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// `host:port` or `http://host:port[/path]` → the URL pushes go to.
+fn push_url(t: &str) -> Result<String, String> {
+    if t.starts_with("https://") {
+        return Err("https is not supported: push to the loopback control listener".into());
+    }
+    let rest = t.strip_prefix("http://").unwrap_or(t);
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, crate::ingest::INGEST_PATH),
+    };
+    parse_source(authority)
+        .map_err(|_| format!("not host:port or http://host:port[/path]: '{t}'"))?;
+    Ok(format!("http://{authority}{path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse_yaml(s: &str) -> Result<CollectorConfig, ConfigError> {
+        CollectorConfig::parse(s, false, no_env)
+    }
+
+    fn field_of(s: &str) -> String {
+        match parse_yaml(s) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.field,
+        }
+    }
+
+    const MINIMAL: &str = "pools: [{name: main, endpoints: ['127.0.0.1:8000']}]\n";
+
+    #[test]
+    fn defaults() {
+        let c = parse_yaml(MINIMAL).unwrap();
+        assert_eq!(c.scrape_interval, Duration::from_millis(50));
+        assert_eq!(c.scrape_timeout, Duration::from_millis(500));
+        assert_eq!(c.dns_refresh_interval, Duration::from_secs(5));
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert!(c.push_targets.is_empty() && c.token.is_none());
+        let ep = &c.pools[0].endpoints[0];
+        assert_eq!(ep.server_type, ServerType::Vllm);
+        assert_eq!(ep.source, Source::Static("127.0.0.1:8000".parse().unwrap()));
+    }
+
+    #[test]
+    fn full_yaml_and_json() {
+        let yaml = r#"
+scrape_interval_ms: 100
+scrape_timeout_ms: 80
+dns_refresh_interval_ms: 1000
+push_targets: ["127.0.0.1:9902", "http://[::1]:9903/custom"]
+token: "0123456789"
+push_timeout_ms: 300
+listen: "0.0.0.0:9100"
+pools:
+  - name: main
+    server_type: sglang
+    labels: {cluster: c1, region: eu}
+    endpoints:
+      - "10.0.0.1:8000"
+      - {address: "vllm.svc.cluster.local:8000", server_type: vllm, labels: {zone: a, region: us}}
+"#;
+        let c = parse_yaml(yaml).unwrap();
+        assert_eq!(c.scrape_interval, Duration::from_millis(100));
+        assert_eq!(c.push_targets[0].url, "http://127.0.0.1:9902/v1/snapshot");
+        assert_eq!(c.push_targets[1].url, "http://[::1]:9903/custom");
+        assert_eq!(c.token.as_deref(), Some("0123456789"));
+        let eps = &c.pools[0].endpoints;
+        assert_eq!(eps[0].server_type, ServerType::Sglang);
+        assert_eq!(
+            eps[0].labels,
+            vec![
+                ("cluster".into(), "c1".into()),
+                ("region".into(), "eu".into())
+            ]
+        );
+        assert_eq!(eps[1].server_type, ServerType::Vllm);
+        assert_eq!(
+            eps[1].source,
+            Source::Dns {
+                host: "vllm.svc.cluster.local".into(),
+                port: 8000
+            }
+        );
+        assert_eq!(
+            eps[1].labels,
+            vec![
+                ("cluster".into(), "c1".into()),
+                ("region".into(), "us".into()),
+                ("zone".into(), "a".into())
+            ],
+            "endpoint labels override the pool's, sorted by key"
+        );
+        assert_eq!(
+            c.dns_sources(),
+            vec![("vllm.svc.cluster.local".into(), 8000)]
+        );
+
+        let json = r#"{"pools": [{"name": "p", "endpoints": [{"address": "127.0.0.1:1", "server_type": "triton-trtllm"}]}]}"#;
+        let c = CollectorConfig::parse(json, true, no_env).unwrap();
+        assert_eq!(
+            c.pools[0].endpoints[0].server_type,
+            ServerType::TritonTrtllm
+        );
+        // YAML reads JSON too.
+        assert!(parse_yaml(json).is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("pools: []", "pools"),
+            (
+                "pools: [{name: a, endpoints: ['127.0.0.1:1']}, {name: b, endpoints: ['nope']}]",
+                "pools[1].endpoints[0]",
+            ),
+            (
+                "pools: [{name: a, endpoints: ['127.0.0.1:1']}, {name: b, endpoints: ['10.0.0.300:80']}]",
+                "pools[1].endpoints[0]",
+            ),
+            ("pools: [{name: a, endpoints: ['127.0.0.1:0']}]", "pools[0].endpoints[0]"),
+            ("pools: [{name: a, endpoints: ['host:99999']}]", "pools[0].endpoints[0]"),
+            ("pools: [{name: a, endpoints: []}]", "pools[0].endpoints"),
+            ("pools: [{name: '', endpoints: ['127.0.0.1:1']}]", "pools[0].name"),
+            (
+                "pools: [{name: a, endpoints: ['127.0.0.1:1']}, {name: a, endpoints: ['127.0.0.1:2']}]",
+                "pools[1].name",
+            ),
+            (
+                "pools: [{name: a, endpoints: ['127.0.0.1:1', '127.0.0.1:1']}]",
+                "pools[0].endpoints[1]",
+            ),
+            (
+                "pools: [{name: a, endpoints: [{address: '127.0.0.1:1', server_type: vlm}]}]",
+                "pools[0].endpoints[0].server_type",
+            ),
+            (
+                "pools: [{name: a, endpoints: [{address: '127.0.0.1:1', colour: red}]}]",
+                "pools[0].endpoints[0].colour",
+            ),
+            (
+                "pools: [{name: a, endpoints: [{address: '127.0.0.1:1', labels: {'bad-key': x}}]}]",
+                "pools[0].endpoints[0].labels.bad-key",
+            ),
+            (
+                "pools: [{name: a, server_type: tgi, endpoints: ['127.0.0.1:1']}, {name: b, endpoints: ['127.0.0.1:1']}]",
+                "pools[1].endpoints[0].server_type",
+            ),
+            ("pools: [{name: a, endpoints: [42]}]", "pools[0].endpoints[0]"),
+            ("scrape_interval_ms: 0\npools: []", "scrape_interval_ms"),
+            ("scrape_interval_ms: -5\npools: []", "scrape_interval_ms"),
+            ("dns_refresh_interval_ms: 5\npools: []", "dns_refresh_interval_ms"),
+            ("push_backoff_initial_ms: 500\npush_backoff_max_ms: 100\npools: []", "push_backoff_max_ms"),
+            ("listen: nowhere\npools: []", "listen"),
+            ("scrape_intervall_ms: 5\npools: []", "scrape_intervall_ms"),
+            ("push_targets: ['127.0.0.1:9902']\npools: []", "token"),
+            ("push_targets: ['https://x:1']\ntoken: '0123456789'\npools: []", "push_targets[0]"),
+            ("push_targets: ['a b']\ntoken: '0123456789'\npools: []", "push_targets[0]"),
+            ("push_targets: ['x:1', 'x:1']\ntoken: '0123456789'\npools: []", "push_targets[1]"),
+            ("token: short\npools: []", "token"),
+            ("token: a\ntoken_env: B\npools: []", "token_env"),
+            ("token_env: IGW_SURELY_UNSET\npools: []", "token_env"),
+        ];
+        let wrong: Vec<String> = cases
+            .iter()
+            .filter_map(|(text, field)| {
+                let got = field_of(text);
+                (got != *field).then(|| format!("{text}: got '{got}', want '{field}'"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        let e = parse_yaml(
+            "pools: [{name: a, endpoints: ['127.0.0.1:1']}, {name: b, endpoints: ['nope']}]",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: pools[1].endpoints[0]: not ip:port or host:port: 'nope'"
+        );
+        let e = parse_yaml("scrape_intervall_ms: 5\npools: []").unwrap_err();
+        assert!(e.message.contains("scrape_intervall_ms"), "{e}");
+        assert!(CollectorConfig::parse("{\"pools\": [", true, no_env).is_err());
+        assert!(parse_yaml("pools: [").is_err());
+    }
+
+    #[test]
+    fn token_from_the_environment() {
+        let env = |k: &str| (k == "IGW_TOKEN").then(|| "from-env-123".to_string());
+        let c = CollectorConfig::parse(
+            "push_targets: ['127.0.0.1:9902']\ntoken_env: IGW_TOKEN\npools: [{name: a, endpoints: ['127.0.0.1:1']}]",
+            false,
+            env,
+        )
+        .unwrap();
+        assert_eq!(c.token.as_deref(), Some("from-env-123"));
+    }
+
+    #[test]
+    fn sources() {
+        assert_eq!(
+            parse_source("[::1]:8000"),
+            Ok(Source::Static("[::1]:8000".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_source("Model-0.Svc:80"),
+            Ok(Source::Dns {
+                host: "model-0.svc".into(),
+                port: 80
+            })
+        );
+        for bad in [
+            "", ":80", "host", "host:", "-a:80", "a_b:80", "1.2.3:80", "::1:80", "a..b:1",
+        ] {
+            assert!(parse_source(bad).is_err(), "{bad}");
+        }
+    }
+}
