@@ -173,3 +173,74 @@ async fn run(weak: Weak<Shared>, wake: Arc<Notify>) {
         busy_until = Some(end);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::engine::{Costs, EngineConfig};
+
+    fn driver(step_ms: f64) -> Driver {
+        let costs = Costs::resolve(&EngineConfig::default(), step_ms, 0.0);
+        Driver::start(Engine::new(EngineConfig::default(), costs))
+    }
+
+    fn req(max_tokens: u32) -> NewRequest {
+        NewRequest {
+            model: "m".into(),
+            prompt: (0..40).collect(),
+            max_tokens,
+            priority: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_arrive_in_order_and_take_engine_time() {
+        let d = driver(5.0);
+        let t = Instant::now();
+        let mut s = d.submit(req(4)).unwrap();
+        let mut got = Vec::new();
+        while let Some(ev) = s.next().await {
+            got.push((ev.index, ev.last));
+        }
+        assert_eq!(got, vec![(0, false), (1, false), (2, false), (3, true)]);
+        // Four steps of at least 5 ms each.
+        assert!(
+            t.elapsed() >= Duration::from_millis(20),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(s.next().await.is_none());
+        d.inspect(|e, _, _| assert!(!e.has_work()));
+    }
+
+    #[tokio::test]
+    async fn dropping_a_stream_aborts_the_request() {
+        let d = driver(5.0);
+        let mut s = d.submit(req(10_000)).unwrap();
+        s.next().await.expect("first token");
+        d.inspect(|e, _, _| {
+            assert_eq!(e.num_running(), 1);
+            assert!(e.kv_usage() > 0.0);
+        });
+        drop(s);
+        d.inspect(|e, _, _| {
+            assert_eq!((e.num_running(), e.num_waiting()), (0, 0));
+            assert_eq!(e.kv_usage(), 0.0);
+        });
+    }
+
+    #[tokio::test]
+    async fn zero_cost_steps_still_finish_and_the_loop_ends_with_the_driver() {
+        let d = driver(0.0);
+        let mut s = d.submit(req(200)).unwrap();
+        let mut n = 0;
+        while s.next().await.is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 200);
+        let weak = Arc::downgrade(&d.shared);
+        drop(s);
+        drop(d);
+        assert!(weak.upgrade().is_none(), "nothing keeps the engine alive");
+    }
+}

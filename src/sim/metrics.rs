@@ -183,6 +183,23 @@ pub fn render(
                 &m,
                 e.kv_usage(),
             );
+            let c = e.config();
+            o.one(
+                "vllm:cache_config_info",
+                "gauge",
+                "Information of the LLMEngine CacheConfig",
+                &format!(
+                    "block_size=\"{}\",enable_prefix_caching=\"{}\",num_gpu_blocks=\"{}\"",
+                    c.block_size,
+                    if c.enable_prefix_caching {
+                        "True"
+                    } else {
+                        "False"
+                    },
+                    c.num_gpu_blocks
+                ),
+                1.0,
+            );
             if e.lora_enabled() {
                 o.head(
                     "vllm:lora_requests_info",

@@ -582,6 +582,7 @@ fn metrics_text_has_vllm_names_labels_and_values() {
         "vllm:num_requests_running{model_name=\"llama\"} 1.0\n",
         "vllm:num_requests_waiting{model_name=\"llama\"} 1.0\n",
         "vllm:kv_cache_usage_perc{model_name=\"llama\"} 0.03125\n",
+        "vllm:cache_config_info{block_size=\"4\",enable_prefix_caching=\"True\",num_gpu_blocks=\"64\"} 1.0\n",
         "# TYPE vllm:lora_requests_info gauge",
         "vllm:lora_requests_info{running_lora_adapters=\"sql\",waiting_lora_adapters=\"\",max_lora=\"2\"} 1700000000.5\n",
         "vllm:prefix_cache_queries_total{model_name=\"llama\"} 8.0\n",

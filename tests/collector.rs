@@ -1,0 +1,892 @@
+//! The `metrics-collector` binary against real processes: simulator replicas
+//! (`model-server-sim`, in several metric flavours), the real Envoy with the
+//! filter (snapshot ingest on the control listener, read back through
+//! `GET /debug/state`), and a real Prometheus scraping the collector.
+//!
+//! Everything listens on 127.0.0.1; every wait is bounded.
+
+mod support;
+
+use inference_gateway::collector::exposition;
+use inference_gateway::snapshot::{EndpointMetrics, PoolSnapshot, Snapshot};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::deploy::envoy_config::DEMO_POOL;
+use support::deploy::process::{self, Check, ChildGuard};
+use support::gateway::{Gateway, GatewayOptions};
+use support::sim::{sim_binary, SimOptions};
+
+const TOKEN: &str = "collector-test-token-0123";
+const TOKEN_ENV: &str = "IGW_TEST_COLLECTOR_TOKEN";
+const STALE_AFTER_MS: u64 = 1_500;
+
+/// Envoy-based tests take turns: each starts Envoy and replicas on 2 shared cores,
+/// and their timing assertions should not measure each other's start-up.
+static ENVOY_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn collector_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_metrics-collector"))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// A simulator replica on a chosen port (so it can be restarted on the same one).
+fn start_sim(dir: &Path, id: &str, port: u16, args: &[&str]) -> ChildGuard {
+    let mut cmd = Command::new(sim_binary());
+    cmd.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--id",
+        id,
+    ])
+    .args(args);
+    let log = dir.join(format!("sim-{id}.log"));
+    let mut guard = ChildGuard::spawn(&format!("sim {id}"), &mut cmd, Some(&log))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let health = format!("http://127.0.0.1:{port}/health");
+    process::wait_until(&format!("sim {id}"), Duration::from_secs(30), || {
+        if let Err(e) = guard.check_running() {
+            return Check::Failed(e.to_string());
+        }
+        match process::http_get(&health) {
+            Ok((200, _)) => Check::Ready(()),
+            Ok((s, b)) => Check::NotYet(format!("{s} {b}")),
+            Err(e) => Check::NotYet(e.to_string()),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    guard
+}
+
+/// The collector binary as a child process, its token passed through the
+/// environment (`--token-env`), never on the command line.
+struct Collector {
+    guard: ChildGuard,
+    port: u16,
+}
+
+impl Collector {
+    /// `config` is the configuration without `listen`; it is written as YAML.
+    fn start(dir: &Path, name: &str, config: &str) -> Collector {
+        let port = process::free_port().expect("free port");
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, format!("listen: \"127.0.0.1:{port}\"\n{config}"))
+            .expect("write config");
+        let mut cmd = Command::new(collector_binary());
+        cmd.arg("--config")
+            .arg(&path)
+            .args(["--token-env", TOKEN_ENV])
+            .env(TOKEN_ENV, TOKEN)
+            .env("RUST_LOG", "info");
+        let log = dir.join(format!("{name}.log"));
+        let mut guard =
+            ChildGuard::spawn(name, &mut cmd, Some(&log)).unwrap_or_else(|e| panic!("{e}"));
+        let healthz = format!("http://127.0.0.1:{port}/healthz");
+        process::wait_until(name, Duration::from_secs(20), || {
+            if let Err(e) = guard.check_running() {
+                return Check::Failed(e.to_string());
+            }
+            match process::http_get(&healthz) {
+                Ok((200, _)) => Check::Ready(()),
+                Ok((s, b)) => Check::NotYet(format!("{s} {b}")),
+                Err(e) => Check::NotYet(e.to_string()),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        Collector { guard, port }
+    }
+
+    fn metrics(&self) -> String {
+        match process::http_get(&format!("http://127.0.0.1:{}/metrics", self.port)) {
+            Ok((200, body)) => body,
+            other => panic!(
+                "collector /metrics: {other:?}\n--- log ---\n{}",
+                self.guard.log_tail(8000)
+            ),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.guard.log_tail(16 * 1024)
+    }
+}
+
+/// The value of the series `name{labels…}` in exposition text (exact label match
+/// on the labels given; other labels may exist).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let samples = exposition::parse(text, |n| n == name).unwrap_or_else(|e| panic!("{e}"));
+    samples
+        .iter()
+        .find(|s| labels.iter().all(|(k, v)| s.label(k) == Some(v)))
+        .map(|s| s.value)
+}
+
+/// The filter's view of one endpoint in the stored snapshot.
+fn filter_endpoint(state: &Value, address: &str) -> Option<Value> {
+    state["snapshot"]["pools"]
+        .as_array()?
+        .iter()
+        .flat_map(|p| p["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["address"] == address)
+}
+
+/// Identity of the stored snapshot: (generated_at_ms, sequence, collector).
+fn stored_identity(state: &Value) -> (u64, u64, String) {
+    let s = &state["snapshot"];
+    (
+        s["generated_at_ms"].as_u64().unwrap_or(0),
+        s["sequence"].as_u64().unwrap_or(0),
+        s["collector"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+async fn wait_state(
+    gw: &Gateway,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = gw.debug_state().await;
+        if pred(&state) {
+            return state;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; filter state: {}",
+                state["snapshot"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ingest_control_config() -> Value {
+    json!({
+        "role": "control",
+        "ingest": {"token": TOKEN},
+        "snapshot_stale_after_ms": STALE_AFTER_MS
+    })
+}
+
+/// Holds `n` streamed completions open against `url` until dropped.
+fn hold_streams(client: &reqwest::Client, url: &str, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let body = json!({
+                    "model": "chat",
+                    "prompt": format!("hold the line {i}"),
+                    "max_tokens": 150,
+                    "stream": true
+                });
+                if let Ok(mut resp) = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                {
+                    while let Ok(Some(_)) = resp.chunk().await {}
+                }
+            })
+        })
+        .collect()
+}
+
+/// Scenario on one gateway: a loaded replica shows up in the filter within a
+/// second; a killed replica is unhealthy within 3 scrape intervals and healthy
+/// again after a restart on its port; with the collector gone the last snapshot
+/// stays in use until it is stale; bad pushes never replace it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_feeds_the_filter_through_envoy() {
+    let _turn = ENVOY_TURN.lock().await;
+    let interval_ms = 100u64;
+    let mut gw = Gateway::start(GatewayOptions {
+        replicas: 3,
+        sim: SimOptions {
+            per_token_ms: 20,
+            // Two in the batch at once: a third request waits.
+            extra_args: vec!["--max-num-seqs".into(), "2".into()],
+            ..SimOptions::default()
+        },
+        configure: Box::new(|s| {
+            s.control_config = ingest_control_config();
+            s.gateway_config["snapshot_stale_after_ms"] = json!(STALE_AFTER_MS);
+        }),
+    })
+    .await;
+    let endpoints: Vec<String> = gw.sims.iter().map(|s| s.endpoint()).collect();
+    let control = format!("127.0.0.1:{}", gw.settings.control_port);
+    let config = format!(
+        "scrape_interval_ms: {interval_ms}\n\
+         scrape_timeout_ms: 300\n\
+         push_targets: [\"{control}\"]\n\
+         push_backoff_max_ms: 500\n\
+         pools:\n  - name: {DEMO_POOL}\n    labels: {{zone: test-a}}\n    endpoints: [{}]\n",
+        endpoints
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let collector = blocking(|| Collector::start(gw.temp_dir(), "collector", &config));
+
+    // Every replica healthy in the filter's snapshot, with our labels and type.
+    let state = wait_state(
+        &gw,
+        "all replicas healthy in the filter",
+        Duration::from_secs(10),
+        |s| {
+            endpoints
+                .iter()
+                .all(|e| filter_endpoint(s, e).is_some_and(|v| v["healthy"] == true))
+        },
+    )
+    .await;
+    let ep0 = filter_endpoint(&state, &endpoints[0]).unwrap_or_default();
+    assert_eq!(ep0["server_type"], "vllm");
+    assert_eq!(ep0["labels"], json!([["zone", "test-a"]]));
+    assert_eq!(state["snapshot"]["stale"], false);
+    let collector_id = stored_identity(&state).2;
+    assert!(collector_id.starts_with("collector-"), "{collector_id}");
+
+    // Load one replica directly: its running + waiting rise in the filter within 1 s.
+    let loaded = endpoints[0].clone();
+    let held = hold_streams(&gw.client, &gw.sims[0].url("/v1/completions"), 5);
+    let started = Instant::now();
+    let state = wait_state(
+        &gw,
+        "the loaded replica's load in the filter",
+        Duration::from_secs(1),
+        |s| {
+            filter_endpoint(s, &loaded).is_some_and(|e| {
+                let running = e["running"].as_u64().unwrap_or(0);
+                let waiting = e["waiting"].as_u64().unwrap_or(0);
+                running >= 1 && running + waiting >= 5
+            })
+        },
+    )
+    .await;
+    let seen_after = started.elapsed();
+    for other in &endpoints[1..] {
+        let e = filter_endpoint(&state, other).unwrap_or_default();
+        assert_eq!(e["running"], 0, "an idle replica shows no load: {e}");
+    }
+    // The collector's own /metrics says the same, with GIE's pool gauge names.
+    let text = blocking(|| collector.metrics());
+    assert!(
+        metric(
+            &text,
+            "inference_pool_average_kv_cache_utilization",
+            &[("name", DEMO_POOL)]
+        )
+        .is_some(),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "inference_pool_ready_pods", &[("name", DEMO_POOL)]),
+        Some(3.0)
+    );
+    let running = metric(
+        &text,
+        "inference_pool_endpoint_running_requests",
+        &[("name", DEMO_POOL), ("endpoint", &loaded)],
+    )
+    .unwrap_or(0.0);
+    assert!(running >= 1.0, "{text}");
+    // The streams end (or are dropped): the load goes back to 0, the snapshot is live.
+    for h in &held {
+        h.abort();
+    }
+    wait_state(&gw, "the load to drain", Duration::from_secs(15), |s| {
+        filter_endpoint(s, &loaded).is_some_and(|e| e["running"] == 0 && e["waiting"] == 0)
+    })
+    .await;
+    eprintln!("load visible in the filter after {seen_after:?}");
+
+    // Kill a replica: unhealthy in the first snapshot generated within 3 intervals.
+    let victim = endpoints[1].clone();
+    let victim_port = gw.sims[1].port;
+    gw.sim_mut("sim-1").kill();
+    let killed_at = unix_ms();
+    let state = wait_state(
+        &gw,
+        "the killed replica to be unhealthy",
+        Duration::from_secs(5),
+        |s| filter_endpoint(s, &victim).is_some_and(|e| e["healthy"] == false),
+    )
+    .await;
+    let generated = stored_identity(&state).0;
+    eprintln!(
+        "killed replica unhealthy in a snapshot generated {} ms after the kill",
+        generated.saturating_sub(killed_at)
+    );
+    assert!(
+        generated <= killed_at + 3 * interval_ms,
+        "unhealthy first in a snapshot generated {} ms after the kill (3 intervals: {} ms)",
+        generated.saturating_sub(killed_at),
+        3 * interval_ms
+    );
+    for other in [&endpoints[0], &endpoints[2]] {
+        assert_eq!(
+            filter_endpoint(&state, other).unwrap_or_default()["healthy"],
+            true
+        );
+    }
+    // Restart it on the same port: healthy again.
+    let _restarted = blocking(|| start_sim(gw.temp_dir(), "sim-1-again", victim_port, &[]));
+    wait_state(
+        &gw,
+        "the restarted replica to be healthy",
+        Duration::from_secs(5),
+        |s| filter_endpoint(s, &victim).is_some_and(|e| e["healthy"] == true),
+    )
+    .await;
+    let text = blocking(|| collector.metrics());
+    assert!(
+        metric(
+            &text,
+            "inference_collector_scrape_errors_total",
+            &[("endpoint", &victim), ("reason", "connect")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+    // Envoy was up before the collector: every push so far was stored.
+    let rounds = metric(&text, "inference_collector_rounds_total", &[]).unwrap_or(0.0);
+    let ok = metric(&text, "inference_collector_push_total", &[("result", "ok")]).unwrap_or(0.0);
+    assert!(
+        ok >= 3.0 && ok >= rounds - 2.0,
+        "{ok} pushes stored of {rounds} rounds:\n{text}"
+    );
+    for bad in ["error", "rejected", "stale"] {
+        assert_eq!(
+            metric(&text, "inference_collector_push_total", &[("result", bad)]),
+            None,
+            "{text}"
+        );
+    }
+
+    // Kill the collector: the last snapshot stays in use, then turns stale.
+    let mut collector = collector;
+    let log = collector.log();
+    collector.guard.kill();
+    let killed_at = Instant::now();
+    let state = gw.debug_state().await;
+    let (last_generated, last_sequence, _) = stored_identity(&state);
+    assert_eq!(state["snapshot"]["stale"], false, "{}", state["snapshot"]);
+    assert_eq!(
+        state["snapshot"]["endpoints"][&endpoints[0]], true,
+        "the last snapshot's endpoints are still trusted right after the collector died"
+    );
+    let state = wait_state(
+        &gw,
+        "the snapshot to turn stale",
+        Duration::from_secs(5),
+        |s| s["snapshot"]["stale"] == true,
+    )
+    .await;
+    let stale_seen = unix_ms();
+    assert!(
+        stale_seen >= last_generated + STALE_AFTER_MS,
+        "stale {} ms after generation, before snapshot_stale_after_ms={STALE_AFTER_MS}",
+        stale_seen - last_generated
+    );
+    assert!(killed_at.elapsed() < Duration::from_millis(STALE_AFTER_MS + 1_500));
+    assert_eq!(
+        stored_identity(&state).0,
+        last_generated,
+        "nothing pushed since"
+    );
+    assert_eq!(stored_identity(&state).1, last_sequence);
+
+    // Bad pushes leave the stored snapshot alone.
+    let url = gw.control_url("/v1/snapshot");
+    let newer = Snapshot {
+        generated_at_ms: unix_ms() + 60_000,
+        sequence: 1,
+        collector: "intruder".into(),
+        pools: vec![PoolSnapshot {
+            name: DEMO_POOL.into(),
+            endpoints: vec![EndpointMetrics {
+                address: endpoints[0].clone(),
+                healthy: false,
+                ..Default::default()
+            }],
+        }],
+    }
+    .encode();
+    let older = Snapshot {
+        generated_at_ms: 1,
+        ..Default::default()
+    }
+    .encode();
+    let mut junk = vec![0u8; 10 * 1024 * 1024];
+    fastrand::Rng::with_seed(5).fill(&mut junk);
+    let small_junk = junk[..1024 * 1024].to_vec();
+    let cases: Vec<(&str, &str, Vec<u8>, u16)> = vec![
+        ("wrong token", "Bearer not-the-token", newer.clone(), 401),
+        ("no token", "", newer.clone(), 401),
+        ("truncated body", "", newer[..newer.len() - 1].to_vec(), 400),
+        ("1 MB of junk", "", small_junk, 400),
+        ("10 MB of junk", "", junk, 413),
+        ("an older snapshot", "", older, 409),
+    ];
+    for (what, auth, body, want) in cases {
+        let auth = if auth.is_empty() && what != "no token" {
+            format!("Bearer {TOKEN}")
+        } else {
+            auth.to_string()
+        };
+        let mut req = gw
+            .client
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .body(body);
+        if !auth.is_empty() {
+            req = req.header("authorization", auth);
+        }
+        let status = match req.send().await {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => panic!("{what}: {e}"),
+        };
+        assert_eq!(status, want, "{what}");
+        let state = gw.debug_state().await;
+        assert_eq!(
+            stored_identity(&state),
+            (last_generated, last_sequence, collector_id.clone()),
+            "{what} changed the stored snapshot"
+        );
+    }
+    // The same newer snapshot with the right token is taken: the rejections above
+    // were about the token and the bytes, not about the snapshot.
+    let resp = gw
+        .client
+        .post(&url)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/octet-stream")
+        .body(newer)
+        .send()
+        .await
+        .expect("good push");
+    assert_eq!(resp.status(), 204);
+    assert_eq!(stored_identity(&gw.debug_state().await).2, "intruder");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Each server flavour the simulator speaks maps to ready endpoints; a hung
+/// endpoint, a garbage one, a wrong server type and a dead port are unhealthy,
+/// counted by reason, and delay neither the other scrapes nor the rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_maps_each_flavour_and_isolates_bad_endpoints() {
+    let dir = tempfile::Builder::new()
+        .prefix("collector-")
+        .tempdir()
+        .expect("temp dir");
+    let port = || process::free_port().expect("free port");
+    let (p_vllm, p_sglang, p_tgi, p_wrong) = (port(), port(), port(), port());
+    let _sims = blocking(|| {
+        [
+            start_sim(dir.path(), "vllm", p_vllm, &[]),
+            start_sim(
+                dir.path(),
+                "sglang",
+                p_sglang,
+                &["--metrics-flavor", "sglang"],
+            ),
+            start_sim(dir.path(), "tgi", p_tgi, &["--metrics-flavor", "tgi"]),
+            start_sim(dir.path(), "wrong", p_wrong, &[]),
+        ]
+    });
+    // Accepts connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hung_addr = hung.local_addr().expect("addr").to_string();
+    let hung_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    // Answers 200 with an HTML page.
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let garbage_addr = garbage.local_addr().expect("addr").to_string();
+    let garbage_task = tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async { "<html><body>not metrics</body></html>" }),
+        );
+        let _ = axum::serve(garbage, app).await;
+    });
+    let dead = format!("127.0.0.1:{}", port());
+
+    let config = [
+        "scrape_timeout_ms: 200".to_string(),
+        "pools:".into(),
+        format!("- {{name: v, endpoints: [\"127.0.0.1:{p_vllm}\"]}}"),
+        format!("- {{name: s, server_type: sglang, endpoints: [\"127.0.0.1:{p_sglang}\"]}}"),
+        format!("- {{name: t, endpoints: [{{address: \"127.0.0.1:{p_tgi}\", server_type: tgi}}]}}"),
+        "- name: dns".into(),
+        format!("  endpoints: [\"localhost:{p_vllm}\"]"),
+        "- name: broken".into(),
+        "  endpoints:".into(),
+        format!("  - \"{hung_addr}\""),
+        format!("  - \"{garbage_addr}\""),
+        format!("  - {{address: \"127.0.0.1:{p_wrong}\", server_type: llamacpp}}"),
+        format!("  - \"{dead}\""),
+    ]
+    .join("\n");
+    let collector = blocking(|| Collector::start(dir.path(), "collector", &config));
+
+    // Wait for every bad endpoint to have failed at least once (the hung one after
+    // its 200 ms timeout).
+    let reason = |text: &str, ep: &str, r: &str| {
+        metric(
+            text,
+            "inference_collector_scrape_errors_total",
+            &[("endpoint", ep), ("reason", r)],
+        )
+        .unwrap_or(0.0)
+    };
+    let wrong = format!("127.0.0.1:{p_wrong}");
+    let text = blocking(|| {
+        process::wait_until(
+            "every failure to be counted",
+            Duration::from_secs(10),
+            || {
+                let t = collector.metrics();
+                let all = reason(&t, &hung_addr, "timeout") >= 1.0
+                    && reason(&t, &garbage_addr, "parse") >= 1.0
+                    && reason(&t, &wrong, "no_metrics") >= 1.0
+                    && reason(&t, &dead, "connect") >= 1.0;
+                if all {
+                    Check::Ready(t)
+                } else {
+                    Check::NotYet("not all counted yet".into())
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", collector.log()))
+    });
+    let ready = |name: &str| metric(&text, "inference_pool_ready_pods", &[("name", name)]);
+    assert_eq!(ready("v"), Some(1.0), "{text}");
+    assert_eq!(ready("s"), Some(1.0), "sglang flavour maps: {text}");
+    assert_eq!(ready("t"), Some(1.0), "tgi flavour maps: {text}");
+    assert_eq!(ready("dns"), Some(1.0), "localhost resolves: {text}");
+    assert_eq!(ready("broken"), Some(0.0), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "inference_pool_endpoint_healthy",
+            &[
+                ("name", "dns"),
+                ("endpoint", &format!("127.0.0.1:{p_vllm}"))
+            ]
+        ),
+        Some(1.0)
+    );
+
+    // The hung endpoint holds up nobody: over one second, the healthy endpoint is
+    // scraped and rounds are built at (most of) the 50 ms rate.
+    let count = |text: &str| {
+        metric(
+            text,
+            "inference_collector_scrape_duration_seconds_count",
+            &[("endpoint", &format!("127.0.0.1:{p_vllm}"))],
+        )
+        .unwrap_or(0.0)
+    };
+    let rounds = |text: &str| metric(text, "inference_collector_rounds_total", &[]).unwrap_or(0.0);
+    let before = blocking(|| collector.metrics());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = blocking(|| collector.metrics());
+    let scrapes = count(&after) - count(&before);
+    let built = rounds(&after) - rounds(&before);
+    assert!(
+        scrapes >= 10.0,
+        "{scrapes} scrapes of a healthy endpoint in 1 s"
+    );
+    assert!(built >= 10.0, "{built} rounds in 1 s");
+    assert_eq!(
+        metric(
+            &after,
+            "inference_pool_endpoint_healthy",
+            &[("endpoint", &hung_addr)]
+        ),
+        Some(0.0)
+    );
+    hung_task.abort();
+    garbage_task.abort();
+    let log = collector.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A push target that is down is retried with backoff and picked up when it
+/// comes up, and again after the Envoy behind it is replaced (a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_finds_its_target_after_envoy_starts_and_restarts() {
+    let _turn = ENVOY_TURN.lock().await;
+    let dir = tempfile::Builder::new()
+        .prefix("collector-")
+        .tempdir()
+        .expect("temp dir");
+    let sim_port = process::free_port().expect("free port");
+    let _sim = blocking(|| start_sim(dir.path(), "solo", sim_port, &[]));
+    let control_port = process::free_port().expect("free port");
+    let config = format!(
+        "push_targets: [\"127.0.0.1:{control_port}\"]\n\
+         push_backoff_initial_ms: 50\n\
+         push_backoff_max_ms: 400\n\
+         pools: [{{name: solo, endpoints: [\"127.0.0.1:{sim_port}\"]}}]\n"
+    );
+    let collector = blocking(|| Collector::start(dir.path(), "collector", &config));
+    let target = format!("127.0.0.1:{control_port}");
+    blocking(|| {
+        process::wait_until(
+            "failed pushes to be counted",
+            Duration::from_secs(10),
+            || {
+                let t = collector.metrics();
+                match metric(
+                    &t,
+                    "inference_collector_push_total",
+                    &[("target", &target), ("result", "error")],
+                ) {
+                    Some(n) if n >= 2.0 => Check::Ready(()),
+                    other => Check::NotYet(format!("{other:?}")),
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    });
+    let solo = format!("127.0.0.1:{sim_port}");
+    for attempt in ["first start", "restart"] {
+        let gw = Gateway::start(GatewayOptions {
+            replicas: 1,
+            configure: Box::new(move |s| {
+                s.control_port = control_port;
+                s.control_config = ingest_control_config();
+            }),
+            ..GatewayOptions::default()
+        })
+        .await;
+        let started = Instant::now();
+        wait_state(
+            &gw,
+            &format!("a snapshot after the {attempt}"),
+            Duration::from_secs(5),
+            |s| filter_endpoint(s, &solo).is_some_and(|e| e["healthy"] == true),
+        )
+        .await;
+        eprintln!(
+            "snapshot stored {:?} after Envoy's {attempt}",
+            started.elapsed()
+        );
+        drop(gw);
+    }
+    let t = blocking(|| collector.metrics());
+    assert!(
+        metric(
+            &t,
+            "inference_collector_push_total",
+            &[("target", &target), ("result", "ok")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{t}"
+    );
+}
+
+/// A real Prometheus scrapes the collector and answers a query for GIE's pool
+/// gauge through its HTTP API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_collector() {
+    let Some(prometheus) = find_prometheus() else {
+        support::announce(
+            "\n*** SKIPPED prometheus_scrapes_the_collector: no `prometheus` binary on PATH \
+             (install it: apt-get install -y prometheus) ***\n",
+        );
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("collector-prom-")
+        .tempdir()
+        .expect("temp dir");
+    let sim_port = process::free_port().expect("free port");
+    let _sim = blocking(|| start_sim(dir.path(), "prom", sim_port, &[]));
+    let collector = blocking(|| {
+        Collector::start(
+            dir.path(),
+            "collector",
+            &format!("pools: [{{name: prom-pool, endpoints: [\"127.0.0.1:{sim_port}\"]}}]\n"),
+        )
+    });
+    let prom_port = process::free_port().expect("free port");
+    let prom_config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: collector\n    static_configs:\n\
+             \x20     - targets: [\"127.0.0.1:{}\"]\n",
+            collector.port
+        ),
+    )
+    .expect("write prometheus.yml");
+    let mut cmd = Command::new(&prometheus);
+    cmd.arg(format!("--config.file={}", prom_config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .current_dir(dir.path());
+    let log = dir.path().join("prometheus.log");
+    let mut prom =
+        ChildGuard::spawn("prometheus", &mut cmd, Some(&log)).unwrap_or_else(|e| panic!("{e}"));
+    let query = format!(
+        "http://127.0.0.1:{prom_port}/api/v1/query?query=inference_pool_average_kv_cache_utilization"
+    );
+    let result = blocking(|| {
+        process::wait_until(
+            "Prometheus to have the pool gauge",
+            Duration::from_secs(40),
+            || {
+                if let Err(e) = prom.check_running() {
+                    return Check::Failed(e.to_string());
+                }
+                let body = match process::http_get(&query) {
+                    Ok((200, b)) => b,
+                    Ok((s, b)) => return Check::NotYet(format!("{s} {b}")),
+                    Err(e) => return Check::NotYet(e.to_string()),
+                };
+                let v: Value = match serde_json::from_str(&body) {
+                    Ok(v) => v,
+                    Err(e) => return Check::NotYet(format!("{e}: {body}")),
+                };
+                let series = v["data"]["result"].as_array().cloned().unwrap_or_default();
+                match series.iter().find(|s| s["metric"]["name"] == "prom-pool") {
+                    Some(s) => Check::Ready(s.clone()),
+                    None => Check::NotYet(body),
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n--- prometheus ---\n{}", prom.log_tail(4000)))
+    });
+    assert_eq!(result["metric"]["job"], "collector");
+    let value: f64 = result["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&value), "{result}");
+    // The ready-pods gauge too: the one replica is up.
+    let ready = blocking(|| {
+        process::http_get(&format!(
+            "http://127.0.0.1:{prom_port}/api/v1/query?query=inference_pool_ready_pods%7Bname%3D%22prom-pool%22%7D"
+        ))
+    })
+    .expect("query");
+    let v: Value = serde_json::from_str(&ready.1).expect("JSON");
+    assert_eq!(v["data"]["result"][0]["value"][1], "1", "{v}");
+    prom.stop(Duration::from_secs(5));
+}
+
+fn find_prometheus() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("prometheus"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Bad flags print usage; a bad configuration names the field; `--check` passes
+/// a good one. All exit without scraping anything.
+#[test]
+fn cli_and_configuration_errors() {
+    let out = Command::new(collector_binary())
+        .arg("--no-such-flag")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Usage:"), "{err}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "pools:\n  - {name: a, endpoints: [\"127.0.0.1:1\"]}\n  - {name: b, endpoints: [\"not an address\"]}\n",
+    )
+    .expect("write");
+    let out = Command::new(collector_binary())
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pools[1].endpoints[0]: not ip:port"), "{err}");
+
+    let json = dir.path().join("good.json");
+    std::fs::write(
+        &json,
+        r#"{"push_targets": ["127.0.0.1:9902"], "pools": [{"name": "a", "endpoints": ["127.0.0.1:1"]}]}"#,
+    )
+    .expect("write");
+    let out = Command::new(collector_binary())
+        .arg("--config")
+        .arg(&json)
+        .arg("--check")
+        .env_remove(TOKEN_ENV)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "push targets need a token");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
+    let out = Command::new(collector_binary())
+        .arg("--config")
+        .arg(&json)
+        .args(["--check", "--token-env", TOKEN_ENV])
+        .env(TOKEN_ENV, TOKEN)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let example = support::repo_root().join("docs/collector.example.yaml");
+    let out = Command::new(collector_binary())
+        .arg("--config")
+        .arg(&example)
+        .args(["--check", "--token-env", TOKEN_ENV])
+        .env(TOKEN_ENV, TOKEN)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "the committed example config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
