@@ -636,10 +636,25 @@ async fn collector_maps_each_flavour_and_isolates_bad_endpoints() {
         ),
         Some(0.0)
     );
+    // SIGTERM: a clean, prompt exit even with a scrape hanging.
+    let mut collector = collector;
+    let asked = Instant::now();
+    let status = collector.guard.stop(Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {status:?}\n{}",
+        collector.log()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
     hung_task.abort();
     garbage_task.abort();
     let log = collector.log();
     assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("stopping"), "{log}");
 }
 
 /// A push target that is down is retried with backoff and picked up when it

@@ -359,11 +359,12 @@ impl RawCollectorConfig {
             (None, None) => None,
         };
         if let Some((field, t)) = &token {
-            if t.trim() != t || t.len() < MIN_TOKEN_LEN {
+            // It goes into an HTTP header: visible ASCII only.
+            if t.len() < MIN_TOKEN_LEN || !t.chars().all(|c| c.is_ascii_graphic()) {
                 return Err(err(
                     *field,
                     format!(
-                        "the token must be at least {MIN_TOKEN_LEN} characters, without surrounding whitespace"
+                        "the token must be at least {MIN_TOKEN_LEN} visible ASCII characters, without spaces"
                     ),
                 ));
             }
@@ -671,6 +672,8 @@ pools:
             ("push_targets: ['a b']\ntoken: '0123456789'\npools: []", "push_targets[0]"),
             ("push_targets: ['x:1', 'x:1']\ntoken: '0123456789'\npools: []", "push_targets[1]"),
             ("token: short\npools: []", "token"),
+            ("token: \"0123 456789\"\npools: []", "token"),
+            ("token: \"0123456789\\u00e9\"\npools: []", "token"),
             ("token: a\ntoken_env: B\npools: []", "token_env"),
             ("token_env: IGW_SURELY_UNSET\npools: []", "token_env"),
         ];

@@ -58,7 +58,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Shared {
     id: String,
-    targets: Mutex<Arc<Vec<PoolTargets>>>,
+    /// `None` until discovery has run once (no snapshot before that).
+    targets: Mutex<Option<Arc<Vec<PoolTargets>>>>,
     states: Mutex<HashMap<SocketAddr, ScrapeState>>,
     telemetry: Mutex<Telemetry>,
     last: Mutex<Arc<Snapshot>>,
@@ -163,7 +164,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<RunningCollector, String> {
     let cfg = Arc::new(cfg);
     let shared = Arc::new(Shared {
         id: random_id(),
-        targets: Mutex::new(Arc::new(Vec::new())),
+        targets: Mutex::new(None),
         states: Mutex::new(HashMap::new()),
         telemetry: Mutex::new(Telemetry::default()),
         last: Mutex::new(Arc::new(Snapshot::default())),
@@ -303,7 +304,7 @@ async fn discovery(shared: Arc<Shared>, cfg: Arc<CollectorConfig>, client: reqwe
                 (server_type, AbortOnDrop(task))
             });
         }
-        *lock(&shared.targets) = Arc::new(pools);
+        *lock(&shared.targets) = Some(Arc::new(pools));
         if sources.is_empty() {
             // Static endpoints only: nothing to refresh; keep the tasks alive.
             std::future::pending::<()>().await;
@@ -416,8 +417,10 @@ async fn rounds(shared: Arc<Shared>, cfg: Arc<CollectorConfig>, tx: watch::Sende
     let mut sequence = 0u64;
     loop {
         tick.tick().await;
+        let Some(targets) = lock(&shared.targets).clone() else {
+            continue;
+        };
         sequence += 1;
-        let targets = lock(&shared.targets).clone();
         let snapshot = {
             let states = lock(&shared.states);
             build_snapshot(
