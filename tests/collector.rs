@@ -13,22 +13,18 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::collector::{collector_binary, Collector, TOKEN_ENV};
 use support::deploy::envoy_config::DEMO_POOL;
 use support::deploy::process::{self, Check, ChildGuard};
 use support::gateway::{Gateway, GatewayOptions};
 use support::sim::{sim_binary, SimOptions};
 
 const TOKEN: &str = "collector-test-token-0123";
-const TOKEN_ENV: &str = "IGW_TEST_COLLECTOR_TOKEN";
 const STALE_AFTER_MS: u64 = 1_500;
 
 /// Envoy-based tests take turns: each starts Envoy and replicas on 2 shared cores,
 /// and their timing assertions should not measure each other's start-up.
 static ENVOY_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn collector_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_metrics-collector"))
-}
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -69,59 +65,6 @@ fn start_sim(dir: &Path, id: &str, port: u16, args: &[&str]) -> ChildGuard {
     })
     .unwrap_or_else(|e| panic!("{e}"));
     guard
-}
-
-/// The collector binary as a child process, its token passed through the
-/// environment (`--token-env`), never on the command line.
-struct Collector {
-    guard: ChildGuard,
-    port: u16,
-}
-
-impl Collector {
-    /// `config` is the configuration without `listen`; it is written as YAML.
-    fn start(dir: &Path, name: &str, config: &str) -> Collector {
-        let port = process::free_port().expect("free port");
-        let path = dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, format!("listen: \"127.0.0.1:{port}\"\n{config}"))
-            .expect("write config");
-        let mut cmd = Command::new(collector_binary());
-        cmd.arg("--config")
-            .arg(&path)
-            .args(["--token-env", TOKEN_ENV])
-            .env(TOKEN_ENV, TOKEN)
-            .env("RUST_LOG", "info");
-        let log = dir.join(format!("{name}.log"));
-        let mut guard =
-            ChildGuard::spawn(name, &mut cmd, Some(&log)).unwrap_or_else(|e| panic!("{e}"));
-        let healthz = format!("http://127.0.0.1:{port}/healthz");
-        process::wait_until(name, Duration::from_secs(20), || {
-            if let Err(e) = guard.check_running() {
-                return Check::Failed(e.to_string());
-            }
-            match process::http_get(&healthz) {
-                Ok((200, _)) => Check::Ready(()),
-                Ok((s, b)) => Check::NotYet(format!("{s} {b}")),
-                Err(e) => Check::NotYet(e.to_string()),
-            }
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        Collector { guard, port }
-    }
-
-    fn metrics(&self) -> String {
-        match process::http_get(&format!("http://127.0.0.1:{}/metrics", self.port)) {
-            Ok((200, body)) => body,
-            other => panic!(
-                "collector /metrics: {other:?}\n--- log ---\n{}",
-                self.guard.log_tail(8000)
-            ),
-        }
-    }
-
-    fn log(&self) -> String {
-        self.guard.log_tail(16 * 1024)
-    }
 }
 
 /// The value of the series `name{labels…}` in exposition text (exact label match
@@ -246,7 +189,7 @@ async fn collector_feeds_the_filter_through_envoy() {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let collector = blocking(|| Collector::start(gw.temp_dir(), "collector", &config));
+    let collector = blocking(|| Collector::start(gw.temp_dir(), "collector", &config, TOKEN));
 
     // Every replica healthy in the filter's snapshot, with our labels and type.
     let state = wait_state(
@@ -557,7 +500,7 @@ async fn collector_maps_each_flavour_and_isolates_bad_endpoints() {
         format!("  - \"{dead}\""),
     ]
     .join("\n");
-    let collector = blocking(|| Collector::start(dir.path(), "collector", &config));
+    let collector = blocking(|| Collector::start(dir.path(), "collector", &config, TOKEN));
 
     // Wait for every bad endpoint to have failed at least once (the hung one after
     // its 200 ms timeout).
@@ -675,7 +618,7 @@ async fn collector_finds_its_target_after_envoy_starts_and_restarts() {
          push_backoff_max_ms: 400\n\
          pools: [{{name: solo, endpoints: [\"127.0.0.1:{sim_port}\"]}}]\n"
     );
-    let collector = blocking(|| Collector::start(dir.path(), "collector", &config));
+    let collector = blocking(|| Collector::start(dir.path(), "collector", &config, TOKEN));
     let target = format!("127.0.0.1:{control_port}");
     blocking(|| {
         process::wait_until(
@@ -755,6 +698,7 @@ async fn prometheus_scrapes_the_collector() {
             dir.path(),
             "collector",
             &format!("pools: [{{name: prom-pool, endpoints: [\"127.0.0.1:{sim_port}\"]}}]\n"),
+            TOKEN,
         )
     });
     let prom_port = process::free_port().expect("free port");
