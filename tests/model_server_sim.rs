@@ -7,7 +7,6 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use support::sim::{sample, Sim, SimOptions, SERVER_ID_HEADER};
 
@@ -253,23 +252,10 @@ fn sigterm_stops_it_promptly() {
 /// that says so, where no Python with `openai` is found.
 #[test]
 fn the_official_openai_client_works_against_it() {
-    let python = support::repo_root().join(".venv/bin/python");
-    let python = if python.exists() {
-        python
-    } else {
-        "python3".into()
-    };
-    let has_openai = Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !has_openai {
-        support::announce(
-            "SKIPPED the_official_openai_client_works_against_it: no python with `openai`",
-        );
+    let Some(python) = support::api::openai_python("the_official_openai_client_works_against_it")
+    else {
         return;
-    }
+    };
     let (sim, _dir) = start("m1", 1);
     let base = format!("http://127.0.0.1:{}", sim.port);
     let script = format!(
@@ -294,17 +280,7 @@ except openai.NotFoundError as e:
 print("ok")
 "#,
     );
-    let out = Command::new(&python)
-        .args(["-c", &script])
-        .env("NO_PROXY", "*")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openai client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::api::run_python(&python, &script);
 }
 
 const RUNNING: &str = "vllm:num_requests_running{model_name=\"m1\"}";

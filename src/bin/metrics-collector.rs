@@ -4,9 +4,9 @@
 use clap::Parser;
 use inference_gateway::collector::config::RawCollectorConfig;
 use inference_gateway::collector::runtime;
+use inference_gateway::deploy::process::shutdown_signal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -71,17 +71,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-                _ = term.recv() => tracing::info!("terminated"),
-            }
-        };
-        runtime::run(cfg, shutdown).await
-    });
+    let result = rt.block_on(runtime::run(cfg, shutdown_signal()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -2,12 +2,12 @@
 //! Every flag is described in docs/simulator.md.
 
 use clap::{Parser, ValueEnum};
+use inference_gateway::deploy::process::shutdown_signal;
 use inference_gateway::sim::engine::{EngineConfig, Policy};
 use inference_gateway::sim::metrics::Flavor;
 use inference_gateway::sim::{serve, SimConfig};
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
 #[command(about = "Simulated OpenAI-compatible model server (vLLM metrics)")]
@@ -136,18 +136,7 @@ async fn main() -> ExitCode {
         ..SimConfig::default()
     };
     tracing::info!(id = %config.id, %addr, "model-server-sim listening");
-    let shutdown = async {
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutting down");
-    };
-    match serve(config, listener, shutdown).await {
+    match serve(config, listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("server error: {e}");

@@ -1,11 +1,11 @@
 //! The safety service simulator: Model Armor's sanitize API on loopback.
 
 use clap::Parser;
+use inference_gateway::deploy::process::shutdown_signal;
 use inference_gateway::safety_sim::{serve, Behaviour, Mode, Rules, SafetySimConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
 #[command(about = "Simulated safety service speaking Google Cloud Model Armor's REST API")]
@@ -100,18 +100,7 @@ async fn main() -> ExitCode {
         record_capacity: 1000,
     };
     tracing::info!(%addr, "safety-sim listening");
-    let shutdown = async {
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutting down");
-    };
-    match serve(config, listener, shutdown).await {
+    match serve(config, listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("server error: {e}");
