@@ -34,6 +34,10 @@ pub const DEMO_LORA_ADAPTERS: [&str; 2] = ["food-review-v1", "food-review-v2"];
 pub const MODEL_SERVERS_CLUSTER: &str = "model_servers";
 /// Name of the cluster the filter's safety callouts go to.
 pub const SAFETY_CLUSTER: &str = "safety_service";
+/// The committed bootstrap's ingest token, for running the stack by hand on
+/// loopback (`envoy/collector.yaml` reads it from `IGW_INGEST_TOKEN`). The demo
+/// binary and the tests use fresh tokens; anything beyond loopback needs a secret.
+pub const DEMO_INGEST_TOKEN: &str = "demo-ingest-token-change-me";
 /// Where the demo's safety simulator listens.
 pub const DEMO_SAFETY_ADDRESS: &str = "127.0.0.1:8090";
 /// The demo's Model Armor templates (served by the safety simulator's default rules).
@@ -113,7 +117,7 @@ impl EnvoySettings {
             admin_port: 9901,
             wasm_path: DEMO_WASM_PATH.into(),
             gateway_config: with_demo_safety(demo_gateway_config(&endpoints)),
-            control_config: json!({"role": "control"}),
+            control_config: json!({"role": "control", "ingest": {"token": DEMO_INGEST_TOKEN}}),
             vm_id: "inference-gateway".into(),
             failure_policy: "FAIL_CLOSED".into(),
             log_level: "info".into(),
