@@ -42,6 +42,7 @@ impl RootContext for Root {
         if config.role == Role::Gateway {
             let endpoints = config.all_endpoints();
             store::register_endpoints(&endpoints);
+            store::register_series(&config);
         }
         log::info!(
             "inference-gateway: configured as {:?} with {} pool(s), {} model(s)",
@@ -76,6 +77,15 @@ fn now_ms(ctx: &dyn Context) -> u64 {
     ctx.get_current_time()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Host wall clock in Unix nanoseconds (0 if unavailable): request timings.
+fn now_ns() -> u64 {
+    proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
 

@@ -456,12 +456,14 @@ mod tests {
         assert_eq!(Series::decode(Some(b"\xff\xff\xff")).requests, 0);
         assert_eq!(Series::decode(None).hists.len(), Hist::ALL.len());
         // A histogram with the wrong bucket count (another layout) is reset.
-        let mut s = Series::default();
-        s.hists = vec![Histogram {
-            counts: vec![1, 2],
-            sum: 1.0,
-            count: 3,
-        }];
+        let s = Series {
+            hists: vec![Histogram {
+                counts: vec![1, 2],
+                sum: 1.0,
+                count: 3,
+            }],
+            ..Default::default()
+        };
         let d = Series::decode(Some(&s.encode()));
         assert_eq!(d.hist(Hist::Duration).unwrap().count, 0);
         assert_eq!(

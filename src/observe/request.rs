@@ -57,6 +57,12 @@ pub struct RequestObs {
     /// them there and the next callback sees them again).
     pub held: usize,
     pub finished: bool,
+    // Access-log only:
+    pub priority: Option<i32>,
+    pub endpoint: Option<String>,
+    /// Safety verdicts: `pass`, `blocked`, `fail_open`, `unavailable`.
+    pub safety_prompt: Option<&'static str>,
+    pub safety_response: Option<&'static str>,
 }
 
 impl RequestObs {
@@ -88,6 +94,52 @@ impl RequestObs {
     pub fn final_usage(&self) -> Option<Usage> {
         self.usage.usage()
     }
+}
+
+/// A value for a space-separated `key=value` line: no spaces, quotes or controls.
+fn field(v: &str) -> String {
+    let v = super::clip(v);
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.chars()
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() || c == '"' || c == '\\' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The access-log fields (logfmt), as the filter sets them in the `igw` property
+/// for `%FILTER_STATE(wasm.igw:PLAIN)%`. `-` marks what is unknown.
+pub fn access_log_fields(o: &RequestObs, now_ns: u64) -> String {
+    let (model, target) = o
+        .labels
+        .as_ref()
+        .map(|(m, t)| (field(m), field(t)))
+        .unwrap_or_else(|| ("-".into(), "-".into()));
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |n| n.to_string());
+    let ms = |from: Option<u64>, to: Option<u64>| match (from, to) {
+        (Some(a), Some(b)) => format!("{:.1}", b.saturating_sub(a) as f64 / 1e6),
+        _ => "-".into(),
+    };
+    let usage = o.final_usage();
+    format!(
+        "model={model} target_model={target} endpoint={} priority={} safety_prompt={} safety_response={} \
+         input_tokens={} output_tokens={} ttft_ms={} duration_ms={} error={}",
+        o.endpoint.as_deref().map_or_else(|| "-".into(), field),
+        o.priority.map_or_else(|| "-".to_string(), |p| p.to_string()),
+        o.safety_prompt.unwrap_or("-"),
+        o.safety_response.unwrap_or("-"),
+        opt(usage.map(|u| u.prompt_tokens)),
+        opt(usage.map(|u| u.completion_tokens)),
+        if o.streamed { ms(o.started_ns, o.first_byte_ns) } else { "-".into() },
+        ms(o.started_ns, Some(now_ns)),
+        o.error.unwrap_or("-"),
+    )
 }
 
 /// The update when a request is routed to `endpoint`.
@@ -221,6 +273,27 @@ mod tests {
         let mut s = Series::default();
         apply_finished(&mut s, &RequestObs::default(), 1);
         assert_eq!(s, Series::default());
+    }
+
+    #[test]
+    fn access_log_line() {
+        let mut o = obs();
+        o.labels = Some(("food review".into(), "t\"x".into()));
+        o.endpoint = Some("10.0.0.1:8000".into());
+        o.priority = Some(-1);
+        o.safety_prompt = Some("pass");
+        o.response_bytes(
+            b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
+            1_020_000_000,
+        );
+        assert_eq!(
+            access_log_fields(&o, 1_500_000_000),
+            "model=food_review target_model=t_x endpoint=10.0.0.1:8000 priority=-1 \
+             safety_prompt=pass safety_response=- input_tokens=3 output_tokens=4 \
+             ttft_ms=20.0 duration_ms=500.0 error=-"
+        );
+        let none = RequestObs::default();
+        assert!(access_log_fields(&none, 0).starts_with("model=- target_model=- endpoint=-"));
     }
 
     #[test]
