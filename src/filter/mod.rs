@@ -43,6 +43,7 @@ impl RootContext for Root {
             let endpoints = config.all_endpoints();
             store::register_endpoints(&endpoints);
             store::register_series(&config);
+            define_counters(&config);
         }
         log::info!(
             "inference-gateway: configured as {:?} with {} pool(s), {} model(s)",
@@ -69,6 +70,26 @@ impl RootContext for Root {
             )),
             Role::Control => Box::new(control::ControlStream::new(config)),
         })
+    }
+}
+
+/// The filter's Envoy counters that exist from the start (at 0), per configured
+/// model and safety check; safety blocks appear with their first `filter` label.
+fn define_counters(config: &Config) {
+    for name in config.models.keys() {
+        metrics::define(&format!(
+            "inference_gateway_shed_total.model_name.{}",
+            metrics::label(name)
+        ));
+    }
+    if config.safety.is_some() {
+        for check in ["prompt", "response"] {
+            for counter in ["checks", "failures", "fail_open"] {
+                metrics::define(&format!(
+                    "inference_gateway_safety_{counter}_total.check.{check}"
+                ));
+            }
+        }
     }
 }
 
