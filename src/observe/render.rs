@@ -76,7 +76,9 @@ pub fn render(series: &[(String, String, Series)], state: &GatewayState) -> Stri
         let name = kind.name();
         head(&mut out, name, "histogram", kind.help());
         for (m, t, s) in series {
-            let Some(h) = s.hist(kind).filter(|h| h.count > 0) else {
+            // Series of known models are rendered from zero, so that rate() sees
+            // their first requests; the empty-label series only ever has errors.
+            let Some(h) = s.hist(kind).filter(|h| h.count > 0 || !m.is_empty()) else {
                 continue;
             };
             let l = labels(m, t);
@@ -246,8 +248,13 @@ mod tests {
         assert_eq!(m["inference_gateway_snapshot_stale"], 0.0);
         assert!(text.contains(r#"model_name="we\"ird\n""#), "{text}");
         assert!(text.contains("# TYPE inference_model_request_duration_seconds histogram"));
-        // Empty histograms are left out; empty model labels get no request_total.
-        assert!(!text.contains("inference_model_ttft_seconds_bucket"));
+        // Known models' histograms start at zero; the empty-label series has only
+        // errors (no request_total, no histograms).
+        assert_eq!(
+            m[&format!("inference_model_ttft_seconds_bucket{{{l},le=\"+Inf\"}}")],
+            0.0
+        );
         assert!(!text.contains(r#"inference_model_request_total{model_name="""#));
+        assert!(!text.contains(r#"_bucket{model_name="""#));
     }
 }
