@@ -74,11 +74,7 @@ fn hold(url: String, prompt: String, max_tokens: u32) -> tokio::task::JoinHandle
 fn metric_names(text: &str) -> BTreeSet<String> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            l.split(|c: char| c == '{' || c == ' ')
-                .next()
-                .map(str::to_string)
-        })
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_string))
         .collect()
 }
 
