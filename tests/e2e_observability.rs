@@ -511,12 +511,11 @@ async fn gie_metrics_alerts_dashboard_and_access_log_through_a_real_prometheus()
     );
 
     // --- a full KV cache and a queue on the tiny pool: the KV alert's expression holds ---
-    let prompt: String = (0..950).map(|i| format!("w{i} ")).collect();
+    // 930 prompt tokens fill 59 of 64 blocks (0.92) at once; 90 output tokens at
+    // 100 ms keep them for ~9 s. Requests sent meanwhile queue behind its one seat.
+    let prompt: String = (0..930).map(|i| format!("w{i} ")).collect();
     let url = tiny.url("/v1/completions");
-    let mut holds = vec![hold(url.clone(), prompt, 60)];
-    for i in 0..3 {
-        holds.push(hold(url.clone(), format!("queued request {i}"), 4));
-    }
+    let mut holds = vec![hold(url.clone(), prompt, 90)];
     let (_, kv_expr) = alert_exprs
         .iter()
         .find(|(n, _)| n == "HighInferencePoolAvgKVCacheUtilization")
@@ -530,6 +529,9 @@ async fn gie_metrics_alerts_dashboard_and_access_log_through_a_real_prometheus()
             .all(|x| x.label("name") == Some(TINY_POOL) && x.value > 0.9),
         "only the tiny pool is above 90%: {firing:?}"
     );
+    for i in 0..3 {
+        holds.push(hold(url.clone(), format!("queued request {i}"), 4));
+    }
     let queue = one(&wait(
         &prom,
         "inference_pool_average_queue_size{name=\"tiny\"}",
