@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod gateway;
 pub mod inflight;
 pub mod ingest;
+pub mod observe;
 pub mod openai;
 pub mod routing;
 pub mod safety;

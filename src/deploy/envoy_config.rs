@@ -261,7 +261,7 @@ pub fn render(s: &EnvoySettings) -> String {
     let gateway_filter = wasm_filter("inference-gateway", &s.gateway_config, s);
     let control_filter = wasm_filter("inference-gateway-control", &s.control_config, s);
     let access_log = if s.access_log {
-        ACCESS_LOG.to_string()
+        ACCESS_LOG.replace("{ACCESS_LOG_FILTER_STATE}", ACCESS_LOG_FILTER_STATE)
     } else {
         String::new()
     };
@@ -540,8 +540,14 @@ const ACCESS_LOG: &str = r#"          access_log:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
               log_format:
                 text_format_source:
-                  inline_string: "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_HOST% request_id=%REQ(X-REQUEST-ID)%\n"
+                  inline_string: "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% %DURATION%ms upstream_first_byte=%RESPONSE_DURATION%ms upstream=%UPSTREAM_HOST% request_id=%REQ(X-REQUEST-ID)% %FILTER_STATE({ACCESS_LOG_FILTER_STATE}:PLAIN)%\n"
 "#;
+
+/// The filter state the plugin's access-log fields are in (`model=… target_model=…
+/// endpoint=… priority=… safety_prompt=… safety_response=… input_tokens=…
+/// output_tokens=… ttft_ms=… duration_ms=… error=…`): proxy-wasm properties
+/// become filter state named `wasm.<property>`.
+pub const ACCESS_LOG_FILTER_STATE: &str = "wasm.igw";
 
 /// Labels of the filter's metrics (`.label.value` in the name).
 const STAT_LABELS: [&str; 5] = [

@@ -1,7 +1,8 @@
 //! Everything Envoy-side, for the native binaries, the end-to-end tests and the
 //! benchmarks: rendering the Envoy bootstrap ([`envoy_config`]), finding or
 //! installing the Envoy binary ([`envoy_binary`]), child processes and readiness
-//! ([`process`]), and the locally built Envoy container image ([`docker`]).
+//! ([`process`]), the locally built Envoy container image ([`docker`]), and a
+//! real Prometheus with the shipped alert rules ([`prometheus`]).
 //!
 //! Native only: none of this is linked into the `.wasm`.
 
@@ -9,6 +10,7 @@ pub mod docker;
 pub mod envoy_binary;
 pub mod envoy_config;
 pub mod process;
+pub mod prometheus;
 
 use std::fmt;
 use std::path::PathBuf;

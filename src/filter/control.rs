@@ -6,6 +6,7 @@ use super::store::{self, HostStore};
 use crate::config::Config;
 use crate::inflight;
 use crate::ingest::{self, INGEST_PATH};
+use crate::observe;
 use crate::openai::ApiError;
 use crate::snapshot::Snapshot;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -15,6 +16,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 pub const STATE_PATH: &str = "/debug/state";
+/// Request metrics with GIE's names, in the Prometheus text format.
+pub const METRICS_PATH: &str = "/metrics";
 
 pub struct ControlStream {
     config: Rc<Config>,
@@ -28,6 +31,25 @@ impl ControlStream {
             config,
             ingesting: false,
         }
+    }
+
+    fn metrics(&self) -> String {
+        let now_ms = super::now_ms(self);
+        let endpoints = store::registered_endpoints();
+        let snapshot = store::stored_snapshot();
+        let state = observe::render::GatewayState {
+            snapshot_age_seconds: snapshot
+                .as_ref()
+                .map(|s| now_ms.saturating_sub(s.generated_at_ms) as f64 / 1000.0),
+            snapshot_stale: snapshot
+                .as_ref()
+                .map(|s| s.is_stale(now_ms, self.config.snapshot_stale_after_ms)),
+            in_flight: endpoints
+                .iter()
+                .map(|e| (e.clone(), inflight::read(&HostStore, e)))
+                .collect(),
+        };
+        observe::render::render(&observe::read_all(&HostStore), &state)
     }
 
     fn state(&self) -> Vec<u8> {
@@ -90,6 +112,15 @@ impl HttpContext for ControlStream {
                 );
             }
             (_, STATE_PATH) => reply(self, &ApiError::method_not_allowed(&method, "GET")),
+            ("GET", METRICS_PATH) => {
+                let body = self.metrics();
+                self.send_http_response(
+                    200,
+                    vec![("content-type", observe::render::CONTENT_TYPE)],
+                    Some(body.as_bytes()),
+                );
+            }
+            (_, METRICS_PATH) => reply(self, &ApiError::method_not_allowed(&method, "GET")),
             (_, INGEST_PATH) => {
                 let Some(cfg) = &self.config.ingest else {
                     reply(self, &ApiError::not_found(route));

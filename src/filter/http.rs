@@ -7,6 +7,7 @@ use super::store::{HostStore, SnapshotCache};
 use crate::config::Config;
 use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
 use crate::inflight;
+use crate::observe::{self, request as obs, request::RequestObs};
 use crate::openai::{ApiError, ApiKind};
 use crate::routing::OBJECTIVE_HEADER;
 use crate::scheduling::prefix::{self, PrefixIndex};
@@ -20,6 +21,8 @@ use std::rc::Rc;
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 /// Response header with the scored candidates, when `scheduling.explain` is on.
 pub const EXPLAIN_HEADER: &str = "x-gateway-scheduling";
+/// The property (Envoy filter state `wasm.igw`) holding the access-log fields.
+pub const ACCESS_LOG_PROPERTY: &str = "igw";
 
 pub struct GatewayStream {
     pub(super) config: Rc<Config>,
@@ -38,6 +41,8 @@ pub struct GatewayStream {
     /// Safety: the response check's state once the response started.
     pub(super) response_check: Option<ResponseCheck>,
     request_id: String,
+    /// What the request metrics and the access log record.
+    pub(super) obs: RequestObs,
 }
 
 impl GatewayStream {
@@ -53,6 +58,7 @@ impl GatewayStream {
             response_template: None,
             response_check: None,
             request_id: String::from("-"),
+            obs: RequestObs::default(),
         }
     }
 
@@ -63,6 +69,7 @@ impl GatewayStream {
     }
 
     pub(super) fn reject(&mut self, e: &ApiError) -> Action {
+        self.obs.fail(obs::error_code(e.status, e.code));
         log::info!(
             "inference-gateway: request {} answered {} {}",
             self.request_id(),
@@ -86,6 +93,10 @@ impl GatewayStream {
             Ok(plan) => plan,
             Err(e) => return self.reject(&e),
         };
+        self.obs.labels = Some((plan.model.clone(), plan.target_model.clone()));
+        self.obs.request_bytes = body_size as u64;
+        self.obs.streamed = plan.stream;
+        self.obs.priority = Some(plan.priority);
         let config = Rc::clone(&self.config);
         if let Some(safety) = &config.safety {
             self.response_template = safety.response_template(&plan.model).map(str::to_string);
@@ -177,7 +188,13 @@ impl GatewayStream {
         let decision =
             match scheduling::schedule(sched, profile, &request, &candidates, self.rng.u32(..)) {
                 Outcome::Route(d) => d,
-                Outcome::Shed => return Err(ApiError::shed(&pool.name, sched.retry_after_seconds)),
+                Outcome::Shed => {
+                    super::metrics::inc(&format!(
+                        "inference_gateway_shed_total.model_name.{}",
+                        super::metrics::label(&plan.model)
+                    ));
+                    return Err(ApiError::shed(&pool.name, sched.retry_after_seconds));
+                }
                 Outcome::NoEndpoint => return Err(ApiError::no_endpoint(&pool.name)),
             };
         let endpoint = candidates[decision.chosen()].endpoint.to_string();
@@ -196,6 +213,7 @@ impl GatewayStream {
             index.record(&hashes, &endpoint, now_ms);
         }
 
+        self.record_routed(&plan.model, &plan.target_model, &endpoint);
         if let Err(err) = inflight::add(&HostStore, &endpoint, 1) {
             // Route anyway: a missed count skews balancing a little, a refusal fails the user.
             log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
@@ -220,6 +238,52 @@ impl GatewayStream {
         };
         self.set_http_request_header(DESTINATION_HEADER, Some(&destination));
         Ok(())
+    }
+
+    /// Running gauge and pick count: one shared-data update per routed request.
+    fn record_routed(&mut self, model: &str, target: &str, endpoint: &str) {
+        let key = observe::series_key(model, target);
+        match observe::update(&HostStore, &key, |s| obs::apply_routed(s, endpoint)) {
+            Ok(()) => self.obs.running = true,
+            Err(err) => log::debug!("inference-gateway: request metrics not updated: {err:?}"),
+        }
+        self.obs.endpoint = Some(endpoint.to_string());
+    }
+
+    /// Everything else, once, when the stream ends; then the access-log fields.
+    fn record_finished(&mut self) {
+        if self.obs.finished || self.obs.started_ns.is_none() {
+            return;
+        }
+        self.obs.finished = true;
+        let now = super::now_ns();
+        let key = match &self.obs.labels {
+            Some((m, t)) => observe::series_key(m, t),
+            None => observe::series_key("", ""),
+        };
+        let o = &self.obs;
+        if let Err(err) = observe::update(&HostStore, &key, |s| obs::apply_finished(s, o, now)) {
+            log::debug!("inference-gateway: request metrics not updated: {err:?}");
+        }
+        let line = obs::access_log_fields(&self.obs, now);
+        if let Err(err) =
+            proxy_wasm::hostcalls::set_property(vec![ACCESS_LOG_PROPERTY], Some(line.as_bytes()))
+        {
+            log::debug!("inference-gateway: access-log fields not set: {err:?}");
+        }
+    }
+
+    /// Response bytes the metrics have not seen yet: TTFT, size, usage.
+    fn observe_response_body(&mut self, body_size: usize) {
+        if self.obs.started_ns.is_none() || self.obs.error.is_some() {
+            return;
+        }
+        let (start, len) = self.obs.unseen(body_size);
+        if len == 0 {
+            return;
+        }
+        let bytes = self.get_http_response_body(start, len).unwrap_or_default();
+        self.obs.response_bytes(&bytes, super::now_ns());
     }
 
     fn release(&mut self) {
@@ -252,6 +316,9 @@ impl HttpContext for GatewayStream {
         self.set_http_request_header(DESTINATION_HEADER, None);
         let method = host::request_header(":method").unwrap_or_default();
         let path = host::request_header(":path").unwrap_or_default();
+        if ApiKind::from_path(&path).is_some_and(|k| k != ApiKind::Models) {
+            self.obs.started_ns = Some(super::now_ns());
+        }
         let content_type = host::request_header("content-type");
         let content_length = host::request_header("content-length");
         let head = RequestHead {
@@ -298,6 +365,12 @@ impl HttpContext for GatewayStream {
     }
 
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        if self.obs.started_ns.is_some() && self.obs.error.is_none() {
+            let status = host::response_header(":status").and_then(|s| s.parse().ok());
+            if let Some(code) = status.and_then(obs::upstream_error_code) {
+                self.obs.fail(code);
+            }
+        }
         if let Some(text) = self.explanation.take() {
             self.set_http_response_header(EXPLAIN_HEADER, Some(&text));
         }
@@ -305,10 +378,18 @@ impl HttpContext for GatewayStream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.response_body_safety(body_size, end_of_stream)
+        self.observe_response_body(body_size);
+        let action = self.response_body_safety(body_size, end_of_stream);
+        // A paused callback leaves its bytes in the buffer for the next one.
+        self.obs.held = match action {
+            Action::Pause => body_size,
+            _ => 0,
+        };
+        action
     }
 
     fn on_log(&mut self) {
         self.release();
+        self.record_finished();
     }
 }

@@ -26,7 +26,21 @@ pub fn label(v: &str) -> String {
 
 /// Adds 1 to the counter `name`. Metrics never fail a request: errors are logged.
 pub fn inc(name: &str) {
-    let id = IDS.with(|ids| {
+    if let Some(id) = id(name) {
+        if let Err(e) = hostcalls::increment_metric(id, 1) {
+            log::warn!("inference-gateway: cannot increment metric {name}: {e:?}");
+        }
+    }
+}
+
+/// Defines the counter `name` (at 0) so that it is exported before its first
+/// event: rates and dashboards then see a series from the start.
+pub fn define(name: &str) {
+    let _ = id(name);
+}
+
+fn id(name: &str) -> Option<u32> {
+    IDS.with(|ids| {
         let mut ids = ids.borrow_mut();
         if let Some(id) = ids.get(name) {
             return Some(*id);
@@ -41,10 +55,5 @@ pub fn inc(name: &str) {
                 None
             }
         }
-    });
-    if let Some(id) = id {
-        if let Err(e) = hostcalls::increment_metric(id, 1) {
-            log::warn!("inference-gateway: cannot increment metric {name}: {e:?}");
-        }
-    }
+    })
 }

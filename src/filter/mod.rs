@@ -42,6 +42,8 @@ impl RootContext for Root {
         if config.role == Role::Gateway {
             let endpoints = config.all_endpoints();
             store::register_endpoints(&endpoints);
+            store::register_series(&config);
+            define_counters(&config);
         }
         log::info!(
             "inference-gateway: configured as {:?} with {} pool(s), {} model(s)",
@@ -71,11 +73,40 @@ impl RootContext for Root {
     }
 }
 
+/// The filter's Envoy counters that exist from the start (at 0), per configured
+/// model and safety check; safety blocks appear with their first `filter` label.
+fn define_counters(config: &Config) {
+    for name in config.models.keys() {
+        metrics::define(&format!(
+            "inference_gateway_shed_total.model_name.{}",
+            metrics::label(name)
+        ));
+    }
+    if config.safety.is_some() {
+        for check in ["prompt", "response"] {
+            for counter in ["checks", "failures", "fail_open"] {
+                metrics::define(&format!(
+                    "inference_gateway_safety_{counter}_total.check.{check}"
+                ));
+            }
+        }
+    }
+}
+
 /// Host wall clock in Unix milliseconds (0 if the host clock is before 1970).
 fn now_ms(ctx: &dyn Context) -> u64 {
     ctx.get_current_time()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Host wall clock in Unix nanoseconds (0 if unavailable): request timings.
+fn now_ns() -> u64 {
+    proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
 

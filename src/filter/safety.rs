@@ -100,11 +100,19 @@ impl GatewayStream {
 
     /// A failed check: fail open (count it, go on) or closed (503).
     fn on_failure(
-        &self,
+        &mut self,
         safety: &Safety,
         check: Check,
         failure: &CheckFailure,
     ) -> Result<(), ApiError> {
+        self.verdict(
+            check,
+            if safety.fail_open {
+                "fail_open"
+            } else {
+                "unavailable"
+            },
+        );
         metrics::inc(&format!(
             "inference_gateway_safety_failures_total.check.{}",
             check.label()
@@ -130,7 +138,19 @@ impl GatewayStream {
         }
     }
 
-    fn on_block(&self, check: Check, filters: &[String]) {
+    /// Records a check's outcome for the access log (and a block as an error).
+    fn verdict(&mut self, check: Check, verdict: &'static str) {
+        match check {
+            Check::Prompt => self.obs.safety_prompt = Some(verdict),
+            Check::Response => self.obs.safety_response = Some(verdict),
+        }
+        if verdict == "blocked" {
+            self.obs.fail(crate::observe::request::SAFETY_BLOCKED);
+        }
+    }
+
+    fn on_block(&mut self, check: Check, filters: &[String]) {
+        self.verdict(check, "blocked");
         for f in filters
             .iter()
             .map(String::as_str)
@@ -179,7 +199,10 @@ impl GatewayStream {
 
     fn prompt_verdict(&mut self, safety: &Safety, p: PendingPrompt, body_size: usize) {
         let outcome = match self.read_verdict(body_size) {
-            Ok(Verdict::Pass) => Ok(()),
+            Ok(Verdict::Pass) => {
+                self.verdict(Check::Prompt, "pass");
+                Ok(())
+            }
             Ok(Verdict::Block(filters)) => {
                 self.on_block(Check::Prompt, &filters);
                 Err(safety::blocked_error(
@@ -310,7 +333,10 @@ impl GatewayStream {
             return;
         };
         let outcome = match self.read_verdict(body_size) {
-            Ok(Verdict::Pass) => Ok(()),
+            Ok(Verdict::Pass) => {
+                self.verdict(Check::Response, "pass");
+                Ok(())
+            }
             Ok(Verdict::Block(filters)) => {
                 self.on_block(Check::Response, &filters);
                 Err(safety::blocked_error(

@@ -1,6 +1,7 @@
 //! Shared data through the host, behind the pure `SharedStore` trait.
 
 use crate::inflight::{self, SharedStore, StoreError};
+use crate::observe;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
@@ -62,6 +63,24 @@ fn registered_endpoints_from(bytes: Option<&[u8]>) -> Vec<String> {
     bytes
         .and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or_default()
+}
+
+/// Creates the request-metric series of every configured model (and the one for
+/// errors before a model is known), so that traffic only ever updates existing
+/// keys, which the host's compare-and-swap guards.
+pub fn register_series(config: &crate::config::Config) {
+    let mut keys = vec![observe::series_key("", "")];
+    for (name, route) in &config.models {
+        if route.targets.is_empty() {
+            keys.push(observe::series_key(name, name));
+        }
+        for t in &route.targets {
+            keys.push(observe::series_key(name, &t.name));
+        }
+    }
+    if let Err(err) = observe::register(&HostStore, &keys) {
+        log::warn!("inference-gateway: request metrics not registered: {err:?}");
+    }
 }
 
 /// The latest accepted snapshot, encoded as pushed.

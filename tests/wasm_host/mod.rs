@@ -74,6 +74,8 @@ pub struct StreamState {
     pub local_response: Option<LocalResponse>,
     pub resumed_request: bool,
     pub resumed_response: bool,
+    /// Properties the filter set (Envoy keeps them as filter state `wasm.<name>`).
+    pub properties: HashMap<String, Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -90,6 +92,13 @@ struct HostState {
     metrics: Vec<(String, i32, i64)>,
     now_ns: u64,
     rng: u64,
+    /// How often the filter called each counted host function (see [`Vm::host_calls`]).
+    host_calls: HashMap<&'static str, u64>,
+}
+
+/// Counts a host call by name.
+fn counted(c: &mut Caller<'_, HostState>, name: &'static str) {
+    *c.data_mut().host_calls.entry(name).or_default() += 1;
 }
 
 impl HostState {
@@ -141,6 +150,14 @@ impl Host {
 
     pub fn vm(&self) -> Vm {
         Vm::new(Arc::clone(&self.shared))
+    }
+
+    /// Overwrites a shared-data value, as another writer would.
+    pub fn set_shared(&self, key: &str, value: &[u8]) {
+        let mut s = self.shared.lock().unwrap();
+        s.next_cas += 1;
+        let cas = s.next_cas;
+        s.entries.insert(key.to_string(), (value.to_vec(), cas));
     }
 
     /// A shared-data value, as the filter stored it.
@@ -267,6 +284,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: Caller<'_, HostState>, t: i32, start: i32, size: i32, rp: i32, rs: i32| {
+            counted(&mut c, "proxy_get_buffer_bytes");
             let Some(buf) = c.data_mut().buffer(t) else {
                 return NOT_FOUND;
             };
@@ -327,6 +345,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: Caller<'_, HostState>, t: i32, kp: i32, kl: i32, rp: i32, rs: i32| {
+            counted(&mut c, "proxy_get_header_map_value");
             let key = read_str(&mut c, kp, kl).to_ascii_lowercase();
             let Some(map) = c.data_mut().map(t) else {
                 return NOT_FOUND;
@@ -375,6 +394,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_shared_data",
         |mut c: Caller<'_, HostState>, kp: i32, kl: i32, rp: i32, rs: i32, rcas: i32| {
+            counted(&mut c, "proxy_get_shared_data");
             let key = read_str(&mut c, kp, kl);
             let found = c.data().shared.lock().unwrap().entries.get(&key).cloned();
             let Some((value, cas)) = found else {
@@ -389,6 +409,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_shared_data",
         |mut c: Caller<'_, HostState>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| {
+            counted(&mut c, "proxy_set_shared_data");
             let key = read_str(&mut c, kp, kl);
             let value = read(&mut c, vp, vl);
             let shared = Arc::clone(&c.data().shared);
@@ -471,7 +492,13 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_set_property",
-        |_c: Caller<'_, HostState>, _p: i32, _l: i32, _vp: i32, _vl: i32| OK,
+        |mut c: Caller<'_, HostState>, p: i32, l: i32, vp: i32, vl: i32| {
+            counted(&mut c, "proxy_set_property");
+            let path = read_str(&mut c, p, l);
+            let value = read(&mut c, vp, vl);
+            c.data_mut().stream().properties.insert(path, value);
+            OK
+        },
     )?;
     linker.func_wrap(
         "env",
@@ -524,6 +551,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_current_time_nanoseconds",
         |mut c: Caller<'_, HostState>, rp: i32| {
+            counted(&mut c, "proxy_get_current_time_nanoseconds");
             let now = c.data().now_ns;
             let m = mem(&mut c);
             m.write(&mut c, rp as u32 as usize, &now.to_le_bytes())
@@ -877,6 +905,24 @@ impl Vm {
             .iter()
             .find(|(n, _, _)| n == name)
             .map(|m| m.2)
+    }
+
+    /// A property the filter set on stream `s`, as text.
+    pub fn property(&self, s: u32, name: &str) -> Option<String> {
+        self.state(s)
+            .properties
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// Counted host calls (shared data, buffers, header reads, properties, time)
+    /// since the last [`Vm::reset_host_calls`].
+    pub fn host_calls(&self) -> HashMap<&'static str, u64> {
+        self.store.data().host_calls.clone()
+    }
+
+    pub fn reset_host_calls(&mut self) {
+        self.store.data_mut().host_calls.clear();
     }
 
     pub fn advance_ms(&mut self, ms: u64) {

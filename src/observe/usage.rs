@@ -1,0 +1,238 @@
+//! Finds the OpenAI `usage` object in a response as it passes, chunk by chunk,
+//! without holding the response: a non-streamed JSON body, or an SSE stream whose
+//! last event carries `usage` (`stream_options.include_usage`).
+//!
+//! The scanner follows JSON string boundaries across chunks, so `"usage"` inside
+//! generated text (where its quotes are escaped) never matches; only an object
+//! key `"usage"` followed by `{` starts a capture, bounded to [`MAX_USAGE_BYTES`].
+//! The last complete `usage` object wins (SSE servers may send `"usage": null`
+//! on every chunk and the numbers at the end).
+
+use serde::Deserialize;
+
+/// A `usage` object larger than this is ignored (real ones are ~100 bytes).
+pub const MAX_USAGE_BYTES: usize = 2048;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum After {
+    #[default]
+    Nothing,
+    /// Just closed the string `"usage"`: a `:` may follow.
+    Key,
+    /// Saw `"usage":`: a `{` starts the object.
+    Colon,
+}
+
+#[derive(Debug, Default)]
+pub struct UsageScanner {
+    in_string: bool,
+    escape: bool,
+    /// The current string's first bytes (enough to compare with `usage`).
+    key: [u8; 6],
+    key_len: usize,
+    after: After,
+    /// The `usage` object being captured and its brace depth.
+    capture: Option<(Vec<u8>, u32)>,
+    usage: Option<Usage>,
+}
+
+impl UsageScanner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The last complete `usage` seen so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            self.byte(b);
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        if let Some((buf, _)) = self.capture.as_mut() {
+            if buf.len() >= MAX_USAGE_BYTES {
+                self.capture = None;
+            } else {
+                buf.push(b);
+            }
+        }
+        if self.in_string {
+            if self.escape {
+                self.escape = false;
+                self.key_len = usize::MAX; // escaped keys never match
+            } else if b == b'\\' {
+                self.escape = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                if self.capture.is_none() && self.key_len == 5 && &self.key[..5] == b"usage" {
+                    self.after = After::Key;
+                }
+            } else if self.key_len < self.key.len() {
+                self.key[self.key_len] = b;
+                self.key_len += 1;
+            } else {
+                self.key_len = usize::MAX;
+            }
+            return;
+        }
+        if let Some((_, depth)) = self.capture.as_mut() {
+            match b {
+                b'{' => *depth += 1,
+                b'}' => {
+                    *depth = depth.saturating_sub(1);
+                    if *depth == 0 {
+                        self.finish_capture();
+                    }
+                }
+                b'"' => self.start_string(),
+                _ => {}
+            }
+            return;
+        }
+        let ws = b.is_ascii_whitespace();
+        self.after = match (self.after, b) {
+            (After::Key, b':') => After::Colon,
+            (After::Colon, b'{') => {
+                self.capture = Some((vec![b'{'], 1));
+                After::Nothing
+            }
+            (a, _) if ws => a,
+            _ => After::Nothing,
+        };
+        if b == b'"' {
+            self.start_string();
+        }
+    }
+
+    fn start_string(&mut self) {
+        self.in_string = true;
+        self.escape = false;
+        self.key_len = 0;
+    }
+
+    fn finish_capture(&mut self) {
+        let Some((buf, _)) = self.capture.take() else {
+            return;
+        };
+        if let Ok(raw) = serde_json::from_slice::<RawUsage>(&buf) {
+            if raw.prompt_tokens.is_some() || raw.completion_tokens.is_some() {
+                self.usage = Some(Usage {
+                    prompt_tokens: raw.prompt_tokens.unwrap_or(0),
+                    completion_tokens: raw.completion_tokens.unwrap_or(0),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_in_pieces(body: &[u8], piece: usize) -> Option<Usage> {
+        let mut s = UsageScanner::new();
+        for c in body.chunks(piece.max(1)) {
+            s.feed(c);
+        }
+        s.usage()
+    }
+
+    const JSON: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"usage\": {\"prompt_tokens\": 999}"}}],"usage":{"prompt_tokens":12,"total_tokens":17,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+
+    #[test]
+    fn non_streamed_body_in_any_chunking() {
+        let want = Some(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 5,
+        });
+        for piece in [1, 2, 3, 7, 64, JSON.len()] {
+            assert_eq!(
+                scan_in_pieces(JSON.as_bytes(), piece),
+                want,
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn sse_with_null_usage_then_the_usage_chunk() {
+        let sse = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"usage\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\" {\\\"usage\\\":{}}\"}}],\"usage\": null}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":16,\"total_tokens\":46}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for piece in [1, 5, 13, sse.len()] {
+            assert_eq!(
+                scan_in_pieces(sse.as_bytes(), piece),
+                Some(Usage {
+                    prompt_tokens: 30,
+                    completion_tokens: 16
+                }),
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_usage_or_broken_usage() {
+        assert_eq!(scan_in_pieces(br#"{"choices":[]}"#, 3), None);
+        assert_eq!(scan_in_pieces(br#"{"usage":null}"#, 3), None);
+        assert_eq!(
+            scan_in_pieces(br#"{"usage":{"prompt_tokens":"x"}}"#, 3),
+            None
+        );
+        assert_eq!(scan_in_pieces(br#"{"usage":{"prompt_tokens":1"#, 3), None);
+        assert_eq!(
+            scan_in_pieces(br#"{"not_usage":{"prompt_tokens":1}}"#, 3),
+            None
+        );
+        // An oversized object is dropped, and the scanner keeps working after it.
+        let big = format!(
+            r#"{{"usage":{{"x":"{}"}}}} {{"usage":{{"prompt_tokens":2,"completion_tokens":3}}}}"#,
+            "a".repeat(MAX_USAGE_BYTES)
+        );
+        assert_eq!(
+            scan_in_pieces(big.as_bytes(), 100),
+            Some(Usage {
+                prompt_tokens: 2,
+                completion_tokens: 3
+            })
+        );
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..200 {
+            let len = rng.usize(0..400);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    *rng.choice(b"{}\":usage \\,0123456789promptcletin_x\n")
+                        .unwrap()
+                })
+                .collect();
+            let mut s = UsageScanner::new();
+            s.feed(&bytes);
+            let _ = s.usage();
+        }
+    }
+}
