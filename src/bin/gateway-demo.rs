@@ -12,6 +12,7 @@ use inference_gateway::deploy::envoy_config::{
     DEMO_LORA_ADAPTERS, DEMO_MODELS, DEMO_POOL, DEMO_UPSTREAM_MODELS,
 };
 use inference_gateway::deploy::process::{self, ChildGuard, TERM_GRACE};
+use inference_gateway::deploy::prometheus::{self, Target};
 use inference_gateway::deploy::repo_root;
 use inference_gateway::{safety_sim, sim};
 use serde_json::json;
@@ -54,6 +55,9 @@ struct Args {
     /// How often the collector scrapes the replicas and pushes a snapshot.
     #[arg(long, default_value_t = 50)]
     scrape_interval_ms: u64,
+    /// Do not start Prometheus (it starts when the `prometheus` binary is installed).
+    #[arg(long)]
+    no_prometheus: bool,
     /// Run without prompt and response screening.
     #[arg(long)]
     no_safety: bool,
@@ -203,6 +207,38 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("collector configuration: {e}"))?;
     let collector = collector::start(collector).await?;
 
+    // Prometheus with the shipped alert rules, scraping Envoy, the filter's GIE
+    // metrics and the collector, when it is installed: a convenience, never a
+    // reason for the demo to fail.
+    let prometheus = match (args.no_prometheus, prometheus::find_prometheus()) {
+        (false, Some(_)) => {
+            let targets = vec![
+                Target::new("envoy", &format!("127.0.0.1:{}", args.admin_port))
+                    .path("/stats/prometheus"),
+                Target::new(
+                    "inference-gateway",
+                    &format!("127.0.0.1:{}", args.control_port),
+                ),
+                Target::new("metrics-collector", &collector.local_addr().to_string()),
+            ];
+            let dir = work.join("prometheus");
+            let _ = std::fs::remove_dir_all(&dir);
+            let started = tokio::task::spawn_blocking(move || {
+                prometheus::start_prometheus(&dir, &targets, &[prometheus::alert_rules_path()])
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            match started {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("gateway-demo: Prometheus did not start (continuing without): {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+
     let url = settings.gateway_url();
     println!("gateway listening on {url}");
     println!("models: {}", DEMO_MODELS.join(","));
@@ -213,6 +249,18 @@ async fn run(args: Args) -> Result<(), String> {
         collector.local_addr(),
         args.scrape_interval_ms
     );
+    println!(
+        "request metrics (GIE names): curl -s {}/metrics",
+        settings.control_url()
+    );
+    match &prometheus {
+        Some(p) => println!(
+            "prometheus: {} (alerts: {}/alerts; try histogram_quantile(0.99, rate(inference_model_request_duration_seconds_bucket[1m])))",
+            p.url(),
+            p.url()
+        ),
+        None => println!("prometheus: not started (apt-get install prometheus, or --no-prometheus)"),
+    }
     println!("envoy log: {}", log.display());
     println!("try:");
     println!(
@@ -244,6 +292,9 @@ async fn run(args: Args) -> Result<(), String> {
     };
 
     eprintln!("stopping ...");
+    if let Some(p) = prometheus {
+        let _ = tokio::task::spawn_blocking(move || p.stop(TERM_GRACE)).await;
+    }
     collector.stop().await;
     tokio::task::spawn_blocking(move || {
         guard.stop(TERM_GRACE);
