@@ -878,3 +878,39 @@ fn per_request_cost_with_metrics() {
     );
     vm.assert_alive();
 }
+
+/// Routing reads shared data a fixed number of times, whatever the pool size:
+/// the in-flight counts of every candidate come packed in one key.
+#[test]
+fn shared_data_reads_per_request_do_not_grow_with_the_pool() {
+    let reads_for = |n: usize| {
+        let host = Host::new();
+        let endpoints: Vec<String> = (0..n)
+            .map(|i| format!("10.0.{}.{}:8000", i / 250, i % 250 + 1))
+            .collect();
+        let mut cfg = config();
+        cfg["pools"][0]["endpoints"] = json!(endpoints);
+        let mut vm = gateway(&host, &cfg);
+        let (s, _) = chat(&mut vm, &chat_body("food-review")); // warm: snapshot cache, metric ids
+        vm.end(s);
+        vm.reset_host_calls();
+        let (s, a) = chat(&mut vm, &chat_body("food-review"));
+        assert_eq!(a, Action::Continue);
+        let dest = vm
+            .request_header(s, "x-gateway-destination-endpoint")
+            .unwrap();
+        assert_eq!(host.in_flight(&dest), 1, "counted in its slot");
+        vm.end(s);
+        assert_eq!(host.in_flight(&dest), 0);
+        vm.host_calls()
+            .get("proxy_get_shared_data")
+            .copied()
+            .unwrap_or(0)
+    };
+    let (small, large) = (reads_for(2), reads_for(1000));
+    assert!(small > 0);
+    assert_eq!(
+        small, large,
+        "2 endpoints: {small} reads, 1000 endpoints: {large}"
+    );
+}

@@ -35,7 +35,6 @@ impl ControlStream {
 
     fn metrics(&self) -> String {
         let now_ms = super::now_ms(self);
-        let endpoints = store::registered_endpoints();
         let snapshot = store::stored_snapshot();
         let state = observe::render::GatewayState {
             snapshot_age_seconds: snapshot
@@ -44,21 +43,15 @@ impl ControlStream {
             snapshot_stale: snapshot
                 .as_ref()
                 .map(|s| s.is_stale(now_ms, self.config.snapshot_stale_after_ms)),
-            in_flight: endpoints
-                .iter()
-                .map(|e| (e.clone(), inflight::read(&HostStore, e)))
-                .collect(),
+            in_flight: inflight::by_endpoint(&HostStore).into_iter().collect(),
         };
         observe::render::render(&observe::read_all(&HostStore), &state)
     }
 
     fn state(&self) -> Vec<u8> {
         let now_ms = super::now_ms(self);
-        let endpoints = store::registered_endpoints();
         let state = State {
-            in_flight: inflight::snapshot(&HostStore, &endpoints)
-                .into_iter()
-                .collect(),
+            in_flight: inflight::by_endpoint(&HostStore),
             snapshot: store::stored_snapshot().map(|s| SnapshotView {
                 age_ms: now_ms.saturating_sub(s.generated_at_ms),
                 stale: s.is_stale(now_ms, self.config.snapshot_stale_after_ms),

@@ -15,6 +15,7 @@ use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 /// The header the ORIGINAL_DST cluster routes on.
@@ -30,8 +31,10 @@ pub struct GatewayStream {
     rng: fastrand::Rng,
     /// Set once the headers say the body decides the route.
     buffering: Option<ApiKind>,
-    /// The endpoint whose in-flight count this stream holds; released exactly once.
-    holding: Option<String>,
+    /// Each endpoint's slot in the packed in-flight counters (per VM, from configure).
+    slots: Rc<HashMap<String, usize>>,
+    /// The slot whose in-flight count this stream holds; released exactly once.
+    holding: Option<usize>,
     /// The scheduling decision, for the `x-gateway-scheduling` response header.
     explanation: Option<String>,
     /// Safety: the prompt check in flight (the request waits for it).
@@ -46,12 +49,18 @@ pub struct GatewayStream {
 }
 
 impl GatewayStream {
-    pub fn new(config: Rc<Config>, snapshot: Rc<RefCell<SnapshotCache>>, seed: u64) -> Self {
+    pub fn new(
+        config: Rc<Config>,
+        snapshot: Rc<RefCell<SnapshotCache>>,
+        slots: Rc<HashMap<String, usize>>,
+        seed: u64,
+    ) -> Self {
         GatewayStream {
             config,
             snapshot,
             rng: fastrand::Rng::with_seed(seed),
             buffering: None,
+            slots,
             holding: None,
             explanation: None,
             prompt_check: None,
@@ -148,6 +157,8 @@ impl GatewayStream {
             index.matches(&hashes, now_ms)
         };
 
+        // Every candidate's in-flight count in one read.
+        let counts = inflight::counts(&HostStore);
         let candidates: Vec<Candidate<'_>> = pool
             .endpoints
             .iter()
@@ -155,7 +166,10 @@ impl GatewayStream {
                 let metrics = snapshot.as_deref().and_then(|s| s.endpoint(endpoint));
                 Candidate {
                     endpoint,
-                    in_flight: inflight::read(&HostStore, endpoint),
+                    in_flight: self
+                        .slots
+                        .get(endpoint.as_str())
+                        .map_or(0, |&slot| inflight::count(&counts, slot)),
                     metrics,
                     fresh: match (snapshot.as_deref(), metrics) {
                         (Some(s), Some(m)) => {
@@ -214,11 +228,15 @@ impl GatewayStream {
         }
 
         self.record_routed(&plan.model, &plan.target_model, &endpoint);
-        if let Err(err) = inflight::add(&HostStore, &endpoint, 1) {
+        match self.slots.get(endpoint.as_str()) {
             // Route anyway: a missed count skews balancing a little, a refusal fails the user.
-            log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
-        } else {
-            self.holding = Some(endpoint.clone());
+            None => log::warn!("inference-gateway: {endpoint} has no in-flight counter"),
+            Some(&slot) => match inflight::add(&HostStore, slot, 1) {
+                Ok(_) => self.holding = Some(slot),
+                Err(err) => log::warn!(
+                    "inference-gateway: in-flight count for {endpoint} not taken: {err:?}"
+                ),
+            },
         }
 
         if let Some(new_body) = &plan.new_body {
@@ -287,9 +305,9 @@ impl GatewayStream {
     }
 
     fn release(&mut self) {
-        if let Some(endpoint) = self.holding.take() {
-            if let Err(err) = inflight::add(&HostStore, &endpoint, -1) {
-                log::warn!("inference-gateway: in-flight release for {endpoint} failed: {err:?}");
+        if let Some(slot) = self.holding.take() {
+            if let Err(err) = inflight::add(&HostStore, slot, -1) {
+                log::warn!("inference-gateway: in-flight release (slot {slot}) failed: {err:?}");
             }
         }
     }

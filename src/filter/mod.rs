@@ -12,12 +12,13 @@ use crate::config::{Config, Role};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, snapshot: Rc::default() }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, snapshot: Rc::default(), slots: Rc::default() }) });
 }}
 
 /// One per plugin configuration per worker VM.
@@ -25,6 +26,8 @@ struct Root {
     config: Option<Rc<Config>>,
     /// This VM's decoded copy of the metrics snapshot, shared by its streams.
     snapshot: Rc<RefCell<store::SnapshotCache>>,
+    /// Each endpoint's slot in the packed in-flight counters.
+    slots: Rc<HashMap<String, usize>>,
 }
 
 impl Context for Root {}
@@ -41,7 +44,7 @@ impl RootContext for Root {
         };
         if config.role == Role::Gateway {
             let endpoints = config.all_endpoints();
-            store::register_endpoints(&endpoints);
+            self.slots = Rc::new(store::register_endpoints(&endpoints));
             store::register_series(&config);
             define_counters(&config);
         }
@@ -66,6 +69,7 @@ impl RootContext for Root {
             Role::Gateway => Box::new(http::GatewayStream::new(
                 config,
                 Rc::clone(&self.snapshot),
+                Rc::clone(&self.slots),
                 seed(self, context_id),
             )),
             Role::Control => Box::new(control::ControlStream::new(config)),

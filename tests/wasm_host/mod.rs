@@ -170,12 +170,21 @@ impl Host {
             .map(|(v, _)| v.clone())
     }
 
-    /// An in-flight counter (`igw.inflight.<endpoint>`, u64 little-endian).
+    /// An endpoint's in-flight count: its slot is its index in the registry
+    /// (`igw.endpoints`, a JSON list), the counts are packed in `igw.inflight`
+    /// (u32 little-endian per slot).
     pub fn in_flight(&self, endpoint: &str) -> u64 {
-        self.shared(&format!("igw.inflight.{endpoint}"))
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0)
+        let registry: Vec<String> = self
+            .shared("igw.endpoints")
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let Some(slot) = registry.iter().position(|e| e == endpoint) else {
+            return 0;
+        };
+        self.shared("igw.inflight")
+            .and_then(|b| b.get(slot * 4..slot * 4 + 4).map(<[u8]>::to_vec))
+            .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+            .map_or(0, |b| u64::from(u32::from_le_bytes(b)))
     }
 }
 
