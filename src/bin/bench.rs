@@ -498,9 +498,15 @@ fn oha(url: &str, body_file: &Path, secs: u64, rate: Option<f64>, connections: u
         .filter(|(k, _)| !k.starts_with('2'))
         .filter_map(|(_, n)| n.as_u64())
         .sum();
+    // Requests cut off by `-z` at the end of the run are not failures.
     let errors: u64 = v["errorDistribution"]
         .as_object()
-        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !k.contains("aborted due to deadline"))
+                .filter_map(|(_, n)| n.as_u64())
+                .sum()
+        })
         .unwrap_or(0);
     let secs_f = |x: &Value| x.as_f64().unwrap_or(f64::NAN) * 1000.0;
     Ok(OhaRun {
