@@ -574,7 +574,7 @@ fn overhead(c: &Common) -> Res<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let sims = vec![
+    let sims = [
         start_sim("sim-0", &sim_args, &tmp)?,
         start_sim("sim-1", &sim_args, &tmp)?,
     ];

@@ -85,7 +85,7 @@ impl Drop for Holding {
     }
 }
 
-fn header<'a>(h: &'a HttpHeaders, name: &str) -> Option<String> {
+fn header(h: &HttpHeaders, name: &str) -> Option<String> {
     h.headers.as_ref()?.headers.iter().find_map(|v| {
         (v.key.eq_ignore_ascii_case(name)).then(|| {
             if v.raw_value.is_empty() {

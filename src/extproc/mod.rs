@@ -21,9 +21,12 @@ use std::sync::{Arc, Mutex, RwLock};
 
 /// An in-memory [`SharedStore`] with proxy-wasm's semantics (CAS checked on
 /// existing keys only), standing in for Envoy's shared data.
+/// Key → (value, cas), and the last cas handed out.
+type Slots = (HashMap<String, (Vec<u8>, u32)>, u32);
+
 #[derive(Default)]
 pub struct MemStore {
-    inner: Mutex<(HashMap<String, (Vec<u8>, u32)>, u32)>,
+    inner: Mutex<Slots>,
 }
 
 impl SharedStore for MemStore {
