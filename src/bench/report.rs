@@ -552,9 +552,42 @@ fn rel(md: &std::path::Path, dir: &std::path::Path, file: &str) -> String {
         .unwrap_or_else(|| full.to_string_lossy().into_owned())
 }
 
+/// The scheduler's own cost, natively (no Envoy, no Wasm).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SchedulerRow {
+    pub endpoints: usize,
+    /// `scheduling::schedule` over N candidates, µs per call.
+    pub schedule_us: f64,
+    /// `extproc::Picker::route` (parse, plan, N in-flight reads, schedule,
+    /// prefix index), 1 KB body, µs per call.
+    pub picker_route_us: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SchedulerResults {
+    pub meta: RunMeta,
+    pub rows: Vec<SchedulerRow>,
+}
+
+pub fn scheduler_section(r: &SchedulerResults) -> String {
+    let mut o = meta_block(&r.meta);
+    o.push_str(
+        "\n| endpoints | `schedule` µs/call | picker `route` µs/call (1 KB) |\n|---:|---:|---:|\n",
+    );
+    for x in &r.rows {
+        let _ = writeln!(
+            o,
+            "| {} | {:.1} | {:.1} |",
+            x.endpoints, x.schedule_us, x.picker_route_us
+        );
+    }
+    o
+}
+
 /// The whole BENCHMARKS.md.
 pub fn document(
     overhead: Option<&OverheadResults>,
+    scheduler: Option<&SchedulerResults>,
     routing: Option<&RoutingResults>,
     plots: &[String],
     dir: &std::path::Path,
@@ -591,6 +624,14 @@ round robin and least request over simulated vLLM replicas).\n\n",
             o.push_str(&overhead_section(r));
             o.push('\n');
             img(&mut o, "overhead");
+        }
+        None => o.push_str("Not run yet.\n\n"),
+    }
+    o.push_str("### The scheduler alone (native, in process)\n\n");
+    match scheduler {
+        Some(r) => {
+            o.push_str(&scheduler_section(r));
+            o.push('\n');
         }
         None => o.push_str("Not run yet.\n\n"),
     }

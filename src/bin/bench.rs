@@ -42,6 +42,9 @@ enum Suite {
     Overhead(Common),
     /// TTFT, latency, throughput and goodput of routing policies over 8 replicas.
     Routing(Common),
+    /// The scheduler alone, natively, in process: `scheduling::schedule` and the
+    /// ext_proc picker's whole `route` over N endpoints (no Envoy, no Wasm).
+    Scheduler(Common),
     /// Re-render BENCHMARKS.md and the plots from the saved results.
     Report,
 }
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
     let result = match args.suite {
         Suite::Overhead(c) => overhead(&c),
         Suite::Routing(c) => routing(&c),
+        Suite::Scheduler(c) => scheduler(&c),
         Suite::Report => render_all(&results_dir(), &repo().join("BENCHMARKS.md")),
     };
     match result {
@@ -750,6 +754,89 @@ fn start_picker(gateway_config: &Value, grpc: u16, ingest: u16, dir: &Path) -> R
     Ok(g)
 }
 
+// ---------------------------------------------------------------- scheduler
+
+/// Calls `f` repeatedly for about `budget` (at most 200 000 times); µs per call.
+fn time_per_call(budget: Duration, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u32;
+    while n < 200_000 && (n < 10 || start.elapsed() < budget) {
+        f();
+        n += 1;
+    }
+    start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
+fn scheduler(c: &Common) -> Res<()> {
+    use inference_gateway::bench::report::SchedulerRow;
+    use inference_gateway::config::Config;
+    use inference_gateway::extproc::Picker;
+    use inference_gateway::openai::ApiKind;
+    use inference_gateway::scheduling::{self, Candidate, Request, Scheduling};
+    use inference_gateway::snapshot::IndexedSnapshot;
+    let out = out_dir(c)?;
+    let (mut meta, started) = start_meta("scheduler", c);
+    let budget = Duration::from_millis(if c.quick { 100 } else { 1000 });
+    let live = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+    let body = body_of(1024);
+    let mut rows = Vec::new();
+    for n in [10usize, 100, 1000] {
+        let eps = pool_endpoints(&live, n);
+        let now = now_ms();
+        let snap = IndexedSnapshot::new(overhead_snapshot(&eps, live.len(), now, 1));
+        let sched = Scheduling::default();
+        let profile = &sched.profiles[sched.default_profile];
+        let cands: Vec<Candidate<'_>> = eps
+            .iter()
+            .map(|e| Candidate {
+                endpoint: e,
+                in_flight: 0,
+                metrics: snap.endpoint(e),
+                fresh: true,
+                prefix_blocks: 0,
+            })
+            .collect();
+        let req = Request {
+            model: "bench",
+            priority: 0,
+            adapter: false,
+            prompt_blocks: 4,
+        };
+        let schedule_us = time_per_call(budget, || {
+            std::hint::black_box(scheduling::schedule(&sched, profile, &req, &cands, 7));
+        });
+        let cfg = Config::from_json(
+            json!({"pools": [{"name": POOL, "endpoints": eps}], "default_pool": POOL})
+                .to_string()
+                .as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        let picker = Picker::new(cfg);
+        picker
+            .ingest(&overhead_snapshot(&eps, live.len(), now, 1).encode())
+            .map_err(|e| e.message)?;
+        let route_us = time_per_call(budget, || {
+            if let Ok(r) = picker.route(ApiKind::Completions, body.as_bytes(), None, now, || 7) {
+                if let Some(h) = r.holding {
+                    picker.release(&h);
+                }
+            }
+        });
+        println!(
+            "n={n:5}: schedule {schedule_us:8.1} µs, picker route (1 KB body) {route_us:8.1} µs"
+        );
+        rows.push(SchedulerRow {
+            endpoints: n,
+            schedule_us,
+            picker_route_us: route_us,
+        });
+    }
+    finish_meta(&mut meta, started);
+    let results = inference_gateway::bench::report::SchedulerResults { meta, rows };
+    write_json(&out.join("scheduler.json"), &results)?;
+    finish(c, &out)
+}
+
 // ---------------------------------------------------------------- routing
 
 const SLO_TTFT_MS: f64 = 1000.0;
@@ -1226,9 +1313,12 @@ fn render_all(dir: &Path, md: &Path) -> Res<()> {
         read("overhead.json").and_then(|b| serde_json::from_slice(&b).ok());
     let routing: Option<RoutingResults> =
         read("routing.json").and_then(|b| serde_json::from_slice(&b).ok());
+    let scheduler: Option<inference_gateway::bench::report::SchedulerResults> =
+        read("scheduler.json").and_then(|b| serde_json::from_slice(&b).ok());
     let plots = plot(dir);
     let text = inference_gateway::bench::report::document(
         overhead.as_ref(),
+        scheduler.as_ref(),
         routing.as_ref(),
         &plots,
         dir,

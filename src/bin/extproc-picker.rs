@@ -7,7 +7,10 @@
 //! BUFFERED, everything else SKIP/NONE: the picker answers the headers with
 //! CONTINUE, the whole body with a header mutation that sets
 //! `x-gateway-destination-endpoint`, and releases the in-flight count when Envoy
-//! closes the gRPC stream (the HTTP stream ended). Snapshots are pushed to
+//! closes the gRPC stream. Envoy closes it when the HTTP stream ends, or earlier
+//! once no more processing is due (envoyproxy/envoy#41425), so with responses
+//! skipped the count may cover only the routing step; GIE's EPP processes
+//! response headers for that. Snapshots are pushed to
 //! `POST /v1/snapshot` on the ingest listener, in the collector's format.
 
 use axum::extract::State;
