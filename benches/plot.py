@@ -38,6 +38,8 @@ def overhead(d):
                 ax.plot([p[0] for p in pts], [p[1] - base for p in pts], style,
                         label=f"{variant} {b // 1024} KB")
         ax.set_xscale("log")
+        # symlog: sub-millisecond differences and the 1000-endpoint blow-up on one axis
+        ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xlabel("endpoints in pool and snapshot")
         ax.set_ylabel(f"added {q[:3]} latency over plain Envoy (ms)")
         ax.axhline(0, color="grey", lw=0.5)
@@ -62,6 +64,7 @@ def overhead(d):
     axes[0].set_ylabel("requests/s at saturation")
     axes[1].bar(range(len(cpu)), cpu, color=colors)
     axes[1].set_ylabel("CPU µs per request (Envoy + picker)")
+    axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)

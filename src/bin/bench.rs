@@ -1324,6 +1324,15 @@ fn render_all(dir: &Path, md: &Path) -> Res<()> {
         dir,
         md,
     );
+    // Hand-written findings (benches/results/findings.md), placed after the targets.
+    let text = match std::fs::read_to_string(dir.join("findings.md")) {
+        Ok(notes) => text.replacen(
+            "## Overhead:",
+            &format!("## Findings\n\n{}\n## Overhead:", notes.trim_end()),
+            1,
+        ),
+        Err(_) => text,
+    };
     write(md, &text)?;
     println!("wrote {}", md.display());
     Ok(())
