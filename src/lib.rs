@@ -5,10 +5,14 @@
 //! proxy-wasm glue is `filter`, compiled only for `wasm32`.
 
 #[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod collector;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod deploy;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod extproc;
 pub mod gateway;
 pub mod inflight;
 pub mod ingest;

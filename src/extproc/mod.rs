@@ -1,0 +1,318 @@
+//! The endpoint picker as a separate process, the way GIE's EPP runs behind Envoy's
+//! `ext_proc` filter: the same decisions as the Wasm filter (`gateway::plan_route`,
+//! `scheduling::schedule`, the prefix index, in-flight counts), but held in this
+//! process's memory and reached over gRPC for every request. It exists so the
+//! benchmarks can measure what the sidecar hop costs against the in-process filter;
+//! the gRPC glue is `src/bin/extproc-picker.rs`.
+//!
+//! Everything here is host-free: [`Picker::route`] mirrors the filter's
+//! `GatewayStream::forward` (src/filter/http.rs) step for step.
+
+use crate::config::Config;
+use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
+use crate::inflight::{self, SharedStore, StoreError};
+use crate::ingest;
+use crate::openai::{ApiError, ApiKind};
+use crate::scheduling::prefix::{self, PrefixIndex};
+use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
+use crate::snapshot::IndexedSnapshot;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// An in-memory [`SharedStore`] with proxy-wasm's semantics (CAS checked on
+/// existing keys only), standing in for Envoy's shared data.
+/// Key → (value, cas), and the last cas handed out.
+type Slots = (HashMap<String, (Vec<u8>, u32)>, u32);
+
+#[derive(Default)]
+pub struct MemStore {
+    inner: Mutex<Slots>,
+}
+
+impl SharedStore for MemStore {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match g.0.get(key) {
+            Some((v, c)) => (Some(v.clone()), Some(*c)),
+            None => (None, None),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.1 = g.1.wrapping_add(1).max(1);
+        let next = g.1;
+        if let Some((v, c)) = g.0.get_mut(key) {
+            if matches!(cas, Some(want) if want != *c) {
+                return Err(StoreError::CasMismatch);
+            }
+            *v = value.to_vec();
+            *c = next;
+        } else {
+            g.0.insert(key.to_string(), (value.to_vec(), next));
+        }
+        Ok(())
+    }
+}
+
+/// Where a routed request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// The value for `x-gateway-destination-endpoint`.
+    pub destination: String,
+    /// The endpoint whose in-flight count was taken (release it when the stream ends).
+    pub holding: Option<String>,
+    /// A rewritten body (weighted model rewrite), if any.
+    pub new_body: Option<Vec<u8>>,
+}
+
+/// The picker's state, shared by every gRPC stream.
+pub struct Picker {
+    pub config: Arc<Config>,
+    store: MemStore,
+    snapshot: RwLock<Option<Arc<IndexedSnapshot>>>,
+    /// The stored snapshot, encoded, for `ingest::accept`'s newer-than check.
+    encoded: Mutex<Option<Vec<u8>>>,
+}
+
+impl Picker {
+    pub fn new(config: Config) -> Picker {
+        let store = MemStore::default();
+        for e in config.all_endpoints() {
+            // A fresh in-memory store cannot refuse.
+            let _ = inflight::ensure(&store, &e);
+        }
+        Picker {
+            config: Arc::new(config),
+            store,
+            snapshot: RwLock::new(None),
+            encoded: Mutex::new(None),
+        }
+    }
+
+    /// A pushed snapshot (`POST /v1/snapshot` body): kept if valid and newer.
+    pub fn ingest(&self, body: &[u8]) -> Result<(), ApiError> {
+        let mut encoded = self.encoded.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = ingest::accept(encoded.as_deref(), body)?;
+        *encoded = Some(body.to_vec());
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::new(IndexedSnapshot::new(snapshot)));
+        Ok(())
+    }
+
+    /// The request head: the same decision the filter makes in
+    /// `on_http_request_headers`.
+    pub fn head(&self, head: &RequestHead<'_>) -> HeadAction {
+        gateway::on_request_head(&self.config, head)
+    }
+
+    /// The whole body: plan, pick, take the in-flight count. `draws` supplies the
+    /// uniform random numbers (rewrite, tie-break), as the filter's RNG does.
+    pub fn route(
+        &self,
+        kind: ApiKind,
+        body: &[u8],
+        objective: Option<&str>,
+        now_ms: u64,
+        mut draw: impl FnMut() -> u32,
+    ) -> Result<Routed, ApiError> {
+        let plan = gateway::plan_route(&self.config, kind, body, objective, draw())?;
+        self.forward(&plan, now_ms, draw())
+    }
+
+    fn forward(&self, plan: &RoutePlan, now_ms: u64, draw: u32) -> Result<Routed, ApiError> {
+        let config = &self.config;
+        let (Some(pool), Some(profile)) = (
+            config.pools.get(plan.pool),
+            config.scheduling.profiles.get(plan.profile),
+        ) else {
+            return Err(ApiError::internal("route names an unknown pool or profile"));
+        };
+        let sched = &config.scheduling;
+        let snapshot = self
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+
+        let pc = &sched.prefix_cache;
+        let hashes = if profile
+            .scorers
+            .iter()
+            .any(|&(k, w)| k == ScorerKind::PrefixCache && w > 0.0)
+        {
+            prefix::block_hashes(
+                &plan.target_model,
+                &plan.prompt,
+                pc.block_bytes,
+                pc.max_blocks,
+            )
+        } else {
+            Vec::new()
+        };
+        let index = PrefixIndex::new(&self.store, pc.index_slots, pc.ttl_ms);
+        let matches = if hashes.is_empty() {
+            Default::default()
+        } else {
+            index.matches(&hashes, now_ms)
+        };
+
+        let candidates: Vec<Candidate<'_>> = pool
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                let metrics = snapshot.as_deref().and_then(|s| s.endpoint(endpoint));
+                Candidate {
+                    endpoint,
+                    in_flight: inflight::read(&self.store, endpoint),
+                    metrics,
+                    fresh: match (snapshot.as_deref(), metrics) {
+                        (Some(s), Some(m)) => {
+                            s.snapshot
+                                .endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
+                        }
+                        _ => false,
+                    },
+                    prefix_blocks: matches.get(endpoint.as_str()).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let adapter = plan.adapter.unwrap_or_else(|| {
+            candidates
+                .iter()
+                .filter(|c| c.fresh)
+                .filter_map(|c| c.metrics)
+                .any(|m| {
+                    m.running_adapters.contains(&plan.target_model)
+                        || m.waiting_adapters.contains(&plan.target_model)
+                })
+        });
+        let request = Request {
+            model: &plan.target_model,
+            priority: plan.priority,
+            adapter,
+            prompt_blocks: hashes.len(),
+        };
+        let decision = match scheduling::schedule(sched, profile, &request, &candidates, draw) {
+            Outcome::Route(d) => d,
+            Outcome::Shed => return Err(ApiError::shed(&pool.name, sched.retry_after_seconds)),
+            Outcome::NoEndpoint => return Err(ApiError::no_endpoint(&pool.name)),
+        };
+        let endpoint = candidates[decision.chosen()].endpoint.to_string();
+        if !hashes.is_empty() {
+            index.record(&hashes, &endpoint, now_ms);
+        }
+        let holding = inflight::add(&self.store, &endpoint, 1)
+            .ok()
+            .map(|_| endpoint.clone());
+        let destination = match config.destination_list {
+            false => endpoint,
+            true => decision
+                .order
+                .iter()
+                .map(|&i| candidates[i].endpoint)
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        Ok(Routed {
+            destination,
+            holding,
+            new_body: plan.new_body.clone(),
+        })
+    }
+
+    /// Gives back the in-flight count a [`Routed`] took.
+    pub fn release(&self, endpoint: &str) {
+        let _ = inflight::add(&self.store, endpoint, -1);
+    }
+
+    pub fn in_flight(&self, endpoint: &str) -> u64 {
+        inflight::read(&self.store, endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{EndpointMetrics, PoolSnapshot, Snapshot};
+
+    fn picker() -> Picker {
+        let cfg = Config::from_json(
+            br#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}],
+                 "models": [{"name": "m", "pool": "p"}]}"#,
+        )
+        .unwrap();
+        Picker::new(cfg)
+    }
+
+    fn snapshot(now: u64, waiting: [u32; 2], seq: u64) -> Vec<u8> {
+        let ep = |a: &str, w| EndpointMetrics {
+            address: a.into(),
+            healthy: true,
+            scraped_at_ms: now,
+            waiting: w,
+            ..Default::default()
+        };
+        Snapshot {
+            generated_at_ms: now,
+            sequence: seq,
+            collector: "t".into(),
+            pools: vec![PoolSnapshot {
+                name: "p".into(),
+                endpoints: vec![ep("127.0.0.1:1", waiting[0]), ep("127.0.0.1:2", waiting[1])],
+            }],
+        }
+        .encode()
+    }
+
+    const BODY: &[u8] = br#"{"model":"m","prompt":"hello"}"#;
+
+    #[test]
+    fn routes_by_the_snapshot_and_counts_in_flight() {
+        let p = picker();
+        p.ingest(&snapshot(1_000, [4, 0], 1)).unwrap();
+        let r = p
+            .route(ApiKind::Completions, BODY, None, 1_100, || 0)
+            .unwrap();
+        assert_eq!(r.destination, "127.0.0.1:2");
+        assert_eq!(p.in_flight("127.0.0.1:2"), 1);
+        p.release("127.0.0.1:2");
+        assert_eq!(p.in_flight("127.0.0.1:2"), 0);
+        // An older snapshot is refused; a newer one flips the choice.
+        assert_eq!(p.ingest(&snapshot(900, [0, 4], 1)).unwrap_err().status, 409);
+        p.ingest(&snapshot(1_200, [0, 4], 2)).unwrap();
+        let r = p
+            .route(ApiKind::Completions, BODY, None, 1_300, || 0)
+            .unwrap();
+        assert_eq!(r.destination, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn bad_bodies_get_the_filter_errors() {
+        let p = picker();
+        let e = p
+            .route(ApiKind::Completions, b"{", None, 0, || 0)
+            .unwrap_err();
+        assert_eq!((e.status, e.code), (400, "invalid_json"));
+        let e = p
+            .route(
+                ApiKind::Completions,
+                br#"{"model":"x","prompt":"a"}"#,
+                None,
+                0,
+                || 0,
+            )
+            .unwrap_err();
+        assert_eq!(e.status, 404);
+    }
+
+    #[test]
+    fn mem_store_checks_cas_on_existing_keys() {
+        let s = MemStore::default();
+        s.set("k", b"1", None).unwrap();
+        let (_, cas) = s.get("k");
+        s.set("k", b"2", cas).unwrap();
+        assert_eq!(s.set("k", b"3", cas), Err(StoreError::CasMismatch));
+        assert_eq!(s.get("k").0.as_deref(), Some(&b"2"[..]));
+    }
+}
