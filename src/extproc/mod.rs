@@ -70,6 +70,8 @@ pub struct Routed {
 pub struct Picker {
     pub config: Arc<Config>,
     store: MemStore,
+    /// Each endpoint's slot in the packed in-flight counters.
+    slots: HashMap<String, usize>,
     snapshot: RwLock<Option<Arc<IndexedSnapshot>>>,
     /// The stored snapshot, encoded, for `ingest::accept`'s newer-than check.
     encoded: Mutex<Option<Vec<u8>>>,
@@ -78,13 +80,12 @@ pub struct Picker {
 impl Picker {
     pub fn new(config: Config) -> Picker {
         let store = MemStore::default();
-        for e in config.all_endpoints() {
-            // A fresh in-memory store cannot refuse.
-            let _ = inflight::ensure(&store, &e);
-        }
+        // A fresh in-memory store cannot refuse.
+        let slots = inflight::register(&store, &config.all_endpoints()).unwrap_or_default();
         Picker {
             config: Arc::new(config),
             store,
+            slots,
             snapshot: RwLock::new(None),
             encoded: Mutex::new(None),
         }
@@ -157,6 +158,7 @@ impl Picker {
             index.matches(&hashes, now_ms)
         };
 
+        let counts = inflight::counts(&self.store);
         let candidates: Vec<Candidate<'_>> = pool
             .endpoints
             .iter()
@@ -164,7 +166,7 @@ impl Picker {
                 let metrics = snapshot.as_deref().and_then(|s| s.endpoint(endpoint));
                 Candidate {
                     endpoint,
-                    in_flight: inflight::read(&self.store, endpoint),
+                    in_flight: self.in_flight_in(&counts, endpoint),
                     metrics,
                     fresh: match (snapshot.as_deref(), metrics) {
                         (Some(s), Some(m)) => {
@@ -202,8 +204,10 @@ impl Picker {
         if !hashes.is_empty() {
             index.record(&hashes, &endpoint, now_ms);
         }
-        let holding = inflight::add(&self.store, &endpoint, 1)
-            .ok()
+        let holding = self
+            .slots
+            .get(&endpoint)
+            .and_then(|&slot| inflight::add(&self.store, slot, 1).ok())
             .map(|_| endpoint.clone());
         let destination = match config.destination_list {
             false => endpoint,
@@ -223,11 +227,19 @@ impl Picker {
 
     /// Gives back the in-flight count a [`Routed`] took.
     pub fn release(&self, endpoint: &str) {
-        let _ = inflight::add(&self.store, endpoint, -1);
+        if let Some(&slot) = self.slots.get(endpoint) {
+            let _ = inflight::add(&self.store, slot, -1);
+        }
     }
 
     pub fn in_flight(&self, endpoint: &str) -> u64 {
-        inflight::read(&self.store, endpoint)
+        self.in_flight_in(&inflight::counts(&self.store), endpoint)
+    }
+
+    fn in_flight_in(&self, counts: &[u32], endpoint: &str) -> u64 {
+        self.slots
+            .get(endpoint)
+            .map_or(0, |&slot| inflight::count(counts, slot))
     }
 }
 
