@@ -174,7 +174,7 @@ pub fn schedule(
 
     // 4. Score. The pool-wide ranges are computed once: per candidate they would
     // make a decision quadratic in the pool size (6 ms at 1000 endpoints).
-    let ranges = Ranges::of(candidates, &pool);
+    let ranges = Ranges::of(candidates, &pool, cfg.saturation.queue_depth);
     let mut scored: Vec<Scored> = pool
         .iter()
         .map(|&i| score(profile, req, &candidates[i], &ranges, i))
@@ -198,8 +198,9 @@ fn keep(from: &[usize], f: impl Fn(usize) -> bool) -> Vec<usize> {
     from.iter().copied().filter(|&i| f(i)).collect()
 }
 
-/// Scores where "lower is better" are min-max normalised across the pool, as GIE
-/// does: the best gets 1, the worst 0, all equal → 1.
+/// In-flight counts are min-max normalised across the pool, as GIE does: the best
+/// gets 1, the worst 0, all equal → 1. They are exact between scrapes, so even a
+/// difference of one request is real and spreads a burst.
 fn lower_is_better(value: f64, min: f64, max: f64) -> f64 {
     if max - min <= f64::EPSILON {
         1.0
@@ -208,23 +209,37 @@ fn lower_is_better(value: f64, min: f64, max: f64) -> f64 {
     }
 }
 
+/// Waiting-queue differences are judged against the saturation queue depth: a
+/// request or two caught in a replica's queue at the last scrape (vLLM queues
+/// every arrival until its next engine step) must not outweigh LoRA or prefix
+/// affinity, yet a gap of `queue_depth` requests spans the whole range.
+fn queue_score(waiting: f64, (min, spread): (f64, f64)) -> f64 {
+    if spread <= f64::EPSILON {
+        1.0
+    } else {
+        (1.0 - (waiting - min) / spread).clamp(0.0, 1.0)
+    }
+}
+
 /// Neutral score when the scorer has nothing to go on (no fresh metrics).
 const UNKNOWN: f64 = 0.5;
 
 /// The pool-wide minimum and maximum the "lower is better" scores normalise by.
 struct Ranges {
-    /// Waiting requests, over candidates with fresh metrics.
+    /// Waiting requests over candidates with fresh metrics: the minimum and the
+    /// spread to normalise by (see `queue_score`).
     waiting: (f64, f64),
     in_flight: (f64, f64),
 }
 
 impl Ranges {
-    fn of(cands: &[Candidate<'_>], pool: &[usize]) -> Ranges {
+    fn of(cands: &[Candidate<'_>], pool: &[usize], queue_depth: u32) -> Ranges {
         let fresh_waiting = pool
             .iter()
             .filter_map(|&j| cands[j].fresh_metrics().map(|m| f64::from(m.waiting)));
+        let (min, max) = min_max(fresh_waiting);
         Ranges {
-            waiting: min_max(fresh_waiting),
+            waiting: (min, (max - min).max(f64::from(queue_depth))),
             in_flight: min_max(pool.iter().map(|&j| cands[j].in_flight as f64)),
         }
     }
@@ -237,7 +252,6 @@ fn score(
     ranges: &Ranges,
     i: usize,
 ) -> Scored {
-    let (wmin, wmax) = ranges.waiting;
     let (fmin, fmax) = ranges.in_flight;
 
     let mut parts = Vec::with_capacity(profile.scorers.len());
@@ -245,7 +259,7 @@ fn score(
     for &(kind, weight) in &profile.scorers {
         let s = match kind {
             ScorerKind::Queue => c.fresh_metrics().map_or(UNKNOWN, |m| {
-                lower_is_better(f64::from(m.waiting), wmin, wmax)
+                queue_score(f64::from(m.waiting), ranges.waiting)
             }),
             ScorerKind::KvCache => c.fresh_metrics().map_or(UNKNOWN, |m| {
                 (1.0 - f64::from(m.kv_cache_utilization)).clamp(0.0, 1.0)

@@ -120,6 +120,42 @@ fn lora_affinity_prefers_running_then_waiting_then_free_slot() {
 }
 
 #[test]
+fn a_request_caught_in_the_queue_does_not_outweigh_lora_affinity() {
+    // The replica running the adapter had one arrival waiting for its next engine
+    // step at the last scrape; with plain min-max that one request scored its
+    // queue 0 and sent the adapter to a replica that had to load it.
+    let mut running = m(1, 0.0);
+    running.running_adapters = vec!["sql".into()];
+    let idle = m(0, 0.0);
+    let r = Request {
+        model: "sql",
+        adapter: true,
+        ..req(0)
+    };
+    let pool = [cand("idle", 0, &idle), cand("run", 0, &running)];
+    assert_eq!(chosen(run(&pool, &r)), 1);
+
+    // Differences are judged against the saturation queue depth (5 by default);
+    // a wider gap spans the whole range.
+    let depth = cfg().saturation.queue_depth;
+    let near = Ranges::of(
+        &[cand("idle", 0, &idle), cand("q4", 0, &m(4, 0.0))],
+        &[0, 1],
+        depth,
+    );
+    assert_eq!(queue_score(0.0, near.waiting), 1.0);
+    assert!((queue_score(4.0, near.waiting) - 0.2).abs() < 1e-9);
+    let wide = Ranges::of(
+        &[cand("idle", 0, &idle), cand("q20", 0, &m(20, 0.0))],
+        &[0, 1],
+        depth,
+    );
+    assert_eq!(queue_score(20.0, wide.waiting), 0.0);
+    assert_eq!(queue_score(10.0, wide.waiting), 0.5);
+    assert_eq!(queue_score(10.0, wide.waiting), 0.5);
+}
+
+#[test]
 fn lora_never_evicts_when_another_endpoint_can_load() {
     let mut full = m(0, 0.0);
     full.running_adapters = vec!["x".into(), "y".into()];
