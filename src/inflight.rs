@@ -144,9 +144,10 @@ pub fn by_endpoint(store: &dyn SharedStore) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// An in-memory store with the host's semantics (CAS checked only on existing keys),
-/// for native tests of the counter logic.
-#[cfg(test)]
+/// An in-memory store with the host's semantics (CAS checked only on existing keys,
+/// cas 0 means unconditional, as in Envoy), for native tests and for the ext_proc
+/// picker, which keeps its state in its own process.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod memory {
     use super::*;
     use std::sync::Mutex;
@@ -161,7 +162,7 @@ pub mod memory {
 
     impl SharedStore for MemoryStore {
         fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-            let g = self.inner.lock().unwrap();
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match g.0.get(key) {
                 Some((v, c)) => (Some(v.clone()), Some(*c)),
                 None => (None, None),
@@ -169,8 +170,8 @@ pub mod memory {
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-            let mut g = self.inner.lock().unwrap();
-            g.1 += 1;
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.1 = g.1.wrapping_add(1).max(1);
             let next = g.1;
             if let Some((v, c)) = g.0.get_mut(key) {
                 if matches!(cas, Some(want) if want != 0 && want != *c) {
@@ -194,6 +195,16 @@ mod tests {
 
     fn eps(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn memory_store_checks_cas_on_existing_keys() {
+        let s = MemoryStore::default();
+        s.set("k", b"1", None).unwrap();
+        let (_, cas) = s.get("k");
+        s.set("k", b"2", cas).unwrap();
+        assert_eq!(s.set("k", b"3", cas), Err(StoreError::CasMismatch));
+        assert_eq!(s.get("k").0.as_deref(), Some(&b"2"[..]));
     }
 
     #[test]

@@ -5,55 +5,17 @@
 //! benchmarks can measure what the sidecar hop costs against the in-process filter;
 //! the gRPC glue is `src/bin/extproc-picker.rs`.
 //!
-//! Everything here is host-free: [`Picker::route`] mirrors the filter's
-//! `GatewayStream::forward` (src/filter/http.rs) step for step.
+//! Everything here is host-free: [`Picker::route`] calls the same
+//! `gateway::plan_route` and `gateway::choose` as the filter's `GatewayStream`.
 
 use crate::config::Config;
 use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
-use crate::inflight::{self, SharedStore, StoreError};
+use crate::inflight::{self, memory::MemoryStore};
 use crate::ingest;
 use crate::openai::{ApiError, ApiKind};
-use crate::scheduling::prefix::{self, PrefixIndex};
-use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
 use crate::snapshot::IndexedSnapshot;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-
-/// An in-memory [`SharedStore`] with proxy-wasm's semantics (CAS checked on
-/// existing keys only), standing in for Envoy's shared data.
-/// Key → (value, cas), and the last cas handed out.
-type Slots = (HashMap<String, (Vec<u8>, u32)>, u32);
-
-#[derive(Default)]
-pub struct MemStore {
-    inner: Mutex<Slots>,
-}
-
-impl SharedStore for MemStore {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match g.0.get(key) {
-            Some((v, c)) => (Some(v.clone()), Some(*c)),
-            None => (None, None),
-        }
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.1 = g.1.wrapping_add(1).max(1);
-        let next = g.1;
-        if let Some((v, c)) = g.0.get_mut(key) {
-            if matches!(cas, Some(want) if want != *c) {
-                return Err(StoreError::CasMismatch);
-            }
-            *v = value.to_vec();
-            *c = next;
-        } else {
-            g.0.insert(key.to_string(), (value.to_vec(), next));
-        }
-        Ok(())
-    }
-}
 
 /// Where a routed request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +31,7 @@ pub struct Routed {
 /// The picker's state, shared by every gRPC stream.
 pub struct Picker {
     pub config: Arc<Config>,
-    store: MemStore,
+    store: MemoryStore,
     /// Each endpoint's slot in the packed in-flight counters.
     slots: HashMap<String, usize>,
     snapshot: RwLock<Option<Arc<IndexedSnapshot>>>,
@@ -79,7 +41,7 @@ pub struct Picker {
 
 impl Picker {
     pub fn new(config: Config) -> Picker {
-        let store = MemStore::default();
+        let store = MemoryStore::default();
         // A fresh in-memory store cannot refuse.
         let slots = inflight::register(&store, &config.all_endpoints()).unwrap_or_default();
         Picker {
@@ -122,105 +84,24 @@ impl Picker {
     }
 
     fn forward(&self, plan: &RoutePlan, now_ms: u64, draw: u32) -> Result<Routed, ApiError> {
-        let config = &self.config;
-        let (Some(pool), Some(profile)) = (
-            config.pools.get(plan.pool),
-            config.scheduling.profiles.get(plan.profile),
-        ) else {
-            return Err(ApiError::internal("route names an unknown pool or profile"));
-        };
-        let sched = &config.scheduling;
         let snapshot = self
             .snapshot
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-
-        let pc = &sched.prefix_cache;
-        let hashes = if profile
-            .scorers
-            .iter()
-            .any(|&(k, w)| k == ScorerKind::PrefixCache && w > 0.0)
-        {
-            prefix::block_hashes(
-                &plan.target_model,
-                &plan.prompt,
-                pc.block_bytes,
-                pc.max_blocks,
-            )
-        } else {
-            Vec::new()
-        };
-        let index = PrefixIndex::new(&self.store, pc.index_slots, pc.ttl_ms);
-        let matches = if hashes.is_empty() {
-            Default::default()
-        } else {
-            index.matches(&hashes, now_ms)
-        };
-
-        let counts = inflight::counts(&self.store);
-        let candidates: Vec<Candidate<'_>> = pool
-            .endpoints
-            .iter()
-            .map(|endpoint| {
-                let metrics = snapshot.as_deref().and_then(|s| s.endpoint(endpoint));
-                Candidate {
-                    endpoint,
-                    in_flight: self.in_flight_in(&counts, endpoint),
-                    metrics,
-                    fresh: match (snapshot.as_deref(), metrics) {
-                        (Some(s), Some(m)) => {
-                            s.snapshot
-                                .endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
-                        }
-                        _ => false,
-                    },
-                    prefix_blocks: matches.get(endpoint.as_str()).copied().unwrap_or(0),
-                }
-            })
-            .collect();
-        let adapter = plan.adapter.unwrap_or_else(|| {
-            candidates
-                .iter()
-                .filter(|c| c.fresh)
-                .filter_map(|c| c.metrics)
-                .any(|m| {
-                    m.running_adapters.contains(&plan.target_model)
-                        || m.waiting_adapters.contains(&plan.target_model)
-                })
-        });
-        let request = Request {
-            model: &plan.target_model,
-            priority: plan.priority,
-            adapter,
-            prompt_blocks: hashes.len(),
-        };
-        let decision = match scheduling::schedule(sched, profile, &request, &candidates, draw) {
-            Outcome::Route(d) => d,
-            Outcome::Shed => return Err(ApiError::shed(&pool.name, sched.retry_after_seconds)),
-            Outcome::NoEndpoint => return Err(ApiError::no_endpoint(&pool.name)),
-        };
-        let endpoint = candidates[decision.chosen()].endpoint.to_string();
-        if !hashes.is_empty() {
-            index.record(&hashes, &endpoint, now_ms);
-        }
-        let holding = self
-            .slots
-            .get(&endpoint)
-            .and_then(|&slot| inflight::add(&self.store, slot, 1).ok())
-            .map(|_| endpoint.clone());
-        let destination = match config.destination_list {
-            false => endpoint,
-            true => decision
-                .order
-                .iter()
-                .map(|&i| candidates[i].endpoint)
-                .collect::<Vec<_>>()
-                .join(","),
-        };
+        let choice = gateway::choose(&gateway::Inputs {
+            config: &self.config,
+            plan,
+            snapshot: snapshot.as_deref(),
+            store: &self.store,
+            slots: &self.slots,
+            now_ms,
+            draw,
+        })
+        .map_err(|refused| refused.error)?;
         Ok(Routed {
-            destination,
-            holding,
+            holding: choice.holding.map(|_| choice.endpoint),
+            destination: choice.destination,
             new_body: plan.new_body.clone(),
         })
     }
@@ -316,15 +197,5 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(e.status, 404);
-    }
-
-    #[test]
-    fn mem_store_checks_cas_on_existing_keys() {
-        let s = MemStore::default();
-        s.set("k", b"1", None).unwrap();
-        let (_, cas) = s.get("k");
-        s.set("k", b"2", cas).unwrap();
-        assert_eq!(s.set("k", b"3", cas), Err(StoreError::CasMismatch));
-        assert_eq!(s.get("k").0.as_deref(), Some(&b"2"[..]));
     }
 }

@@ -10,8 +10,6 @@ use crate::inflight;
 use crate::observe::{self, request as obs, request::RequestObs};
 use crate::openai::{ApiError, ApiKind};
 use crate::routing::OBJECTIVE_HEADER;
-use crate::scheduling::prefix::{self, PrefixIndex};
-use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
@@ -124,120 +122,46 @@ impl GatewayStream {
     /// and sets the destination header. The caller continues the request.
     pub(super) fn forward(&mut self, plan: &RoutePlan, body_size: usize) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
-        let (Some(pool), Some(profile)) = (
-            config.pools.get(plan.pool),
-            config.scheduling.profiles.get(plan.profile),
-        ) else {
-            return Err(ApiError::internal("route names an unknown pool or profile"));
-        };
-        let sched = &config.scheduling;
         let now_ms = super::now_ms(self);
         let snapshot = self.snapshot.borrow_mut().current();
-
-        // Prefix matches cost shared-data reads: only when the profile scores them.
-        let pc = &sched.prefix_cache;
-        let hashes = if profile
-            .scorers
-            .iter()
-            .any(|&(k, w)| k == ScorerKind::PrefixCache && w > 0.0)
-        {
-            prefix::block_hashes(
-                &plan.target_model,
-                &plan.prompt,
-                pc.block_bytes,
-                pc.max_blocks,
-            )
-        } else {
-            Vec::new()
-        };
-        let index = PrefixIndex::new(&HostStore, pc.index_slots, pc.ttl_ms);
-        let matches = if hashes.is_empty() {
-            Default::default()
-        } else {
-            index.matches(&hashes, now_ms)
-        };
-
-        // Every candidate's in-flight count in one read.
-        let counts = inflight::counts(&HostStore);
-        let candidates: Vec<Candidate<'_>> = pool
-            .endpoints
-            .iter()
-            .map(|endpoint| {
-                let metrics = snapshot.as_deref().and_then(|s| s.endpoint(endpoint));
-                Candidate {
-                    endpoint,
-                    in_flight: self
-                        .slots
-                        .get(endpoint.as_str())
-                        .map_or(0, |&slot| inflight::count(&counts, slot)),
-                    metrics,
-                    fresh: match (snapshot.as_deref(), metrics) {
-                        (Some(s), Some(m)) => {
-                            s.snapshot
-                                .endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
-                        }
-                        _ => false,
-                    },
-                    prefix_blocks: matches.get(endpoint.as_str()).copied().unwrap_or(0),
-                }
-            })
-            .collect();
-        let adapter = plan.adapter.unwrap_or_else(|| {
-            candidates
-                .iter()
-                .filter(|c| c.fresh)
-                .filter_map(|c| c.metrics)
-                .any(|m| {
-                    m.running_adapters.contains(&plan.target_model)
-                        || m.waiting_adapters.contains(&plan.target_model)
-                })
+        let choice = gateway::choose(&gateway::Inputs {
+            config: &config,
+            plan,
+            snapshot: snapshot.as_deref(),
+            store: &HostStore,
+            slots: &self.slots,
+            now_ms,
+            draw: self.rng.u32(..),
         });
-        let request = Request {
-            model: &plan.target_model,
-            priority: plan.priority,
-            adapter,
-            prompt_blocks: hashes.len(),
-        };
-
-        let decision =
-            match scheduling::schedule(sched, profile, &request, &candidates, self.rng.u32(..)) {
-                Outcome::Route(d) => d,
-                Outcome::Shed => {
+        let choice = match choice {
+            Ok(choice) => choice,
+            Err(refused) => {
+                if refused.shed {
                     super::metrics::inc(&format!(
                         "inference_gateway_shed_total.model_name.{}",
                         super::metrics::label(&plan.model)
                     ));
-                    return Err(ApiError::shed(&pool.name, sched.retry_after_seconds));
                 }
-                Outcome::NoEndpoint => return Err(ApiError::no_endpoint(&pool.name)),
-            };
-        let endpoint = candidates[decision.chosen()].endpoint.to_string();
-        if sched.explain {
-            let text = scheduling::explain(&decision, &candidates);
+                return Err(refused.error);
+            }
+        };
+        if let Some(text) = &choice.explanation {
             log::info!(
-                "inference-gateway: request {} model={} priority={} profile={} -> {endpoint}: {text}",
+                "inference-gateway: request {} model={} priority={} profile={} -> {}: {text}",
                 self.request_id(),
                 plan.target_model,
                 plan.priority,
-                profile.name
+                config
+                    .scheduling
+                    .profiles
+                    .get(plan.profile)
+                    .map_or("", |p| p.name.as_str()),
+                choice.endpoint,
             );
-            self.explanation = Some(text);
         }
-        if !hashes.is_empty() {
-            index.record(&hashes, &endpoint, now_ms);
-        }
-
-        self.record_routed(&plan.model, &plan.target_model, &endpoint);
-        match self.slots.get(endpoint.as_str()) {
-            // Route anyway: a missed count skews balancing a little, a refusal fails the user.
-            None => log::warn!("inference-gateway: {endpoint} has no in-flight counter"),
-            Some(&slot) => match inflight::add(&HostStore, slot, 1) {
-                Ok(_) => self.holding = Some(slot),
-                Err(err) => log::warn!(
-                    "inference-gateway: in-flight count for {endpoint} not taken: {err:?}"
-                ),
-            },
-        }
+        self.explanation = choice.explanation;
+        self.holding = choice.holding;
+        self.record_routed(&plan.model, &plan.target_model, &choice.endpoint);
 
         if let Some(new_body) = &plan.new_body {
             self.set_http_request_body(0, body_size, new_body);
@@ -245,16 +169,7 @@ impl GatewayStream {
                 self.set_http_request_header("content-length", Some(&new_body.len().to_string()));
             }
         }
-        let destination = match config.destination_list {
-            false => endpoint,
-            true => decision
-                .order
-                .iter()
-                .map(|&i| candidates[i].endpoint)
-                .collect::<Vec<_>>()
-                .join(","),
-        };
-        self.set_http_request_header(DESTINATION_HEADER, Some(&destination));
+        self.set_http_request_header(DESTINATION_HEADER, Some(&choice.destination));
         Ok(())
     }
 

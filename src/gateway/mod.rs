@@ -2,6 +2,10 @@
 //! request head, then with the whole body, and carries out the answer. Nothing here
 //! touches the host, so every decision is unit-tested natively.
 
+mod choose;
+
+pub use choose::{choose, Choice, Inputs, Refused};
+
 use crate::config::{Config, OtherPaths};
 use crate::openai::{request, ApiError, ApiKind};
 use crate::routing;

@@ -1,0 +1,303 @@
+//! Choosing the endpoint for a planned request: candidates from the pool, the
+//! latest snapshot, the prefix index and the in-flight counts, then the scheduler.
+//! The Wasm filter and the ext_proc picker both call [`choose`]; only the store,
+//! the clock and the random draw come from the host.
+
+use super::RoutePlan;
+use crate::config::Config;
+use crate::inflight::{self, SharedStore};
+use crate::openai::ApiError;
+use crate::scheduling::prefix::{self, PrefixIndex};
+use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
+use crate::snapshot::IndexedSnapshot;
+use std::collections::HashMap;
+
+/// What one decision reads.
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub plan: &'a RoutePlan,
+    /// The latest snapshot from the collector, if any arrived.
+    pub snapshot: Option<&'a IndexedSnapshot>,
+    /// Shared data: in-flight counters and the prefix index.
+    pub store: &'a dyn SharedStore,
+    /// Each endpoint's slot in the packed in-flight counters.
+    pub slots: &'a HashMap<String, usize>,
+    pub now_ms: u64,
+    /// A uniform random `u32` for the picker's tie-break.
+    pub draw: u32,
+}
+
+/// A routed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub endpoint: String,
+    /// The value for `x-gateway-destination-endpoint`: the endpoint, or with
+    /// `destination_list` it and its fallbacks, comma-separated.
+    pub destination: String,
+    /// The in-flight slot taken for `endpoint`; give it back when the stream ends.
+    pub holding: Option<usize>,
+    /// The scored candidates, when `scheduling.explain` is on.
+    pub explanation: Option<String>,
+}
+
+/// A request that is not routed, with the error the client gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Shed by priority (a 429), as opposed to no endpoint at all.
+    pub shed: bool,
+    pub error: ApiError,
+}
+
+/// Picks the endpoint, records the prompt's prefix against it and takes its
+/// in-flight count.
+pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
+    let Inputs {
+        config,
+        plan,
+        snapshot,
+        store,
+        slots,
+        now_ms,
+        draw,
+    } = *inputs;
+    let (Some(pool), Some(profile)) = (
+        config.pools.get(plan.pool),
+        config.scheduling.profiles.get(plan.profile),
+    ) else {
+        return Err(Refused {
+            shed: false,
+            error: ApiError::internal("route names an unknown pool or profile"),
+        });
+    };
+    let sched = &config.scheduling;
+
+    // Prefix matches cost shared-data reads: only when the profile scores them.
+    let pc = &sched.prefix_cache;
+    let hashes = if profile
+        .scorers
+        .iter()
+        .any(|&(k, w)| k == ScorerKind::PrefixCache && w > 0.0)
+    {
+        prefix::block_hashes(
+            &plan.target_model,
+            &plan.prompt,
+            pc.block_bytes,
+            pc.max_blocks,
+        )
+    } else {
+        Vec::new()
+    };
+    let index = PrefixIndex::new(store, pc.index_slots, pc.ttl_ms);
+    let matches = if hashes.is_empty() {
+        Default::default()
+    } else {
+        index.matches(&hashes, now_ms)
+    };
+
+    // Every candidate's in-flight count in one read.
+    let counts = inflight::counts(store);
+    let candidates: Vec<Candidate<'_>> = pool
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            let metrics = snapshot.and_then(|s| s.endpoint(endpoint));
+            Candidate {
+                endpoint,
+                in_flight: slots
+                    .get(endpoint.as_str())
+                    .map_or(0, |&slot| inflight::count(&counts, slot)),
+                metrics,
+                fresh: match (snapshot, metrics) {
+                    (Some(s), Some(m)) => {
+                        s.snapshot
+                            .endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
+                    }
+                    _ => false,
+                },
+                prefix_blocks: matches.get(endpoint.as_str()).copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    // A model the config does not mark is an adapter when a fresh replica says so.
+    let adapter = plan.adapter.unwrap_or_else(|| {
+        candidates
+            .iter()
+            .filter(|c| c.fresh)
+            .filter_map(|c| c.metrics)
+            .any(|m| {
+                m.running_adapters.contains(&plan.target_model)
+                    || m.waiting_adapters.contains(&plan.target_model)
+            })
+    });
+    let request = Request {
+        model: &plan.target_model,
+        priority: plan.priority,
+        adapter,
+        prompt_blocks: hashes.len(),
+    };
+
+    let decision = match scheduling::schedule(sched, profile, &request, &candidates, draw) {
+        Outcome::Route(d) => d,
+        Outcome::Shed => {
+            return Err(Refused {
+                shed: true,
+                error: ApiError::shed(&pool.name, sched.retry_after_seconds),
+            })
+        }
+        Outcome::NoEndpoint => {
+            return Err(Refused {
+                shed: false,
+                error: ApiError::no_endpoint(&pool.name),
+            })
+        }
+    };
+    let endpoint = candidates[decision.chosen()].endpoint.to_string();
+    if !hashes.is_empty() {
+        index.record(&hashes, &endpoint, now_ms);
+    }
+    // Route anyway when the count cannot be taken: a missed count skews balancing
+    // a little, a refusal fails the user.
+    let holding = match slots.get(endpoint.as_str()) {
+        None => {
+            log::warn!("inference-gateway: {endpoint} has no in-flight counter");
+            None
+        }
+        Some(&slot) => match inflight::add(store, slot, 1) {
+            Ok(_) => Some(slot),
+            Err(err) => {
+                log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
+                None
+            }
+        },
+    };
+    let destination = if config.destination_list {
+        decision
+            .order
+            .iter()
+            .map(|&i| candidates[i].endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        endpoint.clone()
+    };
+    Ok(Choice {
+        explanation: sched
+            .explain
+            .then(|| scheduling::explain(&decision, &candidates)),
+        endpoint,
+        destination,
+        holding,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::plan_route;
+    use crate::inflight::memory::MemoryStore;
+    use crate::openai::ApiKind;
+    use crate::snapshot::{EndpointMetrics, PoolSnapshot, Snapshot};
+
+    const EPS: [&str; 3] = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
+
+    fn config() -> Config {
+        Config::from_json(
+            br#"{"pools": [{"name": "p", "endpoints": ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]}],
+                 "models": [{"name": "m", "pool": "p"}],
+                 "destination_list": true,
+                 "scheduling": {"explain": true, "fallback_endpoints": 1}}"#,
+        )
+        .unwrap()
+    }
+
+    /// Endpoint i has `waiting[i]` requests queued, scraped at `now`.
+    fn snapshot(now: u64, waiting: [u32; 3]) -> IndexedSnapshot {
+        let endpoints = EPS
+            .iter()
+            .zip(waiting)
+            .map(|(a, w)| EndpointMetrics {
+                address: a.to_string(),
+                healthy: true,
+                scraped_at_ms: now,
+                waiting: w,
+                ..Default::default()
+            })
+            .collect();
+        IndexedSnapshot::new(Snapshot {
+            generated_at_ms: now,
+            sequence: 1,
+            collector: "t".into(),
+            pools: vec![PoolSnapshot {
+                name: "p".into(),
+                endpoints,
+            }],
+        })
+    }
+
+    fn slots() -> HashMap<String, usize> {
+        EPS.iter()
+            .enumerate()
+            .map(|(i, e)| (e.to_string(), i))
+            .collect()
+    }
+
+    fn run(
+        cfg: &Config,
+        body: &[u8],
+        snap: &IndexedSnapshot,
+        store: &MemoryStore,
+    ) -> Result<Choice, Refused> {
+        let plan = plan_route(cfg, ApiKind::Completions, body, None, 0).unwrap();
+        choose(&Inputs {
+            config: cfg,
+            plan: &plan,
+            snapshot: Some(snap),
+            store,
+            slots: &slots(),
+            now_ms: 1_050,
+            draw: 0,
+        })
+    }
+
+    #[test]
+    fn the_destination_lists_the_choice_then_its_fallbacks_and_the_count_is_taken() {
+        let (cfg, store) = (config(), MemoryStore::default());
+        let snap = snapshot(1_000, [9, 0, 3]);
+        let c = run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &snap, &store).unwrap();
+        assert_eq!(c.endpoint, "127.0.0.1:2");
+        assert_eq!(c.destination, "127.0.0.1:2,127.0.0.1:3");
+        assert_eq!(c.holding, Some(1));
+        assert_eq!(inflight::count(&inflight::counts(&store), 1), 1);
+        let text = c.explanation.unwrap();
+        assert!(text.starts_with("127.0.0.1:2="), "{text}");
+    }
+
+    #[test]
+    fn a_routed_prompt_is_remembered_for_the_next_one() {
+        let (cfg, store) = (config(), MemoryStore::default());
+        let snap = snapshot(1_000, [0, 0, 0]);
+        let prompt = format!(
+            r#"{{"model":"m","prompt":"{}"}}"#,
+            "shared system prompt ".repeat(40)
+        );
+        let first = run(&cfg, prompt.as_bytes(), &snap, &store).unwrap();
+        // Release the count so only the prefix index tells the endpoints apart.
+        inflight::add(&store, first.holding.unwrap(), -1).unwrap();
+        let second = run(&cfg, prompt.as_bytes(), &snap, &store).unwrap();
+        assert_eq!(second.endpoint, first.endpoint);
+        assert!(second.explanation.unwrap().contains("PrefixCache=1.00"));
+    }
+
+    #[test]
+    fn a_sheddable_request_to_a_saturated_pool_is_refused_as_shed() {
+        let (cfg, store) = (config(), MemoryStore::default());
+        let snap = snapshot(1_000, [50, 50, 50]);
+        let body = br#"{"model":"m","prompt":"hi","priority":-1}"#;
+        let refused = run(&cfg, body, &snap, &store).unwrap_err();
+        assert!(refused.shed);
+        assert_eq!(refused.error.status, 429);
+        assert_eq!(inflight::counts(&store).iter().sum::<u32>(), 0);
+        // Priority 0 is still served by the least-bad endpoint.
+        assert!(run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &snap, &store).is_ok());
+    }
+}
