@@ -10,7 +10,6 @@
 
 use clap::{Parser, Subcommand};
 use futures_util::future::join_all;
-use inference_gateway::bench::envoy::{self as variants, Lb, Ports, Variant};
 use inference_gateway::bench::machine;
 use inference_gateway::bench::report::{
     self, OverheadRep, OverheadResults, OverheadRow, RoutingPoint, RoutingResults, RunMeta,
@@ -18,7 +17,7 @@ use inference_gateway::bench::report::{
 use inference_gateway::bench::stats::Quantiles;
 use inference_gateway::bench::workload::{self, Costs, Kind, Planned, Spec};
 use inference_gateway::deploy::envoy_binary;
-use inference_gateway::deploy::envoy_config::{self, EnvoySettings};
+use inference_gateway::deploy::envoy_config::{self, EnvoySettings, LbPolicy, Routing};
 use inference_gateway::deploy::process::{self, Check, ChildGuard};
 use inference_gateway::snapshot::{EndpointMetrics, PoolSnapshot, Snapshot};
 use serde_json::{json, Value};
@@ -319,8 +318,17 @@ fn ports() -> Res<(u16, u16, u16)> {
 const TOKEN: &str = "bench-ingest-token";
 const POOL: &str = "bench-pool";
 
-/// The filter (`deploy::envoy_config::render`, the product bootstrap) over a pool.
-fn filter_yaml(gateway_config: Value, gw: u16, control: u16, admin: u16) -> String {
+/// The product bootstrap (`deploy::envoy_config::render`) with `routing` on the
+/// gateway listener: the filter over the plugin configuration's pool, or what it
+/// is compared with. Everything else (buffer limit, timeouts, circuit breakers)
+/// is the same for every variant, so only the routing step differs.
+fn envoy_yaml(
+    routing: Routing,
+    gateway_config: Value,
+    gw: u16,
+    control: u16,
+    admin: u16,
+) -> String {
     let settings = EnvoySettings {
         gateway_port: gw,
         control_port: control,
@@ -332,6 +340,8 @@ fn filter_yaml(gateway_config: Value, gw: u16, control: u16, admin: u16) -> Stri
         safety_address: None,
         log_level: "warning".into(),
         concurrency: Some(2),
+        buffer_limit_bytes: Some(8 << 20),
+        routing,
         ..EnvoySettings::demo()
     };
     envoy_config::render(&settings)
@@ -609,41 +619,31 @@ fn overhead(c: &Common) -> Res<()> {
             "pools": [{"name": POOL, "endpoints": eps}],
             "default_pool": POOL,
         });
-        let buffer = 8u64 << 20;
         let mut picker: Option<ChildGuard> = None;
         let (yaml, push_url) = match variant {
-            "plain" => (
-                variants::render(
-                    &Ports {
-                        gateway: gw,
-                        admin,
-                        buffer_limit_bytes: buffer,
-                    },
-                    &Variant::Static {
-                        hosts: live.clone(),
-                        lb: Lb::RoundRobin,
-                    },
-                ),
-                None,
-            ),
+            "plain" => {
+                let live_pool = json!({"pools": [{"name": POOL, "endpoints": live}]});
+                let rr = Routing::EnvoyLb(LbPolicy::RoundRobin);
+                (envoy_yaml(rr, live_pool, gw, control, admin), None)
+            }
             "filter" => (
-                filter_yaml(gateway_config.clone(), gw, control, admin),
+                envoy_yaml(
+                    Routing::WasmFilter,
+                    gateway_config.clone(),
+                    gw,
+                    control,
+                    admin,
+                ),
                 Some(format!("http://127.0.0.1:{control}/v1/snapshot")),
             ),
             _ => {
                 let grpc = process::free_port().map_err(|e| e.to_string())?;
                 picker = Some(start_picker(&gateway_config, grpc, control, &tmp)?);
+                let routing = Routing::ExtProc {
+                    grpc: format!("127.0.0.1:{grpc}"),
+                };
                 (
-                    variants::render(
-                        &Ports {
-                            gateway: gw,
-                            admin,
-                            buffer_limit_bytes: buffer,
-                        },
-                        &Variant::ExtProc {
-                            grpc: format!("127.0.0.1:{grpc}"),
-                        },
-                    ),
+                    envoy_yaml(routing, gateway_config.clone(), gw, control, admin),
                     Some(format!("http://127.0.0.1:{control}/v1/snapshot")),
                 )
             }
@@ -1072,26 +1072,16 @@ impl RoutingStack {
         }
         let eps: Vec<String> = sims.iter().map(Sim::endpoint).collect();
         let (gw, control, admin) = ports()?;
-        let ports_ = Ports {
-            gateway: gw,
-            admin,
-            buffer_limit_bytes: 8 << 20,
-        };
         let (yaml, collector) = match policy.scheduling() {
             None => {
                 let lb = if policy == Policy::RoundRobin {
-                    Lb::RoundRobin
+                    LbPolicy::RoundRobin
                 } else {
-                    Lb::LeastRequest
+                    LbPolicy::LeastRequest
                 };
+                let pool = json!({"pools": [{"name": POOL, "endpoints": eps}]});
                 (
-                    variants::render(
-                        &ports_,
-                        &Variant::Static {
-                            hosts: eps.clone(),
-                            lb,
-                        },
-                    ),
+                    envoy_yaml(Routing::EnvoyLb(lb), pool, gw, control, admin),
                     false,
                 )
             }
@@ -1107,7 +1097,10 @@ impl RoutingStack {
                     "models": models,
                     "scheduling": sched,
                 });
-                (filter_yaml(cfg, gw, control, admin), true)
+                (
+                    envoy_yaml(Routing::WasmFilter, cfg, gw, control, admin),
+                    true,
+                )
             }
         };
         let envoy = start_envoy(&yaml, admin, gw, dir)?;

@@ -44,6 +44,31 @@ pub const DEMO_SAFETY_ADDRESS: &str = "127.0.0.1:8090";
 pub const DEMO_PROMPT_TEMPLATE: &str = "projects/demo/locations/local/templates/prompt-guard";
 pub const DEMO_RESPONSE_TEMPLATE: &str = "projects/demo/locations/local/templates/response-guard";
 
+/// What picks the model server for a request on the gateway listener.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// The Wasm filter: the product.
+    #[default]
+    WasmFilter,
+    /// No picker: Envoy's own load balancer over the plugin configuration's pool
+    /// endpoints, as a Kubernetes Service gives. A benchmark baseline.
+    EnvoyLb(LbPolicy),
+    /// An `ext_proc` endpoint picker at `grpc` (`ip:port`) that gets the headers and
+    /// the buffered body and answers with the destination header, as GIE wires its
+    /// EPP. The benchmarks' sidecar-hop comparison.
+    ExtProc { grpc: String },
+}
+
+/// Envoy's load balancers for [`Routing::EnvoyLb`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+}
+
+/// Name of the cluster [`Routing::ExtProc`] reaches its picker through.
+pub const EXTPROC_CLUSTER: &str = "extproc_picker";
+
 /// Everything that varies between the demo, the tests and the benchmarks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnvoySettings {
@@ -95,6 +120,9 @@ pub struct EnvoySettings {
     /// With the plugin's `destination_list: true`: how many times the router
     /// retries on the next fallback endpoint.
     pub fallback_retries: u32,
+    /// The filter, or what the benchmarks compare it with. Everything else in the
+    /// bootstrap stays the same, so only the routing step differs.
+    pub routing: Routing,
 }
 
 impl Default for EnvoySettings {
@@ -132,6 +160,7 @@ impl EnvoySettings {
             max_downstream_connections: 50_000,
             safety_address: Some(DEMO_SAFETY_ADDRESS.into()),
             fallback_retries: 2,
+            routing: Routing::WasmFilter,
         }
     }
 
@@ -258,20 +287,48 @@ pub fn envoy_args(settings: &EnvoySettings, config_path: &str) -> Vec<String> {
 
 /// Renders the bootstrap YAML.
 pub fn render(s: &EnvoySettings) -> String {
-    let gateway_filter = wasm_filter("inference-gateway", &s.gateway_config, s);
-    let control_filter = wasm_filter("inference-gateway-control", &s.control_config, s);
     let access_log = if s.access_log {
         ACCESS_LOG.replace("{ACCESS_LOG_FILTER_STATE}", ACCESS_LOG_FILTER_STATE)
     } else {
         String::new()
     };
     let max_body = s.max_request_body_bytes();
-    let (model_servers, retry_policy) = match destination_list(&s.gateway_config) {
-        false => (original_dst_cluster(s), String::new()),
-        true => (
-            override_host_cluster(s),
-            retry_policy_yaml(s.fallback_retries),
+    let (mut model_servers, mut retry_policy) = (original_dst_cluster(s), String::new());
+    let gateway = host_port(&s.gateway_address, s.gateway_port);
+    let layout = match &s.routing {
+        Routing::WasmFilter => format!(
+            "#   {gateway}  gateway: OpenAI API -> Wasm filter (picks a model server) -> ORIGINAL_DST\n\
+             #   {control}  control: the same Wasm module and vm_id, role \"control\": GET /debug/state\n",
+            control = host_port(&s.control_address, s.control_port),
         ),
+        Routing::EnvoyLb(policy) => {
+            format!("#   {gateway}  gateway: Envoy's {policy:?} over the pool (no picker)\n")
+        }
+        Routing::ExtProc { grpc } => format!(
+            "#   {gateway}  gateway: ext_proc picker at {grpc} (picks a model server) -> ORIGINAL_DST\n"
+        ),
+    };
+    let (gateway_filter, health_bypass, control_listener) = match &s.routing {
+        Routing::WasmFilter => {
+            if destination_list(&s.gateway_config) {
+                model_servers = override_host_cluster(s);
+                retry_policy = retry_policy_yaml(s.fallback_retries);
+            }
+            (
+                wasm_filter("inference-gateway", &s.gateway_config, s),
+                HEALTH_WASM_BYPASS,
+                control_listener_yaml(s),
+            )
+        }
+        Routing::EnvoyLb(policy) => {
+            model_servers = static_pool_cluster(s, *policy);
+            (String::new(), "", String::new())
+        }
+        Routing::ExtProc { grpc } => {
+            model_servers.push_str(&circuit_breakers_yaml(s));
+            model_servers.push_str(&extproc_cluster_yaml(grpc));
+            (EXTPROC_FILTER.to_string(), "", String::new())
+        }
     };
     let safety_cluster = s
         .safety_address
@@ -283,9 +340,7 @@ pub fn render(s: &EnvoySettings) -> String {
 # Source: src/deploy/envoy_config.rs (EnvoySettings::demo()). Regenerate with
 #   {regenerate}
 #
-#   {gateway}  gateway: OpenAI API -> Wasm filter (picks a model server) -> ORIGINAL_DST
-#   {control}  control: the same Wasm module and vm_id, role "control": GET /debug/state
-#   {admin}  Envoy admin: /ready, /stats/prometheus
+{layout}#   {admin}  Envoy admin: /ready, /stats/prometheus
 #
 # The .wasm path is relative to the working directory: run Envoy from the repository
 # root, e.g. `envoy -c envoy/envoy.yaml`.
@@ -327,11 +382,7 @@ static_resources:
               # is skipped. (The model servers' health is not proxied.)
               - match: {{path: /health}}
                 direct_response: {{status: 200, body: {{inline_string: "ok\n"}}}}
-                typed_per_filter_config:
-                  envoy.filters.http.wasm:
-                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
-                    disabled: true
-              # Everything else passes the filter first. Inference requests leave it
+{health_bypass}              # Everything else passes the filter first. Inference requests leave it
               # with {header} set; GET /v1/models and
               # errors are answered by the filter. Other paths follow the plugin's
               # other_paths: "reject" answers 404 in the OpenAI shape; with "pass"
@@ -341,7 +392,52 @@ static_resources:
                   cluster: {cluster}
                   timeout: 0s
 {retry_policy}
-  - name: control
+{control_listener}
+  clusters:
+  # The model servers: each request goes to the endpoint the filter wrote into
+  # {header}.
+{model_servers}{circuit_breakers}{safety_cluster}
+# The filter's metrics carry labels as `.label.value` pairs in their names; these
+# turn them into Prometheus labels, e.g.
+# inference_model_request_total.model_name.chat -> inference_model_request_total{{model_name="chat"}}.
+stats_config:
+  stats_tags:
+{stats_tags}
+overload_manager:
+  resource_monitors:
+  - name: envoy.resource_monitors.global_downstream_max_connections
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+      max_active_downstream_connections: {max_downstream}
+"#,
+        regenerate = REGENERATE_COMMAND,
+        admin = host_port(&s.admin_address, s.admin_port),
+        admin_address = scalar(&s.admin_address),
+        admin_port = s.admin_port,
+        gateway_address = scalar(&s.gateway_address),
+        gateway_port = s.gateway_port,
+        buffer_limit = s.effective_buffer_limit_bytes(),
+        idle = s.stream_idle_timeout_secs,
+        header = DESTINATION_HEADER,
+        cluster = MODEL_SERVERS_CLUSTER,
+        circuit_breakers = circuit_breakers_yaml(s),
+        max_downstream = s.max_downstream_connections,
+        stats_tags = stats_tags(),
+    )
+}
+
+/// Envoy answers `/health` itself: the filter is skipped on that route.
+const HEALTH_WASM_BYPASS: &str = r#"                typed_per_filter_config:
+                  envoy.filters.http.wasm:
+                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                    disabled: true
+"#;
+
+/// The loopback listener where the same module and `vm_id` (role `control`) serves
+/// `/debug/state`, `/metrics` and snapshot ingest.
+fn control_listener_yaml(s: &EnvoySettings) -> String {
+    format!(
+        r#"  - name: control
     address:
       socket_address: {{address: {control_address}, port_value: {control_port}}}
     filter_chains:
@@ -363,47 +459,101 @@ static_resources:
               # The filter answers every request on this listener.
               - match: {{prefix: /}}
                 direct_response: {{status: 404}}
-
-  clusters:
-  # The model servers: each request goes to the endpoint the filter wrote into
-  # {header}.
-{model_servers}    circuit_breakers:
-      thresholds:
-      - priority: DEFAULT
-        max_connections: {max_upstream}
-        max_pending_requests: {max_upstream}
-        max_requests: {max_upstream}
-{safety_cluster}
-# The filter's metrics carry labels as `.label.value` pairs in their names; these
-# turn them into Prometheus labels, e.g.
-# inference_model_request_total.model_name.chat -> inference_model_request_total{{model_name="chat"}}.
-stats_config:
-  stats_tags:
-{stats_tags}
-overload_manager:
-  resource_monitors:
-  - name: envoy.resource_monitors.global_downstream_max_connections
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
-      max_active_downstream_connections: {max_downstream}
 "#,
-        regenerate = REGENERATE_COMMAND,
-        gateway = host_port(&s.gateway_address, s.gateway_port),
-        control = host_port(&s.control_address, s.control_port),
-        admin = host_port(&s.admin_address, s.admin_port),
-        admin_address = scalar(&s.admin_address),
-        admin_port = s.admin_port,
-        gateway_address = scalar(&s.gateway_address),
-        gateway_port = s.gateway_port,
+        control_filter = wasm_filter("inference-gateway-control", &s.control_config, s),
         control_address = scalar(&s.control_address),
         control_port = s.control_port,
-        buffer_limit = s.effective_buffer_limit_bytes(),
-        idle = s.stream_idle_timeout_secs,
-        header = DESTINATION_HEADER,
-        cluster = MODEL_SERVERS_CLUSTER,
-        max_upstream = s.max_upstream_requests,
-        max_downstream = s.max_downstream_connections,
-        stats_tags = stats_tags(),
+    )
+}
+
+/// For the cluster rendered last before them (the model servers or the picker).
+fn circuit_breakers_yaml(s: &EnvoySettings) -> String {
+    format!(
+        r#"    circuit_breakers:
+      thresholds:
+      - priority: DEFAULT
+        max_connections: {max}
+        max_pending_requests: {max}
+        max_requests: {max}
+"#,
+        max = s.max_upstream_requests
+    )
+}
+
+/// [`Routing::EnvoyLb`]: the pool endpoints as a STATIC cluster.
+fn static_pool_cluster(s: &EnvoySettings, policy: LbPolicy) -> String {
+    let policy = match policy {
+        LbPolicy::RoundRobin => "ROUND_ROBIN",
+        LbPolicy::LeastRequest => "LEAST_REQUEST",
+    };
+    format!(
+        r#"  - name: {MODEL_SERVERS_CLUSTER}
+    type: STATIC
+    lb_policy: {policy}
+    connect_timeout: {connect_timeout}
+    load_assignment:
+      cluster_name: {MODEL_SERVERS_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+{hosts}"#,
+        connect_timeout = duration_ms(s.connect_timeout_ms),
+        hosts = lb_endpoints(&pool_endpoints(&s.gateway_config)),
+    )
+}
+
+/// `lb_endpoints` items for `ip:port` addresses.
+fn lb_endpoints(addresses: &[String]) -> String {
+    let mut out = String::new();
+    for endpoint in addresses {
+        let Some((host, port)) = endpoint.rsplit_once(':') else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {port}}}}}}}",
+            scalar(host.trim_matches(['[', ']']))
+        );
+    }
+    out
+}
+
+/// [`Routing::ExtProc`]: headers and the buffered body go to the picker, which
+/// answers with the destination header. Responses are not sent (the cheapest
+/// ext_proc setup; GIE's EPP also reads response headers).
+const EXTPROC_FILTER: &str = r#"          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {cluster_name: extproc_picker}
+                timeout: 30s
+              failure_mode_allow: false
+              message_timeout: 5s
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SKIP
+                request_body_mode: BUFFERED
+                response_body_mode: NONE
+                request_trailer_mode: SKIP
+                response_trailer_mode: SKIP
+"#;
+
+/// The picker's gRPC cluster (HTTP/2).
+fn extproc_cluster_yaml(grpc: &str) -> String {
+    format!(
+        r#"  - name: {EXTPROC_CLUSTER}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: {EXTPROC_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+{hosts}"#,
+        hosts = lb_endpoints(&[grpc.to_string()]),
     )
 }
 
@@ -432,18 +582,7 @@ fn original_dst_cluster(s: &EnvoySettings) -> String {
 /// own hosts, so the cluster lists every pool endpoint; an address outside it
 /// falls back to round robin over the pool.
 fn override_host_cluster(s: &EnvoySettings) -> String {
-    let mut hosts = String::new();
-    for endpoint in pool_endpoints(&s.gateway_config) {
-        let (host, port) = match endpoint.rsplit_once(':') {
-            Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.to_string()),
-            None => continue,
-        };
-        let _ = writeln!(
-            hosts,
-            "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {port}}}}}}}",
-            scalar(&host)
-        );
-    }
+    let hosts = lb_endpoints(&pool_endpoints(&s.gateway_config));
     format!(
         r#"  - name: {MODEL_SERVERS_CLUSTER}
     type: STATIC
@@ -825,6 +964,50 @@ mod tests {
         assert!(yaml.contains("allow_on_headers_stop_iteration: true"));
         assert!(yaml.contains("http_header_name: x-gateway-destination-endpoint"));
         assert_eq!(s.gateway_url(), "http://127.0.0.1:18080");
+    }
+
+    #[test]
+    fn the_envoy_lb_baseline_has_no_filter_and_lists_the_pool() {
+        let s = EnvoySettings {
+            routing: Routing::EnvoyLb(LbPolicy::LeastRequest),
+            ..EnvoySettings::demo()
+        };
+        let yaml = render(&s);
+        assert!(yaml.contains("lb_policy: LEAST_REQUEST"));
+        assert!(!yaml.contains("envoy.filters.http.wasm") && !yaml.contains("ext_proc"));
+        assert!(!yaml.contains("name: control"));
+        for endpoint in DEMO_ENDPOINTS {
+            let (host, port) = endpoint.split_once(':').unwrap();
+            assert!(yaml.contains(&format!("address: {host}, port_value: {port}}}")));
+        }
+        // Only the routing step differs from the filter's bootstrap.
+        let filter = render(&EnvoySettings::demo());
+        for shared in [
+            "per_connection_buffer_limit_bytes: ",
+            "stream_idle_timeout: 300s",
+            "max_requests: 100000",
+            "max_active_downstream_connections: 50000",
+        ] {
+            assert!(yaml.contains(shared) && filter.contains(shared), "{shared}");
+        }
+    }
+
+    #[test]
+    fn the_ext_proc_variant_buffers_and_routes_by_header() {
+        let s = EnvoySettings {
+            routing: Routing::ExtProc {
+                grpc: "127.0.0.1:9002".into(),
+            },
+            ..EnvoySettings::demo()
+        };
+        let yaml = render(&s);
+        assert!(yaml.contains("request_body_mode: BUFFERED"));
+        assert!(yaml.contains("type: ORIGINAL_DST"));
+        assert!(yaml.contains("http_header_name: x-gateway-destination-endpoint"));
+        assert!(yaml.contains(&format!("- name: {EXTPROC_CLUSTER}")));
+        assert!(yaml.contains("http2_protocol_options: {}"));
+        assert!(yaml.contains("address: 127.0.0.1, port_value: 9002}"));
+        assert!(!yaml.contains("envoy.filters.http.wasm"));
     }
 
     #[test]
