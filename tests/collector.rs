@@ -13,11 +13,12 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::api::{hold_stream, streamed_completion};
 use support::collector::{collector_binary, Collector, TOKEN_ENV};
 use support::deploy::envoy_config::DEMO_POOL;
 use support::deploy::process::{self, Check, ChildGuard};
 use support::gateway::{Gateway, GatewayOptions};
-use support::sim::{sim_binary, SimOptions};
+use support::sim::{Sim, SimOptions};
 
 const TOKEN: &str = "collector-test-token-0123";
 const STALE_AFTER_MS: u64 = 1_500;
@@ -37,34 +38,15 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-/// A simulator replica on a chosen port (so it can be restarted on the same one).
-fn start_sim(dir: &Path, id: &str, port: u16, args: &[&str]) -> ChildGuard {
-    let mut cmd = Command::new(sim_binary());
-    cmd.args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--id",
-        id,
-    ])
-    .args(args);
-    let log = dir.join(format!("sim-{id}.log"));
-    let mut guard = ChildGuard::spawn(&format!("sim {id}"), &mut cmd, Some(&log))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let health = format!("http://127.0.0.1:{port}/health");
-    process::wait_until(&format!("sim {id}"), Duration::from_secs(30), || {
-        if let Err(e) = guard.check_running() {
-            return Check::Failed(e.to_string());
-        }
-        match process::http_get(&health) {
-            Ok((200, _)) => Check::Ready(()),
-            Ok((s, b)) => Check::NotYet(format!("{s} {b}")),
-            Err(e) => Check::NotYet(e.to_string()),
-        }
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    guard
+/// A replica on a chosen port (so it can be restarted on the same one), with the
+/// binary's default timings (20 ms a token) and `args` on top.
+fn start_sim(dir: &Path, id: &str, port: u16, args: &[&str]) -> Sim {
+    let options = SimOptions {
+        per_token_ms: 20,
+        extra_args: args.iter().map(|a| a.to_string()).collect(),
+        ..SimOptions::default()
+    };
+    Sim::start_on(id, port, &options, dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The value of the series `name{labels…}` in exposition text (exact label match
@@ -126,33 +108,6 @@ fn ingest_control_config() -> Value {
     })
 }
 
-/// Holds `n` streamed completions open against `url` until dropped.
-fn hold_streams(client: &reqwest::Client, url: &str, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..n)
-        .map(|i| {
-            let client = client.clone();
-            let url = url.to_string();
-            tokio::spawn(async move {
-                let body = json!({
-                    "model": "chat",
-                    "prompt": format!("hold the line {i}"),
-                    "max_tokens": 150,
-                    "stream": true
-                });
-                if let Ok(mut resp) = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-                    .send()
-                    .await
-                {
-                    while let Ok(Some(_)) = resp.chunk().await {}
-                }
-            })
-        })
-        .collect()
-}
-
 /// Scenario on one gateway: a loaded replica shows up in the filter within a
 /// second; a killed replica is unhealthy within 3 scrape intervals and healthy
 /// again after a restart on its port; with the collector gone the last snapshot
@@ -212,7 +167,12 @@ async fn collector_feeds_the_filter_through_envoy() {
 
     // Load one replica directly: its running + waiting rise in the filter within 1 s.
     let loaded = endpoints[0].clone();
-    let held = hold_streams(&gw.client, &gw.sims[0].url("/v1/completions"), 5);
+    let held: Vec<_> = (0..5)
+        .map(|i| {
+            let body = streamed_completion("chat", &format!("hold the line {i}"), 150);
+            hold_stream(gw.sims[0].url("/v1/completions"), body)
+        })
+        .collect();
     let started = Instant::now();
     let state = wait_state(
         &gw,

@@ -18,7 +18,7 @@ use inference_gateway::deploy::prometheus::{
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-use support::api::chat;
+use support::api::{chat, hold_stream, streamed_completion};
 use support::collector::Collector;
 use support::deploy::envoy_config::{with_demo_safety, DEMO_POOL};
 use support::gateway::{Gateway, GatewayOptions};
@@ -49,25 +49,6 @@ async fn timed(gw: &Gateway, body: &Value, streamed: bool) -> (u16, f64, String)
         resp.text().await.unwrap_or_default()
     };
     (status, started.elapsed().as_secs_f64(), text)
-}
-
-/// A streamed completion sent straight to a replica, held until aborted.
-fn hold(url: String, prompt: String, max_tokens: u32) -> tokio::task::JoinHandle<()> {
-    let body =
-        json!({"model": "tiny-model", "prompt": prompt, "max_tokens": max_tokens, "stream": true});
-    tokio::spawn(async move {
-        let client = support::http_client();
-        if let Ok(resp) = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-        {
-            let mut s = resp.bytes_stream();
-            while let Some(Ok(_)) = s.next().await {}
-        }
-    })
 }
 
 /// Metric names in a Prometheus text exposition (histograms with their suffixes).
@@ -515,7 +496,10 @@ async fn gie_metrics_alerts_dashboard_and_access_log_through_a_real_prometheus()
     // 100 ms keep them for ~9 s. Requests sent meanwhile queue behind its one seat.
     let prompt: String = (0..930).map(|i| format!("w{i} ")).collect();
     let url = tiny.url("/v1/completions");
-    let mut holds = vec![hold(url.clone(), prompt, 90)];
+    let mut holds = vec![hold_stream(
+        url.clone(),
+        streamed_completion("tiny-model", &prompt, 90),
+    )];
     let (_, kv_expr) = alert_exprs
         .iter()
         .find(|(n, _)| n == "HighInferencePoolAvgKVCacheUtilization")
@@ -530,7 +514,8 @@ async fn gie_metrics_alerts_dashboard_and_access_log_through_a_real_prometheus()
         "only the tiny pool is above 90%: {firing:?}"
     );
     for i in 0..3 {
-        holds.push(hold(url.clone(), format!("queued request {i}"), 4));
+        let body = streamed_completion("tiny-model", &format!("queued request {i}"), 4);
+        holds.push(hold_stream(url.clone(), body));
     }
     let queue = one(&wait(
         &prom,

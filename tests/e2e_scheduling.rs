@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use support::api::{openai_error, server_id};
+use support::api::{hold_stream, openai_error, server_id, streamed_completion};
 use support::collector::{pool_config, Collector};
 use support::deploy::envoy_config::DEMO_POOL;
 use support::gateway::{Gateway, GatewayOptions};
@@ -103,25 +103,6 @@ async fn wait_snapshot(
     }
 }
 
-/// Holds a streamed completion open against one replica directly (not through
-/// the gateway), until the task is aborted or the generation ends.
-fn hold(url: String, model: &str, prompt: String, max_tokens: u32) -> tokio::task::JoinHandle<()> {
-    let body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": true});
-    tokio::spawn(async move {
-        let client = support::http_client();
-        if let Ok(resp) = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-        {
-            let mut s = resp.bytes_stream();
-            while let Some(Ok(_)) = s.next().await {}
-        }
-    })
-}
-
 /// Streams a chat completion through the gateway: (replica, time to first token).
 async fn stream_ttft(gw: &Gateway, body: &Value) -> (String, Duration) {
     let started = Instant::now();
@@ -156,11 +137,9 @@ async fn lora_requests_land_on_the_replica_that_has_the_adapter_loaded() {
     let gw = &stack.gw;
     // sim-1 runs sql-lora: its only LoRA slot is taken by it.
     let loaded = gw.sims[1].endpoint();
-    let holder = hold(
+    let holder = hold_stream(
         gw.sims[1].url("/v1/completions"),
-        "sql-lora",
-        "a long running query".into(),
-        2_000,
+        streamed_completion("sql-lora", "a long running query", 2_000),
     );
     wait_snapshot(gw, "sql-lora running on sim-1", |eps| {
         eps.get(&loaded)
@@ -238,11 +217,9 @@ async fn a_saturated_pool_sheds_sheddable_requests_and_still_serves_priority_one
     let mut holders = Vec::new();
     for sim in &gw.sims {
         for i in 0..4 {
-            holders.push(hold(
+            holders.push(hold_stream(
                 sim.url("/v1/completions"),
-                "chat",
-                format!("busy {i}"),
-                80,
+                streamed_completion("chat", &format!("busy {i}"), 80),
             ));
         }
     }

@@ -12,6 +12,28 @@ pub fn chat(model: &str, content: &str) -> Value {
     })
 }
 
+/// A streamed completion of `max_tokens` tokens: what keeps a replica busy.
+pub fn streamed_completion(model: &str, prompt: &str, max_tokens: u32) -> Value {
+    json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": true})
+}
+
+/// Posts `body` to `url` and reads the stream to its end in the background, so the
+/// request stays running on the server until it finishes or the task is aborted.
+pub fn hold_stream(url: String, body: Value) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = super::http_client();
+        if let Ok(mut resp) = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+        {
+            while let Ok(Some(_)) = resp.chunk().await {}
+        }
+    })
+}
+
 pub fn server_id(resp: &reqwest::Response) -> String {
     resp.headers()
         .get(SERVER_ID_HEADER)

@@ -55,45 +55,55 @@ impl Sim {
         let mut last = String::new();
         for _ in 0..3 {
             let port = process::free_port().map_err(|e| e.to_string())?;
-            let mut cmd = Command::new(sim_binary());
-            cmd.args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--id",
-                id,
-            ])
-            .args(["--models", &options.models])
-            .args(["--per-token-ms", &options.per_token_ms.to_string()])
-            .args(["--ttft-ms", &options.ttft_ms.to_string()])
-            .args(&options.extra_args);
-            let log = log_dir.join(format!("sim-{id}.log"));
-            let mut guard = ChildGuard::spawn(&format!("sim {id}"), &mut cmd, Some(&log))
-                .map_err(|e| e.to_string())?;
-            let health = format!("http://127.0.0.1:{port}/health");
-            let ready = process::wait_until(&format!("sim {id}"), Duration::from_secs(30), || {
-                if let Err(e) = guard.check_running() {
-                    return process::Check::Failed(e.to_string());
-                }
-                match process::http_get(&health) {
-                    Ok((200, _)) => process::Check::Ready(()),
-                    Ok((s, b)) => process::Check::NotYet(format!("{s} {b}")),
-                    Err(e) => process::Check::NotYet(e.to_string()),
-                }
-            });
-            match ready {
-                Ok(()) => {
-                    return Ok(Sim {
-                        id: id.to_string(),
-                        port,
-                        guard,
-                    })
-                }
-                Err(e) => last = e.to_string(),
+            match Sim::start_on(id, port, options, log_dir) {
+                Ok(sim) => return Ok(sim),
+                Err(e) => last = e,
             }
         }
         Err(format!("simulator {id} did not start: {last}"))
+    }
+
+    /// Starts replica `id` on `port` (e.g. to restart one where it was) and waits
+    /// for its `/health`.
+    pub fn start_on(
+        id: &str,
+        port: u16,
+        options: &SimOptions,
+        log_dir: &Path,
+    ) -> Result<Sim, String> {
+        let mut cmd = Command::new(sim_binary());
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--id",
+            id,
+        ])
+        .args(["--models", &options.models])
+        .args(["--per-token-ms", &options.per_token_ms.to_string()])
+        .args(["--ttft-ms", &options.ttft_ms.to_string()])
+        .args(&options.extra_args);
+        let log = log_dir.join(format!("sim-{id}.log"));
+        let mut guard = ChildGuard::spawn(&format!("sim {id}"), &mut cmd, Some(&log))
+            .map_err(|e| e.to_string())?;
+        let health = format!("http://127.0.0.1:{port}/health");
+        process::wait_until(&format!("sim {id}"), Duration::from_secs(30), || {
+            if let Err(e) = guard.check_running() {
+                return process::Check::Failed(e.to_string());
+            }
+            match process::http_get(&health) {
+                Ok((200, _)) => process::Check::Ready(()),
+                Ok((s, b)) => process::Check::NotYet(format!("{s} {b}")),
+                Err(e) => process::Check::NotYet(e.to_string()),
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(Sim {
+            id: id.to_string(),
+            port,
+            guard,
+        })
     }
 
     /// `127.0.0.1:port`, as in the pool's endpoints.
