@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use futures_util::{Stream, StreamExt};
 use inference_gateway::config::{Config, IngestConfig};
+use inference_gateway::deploy::process::shutdown_signal;
 use inference_gateway::extproc::Picker;
 use inference_gateway::gateway::{HeadAction, RequestHead};
 use inference_gateway::ingest;
@@ -331,20 +332,9 @@ fn main() -> ExitCode {
             .map_err(|e| format!("cannot listen on {}: {e}", args.ingest))?;
         let http = tokio::spawn(async move { axum::serve(listener, app).await });
         tracing::info!(grpc = %args.grpc, ingest = %args.ingest, "extproc-picker listening");
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        };
         let served = tonic::transport::Server::builder()
             .add_service(ExternalProcessorServer::new(Service { picker }))
-            .serve_with_shutdown(args.grpc, shutdown)
+            .serve_with_shutdown(args.grpc, shutdown_signal())
             .await
             .map_err(|e| format!("gRPC server: {e}"));
         http.abort();

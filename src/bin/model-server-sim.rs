@@ -2,10 +2,10 @@
 //! Every flag is described in docs/simulator.md.
 
 use clap::{Parser, ValueEnum};
-use inference_gateway::deploy::process::shutdown_signal;
+use inference_gateway::deploy::process;
 use inference_gateway::sim::engine::{EngineConfig, Policy};
 use inference_gateway::sim::metrics::Flavor;
-use inference_gateway::sim::{serve, SimConfig};
+use inference_gateway::sim::{router, SimConfig};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -92,13 +92,6 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let addr = SocketAddr::new(args.host, args.port);
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot listen on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let models: Vec<String> = args
         .models
         .into_iter()
@@ -135,12 +128,6 @@ async fn main() -> ExitCode {
         metrics_flavor: args.metrics_flavor,
         ..SimConfig::default()
     };
-    tracing::info!(id = %config.id, %addr, "model-server-sim listening");
-    match serve(config, listener, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("server error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tracing::info!(id = %config.id, "model-server-sim starting");
+    process::serve_until_signal("model-server-sim", addr, router(config)).await
 }

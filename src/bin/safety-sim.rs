@@ -1,8 +1,8 @@
 //! The safety service simulator: Model Armor's sanitize API on loopback.
 
 use clap::Parser;
-use inference_gateway::deploy::process::shutdown_signal;
-use inference_gateway::safety_sim::{serve, Behaviour, Mode, Rules, SafetySimConfig};
+use inference_gateway::deploy::process;
+use inference_gateway::safety_sim::{router, Behaviour, Mode, Rules, SafetySimConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,13 +83,6 @@ async fn main() -> ExitCode {
         },
     };
     let addr = SocketAddr::new(args.host, args.port);
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot listen on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let config = SafetySimConfig {
         rules,
         behaviour: Behaviour {
@@ -99,12 +92,5 @@ async fn main() -> ExitCode {
         require_token,
         record_capacity: 1000,
     };
-    tracing::info!(%addr, "safety-sim listening");
-    match serve(config, listener, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("server error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    process::serve_until_signal("safety-sim", addr, router(config)).await
 }

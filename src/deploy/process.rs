@@ -325,6 +325,34 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// The main loop of a native HTTP server binary: binds `addr`, serves `app` until
+/// SIGTERM or Ctrl-C (letting requests in flight finish), and says how it went as
+/// the exit code. `name` is for the log lines.
+pub async fn serve_until_signal(
+    name: &str,
+    addr: SocketAddr,
+    app: axum::Router,
+) -> std::process::ExitCode {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{name}: cannot listen on {addr}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%addr, "{name} listening");
+    match axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+    {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{name}: server error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ pub mod record;
 pub mod server;
 pub mod tokens;
 
-pub use server::serve;
+pub use server::{router, serve};
 
 /// The response header naming the replica that answered.
 pub const SERVER_ID_HEADER: &str = "x-model-server-id";
