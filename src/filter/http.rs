@@ -206,8 +206,9 @@ impl GatewayStream {
         }
     }
 
-    /// Response bytes the metrics have not seen yet: TTFT, size, usage.
-    fn observe_response_body(&mut self, body_size: usize) {
+    /// Response bytes the metrics have not seen yet: TTFT, size, usage. `body`: the
+    /// whole buffered body if the caller already read it.
+    fn observe_response_body(&mut self, body_size: usize, body: Option<&[u8]>) {
         if self.obs.started_ns.is_none() || self.obs.error.is_some() {
             return;
         }
@@ -215,8 +216,14 @@ impl GatewayStream {
         if len == 0 {
             return;
         }
-        let bytes = self.get_http_response_body(start, len).unwrap_or_default();
-        self.obs.response_bytes(&bytes, super::now_ns());
+        let now = super::now_ns();
+        match body.and_then(|b| b.get(start..start + len)) {
+            Some(bytes) => self.obs.response_bytes(bytes, now),
+            None => {
+                let bytes = self.get_http_response_body(start, len).unwrap_or_default();
+                self.obs.response_bytes(&bytes, now);
+            }
+        }
     }
 
     fn release(&mut self) {
@@ -311,8 +318,18 @@ impl HttpContext for GatewayStream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.observe_response_body(body_size);
-        let action = self.response_body_safety(body_size, end_of_stream);
+        // A streamed response that is screened needs every chunk whole: read it once
+        // for both the screening and the metrics.
+        let chunk = self
+            .response_check
+            .as_ref()
+            .filter(|c| c.reads_every_chunk() && body_size > 0)
+            .map(|_| {
+                self.get_http_response_body(0, body_size)
+                    .unwrap_or_default()
+            });
+        self.observe_response_body(body_size, chunk.as_deref());
+        let action = self.response_body_safety(body_size, end_of_stream, chunk);
         // A paused callback leaves its bytes in the buffer for the next one.
         self.obs.held = match action {
             Action::Pause => body_size,

@@ -34,6 +34,13 @@ enum Mode {
     Streaming(SseText),
 }
 
+impl ResponseCheck {
+    /// Streamed responses are screened chunk by chunk: the whole chunk is read.
+    pub(super) fn reads_every_chunk(&self) -> bool {
+        matches!(self.mode, Mode::Streaming(_))
+    }
+}
+
 impl GatewayStream {
     fn dispatch(
         &self,
@@ -254,7 +261,14 @@ impl GatewayStream {
         }
     }
 
-    pub(super) fn response_body_safety(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    /// `chunk`: the whole buffered body when the caller already read it (a streamed
+    /// response, see [`ResponseCheck::reads_every_chunk`]), so it is copied out once.
+    pub(super) fn response_body_safety(
+        &mut self,
+        body_size: usize,
+        end_of_stream: bool,
+        chunk: Option<Vec<u8>>,
+    ) -> Action {
         let Some(safety) = self.config.safety.clone() else {
             return Action::Continue;
         };
@@ -282,9 +296,10 @@ impl GatewayStream {
                 self.start_response_check(&safety, &mut check, &text)
             }
             Mode::Streaming(acc) => {
-                let chunk = self
-                    .get_http_response_body(0, body_size)
-                    .unwrap_or_default();
+                let chunk = chunk.unwrap_or_else(|| {
+                    self.get_http_response_body(0, body_size)
+                        .unwrap_or_default()
+                });
                 let mut out = acc.feed(&chunk);
                 if end_of_stream {
                     out.extend(acc.finish());

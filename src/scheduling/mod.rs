@@ -120,6 +120,8 @@ impl Decision {
 pub struct Scored {
     pub index: usize,
     pub total: f64,
+    /// Each scorer's 0..1 score, only with `explain` on (an allocation per
+    /// candidate otherwise, 1000 of them per request in a large pool).
     pub parts: Vec<(ScorerKind, f64)>,
 }
 
@@ -177,7 +179,7 @@ pub fn schedule(
     let ranges = Ranges::of(candidates, &pool, cfg.saturation.queue_depth);
     let mut scored: Vec<Scored> = pool
         .iter()
-        .map(|&i| score(profile, req, &candidates[i], &ranges, i))
+        .map(|&i| score(profile, req, &candidates[i], &ranges, i, cfg.explain))
         .collect();
     scored.sort_by(|a, b| b.total.total_cmp(&a.total).then(a.index.cmp(&b.index)));
 
@@ -251,10 +253,11 @@ fn score(
     c: &Candidate<'_>,
     ranges: &Ranges,
     i: usize,
+    explain: bool,
 ) -> Scored {
     let (fmin, fmax) = ranges.in_flight;
 
-    let mut parts = Vec::with_capacity(profile.scorers.len());
+    let mut parts = Vec::with_capacity(if explain { profile.scorers.len() } else { 0 });
     let (mut sum, mut weights) = (0.0, 0.0);
     for &(kind, weight) in &profile.scorers {
         let s = match kind {
@@ -274,7 +277,9 @@ fn score(
             }
             ScorerKind::LoraAffinity => lora_score(req, c),
         };
-        parts.push((kind, s));
+        if explain {
+            parts.push((kind, s));
+        }
         sum += weight * s;
         weights += weight;
     }

@@ -287,9 +287,19 @@ fn fallbacks_follow_score_order() {
         cand("a", 0, &a),
         cand("b", 0, &b),
     ];
-    let Outcome::Route(dec) = run(&cands, &req(0)) else {
+    let Outcome::Route(quiet) = run(&cands, &req(0)) else {
         panic!()
     };
+    assert!(
+        quiet.scored.iter().all(|s| s.parts.is_empty()),
+        "no parts unless explain"
+    );
+    let mut c = cfg();
+    c.explain = true;
+    let Outcome::Route(dec) = schedule(&c, &profile(&c, "default"), &req(0), &cands, 0) else {
+        panic!()
+    };
+    assert_eq!(dec.order, quiet.order);
     assert_eq!(dec.order, vec![2, 3, 1], "chosen + 2 fallbacks");
     assert_eq!(dec.scored.len(), 4);
     let text = explain(&dec, &cands);
