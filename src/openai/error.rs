@@ -1,6 +1,7 @@
 //! Errors in the OpenAI shape: `{"error":{"message","type","param","code"}}`.
 
 use serde::Serialize;
+use std::borrow::Cow;
 
 /// An error the gateway answers itself, with its HTTP status and extra headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -9,7 +10,7 @@ pub struct ApiError {
     pub message: String,
     /// OpenAI's `type`, e.g. `invalid_request_error`.
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    pub param: Option<Cow<'static, str>>,
     pub code: &'static str,
     /// Extra response headers, e.g. `allow` on 405 or `retry-after` on 429.
     pub headers: Vec<(&'static str, String)>,
@@ -45,8 +46,8 @@ impl ApiError {
         Self::new(400, "invalid_request_error", code, message.into())
     }
 
-    pub fn with_param(mut self, param: &'static str) -> Self {
-        self.param = Some(param);
+    pub fn with_param(mut self, param: impl Into<Cow<'static, str>>) -> Self {
+        self.param = Some(param.into());
         self
     }
 
@@ -127,7 +128,7 @@ impl ApiError {
             error: Body {
                 message: &self.message,
                 kind: self.kind,
-                param: self.param,
+                param: self.param.as_deref(),
                 code: self.code,
             },
         };

@@ -2,6 +2,8 @@
 //! what a request body carries, and the error shape clients expect.
 
 pub mod error;
+pub mod json;
+pub mod prompt;
 pub mod request;
 
 pub use error::ApiError;

@@ -2,10 +2,11 @@
 //! the rest, and the `model` rewrite done by splicing bytes so that everything
 //! else in the body reaches the model server exactly as the client sent it.
 
-use super::ApiError;
+use super::json::Node;
+use super::{prompt, ApiError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::Value;
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// The inference endpoints the gateway understands.
@@ -41,8 +42,8 @@ impl ApiKind {
         }
     }
 
-    /// The body field that carries the prompt, for error messages.
-    fn prompt_field(self) -> &'static str {
+    /// The body field that carries the prompt.
+    pub fn prompt_field(self) -> &'static str {
         match self {
             ApiKind::Completions => "prompt",
             ApiKind::ChatCompletions => "messages",
@@ -62,29 +63,20 @@ pub struct ParsedRequest {
     pub include_usage: bool,
     /// vLLM's `priority` field, when the body carries one.
     pub priority: Option<i32>,
-    /// The prompt's text: prompt strings, or the text parts of messages / input,
-    /// joined with newlines. Token-id prompts contribute nothing.
+    /// Everything the model may read, in body order, joined with newlines: what the
+    /// prompt check screens and the prefix scorer hashes (see [`prompt`]).
     pub prompt: String,
+    /// Image, audio, video and file parts, which the text check does not see.
+    pub media_parts: u32,
+    /// The prompt carries token ids, which a text check cannot read.
+    pub token_ids: bool,
 }
 
+/// Only the `model` value, as written, for its byte range when it has escapes.
 #[derive(Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow, default)]
-    model: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    stream: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    stream_options: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    priority: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    messages: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    instructions: Option<&'a RawValue>,
+struct ModelOnly<'a> {
+    #[serde(borrow)]
+    model: &'a RawValue,
 }
 
 /// Parses a request body for `kind`. Every failure is a 400 in the OpenAI shape.
@@ -97,19 +89,18 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiError> {
             "The request body is empty; send a JSON object.",
         ));
     }
-    // serde also accepts a struct written as an array; a body must be an object.
-    if !text.trim_start().starts_with('{') {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            "The request body must be a JSON object.",
-        ));
-    }
-    let wire: Wire = serde_json::from_str(text).map_err(|e| {
+    let root = Node::parse(text).map_err(|e| {
         ApiError::invalid_request(
             "invalid_json",
             format!("The request body is not valid JSON: {e}."),
         )
     })?;
+    let Node::Object(members) = &root else {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            "The request body must be a JSON object.",
+        ));
+    };
 
     let missing_model = || {
         ApiError::invalid_request(
@@ -118,64 +109,67 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiError> {
         )
         .with_param("model")
     };
-    let raw_model = wire
-        .model
-        .filter(|m| m.get() != "null")
-        .ok_or_else(missing_model)?;
-    let model: String = serde_json::from_str::<String>(raw_model.get())
-        .ok()
-        .filter(|m| !m.is_empty())
-        .ok_or_else(missing_model)?;
-    let start = raw_model.get().as_ptr() as usize - text.as_ptr() as usize;
-    let model_span = start..start + raw_model.get().len();
+    let model = match root.get("model") {
+        Some(Node::Str(m)) if !m.is_empty() => m,
+        _ => return Err(missing_model()),
+    };
+    let model_span = model_span(text, model).ok_or_else(missing_model)?;
 
-    let stream = match wire.stream.map(RawValue::get) {
-        None | Some("null") | Some("false") => false,
-        Some("true") => true,
+    let stream = match root.get("stream") {
+        None | Some(Node::Null) | Some(Node::Bool(false)) => false,
+        Some(Node::Bool(true)) => true,
         Some(_) => return Err(bad_param("stream", "must be a boolean")),
     };
-    let include_usage = match wire.stream_options {
-        None => false,
-        Some(raw) => serde_json::from_str::<Value>(raw.get())
-            .ok()
-            .and_then(|v| v.get("include_usage").and_then(Value::as_bool))
-            .unwrap_or(false),
-    };
-    let priority = match wire.priority.map(RawValue::get) {
-        None | Some("null") => None,
-        Some(raw) => Some(
-            raw.parse::<i32>()
+    let include_usage = matches!(
+        root.get("stream_options").and_then(|o| o.get("include_usage")),
+        Some(Node::Bool(true))
+    );
+    let priority = match root.get("priority") {
+        None | Some(Node::Null) => None,
+        Some(Node::Number(n)) => Some(
+            n.parse::<i32>()
                 .map_err(|_| bad_param("priority", "must be an integer"))?,
         ),
+        Some(_) => return Err(bad_param("priority", "must be an integer")),
     };
 
-    let prompt = match kind {
-        ApiKind::Completions => {
-            required(kind, wire.prompt).and_then(|p| prompt_text(p, "prompt"))?
-        }
-        ApiKind::ChatCompletions => required(kind, wire.messages).and_then(messages_text)?,
-        ApiKind::Embeddings => required(kind, wire.input).and_then(|p| prompt_text(p, "input"))?,
-        ApiKind::Responses => {
-            let input = required(kind, wire.input).and_then(responses_input_text)?;
-            match wire
-                .instructions
-                .map(|r| serde_json::from_str::<Value>(r.get()))
-            {
-                Some(Ok(Value::String(s))) if !s.is_empty() => format!("{s}\n{input}"),
-                _ => input,
-            }
-        }
-        ApiKind::Models => String::new(),
-    };
+    let field = kind.prompt_field();
+    if kind != ApiKind::Models && matches!(root.get(field), None | Some(Node::Null)) {
+        return Err(ApiError::invalid_request(
+            "missing_required_parameter",
+            format!("Missing required parameter: '{field}'."),
+        )
+        .with_param(field));
+    }
+    let read = prompt::read(kind, members)?;
 
     Ok(ParsedRequest {
-        model,
+        model: model.to_string(),
         model_span,
         stream,
         include_usage,
         priority,
-        prompt,
+        prompt: read.text,
+        media_parts: read.media_parts,
+        token_ids: read.token_ids,
     })
+}
+
+/// The byte range of the `model` value, quotes included. A model name without
+/// escapes is borrowed from the body, so its place is known; one with escapes is
+/// found by a second, shallow parse.
+fn model_span(text: &str, model: &Cow<'_, str>) -> Option<Range<usize>> {
+    if let Cow::Borrowed(m) = model {
+        let start = (m.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
+        let span = start.checked_sub(1)?..start + m.len() + 1;
+        let quoted = text.get(span.clone())?;
+        if quoted.starts_with('"') && quoted.ends_with('"') && quoted.len() == m.len() + 2 {
+            return Some(span);
+        }
+    }
+    let raw = serde_json::from_str::<ModelOnly>(text).ok()?.model.get();
+    let start = (raw.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
+    Some(start..start + raw.len())
 }
 
 /// Returns `body` with the `model` value at `span` replaced by `new_model`.
@@ -191,107 +185,6 @@ pub fn rewrite_model(body: &[u8], span: &Range<usize>, new_model: &str) -> Vec<u
 
 fn bad_param(param: &'static str, what: &str) -> ApiError {
     ApiError::invalid_request("invalid_value", format!("'{param}' {what}.")).with_param(param)
-}
-
-fn required(kind: ApiKind, raw: Option<&RawValue>) -> Result<Value, ApiError> {
-    let field = kind.prompt_field();
-    let missing = || {
-        ApiError::invalid_request(
-            "missing_required_parameter",
-            format!("Missing required parameter: '{field}'."),
-        )
-        .with_param(field)
-    };
-    let raw = raw.ok_or_else(missing)?;
-    match serde_json::from_str::<Value>(raw.get()) {
-        Ok(Value::Null) | Err(_) => Err(missing()),
-        Ok(v) => Ok(v),
-    }
-}
-
-/// `prompt` / `input` of completions and embeddings: a string, an array of strings,
-/// or token ids (which carry no text).
-fn prompt_text(v: Value, param: &'static str) -> Result<String, ApiError> {
-    match v {
-        Value::String(s) => Ok(s),
-        Value::Array(items) => {
-            let mut parts = Vec::new();
-            for item in items {
-                match item {
-                    Value::String(s) => parts.push(s),
-                    Value::Number(_) | Value::Array(_) => {}
-                    _ => {
-                        return Err(bad_param(
-                            param,
-                            "must be a string, an array of strings or token ids",
-                        ))
-                    }
-                }
-            }
-            Ok(parts.join("\n"))
-        }
-        _ => Err(bad_param(
-            param,
-            "must be a string, an array of strings or token ids",
-        )),
-    }
-}
-
-/// Chat `messages`: an array of objects whose `content` is a string or an array of
-/// parts; the text parts are kept.
-fn messages_text(v: Value) -> Result<String, ApiError> {
-    let Value::Array(messages) = v else {
-        return Err(bad_param("messages", "must be an array of message objects"));
-    };
-    let mut parts = Vec::new();
-    for m in &messages {
-        let Value::Object(m) = m else {
-            return Err(bad_param("messages", "must be an array of message objects"));
-        };
-        content_text(m.get("content"), &mut parts);
-    }
-    Ok(parts.join("\n"))
-}
-
-/// Responses API `input`: a string, or an array of items with `content`.
-fn responses_input_text(v: Value) -> Result<String, ApiError> {
-    match v {
-        Value::String(s) => Ok(s),
-        Value::Array(items) => {
-            let mut parts = Vec::new();
-            for item in &items {
-                match item {
-                    Value::String(s) => parts.push(s.clone()),
-                    Value::Object(o) => content_text(o.get("content"), &mut parts),
-                    _ => {
-                        return Err(bad_param(
-                            "input",
-                            "must be a string or an array of input items",
-                        ))
-                    }
-                }
-            }
-            Ok(parts.join("\n"))
-        }
-        _ => Err(bad_param(
-            "input",
-            "must be a string or an array of input items",
-        )),
-    }
-}
-
-fn content_text(content: Option<&Value>, out: &mut Vec<String>) {
-    match content {
-        Some(Value::String(s)) => out.push(s.clone()),
-        Some(Value::Array(parts)) => {
-            for p in parts {
-                if let Some(t) = p.get("text").and_then(Value::as_str) {
-                    out.push(t.to_string());
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 #[cfg(test)]
@@ -347,7 +240,7 @@ mod tests {
         assert_eq!(p(r#"{"model":"m","prompt":["a","b"]}"#).unwrap(), "a\nb");
         assert_eq!(p(r#"{"model":"m","prompt":[1,2,3]}"#).unwrap(), "");
         assert_eq!(
-            p(r#"{"model":"m","prompt":{"x":1}}"#).unwrap_err().param,
+            p(r#"{"model":"m","prompt":{"x":1}}"#).unwrap_err().param.as_deref(),
             Some("prompt")
         );
         assert_eq!(
