@@ -174,7 +174,10 @@ mod tests {
     fn parses_and_borrows() {
         let text = r#"{"a":[1,-2,0.5,true,null],"b":"plain","c":"esc\u0061ped"}"#;
         let n = Node::parse(text).unwrap();
-        assert!(matches!(n.get("b"), Some(Node::Str(Cow::Borrowed("plain")))));
+        assert!(matches!(
+            n.get("b"),
+            Some(Node::Str(Cow::Borrowed("plain")))
+        ));
         assert_eq!(n.get("c").and_then(Node::as_str), Some("escaped"));
         let Some(Node::Array(items)) = n.get("a") else {
             panic!("array")

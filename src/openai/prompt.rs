@@ -490,7 +490,10 @@ impl Reader {
 
 /// Reads everything the model may read from a request body's top-level members.
 /// `required` is the API's prompt field; its absence is the caller's error.
-pub fn read(kind: ApiKind, members: &[(std::borrow::Cow<'_, str>, Node<'_>)]) -> Result<ModelText, ApiError> {
+pub fn read(
+    kind: ApiKind,
+    members: &[(std::borrow::Cow<'_, str>, Node<'_>)],
+) -> Result<ModelText, ApiError> {
     let mut r = Reader::default();
     for (key, value) in members {
         let path = Path::root(key);
@@ -561,13 +564,38 @@ mod tests {
         )
         .unwrap();
         for piece in [
-            "SYS", "DEV", "USER", "NAME", "FN", "ARGS", "TOOL-OUT", "F2", "FUNC-OUT", "LEGACY",
-            "LARGS", "REF", "DESC", "PROP", "PDESC", "SCHEMA-KEY", "TEMPLATE", "DOC-T", "DOC",
+            "SYS",
+            "DEV",
+            "USER",
+            "NAME",
+            "FN",
+            "ARGS",
+            "TOOL-OUT",
+            "F2",
+            "FUNC-OUT",
+            "LEGACY",
+            "LARGS",
+            "REF",
+            "DESC",
+            "PROP",
+            "PDESC",
+            "SCHEMA-KEY",
+            "TEMPLATE",
+            "DOC-T",
+            "DOC",
         ] {
-            assert!(t.text.contains(piece), "{piece} not screened in {:?}", t.text);
+            assert!(
+                t.text.contains(piece),
+                "{piece} not screened in {:?}",
+                t.text
+            );
         }
         for passed in ["END", "u-1", "AAAA", "0.2", "c1"] {
-            assert!(!t.text.contains(passed), "{passed} should pass: {:?}", t.text);
+            assert!(
+                !t.text.contains(passed),
+                "{passed} should pass: {:?}",
+                t.text
+            );
         }
         assert_eq!(t.media_parts, 1);
         assert!(!t.token_ids);
@@ -576,16 +604,46 @@ mod tests {
     #[test]
     fn chat_shapes_the_gateway_does_not_know_are_refused_by_name() {
         let cases = [
-            (r#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"},{"role":"user","content":{"text":"x"}}]}"#, "messages[2].content"),
-            (r#"{"messages":[{"role":"user","content":42}]}"#, "messages[0].content"),
-            (r#"{"messages":[{"role":"user","content":[{"type":"txt","text":"x"}]}]}"#, "messages[0].content[0].type"),
-            (r#"{"messages":[{"role":"user","content":[{"text":"x"}]}]}"#, "messages[0].content[0].type"),
-            (r#"{"messages":[{"role":"user","content":[{"type":"text","text":{"t":"x"}}]}]}"#, "messages[0].content[0].text"),
-            (r#"{"messages":[{"role":"user","content":["x"]}]}"#, "messages[0].content[0]"),
-            (r#"{"messages":[{"role":{"x":1},"content":"x"}]}"#, "messages[0].role"),
-            (r#"{"messages":[{"role":"user","name":["x"],"content":"x"}]}"#, "messages[0].name"),
-            (r#"{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":{"q":"x"}}}]}]}"#, "messages[0].tool_calls[0].function.arguments"),
-            (r#"{"messages":[{"role":"assistant","tool_calls":{"x":1}}]}"#, "messages[0].tool_calls"),
+            (
+                r#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":"b"},{"role":"user","content":{"text":"x"}}]}"#,
+                "messages[2].content",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":42}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"txt","text":"x"}]}]}"#,
+                "messages[0].content[0].type",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"text":"x"}]}]}"#,
+                "messages[0].content[0].type",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"text","text":{"t":"x"}}]}]}"#,
+                "messages[0].content[0].text",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":["x"]}]}"#,
+                "messages[0].content[0]",
+            ),
+            (
+                r#"{"messages":[{"role":{"x":1},"content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"messages":[{"role":"user","name":["x"],"content":"x"}]}"#,
+                "messages[0].name",
+            ),
+            (
+                r#"{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":{"q":"x"}}}]}]}"#,
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                r#"{"messages":[{"role":"assistant","tool_calls":{"x":1}}]}"#,
+                "messages[0].tool_calls",
+            ),
             (r#"{"messages":"x"}"#, "messages"),
             (r#"{"messages":[["x"]]}"#, "messages[0]"),
         ];
@@ -671,13 +729,25 @@ mod tests {
         assert!(!t.text.contains("OPAQUE") && !t.text.contains("r1"));
         assert_eq!(t.media_parts, 1);
         for (body, field) in [
-            (r#"{"input":[{"type":"function_call_output","output":{"x":"y"}}]}"#, "input[0].output"),
-            (r#"{"input":[{"type":"telepathy","text":"x"}]}"#, "input[0].type"),
+            (
+                r#"{"input":[{"type":"function_call_output","output":{"x":"y"}}]}"#,
+                "input[0].output",
+            ),
+            (
+                r#"{"input":[{"type":"telepathy","text":"x"}]}"#,
+                "input[0].type",
+            ),
             (r#"{"input":[{"content":"x"}]}"#, "input[0]"),
-            (r#"{"input":[{"type":"function_call","arguments":{"a":1}}]}"#, "input[0].arguments"),
+            (
+                r#"{"input":[{"type":"function_call","arguments":{"a":1}}]}"#,
+                "input[0].arguments",
+            ),
             (r#"{"input":{"x":1}}"#, "input"),
             (r#"{"input":"x","instructions":{"x":1}}"#, "instructions"),
-            (r#"{"input":[{"role":"user","content":[{"type":"input_text","text":1}]}]}"#, "input[0].content[0].text"),
+            (
+                r#"{"input":[{"role":"user","content":[{"type":"input_text","text":1}]}]}"#,
+                "input[0].content[0].text",
+            ),
         ] {
             assert_eq!(refused_at(ApiKind::Responses, body), field, "{body}");
         }

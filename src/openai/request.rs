@@ -121,7 +121,8 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiError> {
         Some(_) => return Err(bad_param("stream", "must be a boolean")),
     };
     let include_usage = matches!(
-        root.get("stream_options").and_then(|o| o.get("include_usage")),
+        root.get("stream_options")
+            .and_then(|o| o.get("include_usage")),
         Some(Node::Bool(true))
     );
     let priority = match root.get("priority") {
@@ -240,7 +241,10 @@ mod tests {
         assert_eq!(p(r#"{"model":"m","prompt":["a","b"]}"#).unwrap(), "a\nb");
         assert_eq!(p(r#"{"model":"m","prompt":[1,2,3]}"#).unwrap(), "");
         assert_eq!(
-            p(r#"{"model":"m","prompt":{"x":1}}"#).unwrap_err().param.as_deref(),
+            p(r#"{"model":"m","prompt":{"x":1}}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
             Some("prompt")
         );
         assert_eq!(

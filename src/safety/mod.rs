@@ -9,6 +9,8 @@
 
 pub mod config;
 pub mod sse;
+pub mod stream;
+pub mod text;
 
 use crate::openai::ApiError;
 use serde::Serialize;

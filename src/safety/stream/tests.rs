@@ -1,0 +1,222 @@
+use super::*;
+
+fn event(content: &str) -> String {
+    format!(
+        "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}}}}]}}\n\n",
+        serde_json::to_string(content).unwrap()
+    )
+}
+
+const DONE: &str = "data: [DONE]\n\n";
+
+fn hold(window_chars: usize, window_ms: u64) -> StreamScreen {
+    StreamScreen::new(StreamLimits {
+        mode: StreamMode::Hold {
+            window_chars,
+            window_ms,
+        },
+        max_call_bytes: 1000,
+        overlap: 8,
+        max_pending: 4,
+    })
+}
+
+fn detect(max_call_bytes: usize) -> StreamScreen {
+    StreamScreen::new(StreamLimits {
+        mode: StreamMode::Detect,
+        max_call_bytes,
+        overlap: 8,
+        max_pending: 4,
+    })
+}
+
+#[test]
+fn hold_releases_a_window_only_after_it_passed() {
+    let mut s = hold(10, 10_000);
+    let role = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n";
+    assert!(s.feed(role.as_bytes(), 0).is_empty());
+    // No text yet: the role chunk may go.
+    assert_eq!(s.releasable(), role.len() as u64);
+    let a = event("Hello ");
+    assert!(s.feed(a.as_bytes(), 1).is_empty(), "6 chars < window");
+    assert_eq!(s.releasable(), role.len() as u64, "unscreened text is held");
+    let b = event("world!");
+    let calls = s.feed(b.as_bytes(), 2);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].text, "Hello \nworld!");
+    assert_eq!(s.releasable(), role.len() as u64, "held until the verdict");
+    s.pass(calls[0].id);
+    assert_eq!(s.releasable(), (role.len() + a.len() + b.len()) as u64);
+    assert!(!s.needs_event_break());
+    let c = event("bye");
+    assert!(s.feed(c.as_bytes(), 3).is_empty());
+    let calls = s.feed(DONE.as_bytes(), 4);
+    assert_eq!(calls.len(), 1, "[DONE] closes the window");
+    assert!(calls[0].text.ends_with("bye"));
+    assert!(
+        calls[0].text.starts_with(" \nworld!"),
+        "overlap: {:?}",
+        calls[0].text
+    );
+    let before = s.releasable();
+    assert!(s.finish(5).is_empty());
+    assert_eq!(s.releasable(), before, "[DONE] waits for the last window");
+    s.pass(calls[0].id);
+    assert!(s.complete());
+}
+
+#[test]
+fn hold_block_keeps_the_blocked_window_and_everything_after() {
+    let mut s = hold(5, 10_000);
+    let a = event("clean");
+    let first = s.feed(a.as_bytes(), 0);
+    s.pass(first[0].id);
+    let released = s.releasable();
+    assert_eq!(released, a.len() as u64);
+    let b = event("BAD stuff");
+    let second = s.feed(b.as_bytes(), 1);
+    let c = event("more");
+    s.feed(c.as_bytes(), 2);
+    s.block();
+    assert_eq!(s.releasable(), released);
+    s.pass(second[0].id); // a late answer changes nothing
+    assert_eq!(s.releasable(), released);
+    assert!(!s.needs_event_break());
+    assert!(!s.pending());
+}
+
+#[test]
+fn hold_windows_close_on_time_too() {
+    let mut s = hold(1000, 100);
+    assert!(s.feed(event("a").as_bytes(), 0).is_empty());
+    assert!(s.feed(event("b").as_bytes(), 50).is_empty());
+    let calls = s.feed(event("c").as_bytes(), 100);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].text, "a\nb\nc");
+    // Nothing new arrives: a poll after the deadline closes the next window.
+    assert!(s.feed(event("d").as_bytes(), 120).is_empty());
+    assert!(s.poll(150).is_empty());
+    assert_eq!(s.poll(220).len(), 1);
+}
+
+#[test]
+fn hold_event_split_across_chunks_anywhere() {
+    let stream = [
+        event("one "),
+        event("two "),
+        event("three"),
+        DONE.to_string(),
+    ]
+    .concat();
+    for cut in 1..stream.len() {
+        let mut s = hold(4, 10_000);
+        let mut calls = s.feed(&stream.as_bytes()[..cut], 0);
+        calls.extend(s.feed(&stream.as_bytes()[cut..], 1));
+        calls.extend(s.finish(2));
+        let screened: String = calls.iter().map(|c| c.text.as_str()).collect();
+        for w in ["one", "two", "three"] {
+            assert!(screened.contains(w), "cut {cut}: {screened:?}");
+        }
+        // Before any verdict nothing with text is released.
+        assert!(s.releasable() < event("one ").len() as u64, "cut {cut}");
+        for c in &calls {
+            s.pass(c.id);
+        }
+        assert!(s.complete(), "cut {cut}");
+        assert_eq!(s.releasable(), stream.len() as u64);
+    }
+}
+
+#[test]
+fn detect_releases_at_once_but_holds_done() {
+    let mut s = detect(1000);
+    let a = event("hello");
+    assert!(s.feed(a.as_bytes(), 0).is_empty());
+    assert_eq!(s.releasable(), a.len() as u64);
+    let calls = s.feed(DONE.as_bytes(), 1);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(s.releasable(), a.len() as u64, "[DONE] waits");
+    s.finish(2);
+    s.pass(calls[0].id);
+    assert_eq!(s.releasable(), (a.len() + DONE.len()) as u64);
+    assert!(s.complete());
+}
+
+#[test]
+fn detect_screens_a_long_stream_in_parts_and_cuts_on_a_block() {
+    let mut s = detect(64);
+    let mut all_calls = Vec::new();
+    let mut text = String::new();
+    for i in 0..40 {
+        let piece = format!("word{i:02} ");
+        text.push_str(&piece);
+        all_calls.extend(s.feed(event(&piece).as_bytes(), i));
+    }
+    assert_eq!(all_calls.len(), 4, "at most max_pending windows in flight");
+    assert!(all_calls.iter().all(|c| c.text.len() <= 64));
+    all_calls.extend(s.finish(100));
+    // Answers free the slots; the text that waited is screened then, in parts.
+    let mut answered = 0;
+    while answered < all_calls.len() {
+        s.pass(all_calls[answered].id);
+        answered += 1;
+        all_calls.extend(s.poll(100));
+    }
+    assert!(all_calls.len() > 4);
+    assert!(all_calls.iter().all(|c| c.text.len() <= 64));
+    // No word escapes screening, however long the stream.
+    for i in 0..40 {
+        let w = format!("word{i:02}");
+        assert!(all_calls.iter().any(|c| c.text.contains(&w)), "{w}");
+    }
+    assert!(s.complete());
+}
+
+#[test]
+fn detect_block_mid_stream_stops_release() {
+    let mut s = detect(16);
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        calls.extend(s.feed(event(&format!("chunk{i} ")).as_bytes(), i));
+    }
+    assert!(!calls.is_empty());
+    let released = s.releasable();
+    s.block();
+    s.feed(event("after").as_bytes(), 10);
+    s.feed(DONE.as_bytes(), 11);
+    s.finish(12);
+    assert_eq!(s.releasable(), released);
+    assert!(!s.complete());
+}
+
+#[test]
+fn pending_windows_are_bounded() {
+    let mut s = hold(1, 10_000);
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        calls.extend(s.feed(event(&format!("w{i}")).as_bytes(), i));
+    }
+    assert_eq!(calls.len(), 4, "max_pending");
+    for c in &calls {
+        s.pass(c.id);
+    }
+    let next = s.poll(20);
+    assert_eq!(next.len(), 1);
+    assert!(next[0].text.contains("w4") && next[0].text.contains("w9"));
+}
+
+#[test]
+fn a_data_line_without_a_blank_line_needs_a_break_before_the_error() {
+    let mut s = detect(1000);
+    s.feed(b"data: {\"choices\":[{\"text\":\"x\"}]}\n", 0);
+    assert!(s.needs_event_break());
+}
+
+#[test]
+fn tool_call_arguments_in_a_stream_are_screened() {
+    let mut s = hold(3, 10_000);
+    let chunk = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"q\\\":\\\"SECRET\\\"}\"}}]}}]}\n\n";
+    let calls = s.feed(chunk.as_bytes(), 0);
+    assert_eq!(calls.len(), 1);
+    assert!(calls[0].text.contains("SECRET"));
+}
