@@ -108,8 +108,7 @@ impl GatewayStream {
         if let Some(safety) = &config.safety {
             self.response_template = safety.response_template(&plan.model).map(str::to_string);
             if let Some(template) = safety.prompt_template(&plan.model) {
-                let prompt = plan.prompt.clone();
-                return self.check_prompt(safety, template, &prompt, plan, body_size);
+                return self.check_prompt(safety, template, plan, body_size);
             }
         }
         match self.forward(&plan, body_size) {
@@ -206,9 +205,8 @@ impl GatewayStream {
         }
     }
 
-    /// Response bytes the metrics have not seen yet: TTFT, size, usage. `body`: the
-    /// whole buffered body if the caller already read it.
-    fn observe_response_body(&mut self, body_size: usize, body: Option<&[u8]>) {
+    /// Response bytes the metrics have not seen yet: TTFT, size, usage.
+    fn observe_response_body(&mut self, body_size: usize) {
         if self.obs.started_ns.is_none() || self.obs.error.is_some() {
             return;
         }
@@ -216,14 +214,8 @@ impl GatewayStream {
         if len == 0 {
             return;
         }
-        let now = super::now_ns();
-        match body.and_then(|b| b.get(start..start + len)) {
-            Some(bytes) => self.obs.response_bytes(bytes, now),
-            None => {
-                let bytes = self.get_http_response_body(start, len).unwrap_or_default();
-                self.obs.response_bytes(&bytes, now);
-            }
-        }
+        let bytes = self.get_http_response_body(start, len).unwrap_or_default();
+        self.obs.response_bytes(&bytes, super::now_ns());
     }
 
     fn release(&mut self) {
@@ -318,24 +310,25 @@ impl HttpContext for GatewayStream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        // A streamed response that is screened needs every chunk whole: read it once
-        // for both the screening and the metrics.
-        let chunk = self
-            .response_check
-            .as_ref()
-            .filter(|c| c.reads_every_chunk() && body_size > 0)
-            .map(|_| {
-                self.get_http_response_body(0, body_size)
-                    .unwrap_or_default()
-            });
-        self.observe_response_body(body_size, chunk.as_deref());
-        let action = self.response_body_safety(body_size, end_of_stream, chunk);
-        // A paused callback leaves its bytes in the buffer for the next one.
-        self.obs.held = match action {
-            Action::Pause => body_size,
-            _ => 0,
-        };
-        action
+        match self.response_check.as_ref().map(|c| c.is_streaming()) {
+            // The screener knows which bytes are new; it feeds the metrics itself.
+            Some(true) => self.streamed_response_body(body_size, end_of_stream),
+            Some(false) => {
+                self.observe_response_body(body_size);
+                let action = self.buffered_response_body(body_size, end_of_stream);
+                // A paused callback leaves its bytes in the buffer for the next one.
+                self.obs.held = match action {
+                    Action::Pause => body_size,
+                    _ => 0,
+                };
+                action
+            }
+            None => {
+                self.observe_response_body(body_size);
+                self.obs.held = 0;
+                Action::Continue
+            }
+        }
     }
 
     fn on_log(&mut self) {

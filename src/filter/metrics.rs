@@ -26,8 +26,13 @@ pub fn label(v: &str) -> String {
 
 /// Adds 1 to the counter `name`. Metrics never fail a request: errors are logged.
 pub fn inc(name: &str) {
+    add(name, 1);
+}
+
+/// Adds `n` to the counter `name`.
+pub fn add(name: &str, n: u64) {
     if let Some(id) = id(name) {
-        if let Err(e) = hostcalls::increment_metric(id, 1) {
+        if let Err(e) = hostcalls::increment_metric(id, n.min(i64::MAX as u64) as i64) {
             log::warn!("inference-gateway: cannot increment metric {name}: {e:?}");
         }
     }

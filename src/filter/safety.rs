@@ -1,21 +1,27 @@
-//! Safety callouts from the gateway stream: the prompt check holds the request
-//! until the verdict is in; the response check holds a non-streamed response, or
-//! the end of a streamed one, until its verdict is in.
+//! Safety callouts from the gateway stream. The prompt check holds the request
+//! until every call on its text passed; a non-streamed response is held until its
+//! text passed; a streamed response goes through [`StreamScreen`], which says which
+//! bytes may reach the client (hold: only screened text; detect: all but the end).
+//!
+//! Envoy's body buffer can only be prepended to, appended to or replaced whole, and
+//! only a paused stream keeps bytes in it. So a streamed response is held by
+//! pausing; when a verdict releases part of what is held, the rest moves into
+//! `tail` here and goes back in front of the next chunk.
 
 use super::host;
 use super::http::GatewayStream;
 use super::metrics::{self, label};
 use crate::gateway::RoutePlan;
 use crate::openai::ApiError;
-use crate::safety::sse::{self, SseText};
-use crate::safety::{self, Check, CheckFailure, Safety, Verdict};
+use crate::safety::stream::{CheckText, StreamScreen};
+use crate::safety::{self, text, Check, CheckFailure, Safety, Verdict};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::time::Duration;
 
-/// A prompt check in flight: the route to take once it passes.
+/// A prompt check in flight: the route to take once every call passed.
 pub struct PendingPrompt {
-    token: u32,
+    tokens: Vec<u32>,
     plan: RoutePlan,
     body_size: usize,
 }
@@ -23,20 +29,36 @@ pub struct PendingPrompt {
 pub struct ResponseCheck {
     template: String,
     mode: Mode,
-    /// The verdict call in flight, if any.
-    token: Option<u32>,
 }
 
 enum Mode {
-    /// Non-streamed: headers and body held until the verdict.
-    Buffered,
-    /// SSE: chunks pass through; the ending waits for the verdict.
-    Streaming(SseText),
+    /// Non-streamed: headers and body held until every call passed.
+    Buffered { tokens: Vec<u32> },
+    /// SSE: released as the screener allows.
+    Streaming(Box<StreamState>),
+}
+
+struct StreamState {
+    screen: StreamScreen,
+    /// Calls in flight: (callout token, screener call id).
+    calls: Vec<(u32, u32)>,
+    /// Absolute stream offset of the first byte not yet sent on.
+    sent: u64,
+    /// Bytes in Envoy's buffer, held by a paused callback.
+    in_envoy: usize,
+    paused: bool,
+    /// Held bytes moved out of Envoy's buffer when a verdict released the part
+    /// before them; they go back in front of the next chunk.
+    tail: Vec<u8>,
+    eos: bool,
+    /// The error event went out: everything after is dropped.
+    cut: bool,
+    /// Why the stream is being cut.
+    error: Option<ApiError>,
 }
 
 impl ResponseCheck {
-    /// Streamed responses are screened chunk by chunk: the whole chunk is read.
-    pub(super) fn reads_every_chunk(&self) -> bool {
+    pub(super) fn is_streaming(&self) -> bool {
         matches!(self.mode, Mode::Streaming(_))
     }
 }
@@ -77,32 +99,56 @@ impl GatewayStream {
         })
     }
 
-    /// Sends the prompt to the safety service; the request waits for the verdict.
+    /// Screens the prompt: every call on its text must pass before the request
+    /// goes on. Text the check cannot take is refused here.
     pub(super) fn check_prompt(
         &mut self,
         safety: &Safety,
         template: &str,
-        prompt: &str,
         plan: RoutePlan,
         body_size: usize,
     ) -> Action {
-        match self.dispatch(safety, Check::Prompt, template, prompt) {
-            Ok(token) => {
-                self.prompt_check = Some(PendingPrompt {
-                    token,
-                    plan,
-                    body_size,
-                });
-                Action::Pause
-            }
-            Err(failure) => match self.on_failure(safety, Check::Prompt, &failure) {
-                Ok(()) => match self.forward(&plan, body_size) {
-                    Ok(()) => Action::Continue,
-                    Err(e) => self.reject(&e),
-                },
-                Err(e) => self.reject(&e),
-            },
+        if plan.media_parts > 0 {
+            // Passed, not screened: counted and noted in the access log.
+            self.obs.media_parts = plan.media_parts;
+            metrics::add(
+                "inference_gateway_safety_unscreened_media_total",
+                u64::from(plan.media_parts),
+            );
         }
+        let pieces = match safety::prompt_calls(
+            safety,
+            &plan.prompt,
+            plan.token_ids,
+            plan.kind.prompt_field(),
+        ) {
+            Ok(pieces) => pieces,
+            Err(e) => return self.reject(&e),
+        };
+        let mut tokens = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            match self.dispatch(safety, Check::Prompt, template, piece) {
+                Ok(token) => tokens.push(token),
+                Err(failure) => {
+                    if let Err(e) = self.on_failure(safety, Check::Prompt, &failure) {
+                        return self.reject(&e);
+                    }
+                }
+            }
+        }
+        if tokens.is_empty() {
+            self.verdict_once(Check::Prompt, "pass");
+            return match self.forward(&plan, body_size) {
+                Ok(()) => Action::Continue,
+                Err(e) => self.reject(&e),
+            };
+        }
+        self.prompt_check = Some(PendingPrompt {
+            tokens,
+            plan,
+            body_size,
+        });
+        Action::Pause
     }
 
     /// A failed check: fail open (count it, go on) or closed (503).
@@ -156,6 +202,17 @@ impl GatewayStream {
         }
     }
 
+    /// Records `pass` unless an earlier call of the same check said more.
+    fn verdict_once(&mut self, check: Check, verdict: &'static str) {
+        let seen = match check {
+            Check::Prompt => self.obs.safety_prompt.is_some(),
+            Check::Response => self.obs.safety_response.is_some(),
+        };
+        if !seen {
+            self.verdict(check, verdict);
+        }
+    }
+
     fn on_block(&mut self, check: Check, filters: &[String]) {
         self.verdict(check, "blocked");
         for f in filters
@@ -178,49 +235,93 @@ impl GatewayStream {
         );
     }
 
-    /// Reads the verdict of a finished callout.
-    fn read_verdict(&self, body_size: usize) -> Result<Verdict, CheckFailure> {
+    /// Reads a finished callout: `Ok(())` to go on (passed or failed open), or the
+    /// error the client gets.
+    fn outcome(&mut self, safety: &Safety, check: Check, body_size: usize) -> Result<(), ApiError> {
         let status = host::call_response_header(":status").and_then(|s| s.parse().ok());
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
-        safety::verdict(status, &body)
+        match safety::verdict(status, &body) {
+            Ok(Verdict::Pass) => Ok(()),
+            Ok(Verdict::Block(filters)) => {
+                self.on_block(check, &filters);
+                Err(safety::blocked_error(check, &filters, safety.block_status))
+            }
+            Err(failure) => self.on_failure(safety, check, &failure),
+        }
     }
 
     pub(super) fn safety_call_response(&mut self, token: u32, body_size: usize) {
         let Some(safety) = self.config.safety.clone() else {
             return;
         };
-        if self.prompt_check.as_ref().is_some_and(|p| p.token == token) {
-            if let Some(p) = self.prompt_check.take() {
-                self.prompt_verdict(&safety, p, body_size);
-            }
-        } else if self
-            .response_check
+        if self
+            .prompt_check
             .as_ref()
-            .is_some_and(|r| r.token == Some(token))
+            .is_some_and(|p| p.tokens.contains(&token))
         {
-            self.response_verdict(&safety, body_size);
+            self.prompt_verdict(&safety, token, body_size);
+            return;
         }
+        let Some(mut check) = self.response_check.take() else {
+            return;
+        };
+        match &mut check.mode {
+            Mode::Buffered { tokens } => {
+                if tokens.contains(&token) {
+                    tokens.retain(|&t| t != token);
+                    let done = tokens.is_empty();
+                    match self.outcome(&safety, Check::Response, body_size) {
+                        // The held response is replaced by the error (a local reply).
+                        Err(e) => {
+                            self.reject(&e);
+                            return;
+                        }
+                        Ok(()) if done => {
+                            self.verdict_once(Check::Response, "pass");
+                            self.resume_http_response();
+                        }
+                        Ok(()) => {}
+                    }
+                }
+            }
+            Mode::Streaming(st) => {
+                if let Some(pos) = st.calls.iter().position(|&(t, _)| t == token) {
+                    let (_, id) = st.calls.swap_remove(pos);
+                    match self.outcome(&safety, Check::Response, body_size) {
+                        Ok(()) => st.screen.pass(id),
+                        Err(e) => {
+                            st.error.get_or_insert(e);
+                            st.screen.block();
+                        }
+                    }
+                    let now = super::now_ms(self);
+                    let more = st.screen.poll(now);
+                    self.stream_calls(&safety, &check.template, st, more);
+                    self.settle_stream(st, false);
+                }
+            }
+        }
+        self.response_check = Some(check);
     }
 
-    fn prompt_verdict(&mut self, safety: &Safety, p: PendingPrompt, body_size: usize) {
-        let outcome = match self.read_verdict(body_size) {
-            Ok(Verdict::Pass) => {
-                self.verdict(Check::Prompt, "pass");
-                Ok(())
-            }
-            Ok(Verdict::Block(filters)) => {
-                self.on_block(Check::Prompt, &filters);
-                Err(safety::blocked_error(
-                    Check::Prompt,
-                    &filters,
-                    safety.block_status,
-                ))
-            }
-            Err(failure) => self.on_failure(safety, Check::Prompt, &failure),
+    fn prompt_verdict(&mut self, safety: &Safety, token: u32, body_size: usize) {
+        let Some(mut p) = self.prompt_check.take() else {
+            return;
         };
-        match outcome.and_then(|()| self.forward(&p.plan, p.body_size)) {
+        p.tokens.retain(|&t| t != token);
+        if let Err(e) = self.outcome(safety, Check::Prompt, body_size) {
+            // Later answers find no pending check and are ignored.
+            self.reject(&e);
+            return;
+        }
+        if !p.tokens.is_empty() {
+            self.prompt_check = Some(p);
+            return;
+        }
+        self.verdict_once(Check::Prompt, "pass");
+        match self.forward(&p.plan, p.body_size) {
             Ok(()) => self.resume_http_request(),
             Err(e) => {
                 self.reject(&e);
@@ -241,33 +342,38 @@ impl GatewayStream {
         let Some(safety) = &self.config.safety else {
             return Action::Continue;
         };
-        let mode = if streaming {
-            // Chunks are edited (the ending is ours), so the length is not known.
+        if streaming {
+            // Chunks are held and edited (the ending may be ours): no known length.
             self.set_http_response_header("content-length", None);
-            Mode::Streaming(SseText::new(safety.max_stream_text_bytes))
-        } else {
-            Mode::Buffered
-        };
-        let hold = matches!(mode, Mode::Buffered);
-        self.response_check = Some(ResponseCheck {
-            template,
-            mode,
-            token: None,
-        });
-        if hold {
-            Action::Pause
-        } else {
+            self.response_check = Some(ResponseCheck {
+                template,
+                mode: Mode::Streaming(Box::new(StreamState {
+                    screen: StreamScreen::new(safety.stream),
+                    calls: Vec::new(),
+                    sent: 0,
+                    in_envoy: 0,
+                    paused: false,
+                    tail: Vec::new(),
+                    eos: false,
+                    cut: false,
+                    error: None,
+                })),
+            });
             Action::Continue
+        } else {
+            self.response_check = Some(ResponseCheck {
+                template,
+                mode: Mode::Buffered { tokens: Vec::new() },
+            });
+            Action::Pause
         }
     }
 
-    /// `chunk`: the whole buffered body when the caller already read it (a streamed
-    /// response, see [`ResponseCheck::reads_every_chunk`]), so it is copied out once.
-    pub(super) fn response_body_safety(
+    /// A non-streamed response under a check: held whole, screened at its end.
+    pub(super) fn buffered_response_body(
         &mut self,
         body_size: usize,
         end_of_stream: bool,
-        chunk: Option<Vec<u8>>,
     ) -> Action {
         let Some(safety) = self.config.safety.clone() else {
             return Action::Continue;
@@ -275,128 +381,202 @@ impl GatewayStream {
         let Some(mut check) = self.response_check.take() else {
             return Action::Continue;
         };
-        let action = match &mut check.mode {
-            Mode::Buffered => {
-                if body_size > safety.max_response_bytes {
-                    let failure =
-                        CheckFailure::Unparsable("response larger than max_response_bytes".into());
-                    return match self.on_failure(&safety, Check::Response, &failure) {
-                        Ok(()) => Action::Continue, // unscreened, as fail_open allows
-                        Err(e) => self.reject(&e),
-                    };
-                }
-                if !end_of_stream {
-                    self.response_check = Some(check);
-                    return Action::Pause;
-                }
-                let body = self
-                    .get_http_response_body(0, body_size)
-                    .unwrap_or_default();
-                let text = safety::response_text(&body).unwrap_or_default();
-                self.start_response_check(&safety, &mut check, &text)
-            }
-            Mode::Streaming(acc) => {
-                let chunk = chunk.unwrap_or_else(|| {
-                    self.get_http_response_body(0, body_size)
-                        .unwrap_or_default()
-                });
-                let mut out = acc.feed(&chunk);
-                if end_of_stream {
-                    out.extend(acc.finish());
-                }
-                if out != chunk.as_slice() {
-                    self.set_http_response_body(0, body_size, &out);
-                }
-                if !end_of_stream {
-                    self.response_check = Some(check);
-                    return Action::Continue;
-                }
-                let text = acc.text().to_string();
-                self.start_response_check(&safety, &mut check, &text)
-            }
+        if body_size > safety.max_response_bytes {
+            // Never passed on unscreened, whatever fail_open says.
+            log::warn!(
+                "inference-gateway: request {} response larger than max_response_bytes ({}): refused",
+                self.request_id(),
+                safety.max_response_bytes
+            );
+            return self.reject(&safety::response_too_large());
+        }
+        if !end_of_stream {
+            self.response_check = Some(check);
+            return Action::Pause;
+        }
+        let body = self
+            .get_http_response_body(0, body_size)
+            .unwrap_or_default();
+        let text = text::response_text(&body);
+        let pieces = match safety::response_calls(&safety, &text) {
+            Ok(pieces) => pieces,
+            Err(e) => return self.reject(&e),
         };
+        let mut sent = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            match self.dispatch(&safety, Check::Response, &check.template, piece) {
+                Ok(token) => sent.push(token),
+                Err(failure) => {
+                    if let Err(e) = self.on_failure(&safety, Check::Response, &failure) {
+                        return self.reject(&e);
+                    }
+                }
+            }
+        }
+        if sent.is_empty() {
+            self.verdict_once(Check::Response, "pass");
+            return Action::Continue;
+        }
+        check.mode = Mode::Buffered { tokens: sent };
+        self.response_check = Some(check);
+        Action::Pause
+    }
+
+    /// A chunk of a streamed response under a check. Returns the callback's action;
+    /// the new bytes are fed to the request metrics here (they are known only here).
+    pub(super) fn streamed_response_body(
+        &mut self,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        let Some(safety) = self.config.safety.clone() else {
+            return Action::Continue;
+        };
+        let Some(mut check) = self.response_check.take() else {
+            return Action::Continue;
+        };
+        let Mode::Streaming(st) = &mut check.mode else {
+            self.response_check = Some(check);
+            return Action::Continue;
+        };
+        if st.cut {
+            if body_size > 0 {
+                self.set_http_response_body(0, body_size, b"");
+            }
+            self.response_check = Some(check);
+            return Action::Continue;
+        }
+        let new = if st.tail.is_empty() {
+            let fresh = body_size.saturating_sub(st.in_envoy);
+            let bytes = if fresh > 0 {
+                self.get_http_response_body(st.in_envoy, fresh)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            st.in_envoy = body_size;
+            bytes
+        } else {
+            let bytes = if body_size > 0 {
+                self.get_http_response_body(0, body_size)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let tail = std::mem::take(&mut st.tail);
+            self.set_http_response_body(0, 0, &tail);
+            st.in_envoy = tail.len() + body_size;
+            bytes
+        };
+        self.obs.response_bytes(&new, super::now_ns());
+        let now = super::now_ms(self);
+        let mut calls = st.screen.feed(&new, now);
+        if end_of_stream {
+            st.eos = true;
+            calls.extend(st.screen.finish(now));
+        }
+        self.stream_calls(&safety, &check.template, st, calls);
+        let action = self.settle_stream(st, true);
         self.response_check = Some(check);
         action
     }
 
-    /// At the end of a response: send its text for screening and hold the end.
-    fn start_response_check(
+    /// Sends the screener's calls; a call that cannot be sent is a failed check.
+    fn stream_calls(
         &mut self,
         safety: &Safety,
-        check: &mut ResponseCheck,
-        text: &str,
-    ) -> Action {
-        if text.trim().is_empty() {
-            self.finish_response(safety, check, Ok(()));
+        template: &str,
+        st: &mut StreamState,
+        calls: Vec<CheckText>,
+    ) {
+        for call in calls {
+            match self.dispatch(safety, Check::Response, template, &call.text) {
+                Ok(token) => st.calls.push((token, call.id)),
+                Err(failure) => match self.on_failure(safety, Check::Response, &failure) {
+                    Ok(()) => st.screen.pass(call.id),
+                    Err(e) => {
+                        st.error.get_or_insert(e);
+                        st.screen.block();
+                    }
+                },
+            }
+        }
+    }
+
+    /// Moves what the screener allows to the client. `in_callback`: called from the
+    /// body callback (returns its action); otherwise from a verdict, where a paused
+    /// stream is resumed once something can go.
+    fn settle_stream(&mut self, st: &mut StreamState, in_callback: bool) -> Action {
+        if st.cut {
             return Action::Continue;
         }
-        match self.dispatch(safety, Check::Response, &check.template, text) {
-            Ok(token) => {
-                check.token = Some(token);
-                Action::Pause
+        // Bytes held in Envoy's buffer that may go (the tail, if any, is not there).
+        let releasable = (st.screen.releasable().saturating_sub(st.sent) as usize).min(st.in_envoy);
+        if st.screen.is_blocked() {
+            if !in_callback && !st.paused {
+                // Nothing held in Envoy to edit: the next chunk carries the error.
+                return Action::Continue;
             }
-            Err(failure) => {
-                let outcome = self.on_failure(safety, Check::Response, &failure);
-                self.finish_response(safety, check, outcome);
-                Action::Continue
-            }
+            let error = st
+                .error
+                .clone()
+                .unwrap_or_else(|| safety::response_too_large());
+            let held = self
+                .get_http_response_body(0, st.in_envoy)
+                .unwrap_or_default();
+            let mut out = held[..releasable.min(held.len())].to_vec();
+            out.extend(safety::error_event(
+                &error.body(),
+                st.screen.needs_event_break(),
+            ));
+            self.set_http_response_body(0, st.in_envoy, &out);
+            st.cut = true;
+            st.tail.clear();
+            self.obs.fail(crate::observe::request::SAFETY_BLOCKED);
+            return self.release_all(st, in_callback);
         }
+        if st.eos {
+            if st.screen.complete() {
+                self.verdict_once(Check::Response, "pass");
+                return self.release_all(st, in_callback);
+            }
+            return self.hold(st, in_callback);
+        }
+        if releasable == st.in_envoy {
+            return self.release_all(st, in_callback);
+        }
+        if in_callback || releasable == 0 {
+            return self.hold(st, in_callback);
+        }
+        // A verdict released the front of what is held: send it, keep the rest here.
+        let held = self
+            .get_http_response_body(0, st.in_envoy)
+            .unwrap_or_default();
+        let cut = releasable.min(held.len());
+        self.set_http_response_body(0, st.in_envoy, &held[..cut]);
+        st.tail = held[cut..].to_vec();
+        st.sent += cut as u64;
+        st.in_envoy = 0;
+        st.paused = false;
+        self.resume_http_response();
+        Action::Continue
     }
 
-    fn response_verdict(&mut self, safety: &Safety, body_size: usize) {
-        let Some(mut check) = self.response_check.take() else {
-            return;
-        };
-        let outcome = match self.read_verdict(body_size) {
-            Ok(Verdict::Pass) => {
-                self.verdict(Check::Response, "pass");
-                Ok(())
-            }
-            Ok(Verdict::Block(filters)) => {
-                self.on_block(Check::Response, &filters);
-                Err(safety::blocked_error(
-                    Check::Response,
-                    &filters,
-                    safety.block_status,
-                ))
-            }
-            Err(failure) => self.on_failure(safety, Check::Response, &failure),
-        };
-        let replaced = self.finish_response(safety, &mut check, outcome);
-        if !replaced {
+    fn release_all(&mut self, st: &mut StreamState, in_callback: bool) -> Action {
+        st.sent += st.in_envoy as u64;
+        st.in_envoy = 0;
+        if !in_callback && st.paused {
+            st.paused = false;
             self.resume_http_response();
         }
+        st.paused = false;
+        Action::Continue
     }
 
-    /// Ends a checked response. Buffered: a block replaces the whole response (a
-    /// local reply; returns true). Streaming: the held ending becomes `[DONE]` on a
-    /// pass, or an error event on a block.
-    fn finish_response(
-        &mut self,
-        _safety: &Safety,
-        check: &mut ResponseCheck,
-        outcome: Result<(), ApiError>,
-    ) -> bool {
-        match (&check.mode, outcome) {
-            (Mode::Buffered, Ok(())) => false,
-            (Mode::Buffered, Err(e)) => {
-                self.reject(&e);
-                true
-            }
-            (Mode::Streaming(acc), outcome) => {
-                let ending = match outcome {
-                    Ok(()) if acc.done_seen => sse::done_event().to_vec(),
-                    Ok(()) => Vec::new(),
-                    Err(e) => sse::error_event(&e.body()),
-                };
-                if !ending.is_empty() {
-                    let held = self
-                        .get_http_response_body(0, i32::MAX as usize)
-                        .map_or(0, |b| b.len());
-                    self.set_http_response_body(held, 0, &ending);
-                }
-                false
-            }
+    fn hold(&mut self, st: &mut StreamState, in_callback: bool) -> Action {
+        if in_callback {
+            st.paused = true;
         }
+        Action::Pause
     }
 }

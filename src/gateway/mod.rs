@@ -127,7 +127,12 @@ pub struct RoutePlan {
     pub adapter: Option<bool>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Everything the model may read (see `openai::prompt`).
     pub prompt: String,
+    /// Media parts the text check does not see.
+    pub media_parts: u32,
+    /// The prompt carries token ids (no text check can read them).
+    pub token_ids: bool,
     /// The body to send upstream when it differs from the client's (model rewrite).
     pub new_body: Option<Vec<u8>>,
 }
@@ -158,6 +163,8 @@ pub fn plan_route(
         stream: parsed.stream,
         include_usage: parsed.include_usage,
         prompt: parsed.prompt,
+        media_parts: parsed.media_parts,
+        token_ids: parsed.token_ids,
         new_body,
     })
 }

@@ -63,6 +63,8 @@ pub struct RequestObs {
     /// Safety verdicts: `pass`, `blocked`, `fail_open`, `unavailable`.
     pub safety_prompt: Option<&'static str>,
     pub safety_response: Option<&'static str>,
+    /// Media parts passed without a text check.
+    pub media_parts: u32,
 }
 
 impl RequestObs {
@@ -129,11 +131,12 @@ pub fn access_log_fields(o: &RequestObs, now_ns: u64) -> String {
     let usage = o.final_usage();
     format!(
         "model={model} target_model={target} endpoint={} priority={} safety_prompt={} safety_response={} \
-         input_tokens={} output_tokens={} ttft_ms={} duration_ms={} error={}",
+         media_parts={} input_tokens={} output_tokens={} ttft_ms={} duration_ms={} error={}",
         o.endpoint.as_deref().map_or_else(|| "-".into(), field),
         o.priority.map_or_else(|| "-".to_string(), |p| p.to_string()),
         o.safety_prompt.unwrap_or("-"),
         o.safety_response.unwrap_or("-"),
+        o.media_parts,
         opt(usage.map(|u| u.prompt_tokens)),
         opt(usage.map(|u| u.completion_tokens)),
         if o.streamed { ms(o.started_ns, o.first_byte_ns) } else { "-".into() },

@@ -159,6 +159,7 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiError> {
 /// The byte range of the `model` value, quotes included. A model name without
 /// escapes is borrowed from the body, so its place is known; one with escapes is
 /// found by a second, shallow parse.
+#[allow(clippy::ptr_arg)] // whether the Cow borrows is what this function looks at
 fn model_span(text: &str, model: &Cow<'_, str>) -> Option<Range<usize>> {
     if let Cow::Borrowed(m) = model {
         let start = (m.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;

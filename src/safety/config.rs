@@ -1,6 +1,7 @@
 //! The `safety` section of the plugin configuration, mirroring GKE's
 //! `model_armor_settings`.
 
+use super::stream::{StreamLimits, StreamMode};
 use crate::config::ConfigError;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -54,13 +55,53 @@ pub struct RawSafety {
     /// Templates for models not listed in `model_armor_settings`.
     #[serde(default)]
     pub default: Option<RawTemplates>,
-    /// Largest non-streamed response buffered for screening; larger ones count as a
-    /// failed check (so `fail_open` decides).
+    /// Largest non-streamed response held for screening; a larger one is refused
+    /// (502), whatever `fail_open` says: it cannot be screened.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
-    /// Largest amount of streamed text accumulated for the end-of-stream check.
-    #[serde(default = "default_max_response_bytes")]
-    pub max_stream_text_bytes: usize,
+    /// Largest text one check call carries (set it to what the safety service accepts).
+    #[serde(default = "default_max_check_text_bytes")]
+    pub max_check_text_bytes: usize,
+    /// A text longer than `max_check_text_bytes`: screened in several calls that
+    /// must all pass (`split`), or refused (`refuse`).
+    #[serde(default)]
+    pub oversize_text: Oversize,
+    /// Bytes of text repeated at the start of the next call when a text is cut, so
+    /// a phrase cut at the boundary is whole in one call.
+    #[serde(default = "default_check_overlap_bytes")]
+    pub check_overlap_bytes: usize,
+    /// Most calls one prompt or non-streamed response may take; a longer text is refused.
+    #[serde(default = "default_max_checks_per_request")]
+    pub max_checks_per_request: usize,
+    /// Streamed responses: `hold` releases text only after it passed; `detect` lets it
+    /// through and cuts the stream when a check blocks.
+    #[serde(default)]
+    pub stream_mode: RawStreamMode,
+    /// Hold mode: a window is screened after this many characters of generated text…
+    #[serde(default = "default_stream_window_chars")]
+    pub stream_window_chars: usize,
+    /// …or this long after its first text, whichever comes first.
+    #[serde(default = "default_stream_window_ms")]
+    pub stream_window_ms: u64,
+    /// Stream windows in flight at once; more text joins the next window.
+    #[serde(default = "default_max_pending_stream_checks")]
+    pub max_pending_stream_checks: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Oversize {
+    #[default]
+    Split,
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RawStreamMode {
+    #[default]
+    Hold,
+    Detect,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -74,6 +115,24 @@ fn default_events() -> Vec<Event> {
 }
 fn default_max_response_bytes() -> usize {
     1024 * 1024
+}
+fn default_max_check_text_bytes() -> usize {
+    64 * 1024
+}
+fn default_check_overlap_bytes() -> usize {
+    256
+}
+fn default_max_checks_per_request() -> usize {
+    32
+}
+fn default_stream_window_chars() -> usize {
+    200
+}
+fn default_stream_window_ms() -> u64 {
+    250
+}
+fn default_max_pending_stream_checks() -> usize {
+    4
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -95,7 +154,11 @@ pub struct Safety {
     pub per_model: HashMap<String, SafetyTemplates>,
     pub default: Option<SafetyTemplates>,
     pub max_response_bytes: usize,
-    pub max_stream_text_bytes: usize,
+    pub max_check_text_bytes: usize,
+    pub oversize_text: Oversize,
+    pub check_overlap_bytes: usize,
+    pub max_checks_per_request: usize,
+    pub stream: StreamLimits,
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -166,6 +229,27 @@ impl RawSafety {
                 ));
             }
         }
+        if self.max_check_text_bytes < 64 {
+            return Err(err("safety.max_check_text_bytes", "must be at least 64"));
+        }
+        if self.check_overlap_bytes * 2 + 4 > self.max_check_text_bytes {
+            return Err(err(
+                "safety.check_overlap_bytes",
+                "must be less than half of max_check_text_bytes",
+            ));
+        }
+        if !(1..=256).contains(&self.max_checks_per_request) {
+            return Err(err("safety.max_checks_per_request", "must be 1-256"));
+        }
+        if self.stream_window_chars == 0 {
+            return Err(err("safety.stream_window_chars", "must be greater than 0"));
+        }
+        if self.stream_window_ms == 0 {
+            return Err(err("safety.stream_window_ms", "must be greater than 0"));
+        }
+        if !(1..=64).contains(&self.max_pending_stream_checks) {
+            return Err(err("safety.max_pending_stream_checks", "must be 1-64"));
+        }
         let mut per_model = HashMap::new();
         for (i, m) in self.model_armor_settings.iter().enumerate() {
             let at = format!("safety.model_armor_settings[{i}]");
@@ -211,7 +295,22 @@ impl RawSafety {
             per_model,
             default,
             max_response_bytes: self.max_response_bytes,
-            max_stream_text_bytes: self.max_stream_text_bytes,
+            max_check_text_bytes: self.max_check_text_bytes,
+            oversize_text: self.oversize_text,
+            check_overlap_bytes: self.check_overlap_bytes,
+            max_checks_per_request: self.max_checks_per_request,
+            stream: StreamLimits {
+                mode: match self.stream_mode {
+                    RawStreamMode::Hold => StreamMode::Hold {
+                        window_chars: self.stream_window_chars,
+                        window_ms: self.stream_window_ms,
+                    },
+                    RawStreamMode::Detect => StreamMode::Detect,
+                },
+                max_call_bytes: self.max_check_text_bytes,
+                overlap: self.check_overlap_bytes,
+                max_pending: self.max_pending_stream_checks,
+            },
         })
     }
 }

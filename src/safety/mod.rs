@@ -8,7 +8,6 @@
 //! `sanitizationResult.filterMatchState` = `MATCH_FOUND` | `NO_MATCH_FOUND`.
 
 pub mod config;
-pub mod sse;
 pub mod stream;
 pub mod text;
 
@@ -202,33 +201,83 @@ pub fn unavailable_error(check: Check, failure: &CheckFailure) -> ApiError {
     )
 }
 
-/// The text of a non-streamed OpenAI response: choices' message content or text.
-pub fn response_text(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    let mut parts = Vec::new();
-    if let Some(Value::Array(choices)) = v.get("choices") {
-        for c in choices {
-            if let Some(t) = c.get("text").and_then(Value::as_str) {
-                parts.push(t.to_string());
-            }
-            if let Some(t) = c.pointer("/message/content").and_then(Value::as_str) {
-                parts.push(t.to_string());
-            }
-        }
+/// The calls that screen a prompt: `text` cut to the call size limit (none when
+/// there is no text), or why it cannot be screened. `token_ids`: the prompt carries
+/// token ids, which no text check can read; `field` names the prompt's field.
+pub fn prompt_calls<'t>(
+    safety: &Safety,
+    text: &'t str,
+    token_ids: bool,
+    field: &'static str,
+) -> Result<Vec<&'t str>, ApiError> {
+    if token_ids {
+        return Err(ApiError::invalid_request(
+            "invalid_value",
+            format!(
+                "'{field}' holds token ids, which the safety check cannot read; send the prompt as text."
+            ),
+        )
+        .with_param(field));
     }
-    // Responses API: output[].content[].text
-    if let Some(Value::Array(output)) = v.get("output") {
-        for o in output {
-            if let Some(Value::Array(content)) = o.get("content") {
-                for c in content {
-                    if let Some(t) = c.get("text").and_then(Value::as_str) {
-                        parts.push(t.to_string());
-                    }
-                }
-            }
-        }
+    calls(safety, text).ok_or_else(|| {
+        ApiError::new(
+            413,
+            "invalid_request_error",
+            "prompt_too_large_to_screen",
+            format!(
+                "The prompt is longer than the safety check accepts ({} bytes per check, at most {} checks).",
+                safety.max_check_text_bytes,
+                if safety.oversize_text == config::Oversize::Refuse { 1 } else { safety.max_checks_per_request }
+            ),
+        )
+    })
+}
+
+/// The calls that screen a non-streamed response's text, or the error the client
+/// gets instead of a response that cannot be screened.
+pub fn response_calls<'t>(safety: &Safety, text: &'t str) -> Result<Vec<&'t str>, ApiError> {
+    calls(safety, text).ok_or_else(response_too_large)
+}
+
+/// A response the gateway cannot screen is never passed on, whatever `fail_open`
+/// says (that is about the service being down, not about text past the limits).
+pub fn response_too_large() -> ApiError {
+    ApiError::new(
+        502,
+        "server_error",
+        "response_too_large_to_screen",
+        "The model's response is larger than the safety check can screen.".into(),
+    )
+}
+
+fn calls<'t>(safety: &Safety, text: &'t str) -> Option<Vec<&'t str>> {
+    if text.trim().is_empty() {
+        return Some(Vec::new());
     }
-    Some(parts.join("\n"))
+    let pieces = text::split(
+        text,
+        safety.max_check_text_bytes,
+        safety.check_overlap_bytes,
+    );
+    let allowed = match safety.oversize_text {
+        config::Oversize::Refuse => 1,
+        config::Oversize::Split => safety.max_checks_per_request,
+    };
+    (pieces.len() <= allowed).then_some(pieces)
+}
+
+/// The closing event of a stream cut by the response check: an OpenAI-style error
+/// object as the last event (in place of `[DONE]`), which OpenAI clients raise as
+/// an API error.
+pub fn error_event(error_json: &[u8], event_break: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(error_json.len() + 11);
+    if event_break {
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(error_json);
+    out.extend_from_slice(b"\n\n");
+    out
 }
 
 #[cfg(test)]

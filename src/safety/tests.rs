@@ -1,4 +1,3 @@
-use super::sse::{self, SseText};
 use super::*;
 
 #[test]
@@ -68,50 +67,48 @@ fn errors_never_echo_the_text() {
 }
 
 #[test]
-fn extracts_response_text() {
-    let chat = br#"{"choices":[{"message":{"role":"assistant","content":"card 4111 1111"}}]}"#;
-    assert_eq!(response_text(chat).unwrap(), "card 4111 1111");
-    let completion = br#"{"choices":[{"text":"a"},{"text":"b"}]}"#;
-    assert_eq!(response_text(completion).unwrap(), "a\nb");
-    assert!(response_text(b"not json").is_none());
+fn error_event_starts_an_event_of_its_own() {
+    assert_eq!(error_event(b"{}", false), b"data: {}\n\n");
+    assert_eq!(error_event(b"{}", true), b"\ndata: {}\n\n");
+}
+
+fn safety(extra: &str) -> Safety {
+    serde_json::from_str::<config::RawSafety>(&format!(
+        r#"{{"cluster": "c", "max_check_text_bytes": 100, "check_overlap_bytes": 10,
+            "max_checks_per_request": 3 {extra}}}"#
+    ))
+    .unwrap()
+    .validate()
+    .unwrap()
 }
 
 #[test]
-fn sse_accumulates_text_and_holds_back_done() {
-    let mut s = SseText::new(1000);
-    let a = s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choi");
+fn prompts_past_the_call_limit_are_split_or_refused() {
+    let s = safety("");
+    assert!(prompt_calls(&s, "  \n", false, "messages")
+        .unwrap()
+        .is_empty());
     assert_eq!(
-        a,
-        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n"
+        prompt_calls(&s, "short", false, "messages").unwrap(),
+        vec!["short"]
     );
-    let b = s.feed(b"ces\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: [DO");
+    let long = "x".repeat(250);
+    let calls = prompt_calls(&s, &long, false, "messages").unwrap();
+    assert_eq!(calls.len(), 3);
+    assert!(calls.iter().all(|c| c.len() <= 100));
+    let too_long = "x".repeat(400);
+    let e = prompt_calls(&s, &too_long, false, "messages").unwrap_err();
+    assert_eq!((e.status, e.code), (413, "prompt_too_large_to_screen"));
+    let refuse = safety(r#", "oversize_text": "refuse""#);
+    let e = prompt_calls(&refuse, &long, false, "messages").unwrap_err();
+    assert_eq!(e.status, 413);
+    let e = prompt_calls(&s, "", true, "prompt").unwrap_err();
     assert_eq!(
-        b,
-        b"data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n"
+        (e.status, e.code, e.param.as_deref()),
+        (400, "invalid_value", Some("prompt"))
     );
-    let c = s.feed(b"NE]\n\n");
-    assert!(
-        c.is_empty(),
-        "the [DONE] event is removed with its blank line"
-    );
-    assert!(s.done_seen);
-    assert_eq!(s.text(), "Hello");
-    assert!(s.finish().is_empty());
-}
-
-#[test]
-fn sse_completions_and_limits() {
-    let mut s = SseText::new(3);
-    s.feed(
-        b"data: {\"choices\":[{\"text\":\"ab\"}]}\n\ndata: {\"choices\":[{\"text\":\"cd\"}]}\n\n",
-    );
-    assert_eq!(s.text(), "ab");
-    assert!(s.truncated);
-    let mut s = SseText::new(10);
-    assert!(s.feed(b"data: [DONE]").is_empty());
-    assert!(s.finish().is_empty());
-    assert!(s.done_seen);
-    assert_eq!(sse::error_event(b"{}"), b"data: {}\n\n");
+    let e = response_calls(&s, &too_long).unwrap_err();
+    assert_eq!((e.status, e.code), (502, "response_too_large_to_screen"));
 }
 
 #[test]
@@ -167,6 +164,27 @@ fn config_validation() {
     assert_eq!(
         field(r#"{"cluster": "c", "timeout_ms": 0}"#),
         "safety.timeout_ms"
+    );
+    assert_eq!(
+        field(r#"{"cluster": "c", "max_check_text_bytes": 100, "check_overlap_bytes": 60}"#),
+        "safety.check_overlap_bytes"
+    );
+    assert_eq!(
+        field(r#"{"cluster": "c", "max_checks_per_request": 0}"#),
+        "safety.max_checks_per_request"
+    );
+    assert_eq!(
+        field(r#"{"cluster": "c", "stream_window_chars": 0}"#),
+        "safety.stream_window_chars"
+    );
+    let d = parse(r#"{"cluster": "c"}"#).unwrap();
+    assert_eq!(
+        d.stream.mode,
+        stream::StreamMode::Hold {
+            window_chars: 200,
+            window_ms: 250
+        },
+        "hold is the default"
     );
     let only_prompts = parse(
         r#"{"cluster": "c", "events": ["RequestBody"],
