@@ -86,6 +86,12 @@ pub struct RawSafety {
     /// Stream windows in flight at once; more text joins the next window.
     #[serde(default = "default_max_pending_stream_checks")]
     pub max_pending_stream_checks: usize,
+    /// Hold mode: bytes at the end of a passed window kept until the next window
+    /// passes, so a phrase cut by the window edge is not half-released
+    /// (at most `check_overlap_bytes`).
+    /// Default: 64, or `check_overlap_bytes` if that is smaller.
+    #[serde(default)]
+    pub stream_holdback_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -134,6 +140,7 @@ fn default_stream_window_ms() -> u64 {
 fn default_max_pending_stream_checks() -> usize {
     4
 }
+const DEFAULT_STREAM_HOLDBACK_BYTES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SafetyTemplates {
@@ -250,6 +257,15 @@ impl RawSafety {
         if !(1..=64).contains(&self.max_pending_stream_checks) {
             return Err(err("safety.max_pending_stream_checks", "must be 1-64"));
         }
+        if self
+            .stream_holdback_bytes
+            .is_some_and(|h| h > self.check_overlap_bytes)
+        {
+            return Err(err(
+                "safety.stream_holdback_bytes",
+                "must not exceed check_overlap_bytes (the next call must repeat what is held back)",
+            ));
+        }
         let mut per_model = HashMap::new();
         for (i, m) in self.model_armor_settings.iter().enumerate() {
             let at = format!("safety.model_armor_settings[{i}]");
@@ -310,6 +326,9 @@ impl RawSafety {
                 max_call_bytes: self.max_check_text_bytes,
                 overlap: self.check_overlap_bytes,
                 max_pending: self.max_pending_stream_checks,
+                holdback: self
+                    .stream_holdback_bytes
+                    .unwrap_or(DEFAULT_STREAM_HOLDBACK_BYTES.min(self.check_overlap_bytes)),
             },
         })
     }

@@ -36,6 +36,11 @@ pub struct StreamLimits {
     pub overlap: usize,
     /// Windows in flight at once; further text waits and joins the next window.
     pub max_pending: usize,
+    /// Hold mode: the last bytes of a passed window stay held until the next window
+    /// (whose call repeats them as overlap) passes too, so the start of a phrase
+    /// cut by a window edge is not released before the phrase is seen whole.
+    /// At most `overlap`.
+    pub holdback: usize,
 }
 
 /// One check call to make.
@@ -302,11 +307,17 @@ impl StreamScreen {
         }
         // Nothing open, nothing waiting: all text so far has passed.
         let all_passed = self.windows.is_empty() && self.window_start == self.text_end();
+        // Text that ends the stream needs no holdback: nothing follows it.
+        let limit = if all_passed && (self.ended || self.done_seen) {
+            self.passed
+        } else {
+            self.passed.saturating_sub(self.limits.holdback)
+        };
         while let Some(p) = self.points.front() {
             let ok = if p.needs == usize::MAX {
                 all_passed
             } else {
-                p.needs <= self.passed
+                p.needs <= limit || p.needs == 0
             };
             if !ok {
                 break;

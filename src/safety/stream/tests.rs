@@ -18,6 +18,7 @@ fn hold(window_chars: usize, window_ms: u64) -> StreamScreen {
         max_call_bytes: 1000,
         overlap: 8,
         max_pending: 4,
+        holdback: 0,
     })
 }
 
@@ -27,6 +28,7 @@ fn detect(max_call_bytes: usize) -> StreamScreen {
         max_call_bytes,
         overlap: 8,
         max_pending: 4,
+        holdback: 0,
     })
 }
 
@@ -219,4 +221,40 @@ fn tool_call_arguments_in_a_stream_are_screened() {
     let calls = s.feed(chunk.as_bytes(), 0);
     assert_eq!(calls.len(), 1);
     assert!(calls[0].text.contains("SECRET"));
+}
+
+#[test]
+fn holdback_keeps_a_phrase_cut_by_a_window_edge_until_it_is_seen_whole() {
+    let mut s = StreamScreen::new(StreamLimits {
+        mode: StreamMode::Hold {
+            window_chars: 14,
+            window_ms: 10_000,
+        },
+        max_call_bytes: 1000,
+        overlap: 12,
+        max_pending: 4,
+        holdback: 10,
+    });
+    // Window 1 ends in the middle of "4111 1111": its check cannot see the number.
+    let events: Vec<String> = ["clean ", "text ", "4111", " 1111", " end"]
+        .iter()
+        .map(|t| event(t))
+        .collect();
+    let mut calls = Vec::new();
+    let mut offsets = Vec::new();
+    let mut total = 0;
+    for (i, e) in events.iter().enumerate() {
+        calls.extend(s.feed(e.as_bytes(), i as u64));
+        total += e.len();
+        offsets.push(total as u64);
+    }
+    assert_eq!(calls[0].text, "clean \ntext \n4111");
+    s.pass(calls[0].id);
+    // Only the part more than 10 bytes before the window's end may go: "clean ".
+    assert_eq!(s.releasable(), offsets[0]);
+    // The next window repeats the held part, so it sees the number whole.
+    calls.extend(s.feed(DONE.as_bytes(), 9));
+    assert!(calls[1].text.contains("4111\n 1111"), "{:?}", calls[1].text);
+    s.block();
+    assert_eq!(s.releasable(), offsets[0], "no digit reached the client");
 }
