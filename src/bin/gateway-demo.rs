@@ -145,6 +145,7 @@ async fn run(args: Args) -> Result<(), String> {
             behaviour: safety_sim::Behaviour::default(),
             require_token: None,
             record_capacity: 100,
+            max_text_bytes: None,
         };
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(safety_sim::serve(

@@ -27,6 +27,9 @@ struct Args {
     /// Require `authorization: Bearer <token>` (read from this environment variable).
     #[arg(long)]
     token_env: Option<String>,
+    /// Refuse (400) texts longer than this, as a real service's size limit does.
+    #[arg(long)]
+    max_text_bytes: Option<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -91,6 +94,7 @@ async fn main() -> ExitCode {
         },
         require_token,
         record_capacity: 1000,
+        max_text_bytes: args.max_text_bytes,
     };
     process::serve_until_signal("safety-sim", addr, router(config)).await
 }

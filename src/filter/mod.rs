@@ -87,7 +87,7 @@ fn define_counters(config: &Config) {
         ));
     }
     if config.safety.is_some() {
-        metrics::define("inference_gateway_safety_unscreened_media_total");
+        metrics::define("inference_gateway_safety_unscreened_media_total.check.prompt");
         for check in ["prompt", "response"] {
             for counter in ["checks", "failures", "fail_open"] {
                 metrics::define(&format!(

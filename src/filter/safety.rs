@@ -112,7 +112,7 @@ impl GatewayStream {
             // Passed, not screened: counted and noted in the access log.
             self.obs.media_parts = plan.media_parts;
             metrics::add(
-                "inference_gateway_safety_unscreened_media_total",
+                "inference_gateway_safety_unscreened_media_total.check.prompt",
                 u64::from(plan.media_parts),
             );
         }

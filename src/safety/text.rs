@@ -82,16 +82,19 @@ fn push(out: &mut String, s: &str) {
     out.push_str(s);
 }
 
-fn strings(v: &Value, out: &mut String, depth: usize) {
+/// `join`: how pieces are put together: a newline between the separate texts of
+/// a response, nothing between the deltas of a stream (a word or a number cut
+/// across two chunks must read as one).
+fn strings(v: &Value, out: &mut String, depth: usize, join: fn(&mut String, &str)) {
     match v {
-        Value::String(s) => push(out, s),
-        Value::Array(items) => items.iter().for_each(|i| strings(i, out, depth + 1)),
+        Value::String(s) => join(out, s),
+        Value::Array(items) => items.iter().for_each(|i| strings(i, out, depth + 1, join)),
         Value::Object(members) => {
             for (k, v) in members {
                 let skip = NOT_TEXT.contains(&k.as_str())
                     || (depth == 0 && REQUEST_ECHO.contains(&k.as_str()));
                 if !skip {
-                    strings(v, out, depth + 1);
+                    strings(v, out, depth + 1, join);
                 }
             }
         }
@@ -103,7 +106,7 @@ fn strings(v: &Value, out: &mut String, depth: usize) {
 pub fn response_text(body: &[u8]) -> String {
     let mut out = String::new();
     match serde_json::from_slice::<Value>(body) {
-        Ok(v) => strings(&v, &mut out, 0),
+        Ok(v) => strings(&v, &mut out, 0, push),
         Err(_) => out.push_str(&String::from_utf8_lossy(body)),
     }
     out
@@ -124,10 +127,10 @@ pub fn event_text(data: &[u8], out: &mut String) {
                 .is_some_and(|t| RECAP_EVENTS.contains(&t));
             if !is_recap {
                 // Depth 1: a chunk's top level is not a Responses object.
-                strings(&v, out, 1);
+                strings(&v, out, 1, |out, s| out.push_str(s));
             }
         }
-        Err(_) => push(out, &String::from_utf8_lossy(data)),
+        Err(_) => out.push_str(&String::from_utf8_lossy(data)),
     }
 }
 
@@ -234,7 +237,8 @@ mod tests {
         );
         event_text(b"[DONE]", &mut out);
         event_text(b"not json", &mut out);
-        assert_eq!(out, "A\nB\nC\nnot json");
+        // Deltas join as the client reads them.
+        assert_eq!(out, "ABCnot json");
     }
 
     #[test]

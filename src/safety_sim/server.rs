@@ -58,6 +58,9 @@ pub struct SafetySimConfig {
     pub require_token: Option<String>,
     /// Screenings kept for `GET /sim/requests`.
     pub record_capacity: usize,
+    /// Longest text one call may carry, as a real service has one: longer texts
+    /// get 400 `INVALID_ARGUMENT`. `None`: no limit.
+    pub max_text_bytes: Option<usize>,
 }
 
 /// One screening, as `GET /sim/requests` lists it.
@@ -78,6 +81,7 @@ struct App {
     behaviour: Mutex<Behaviour>,
     require_token: Option<String>,
     record_capacity: usize,
+    max_text_bytes: Option<usize>,
     screenings: Mutex<VecDeque<Screening>>,
 }
 
@@ -97,6 +101,7 @@ pub fn router(config: SafetySimConfig) -> Router {
         behaviour: Mutex::new(config.behaviour),
         require_token: config.require_token,
         record_capacity: config.record_capacity,
+        max_text_bytes: config.max_text_bytes,
         screenings: Mutex::new(VecDeque::new()),
     });
     Router::new()
@@ -177,6 +182,12 @@ async fn sanitize(
         },
         Err(e) => return google_error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")),
     };
+    if let Some(limit) = app.max_text_bytes.filter(|&l| text.len() > l) {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            &format!("{field}.text is {} bytes; the limit is {limit}", text.len()),
+        );
+    }
     let Some(filters) = app.rules.template_filters(template_id) else {
         return google_error(
             StatusCode::NOT_FOUND,

@@ -33,6 +33,11 @@ pub struct Request {
     /// vLLM's `echo`).
     #[serde(default)]
     pub echo: Option<bool>,
+    /// Simulator only: generate exactly this text (split into word tokens)
+    /// instead of words drawn from its vocabulary, so a test can make the model
+    /// "say" something in the middle of a stream.
+    #[serde(default)]
+    pub sim_output: Option<String>,
 }
 
 impl Request {

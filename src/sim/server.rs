@@ -167,12 +167,19 @@ async fn generate(
     };
     let prompt = req.prompt_text();
     let prompt_tokens = tokens::count(&prompt);
-    let max_tokens = req
-        .max_completion_tokens
-        .or(req.max_tokens)
-        .unwrap_or(app.config.max_tokens_default)
-        .clamp(1, app.config.max_tokens_cap);
-    let output = tokens::generate(app.config.seed, &prompt, max_tokens);
+    let scripted: Option<Vec<String>> = req
+        .sim_output
+        .as_ref()
+        .map(|t| t.split_inclusive(' ').map(str::to_string).collect());
+    let max_tokens = match &scripted {
+        Some(words) => (words.len() as u32).clamp(1, app.config.max_tokens_cap),
+        None => req
+            .max_completion_tokens
+            .or(req.max_tokens)
+            .unwrap_or(app.config.max_tokens_default)
+            .clamp(1, app.config.max_tokens_cap),
+    };
+    let output = scripted.unwrap_or_else(|| tokens::generate(app.config.seed, &prompt, max_tokens));
     // Completions' `echo`: the text starts with the prompt (not a generated token).
     let echo = (ep == Endpoint::Completions && req.echo == Some(true)).then(|| prompt.clone());
     let (created, millis) = now();
