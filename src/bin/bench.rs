@@ -44,6 +44,9 @@ enum Suite {
     /// The scheduler alone, natively, in process: `scheduling::schedule` and the
     /// ext_proc picker's whole `route` over N endpoints (no Envoy, no Wasm).
     Scheduler(Common),
+    /// What screening streamed responses costs a client: no response check vs
+    /// detect vs hold, against a safety service with a realistic latency.
+    SafetyStream(Common),
     /// Re-render BENCHMARKS.md and the plots from the saved results.
     Report,
 }
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Suite::Overhead(c) => overhead(&c),
         Suite::Routing(c) => routing(&c),
         Suite::Scheduler(c) => scheduler(&c),
+        Suite::SafetyStream(c) => safety_stream(&c),
         Suite::Report => render_all(&results_dir(), &repo().join("BENCHMARKS.md")),
     };
     match result {
@@ -1274,6 +1278,161 @@ fn summarize(p: &Point, rate: f64, rec: &[Outcome], duration_s: f64, warm_s: f64
 
 // ---------------------------------------------------------------- output
 
+// ------------------------------------------------------- safety-stream suite
+
+/// Model pace and safety latency of the safety-stream suite.
+const SAFETY_PER_TOKEN_MS: u64 = 20;
+const SAFETY_TTFT_MS: u64 = 50;
+const SAFETY_DELAY_MS: u64 = 40;
+
+fn start_safety_sim(args: &[&str], dir: &Path) -> Res<(u16, ChildGuard)> {
+    let bin = sibling("safety-sim")?;
+    let port = process::free_port().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(args)
+        .env("RUST_LOG", "warn");
+    let mut guard = ChildGuard::spawn("safety-sim", &mut cmd, Some(&dir.join("safety-sim.log")))
+        .map_err(|e| e.to_string())?;
+    let url = format!("http://127.0.0.1:{port}/health");
+    process::wait_until("safety-sim", Duration::from_secs(20), || {
+        if let Err(e) = guard.check_running() {
+            return Check::Failed(e.to_string());
+        }
+        match process::http_get(&url) {
+            Ok((200, _)) => Check::Ready(()),
+            other => Check::NotYet(format!("{other:?}")),
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    Ok((port, guard))
+}
+
+/// A counter from Envoy's admin `/stats` (0 when absent).
+fn envoy_counter(admin: u16, name: &str) -> u64 {
+    let url = format!("http://127.0.0.1:{admin}/stats?filter={name}");
+    process::http_get(&url)
+        .ok()
+        .and_then(|(_, body)| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn safety_stream(c: &Common) -> Res<()> {
+    use inference_gateway::bench::safety_stream::{self as ss, SafetyStreamResults};
+    let (mut meta, started) = start_meta("safety-stream", c);
+    let out = out_dir(c)?;
+    let dir = tempdir("igw-bench-safety-stream")?;
+    let requests = if c.quick { 4 } else { 60 };
+    let max_tokens = 150;
+    let sim = start_sim(
+        "sim-0",
+        &[
+            "--per-token-ms".into(),
+            SAFETY_PER_TOKEN_MS.to_string(),
+            "--ttft-ms".into(),
+            SAFETY_TTFT_MS.to_string(),
+        ],
+        &dir,
+    )?;
+    let (safety_port, _safety) = start_safety_sim(
+        &["--mode", "slow", "--delay-ms", &SAFETY_DELAY_MS.to_string()],
+        &dir,
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let client = reqwest::Client::new();
+    let mut variants = Vec::new();
+    for variant in ["none", "detect", "hold"] {
+        let (gw, control, admin) = ports()?;
+        let mut gateway_config = envoy_config::with_demo_safety(json!({
+            "pools": [{"name": POOL, "endpoints": [sim.endpoint()]}],
+            "models": [{"name": "chat", "pool": POOL}],
+        }));
+        let safety = &mut gateway_config["safety"];
+        safety["timeout_ms"] = json!(2000);
+        match variant {
+            "none" => {
+                if let Some(d) = safety["default"].as_object_mut() {
+                    d.remove("model_response_template_id");
+                }
+            }
+            mode => safety["stream_mode"] = json!(mode),
+        }
+        let settings = EnvoySettings {
+            gateway_port: gw,
+            control_port: control,
+            admin_port: admin,
+            wasm_path: env!("GATEWAY_WASM").into(),
+            gateway_config,
+            control_config: json!({"role": "control", "ingest": {"token": TOKEN}}),
+            access_log: false,
+            safety_address: Some(format!("127.0.0.1:{safety_port}")),
+            log_level: "warning".into(),
+            concurrency: Some(2),
+            routing: Routing::WasmFilter,
+            ..EnvoySettings::demo()
+        };
+        let envoy = start_envoy(&envoy_config::render(&settings), admin, gw, &dir)?;
+        let url = format!("{}/v1/chat/completions", envoy.url);
+        let body = json!({"model": "chat", "stream": true, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}]});
+        let timeout = Duration::from_secs(30);
+        // Warm-up: the VM, the connections.
+        for _ in 0..2 {
+            let _ = rt.block_on(ss::measure_stream(&client, &url, &body, timeout));
+        }
+        let checks_before = envoy_counter(
+            admin,
+            "inference_gateway_safety_checks_total.check.response",
+        );
+        let mut timings = Vec::new();
+        let mut failed = 0;
+        for _ in 0..requests {
+            match rt.block_on(ss::measure_stream(&client, &url, &body, timeout)) {
+                Ok(t) if t.completed => timings.push(t),
+                Ok(_) | Err(_) => failed += 1,
+            }
+        }
+        let checks = envoy_counter(
+            admin,
+            "inference_gateway_safety_checks_total.check.response",
+        ) - checks_before;
+        let r = ss::summarize(variant, &timings, failed, checks);
+        println!(
+            "{variant}: TTFT p50 {:.0} ms, gap p99 {:.0} ms, {:.1} checks/request, {failed} failed",
+            r.ttft_p50_ms, r.gap_p99_ms, r.response_checks_per_request
+        );
+        variants.push(r);
+        drop(envoy);
+    }
+    finish_meta(&mut meta, started);
+    let results = SafetyStreamResults {
+        meta,
+        setup: format!(
+            "One simulated replica streaming {max_tokens} tokens at {SAFETY_PER_TOKEN_MS} ms per token \
+             ({SAFETY_TTFT_MS} ms to the first), the safety simulator answering every call after \
+             {SAFETY_DELAY_MS} ms, the prompt screened in every variant; {requests} sequential \
+             streamed chat completions per variant after 2 of warm-up, timed at the client. Defaults: \
+             windows of 200 characters or 250 ms, 64 bytes of holdback, 256 of overlap."
+        ),
+        variants,
+    };
+    let failed: usize = results.variants.iter().map(|v| v.failed).sum();
+    write_json(&out.join("safety-stream.json"), &results)?;
+    finish(c, &out)?;
+    if failed > 0 {
+        return Err(format!("{failed} streamed requests failed"));
+    }
+    Ok(())
+}
+
 fn tempdir(prefix: &str) -> Res<PathBuf> {
     let d = std::env::temp_dir().join(format!(
         "igw-bench-{prefix}-{}-{}",
@@ -1321,6 +1480,17 @@ fn render_all(dir: &Path, md: &Path) -> Res<()> {
         dir,
         md,
     );
+    // The safety-stream suite's section, at the end.
+    let text = match read("safety-stream.json")
+        .and_then(|b| serde_json::from_slice::<inference_gateway::bench::safety_stream::SafetyStreamResults>(&b).ok())
+    {
+        Some(r) => format!(
+            "{text}\n## Safety: hold and release\n\nWhat screening streamed responses costs a client \
+             (`bench safety-stream`; the modes are explained in [docs/safety.md](docs/safety.md#streamed-responses-hold-or-detect)).\n\n{}",
+            inference_gateway::bench::safety_stream::section(&r)
+        ),
+        None => text,
+    };
     // Hand-written findings (benches/results/findings.md), placed after the targets.
     let text = match std::fs::read_to_string(dir.join("findings.md")) {
         Ok(notes) => text.replacen(

@@ -292,7 +292,7 @@ mod tests {
         assert_eq!(
             access_log_fields(&o, 1_500_000_000),
             "model=food_review target_model=t_x endpoint=10.0.0.1:8000 priority=-1 \
-             safety_prompt=pass safety_response=- input_tokens=3 output_tokens=4 \
+             safety_prompt=pass safety_response=- media_parts=0 input_tokens=3 output_tokens=4 \
              ttft_ms=20.0 duration_ms=500.0 error=-"
         );
         let none = RequestObs::default();
