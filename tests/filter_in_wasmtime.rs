@@ -557,11 +557,12 @@ fn failed_checks_fail_closed_or_open() {
 }
 
 #[test]
-fn streamed_responses_end_with_an_error_event_when_blocked() {
+fn detect_mode_streams_chunks_and_ends_with_an_error_event_when_blocked() {
     let host = Host::new();
     let mut cfg = safety_config(false);
     cfg["safety"]["default"] =
         json!({"model_response_template_id": "projects/p/locations/l/templates/out"});
+    cfg["safety"]["stream_mode"] = json!("detect");
     let mut vm = gateway(&host, &cfg);
     let (s, a) = chat(&mut vm, &chat_body("food-review"));
     assert_eq!(a, Action::Continue, "no prompt template: routed at once");
@@ -582,7 +583,6 @@ fn streamed_responses_end_with_an_error_event_when_blocked() {
     );
     let a = vm.response_body(s, b"data: [DONE]\n\n", true, false);
     assert_eq!(a, Action::Pause, "the ending waits for the verdict");
-    assert!(vm.state(s).response_body.is_empty(), "[DONE] held back");
     let call = vm.calls().last().cloned().unwrap();
     let sent: Value = serde_json::from_slice(&call.body).unwrap();
     assert_eq!(sent["modelResponseData"]["text"], "card 4111 ");
@@ -595,6 +595,138 @@ fn streamed_responses_end_with_an_error_event_when_blocked() {
         "{end}"
     );
     assert!(vm.state(s).resumed_response);
+}
+
+fn sse(content: &str) -> Vec<u8> {
+    format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n").into_bytes()
+}
+
+const SDP: &str = r#"{"sanitizationResult":{"filterMatchState":"MATCH_FOUND","filterResults":{"sdp":{"sdpFilterResult":{"inspectResult":{"matchState":"MATCH_FOUND"}}}}}}"#;
+
+/// Hold mode (the default) with small windows, as Envoy drives it: a paused
+/// callback keeps its bytes and the next callback sees them again (`buffered`);
+/// after a resume the buffer starts empty.
+#[test]
+fn hold_mode_releases_only_screened_windows() {
+    let host = Host::new();
+    let mut cfg = safety_config(false);
+    cfg["safety"]["default"] =
+        json!({"model_response_template_id": "projects/p/locations/l/templates/out"});
+    cfg["safety"]["stream_window_chars"] = json!(10);
+    cfg["safety"]["stream_holdback_bytes"] = json!(4);
+    let mut vm = gateway(&host, &cfg);
+    let (s, _) = chat(&mut vm, &chat_body("food-review"));
+    vm.response_headers(
+        s,
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    );
+    let (c1, c2) = (sse("Hello "), sse("world, all good "));
+    assert_eq!(
+        vm.response_body(s, &c1, false, false),
+        Action::Pause,
+        "unscreened: held"
+    );
+    assert!(
+        vm.calls().is_empty(),
+        "6 characters: the window is still open"
+    );
+    assert_eq!(vm.response_body(s, &c2, false, true), Action::Pause);
+    let call = vm.calls().last().cloned().expect("the window is screened");
+    let sent: Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(sent["modelResponseData"]["text"], "Hello world, all good ");
+    assert!(!vm.state(s).resumed_response);
+    vm.http_call_response(call.token, Some(200), NO_MATCH.as_bytes());
+    // Passed: all but the last 4 bytes of the window may go, so the first chunk
+    // goes out; the second waits in the filter.
+    assert!(vm.state(s).resumed_response);
+    assert_eq!(vm.state(s).response_body, c1);
+    // The next chunk brings the held one back in front of it; the end releases all.
+    let done = b"data: [DONE]\n\n";
+    assert_eq!(vm.response_body(s, done, true, false), Action::Continue);
+    assert_eq!(vm.state(s).response_body, [c2.as_slice(), done].concat());
+    assert_eq!(
+        vm.calls().len(),
+        1,
+        "no text after the window: no more calls"
+    );
+    vm.end(s);
+
+    // A window that blocks: the client gets the error event and no byte of it.
+    let (s, _) = chat(&mut vm, &chat_body("food-review"));
+    vm.response_headers(
+        s,
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    );
+    let leak = sse("card 4111 1111 1111 1111");
+    assert_eq!(vm.response_body(s, &leak, false, false), Action::Pause);
+    let call = vm.calls().last().cloned().unwrap();
+    vm.http_call_response(call.token, Some(200), SDP.as_bytes());
+    let out = String::from_utf8(vm.state(s).response_body).unwrap();
+    assert!(out.starts_with("data: {\"error\""), "{out}");
+    assert!(
+        out.contains("content_blocked") && !out.contains("4111"),
+        "{out}"
+    );
+    assert!(vm.state(s).resumed_response);
+    // Whatever the model still sends is dropped.
+    assert_eq!(
+        vm.response_body(s, &sse("more 4111"), false, false),
+        Action::Continue
+    );
+    assert!(vm.state(s).response_body.is_empty());
+    vm.response_body(s, b"data: [DONE]\n\n", true, false);
+    assert!(vm.state(s).response_body.is_empty());
+    vm.end(s);
+    vm.assert_alive();
+    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (0, 0));
+}
+
+/// A non-streamed response past `max_response_bytes` is refused whatever
+/// `fail_open` says, and a long one is screened in several calls.
+#[test]
+fn long_responses_are_screened_in_parts_or_refused() {
+    let host = Host::new();
+    let mut cfg = safety_config(true);
+    cfg["safety"]["default"] =
+        json!({"model_response_template_id": "projects/p/locations/l/templates/out"});
+    cfg["safety"]["max_check_text_bytes"] = json!(100);
+    cfg["safety"]["check_overlap_bytes"] = json!(10);
+    cfg["safety"]["max_response_bytes"] = json!(2000);
+    let mut vm = gateway(&host, &cfg);
+    let (s, _) = chat(&mut vm, &chat_body("food-review"));
+    let json_headers = [(":status", "200"), ("content-type", "application/json")];
+    assert_eq!(vm.response_headers(s, &json_headers, false), Action::Pause);
+    let text = "word ".repeat(50);
+    let body =
+        json!({"choices": [{"message": {"role": "assistant", "content": text}}]}).to_string();
+    assert_eq!(
+        vm.response_body(s, body.as_bytes(), true, false),
+        Action::Pause
+    );
+    let calls = vm.calls();
+    assert_eq!(
+        calls.len(),
+        3,
+        "250 bytes in calls of 100 with 10 of overlap"
+    );
+    for c in &calls {
+        vm.http_call_response(c.token, Some(200), NO_MATCH.as_bytes());
+    }
+    assert!(vm.state(s).resumed_response);
+    assert!(vm.local_response(s).is_none());
+    vm.end(s);
+
+    let (s, _) = chat(&mut vm, &chat_body("food-review"));
+    vm.response_headers(s, &json_headers, false);
+    let big = json!({"choices": [{"message": {"content": "x".repeat(3000)}}]}).to_string();
+    vm.response_body(s, big.as_bytes(), true, false);
+    let r = vm.local_response(s).expect("refused");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "response_too_large_to_screen");
+    vm.end(s);
+    vm.assert_alive();
 }
 
 #[test]
@@ -694,7 +826,7 @@ fn requests_feed_shared_data_metrics_that_the_control_vm_renders() {
     let fields = vm.property(s, "igw").expect("access-log fields");
     assert!(
         fields.starts_with(&format!(
-            "model=food-review target_model=food-review endpoint={dest} priority=0 safety_prompt=- safety_response=- input_tokens=7 output_tokens=3 ttft_ms=40.0 duration_ms=250.0 error=-"
+            "model=food-review target_model=food-review endpoint={dest} priority=0 safety_prompt=- safety_response=- media_parts=0 input_tokens=7 output_tokens=3 ttft_ms=40.0 duration_ms=250.0 error=-"
         )),
         "{fields}"
     );
