@@ -258,3 +258,99 @@ fn holdback_keeps_a_phrase_cut_by_a_window_edge_until_it_is_seen_whole() {
     s.block();
     assert_eq!(s.releasable(), offsets[0], "no digit reached the client");
 }
+
+/// The property hold mode exists for, over random streams, random chunking and
+/// verdicts answered in random order: no released byte carries any part of a
+/// blocked phrase, and a clean stream is released whole.
+#[test]
+fn hold_never_releases_any_part_of_a_blocked_phrase() {
+    const SECRET: &str = "QZXW"; // no other word has these letters
+    let mut rng = fastrand::Rng::with_seed(7);
+    for case in 0..250 {
+        let leak = case % 2 == 0;
+        let words = rng.usize(5..80);
+        let at = rng.usize(0..words);
+        let mut stream = String::new();
+        for i in 0..words {
+            let mut w: String = (0..rng.usize(1..9))
+                .map(|_| char::from(b"abcdefghijklmnoprstuvy"[rng.usize(0..22)]))
+                .collect();
+            if leak && i == at {
+                w = format!("{}{SECRET}{}", &w[..w.len() / 2], &w[w.len() / 2..]);
+            }
+            // Deltas cut anywhere, even inside the phrase.
+            let cut = rng.usize(0..=w.len());
+            stream.push_str(&event(&w[..cut]));
+            stream.push_str(&event(&format!("{} ", &w[cut..])));
+        }
+        stream.push_str(DONE);
+        let mut s = StreamScreen::new(StreamLimits {
+            mode: StreamMode::Hold {
+                window_chars: rng.usize(1..40),
+                window_ms: 1_000_000,
+            },
+            max_call_bytes: 64,
+            overlap: 16,
+            max_pending: rng.usize(1..4),
+            holdback: 8,
+        });
+        let bytes = stream.as_bytes();
+        let mut pos = 0;
+        let mut waiting: Vec<CheckText> = Vec::new();
+        let mut now = 0;
+        // For each line end: how much generated text the client has by then.
+        let mut text_at: Vec<(u64, usize)> = vec![(0, 0)];
+        let mut text = String::new();
+        let mut offset = 0u64;
+        for line in stream.split_inclusive('\n') {
+            offset += line.len() as u64;
+            if let Some(v) = line
+                .strip_prefix("data: ")
+                .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            {
+                text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+            }
+            text_at.push((offset, text.len()));
+        }
+        let first_secret_char = text.find(['Q', 'Z', 'X', 'W']).unwrap_or(usize::MAX);
+        let check_released = |s: &StreamScreen| {
+            let released = s.releasable();
+            let (_, len) = text_at
+                .iter()
+                .rev()
+                .find(|(end, _)| *end <= released)
+                .copied()
+                .unwrap_or((0, 0));
+            assert!(len <= first_secret_char, "case {case}: {:?}", &text[..len]);
+        };
+        while pos < bytes.len() || !waiting.is_empty() {
+            if pos < bytes.len() && (waiting.is_empty() || rng.bool()) {
+                let end = (pos + rng.usize(1..60)).min(bytes.len());
+                waiting.extend(s.feed(&bytes[pos..end], now));
+                pos = end;
+                if pos == bytes.len() {
+                    waiting.extend(s.finish(now));
+                }
+            } else if !waiting.is_empty() {
+                let call = waiting.swap_remove(rng.usize(0..waiting.len()));
+                if call.text.contains(SECRET) {
+                    s.block();
+                } else {
+                    s.pass(call.id);
+                }
+                waiting.extend(s.poll(now));
+            }
+            now += 1;
+            check_released(&s);
+        }
+        if !leak {
+            assert!(
+                s.complete(),
+                "case {case}: a clean stream is released whole"
+            );
+            assert_eq!(s.releasable(), bytes.len() as u64);
+        } else {
+            assert!(s.is_blocked(), "case {case}: the phrase was seen");
+        }
+    }
+}
