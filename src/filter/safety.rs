@@ -532,7 +532,9 @@ impl GatewayStream {
             self.set_http_response_body(0, st.in_envoy, &out);
             st.cut = true;
             st.tail.clear();
-            self.obs.fail(crate::observe::request::SAFETY_BLOCKED);
+            // The cause (blocked, or the check unavailable), as a local reply would count it.
+            self.obs
+                .fail(crate::observe::request::error_code(error.status, error.code));
             return self.release_all(st, in_callback);
         }
         if st.eos {
