@@ -5,5 +5,6 @@
 
 pub mod machine;
 pub mod report;
+pub mod soak;
 pub mod stats;
 pub mod workload;

@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo run --release --features bench --bin bench -- overhead [--quick]
 //! cargo run --release --features bench --bin bench -- routing [--quick]
+//! cargo run --release --features bench --bin bench -- soak [--quick]
 //! cargo run --release --features bench --bin bench -- report
 //! ```
 
@@ -44,6 +45,10 @@ enum Suite {
     /// The scheduler alone, natively, in process: `scheduling::schedule` and the
     /// ext_proc picker's whole `route` over N endpoints (no Envoy, no Wasm).
     Scheduler(Common),
+    /// Soak with faults: >= 10^6 requests through Envoy and the filter while the
+    /// safety service, replicas and collector fail; then invariants
+    /// (`src/bench/soak.rs`, results in benches/results/soak.md).
+    Soak(inference_gateway::bench::soak::SoakArgs),
     /// Re-render BENCHMARKS.md and the plots from the saved results.
     Report,
 }
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Suite::Overhead(c) => overhead(&c),
         Suite::Routing(c) => routing(&c),
         Suite::Scheduler(c) => scheduler(&c),
+        Suite::Soak(a) => inference_gateway::bench::soak::run(&a),
         Suite::Report => render_all(&results_dir(), &repo().join("BENCHMARKS.md")),
     };
     match result {
