@@ -1991,7 +1991,8 @@ mod tests {
             e,
             Expect {
                 labeled: Labeled::Yes,
-                error: Ok(Some(obs::SAFETY_BLOCKED))
+                error: Ok(Some(obs::SAFETY_BLOCKED)),
+                stream_event: false,
             }
         );
         let e = expect(
@@ -2002,7 +2003,8 @@ mod tests {
             e,
             Expect {
                 labeled: Labeled::No,
-                error: Ok(Some(obs::BAD_REQUEST))
+                error: Ok(Some(obs::BAD_REQUEST)),
+                stream_event: false,
             }
         );
         let e = expect(Kind::Chat, &o(Some(503), None, End::Complete));
@@ -2012,7 +2014,8 @@ mod tests {
             e,
             Expect {
                 labeled: Labeled::No,
-                error: Ok(None)
+                error: Ok(None),
+                stream_event: false,
             }
         );
         let e = expect(Kind::AbortStream, &o(Some(200), None, End::StreamAborted));
@@ -2020,7 +2023,8 @@ mod tests {
             e,
             Expect {
                 labeled: Labeled::Yes,
-                error: Err(())
+                error: Err(()),
+                stream_event: false,
             }
         );
         let e = expect(
@@ -2032,12 +2036,14 @@ mod tests {
             ),
         );
         assert_eq!(e.error, Ok(Some(obs::SAFETY_UNAVAILABLE)));
+        assert!(e.stream_event);
         let e = expect(Kind::Chat, &o(None, None, End::Transport));
         assert_eq!(
             e,
             Expect {
                 labeled: Labeled::Maybe,
-                error: Err(())
+                error: Err(()),
+                stream_event: false,
             }
         );
     }
@@ -2058,14 +2064,23 @@ mod tests {
             Kind::AbortStream,
             &o(Some(200), None, End::StreamAborted),
         ));
-        assert_eq!((l.requests_min, l.requests_max), (3, 3));
-        let text = "inference_model_request_total{model_name=\"chat\",target_model_name=\"chat\"} 3\n\
+        l.add(expect(
+            Kind::ChatStream,
+            &o(
+                Some(200),
+                Some("safety_check_unavailable"),
+                End::StreamError,
+            ),
+        ));
+        assert_eq!((l.requests_min, l.requests_max), (4, 4));
+        assert_eq!(l.stream_error_events["SafetyUnavailable"], 1);
+        let text = "inference_model_request_total{model_name=\"chat\",target_model_name=\"chat\"} 4\n\
             inference_model_request_error_total{model_name=\"chat\",target_model_name=\"chat\",error_code=\"SafetyBlocked\"} 1\n\
             inference_model_request_error_total{model_name=\"\",target_model_name=\"\",error_code=\"BadRequest\"} 1\n\
             inference_model_running_requests{model_name=\"chat\"} 0\n\
             inference_gateway_endpoint_in_flight{endpoint=\"127.0.0.1:1\"} 0\n";
         let c = FilterCounters::from_text(text);
-        assert_eq!(c.requests, 3);
+        assert_eq!(c.requests, 4);
         assert_eq!(c.endpoint_in_flight.len(), 1);
         let (_, failures) = reconcile(&l, &c.since(&FilterCounters::default()));
         assert!(failures.is_empty(), "{failures:?}");
