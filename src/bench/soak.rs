@@ -57,7 +57,8 @@ const SEED: u64 = 0x50a4_2026;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SoakArgs {
-    /// Requests to send (default 1,000,000; with --quick 20,000).
+    /// Requests to send (default 1,000,000; with --quick 20,000). The load also
+    /// lasts at least one whole fault cycle, so a fast machine may send more.
     #[arg(long)]
     pub requests: Option<u64>,
     /// A short run (about a minute) that checks the suite and the invariants;
@@ -1059,6 +1060,7 @@ fn run_faults(
     hold: Duration,
     t0: Instant,
     events: &Mutex<Vec<FaultEvent>>,
+    cycle_done: &AtomicBool,
 ) -> Vec<String> {
     let mut errors = Vec::new();
     let mut victim = 0usize;
@@ -1107,7 +1109,11 @@ fn run_faults(
                 detail,
             });
         }
+        if n + 1 == FAULTS.len() {
+            cycle_done.store(true, Ordering::Relaxed);
+        }
     }
+    cycle_done.store(true, Ordering::Relaxed);
     errors
 }
 
@@ -1243,6 +1249,7 @@ async fn drive(
     concurrency: usize,
     deadline: Instant,
     done: Arc<AtomicU64>,
+    cycle_done: Arc<AtomicBool>,
 ) -> Res<Tally> {
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -1253,11 +1260,15 @@ async fn drive(
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
             let (client, next, done) = (client.clone(), Arc::clone(&next), Arc::clone(&done));
+            let cycle_done = Arc::clone(&cycle_done);
             tokio::spawn(async move {
                 let mut t = Tally::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total || Instant::now() >= deadline {
+                    // At least `total` requests, and load during at least one
+                    // whole fault cycle (a fast machine could finish --quick first).
+                    let enough = i >= total && cycle_done.load(Ordering::Relaxed);
+                    if enough || Instant::now() >= deadline {
                         break;
                     }
                     let kind = kind_of(i);
@@ -1712,16 +1723,21 @@ pub fn run(a: &SoakArgs) -> Res<()> {
         })
     };
     let events: Arc<Mutex<Vec<FaultEvent>>> = Arc::new(Mutex::new(Vec::new()));
+    let cycle_done = Arc::new(AtomicBool::new(false));
     let faults = {
         let mut f = Faulty {
             replicas,
             collector,
             dir: dir.clone(),
         };
-        let (stop, events) = (Arc::clone(&stop), Arc::clone(&events));
+        let (stop, events, cycle) = (
+            Arc::clone(&stop),
+            Arc::clone(&events),
+            Arc::clone(&cycle_done),
+        );
         let safety_port = safety.port;
         std::thread::spawn(move || {
-            let errors = run_faults(&mut f, safety_port, &stop, hold, t0, &events);
+            let errors = run_faults(&mut f, safety_port, &stop, hold, t0, &events, &cycle);
             (f, errors)
         })
     };
@@ -1735,6 +1751,7 @@ pub fn run(a: &SoakArgs) -> Res<()> {
         a.concurrency.max(1),
         deadline,
         Arc::clone(&done),
+        Arc::clone(&cycle_done),
     ));
     let load_seconds = load_t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
