@@ -6,5 +6,6 @@
 pub mod machine;
 pub mod report;
 pub mod safety_stream;
+pub mod soak;
 pub mod stats;
 pub mod workload;

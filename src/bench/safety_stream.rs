@@ -142,7 +142,7 @@ pub struct SafetyStreamResults {
 pub fn section(r: &SafetyStreamResults) -> String {
     let mut o = String::new();
     o.push_str(&meta_block(&r.meta));
-    let _ = writeln!(o, "{}\n", r.setup);
+    let _ = writeln!(o, "\n{}\n", r.setup);
     o.push_str(
         "| response check | requests (failed) | TTFT p50 / p90 | added TTFT p50 | text-chunk gap p50 / p99 / max | stream p50 | text chunks / request | checks / request |\n|---|---|---|---|---|---|---|---|\n",
     );
@@ -153,7 +153,7 @@ pub fn section(r: &SafetyStreamResults) -> String {
         .map(|v| v.ttft_p50_ms);
     for v in &r.variants {
         let added = match base {
-            Some(b) if v.variant != "none" => format!("+{:.0} ms", v.ttft_p50_ms - b),
+            Some(b) if v.variant != "none" => format!("{:+.0} ms", v.ttft_p50_ms - b),
             _ => "-".into(),
         };
         let _ = writeln!(

@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo run --release --features bench --bin bench -- overhead [--quick]
 //! cargo run --release --features bench --bin bench -- routing [--quick]
+//! cargo run --release --features bench --bin bench -- soak [--quick]
 //! cargo run --release --features bench --bin bench -- report
 //! ```
 
@@ -47,6 +48,10 @@ enum Suite {
     /// What screening streamed responses costs a client: no response check vs
     /// detect vs hold, against a safety service with a realistic latency.
     SafetyStream(Common),
+    /// Soak with faults: >= 10^6 requests through Envoy and the filter while the
+    /// safety service, replicas and collector fail; then invariants
+    /// (`src/bench/soak.rs`, results in benches/results/soak.md).
+    Soak(inference_gateway::bench::soak::SoakArgs),
     /// Re-render BENCHMARKS.md and the plots from the saved results.
     Report,
 }
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Suite::Routing(c) => routing(&c),
         Suite::Scheduler(c) => scheduler(&c),
         Suite::SafetyStream(c) => safety_stream(&c),
+        Suite::Soak(a) => inference_gateway::bench::soak::run(&a),
         Suite::Report => render_all(&results_dir(), &repo().join("BENCHMARKS.md")),
     };
     match result {
@@ -1308,16 +1314,19 @@ fn start_safety_sim(args: &[&str], dir: &Path) -> Res<(u16, ChildGuard)> {
     Ok((port, guard))
 }
 
-/// A counter from Envoy's admin `/stats` (0 when absent).
+/// A counter from Envoy's admin `/stats` (0 when absent). The filter's own
+/// counters are listed there as `wasmcustom.<name>`.
 fn envoy_counter(admin: u16, name: &str) -> u64 {
     let url = format!("http://127.0.0.1:{admin}/stats?filter={name}");
     process::http_get(&url)
         .ok()
         .and_then(|(_, body)| {
-            body.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+            body.lines().find_map(|l| {
+                let (stat, value) = l.split_once(": ")?;
+                (stat == name || stat.strip_prefix("wasmcustom.") == Some(name))
+                    .then(|| value.trim().parse().ok())?
+            })
         })
-        .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
 
