@@ -189,3 +189,44 @@ write("collector_config", "minimal-yaml", b"\x00pools:\n  - name: p\n    endpoin
 for i, s in enumerate([b"\x03\x01food-review\x00" * 4, bytes(range(64)), b"\xff" * 48]):
     write("request_structured", f"bytes-{i}", s)
 print("seeds written under", ROOT)
+
+# snapshot: byte 0 mode. Mode 0: a push body, "IGWS", u16 LE version 1, then the
+# postcard encoding of Snapshot (docs/snapshot.md), written out by hand here.
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+def pstr(s):
+    b = s.encode()
+    return varint(len(b)) + b
+def pvec(items, enc):
+    return varint(len(items)) + b"".join(enc(i) for i in items)
+def endpoint(e):
+    return (pstr(e["address"]) + bytes([1 if e.get("healthy") else 0]) + varint(e.get("scraped", 0))
+            + struct.pack("<f", e.get("kv", 0.0)) + varint(e.get("waiting", 0)) + varint(e.get("running", 0))
+            + pvec(e.get("running_adapters", []), pstr) + pvec(e.get("waiting_adapters", []), pstr)
+            + varint(e.get("max_lora", 0)) + pstr(e.get("server_type", ""))
+            + pvec(e.get("labels", []), lambda kv: pstr(kv[0]) + pstr(kv[1])))
+def snapshot(gen, seq, collector, pools):
+    return (b"IGWS" + struct.pack("<H", 1) + varint(gen) + varint(seq) + pstr(collector)
+            + pvec(pools, lambda p: pstr(p[0]) + pvec(p[1], endpoint)))
+sample = snapshot(1_700_000_000_123, 43, "c-1", [("main", [
+    {"address": "127.0.0.1:8001", "healthy": True, "scraped": 1_700_000_000_100, "kv": 0.25, "waiting": 3,
+     "running": 7, "running_adapters": ["sql-lora"], "max_lora": 4, "server_type": "vllm", "labels": [("zone", "a")]},
+    {"address": "[::1]:8002"}])])
+two_pools = snapshot(1_800_000_000_000, 1, "collector-7f3a", [
+    ("demo-pool", [{"address": "10.0.0.1:8000", "healthy": True, "scraped": 1_799_999_999_990, "kv": 0.9, "waiting": 12,
+                    "running": 30, "running_adapters": ["a"], "waiting_adapters": ["b", "c"], "max_lora": 2,
+                    "server_type": "sglang", "labels": [("cluster", "c1"), ("region", "r1")]}]),
+    ("empty", [])])
+write("snapshot", "sample", b"\x00" + sample)
+write("snapshot", "two-pools", b"\x00" + two_pools)
+write("snapshot", "older", b"\x00" + snapshot(1_600_000_000_000, 1, "old", []))
+write("snapshot", "structured", b"\x01" + bytes(range(1, 80)))
+write("snapshot", "head", b"\x02POST\nBearer s3cret-token\n100\ns3cret-token")
