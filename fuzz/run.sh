@@ -142,8 +142,11 @@ planted() {
     mkdir -p "$WORK/planted/$t/corpus"
     local dict
     dict="$(dict_for "$t")"
+    # Value profiling: comparison operands become coverage features, so the
+    # thresholds in the planted conditions (a priority below -1000, ...) have a
+    # gradient. Otherwise the same flags as smoke and campaign.
     local args=(-artifact_prefix="$WORK/planted/$t/" -print_final_stats=1 -timeout=10
-      -max_len=8192 -max_total_time="$secs")
+      -max_len=8192 -max_total_time="$secs" -use_value_profile=1)
     [ -n "$dict" ] && args+=(-dict="$dict")
     if FUZZ_PLANTED=1 "$BIN_DIR/$t" "${args[@]}" "$WORK/planted/$t/corpus" "$FUZZ_DIR/corpus/$t" \
       >"$log" 2>&1; then

@@ -20,8 +20,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let npools = raw.pools.len();
-    let valid = raw
-        .validate(|name| (name == "IGW_INGEST_TOKEN").then(|| "0123456789abcdef".to_string()));
+    let valid =
+        raw.validate(|name| (name == "IGW_INGEST_TOKEN").then(|| "0123456789abcdef".to_string()));
     if let Ok(cfg) = &valid {
         assert_eq!(cfg.pools.len(), npools);
         let _ = cfg.dns_sources();

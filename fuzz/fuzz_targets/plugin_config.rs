@@ -16,8 +16,12 @@ fuzz_target!(|data: &[u8]| {
     };
     assert_eq!(cfg.model_names.len(), cfg.models.len());
     for (name, m) in &cfg.models {
-        assert!(m.pool < cfg.pools.len(), "model {name} points past the pools");
-        let body = serde_json::json!({"model": name, "messages": [{"role": "user", "content": "hi"}]});
+        assert!(
+            m.pool < cfg.pools.len(),
+            "model {name} points past the pools"
+        );
+        let body =
+            serde_json::json!({"model": name, "messages": [{"role": "user", "content": "hi"}]});
         let body = serde_json::to_vec(&body).unwrap();
         if let Ok(plan) = plan_route(&cfg, ApiKind::ChatCompletions, &body, None, 7) {
             assert!(plan.pool < cfg.pools.len());

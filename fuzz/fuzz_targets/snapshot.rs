@@ -145,7 +145,10 @@ fuzz_target!(|data: &[u8]| {
                 let n = n as usize % (bytes.len() + 1);
                 if n < bytes.len() {
                     bytes.truncate(n);
-                    assert!(Snapshot::decode(&bytes).is_err(), "a truncated snapshot decoded");
+                    assert!(
+                        Snapshot::decode(&bytes).is_err(),
+                        "a truncated snapshot decoded"
+                    );
                 }
             }
             if let Some((at, x)) = flip {
