@@ -9,6 +9,7 @@
 use fuzz_support::plant;
 use inference_gateway::collector::exposition::parse;
 use libfuzzer_sys::fuzz_target;
+use std::borrow::Cow;
 
 fuzz_target!(|data: &[u8]| {
     let Some((sel, rest)) = fuzz_support::split_first(data) else {
@@ -40,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
                 samples.iter().any(|s| {
                     s.name.starts_with("vllm:")
                         && s.labels.len() >= 3
-                        && s.label("model_name").is_some_and(|m| m.contains('"'))
+                        && s.labels.iter().any(|(_, v)| matches!(v, Cow::Owned(_)))
                         && s.value > 1e6
                 })
             });

@@ -35,9 +35,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(listed.is_object());
 
     plant("plugin_config", || {
-        cfg.pools.len() >= 2
-            && cfg.models.len() >= 2
-            && cfg.models.values().any(|m| m.targets.len() >= 2)
-            && cfg.ingest.is_some()
+        cfg.models.len() >= 2
+            && cfg.models.values().any(|m| {
+                m.targets.len() >= 2
+                    && m.targets.iter().map(|t| u64::from(t.weight)).sum::<u64>() > 1000
+            })
     });
 });

@@ -93,7 +93,6 @@ fuzz_target!(|data: &[u8]| {
     plant("request", || {
         kind == ApiKind::Responses
             && p.stream
-            && p.include_usage
             && p.priority.is_some_and(|x| x < -1000)
             && p.prompt.split('\n').count() >= 3
     });

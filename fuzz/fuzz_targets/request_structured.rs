@@ -287,7 +287,6 @@ fuzz_target!(|b: Body| {
     plant("request_structured", || {
         kind == ApiKind::Responses
             && p.stream
-            && p.include_usage
             && p.priority.is_some_and(|x| x < -1000)
             && p.prompt.split('\n').count() >= 3
     });

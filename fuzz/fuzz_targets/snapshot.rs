@@ -99,13 +99,9 @@ fn check_roundtrip(s: &Snapshot) {
 fn deep(s: &Snapshot) -> bool {
     s.pools.len() >= 2
         && s.pools.iter().any(|p| {
-            p.endpoints.iter().any(|e| {
-                e.healthy
-                    && e.labels.len() >= 2
-                    && e.running_adapters.len() >= 2
-                    && e.waiting > 1000
-                    && e.kv_cache_utilization > 0.5
-            })
+            p.endpoints
+                .iter()
+                .any(|e| e.healthy && e.labels.len() >= 2 && e.waiting > 1000)
         })
 }
 

@@ -37,5 +37,5 @@ fuzz_target!(|data: &[u8]| {
     assert!(whole.0.len() <= stream.len());
 
     let (_, text, truncated, done) = whole;
-    plant("sse", || done && truncated && text.len() >= 12);
+    plant("sse", || done && truncated && text.len() >= 6);
 });

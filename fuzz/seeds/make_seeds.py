@@ -55,6 +55,7 @@ responses = {
     ],
     "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
     "stream": True,
+    "priority": 1,
 }
 responses_str = {"model": "m", "input": "Tell me a joke", "priority": 2}
 
