@@ -4,13 +4,15 @@
 #   fuzz/run.sh build                 build every target
 #   fuzz/run.sh smoke [SECS]          every target for SECS (default 20) seconds, two
 #                                     at a time; exits non-zero on any crash
-#   fuzz/run.sh campaign [RUNS]       every target until it has run RUNS (default
-#                                     10^7) executions in total; appends the counts
-#                                     to fuzz/work/campaign.tsv
+#   fuzz/run.sh campaign [RUNS] [T..] every target (or those named) until it has run
+#                                     RUNS (default 10^7) executions in total, over
+#                                     all runs recorded in fuzz/work/campaign.tsv;
+#                                     appends each run's counts there
 #   fuzz/run.sh planted [SECS] [T..]  arms the planted bugs (FUZZ_PLANTED=1) and
 #                                     checks libFuzzer finds each within SECS
 #                                     (default 300); all targets unless named
 #   fuzz/run.sh run TARGET [ARGS..]   one target, libFuzzer arguments passed on
+#   fuzz/run.sh report                the campaign table (Markdown) from campaign.tsv
 #
 # The build is what `cargo fuzz build --sanitizer none` does (same flags, no
 # -Zsanitizer), with plain cargo: nothing to install. No RUSTC_BOOTSTRAP needed.
@@ -119,9 +121,24 @@ campaign() {
   local commit
   commit="$(git -C "$FUZZ_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   for t in "${targets[@]}"; do
+    # Resumable: earlier rows of this target in the table count towards RUNS.
+    local done_runs left
+    done_runs="$(awk -F'\t' -v t="$t" '$1 == t { s += $4 } END { print s + 0 }' "$tsv")"
+    left=$((want - done_runs))
+    if [ "$left" -le 0 ]; then
+      echo "campaign: $t already has $done_runs runs"
+      continue
+    fi
     local log="$WORK/logs/campaign-$t.log" t0=$SECONDS status=ok
-    echo "campaign: $t, $want runs"
-    fuzz_one "$t" "$log" -runs="$want" || status="CRASH"
+    echo "campaign: $t, $left more runs (has $done_runs)"
+    if ! fuzz_one "$t" "$log" -runs="$left"; then
+      # A crash leaves an artifact; anything else (SIGTERM, SIGINT) is a stop.
+      if grep -qE 'panicked|ERROR: libFuzzer|Test unit written' "$log"; then
+        status="CRASH"
+      else
+        status="stopped"
+      fi
+    fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$(date -u +%FT%TZ)" "$commit" \
       "$(stat_of "$log" number_of_executed_units)" $((SECONDS - t0)) \
       "$(find "$WORK/$t/corpus" -type f | wc -l)" "$(cov_of "$log")" "$status" | tee -a "$tsv"
@@ -155,6 +172,8 @@ planted() {
     elif grep -q "PLANTED BUG reached in $t" "$log"; then
       printf '%-20s found after %4ss, %10s runs\n' "$t" $((SECONDS - t0)) \
         "$(stat_of "$log" number_of_executed_units)"
+      printf '%s\t%s\t%s\t%s\n' "$t" "$(date -u +%FT%TZ)" $((SECONDS - t0)) \
+        "$(stat_of "$log" number_of_executed_units)" >>"$WORK/planted.tsv"
     else
       printf '%-20s crashed on something else (log: %s)\n' "$t" "$log"
       failed+=("$t")
@@ -166,8 +185,20 @@ planted() {
   fi
 }
 
+# report: the campaign table as Markdown, one row per target, summed over runs.
+report() {
+  local tsv="$WORK/campaign.tsv"
+  echo "| target | executions | seconds | exec/s | corpus files | coverage (last run) | runs | crashes |"
+  echo "|---|---:|---:|---:|---:|---|---:|---:|"
+  for t in "${TARGETS[@]}"; do
+    awk -F'\t' -v t="$t" '$1 == t { n += $4; s += $5; c = $6; cov = $7; r++; if ($8 == "CRASH") x++ }
+      END { if (r) printf "| `%s` | %d | %d | %d | %d | %s | %d | %d |\n", t, n, s, (s ? n / s : 0), c, cov, r, x + 0 }' "$tsv"
+  done
+}
+
 case "${1:-}" in
   build) build ;;
+  report) report ;;
   smoke) smoke "${2:-20}" ;;
   campaign) shift; campaign "$@" ;;
   planted) shift; planted "$@" ;;
@@ -180,7 +211,7 @@ case "${1:-}" in
     exec "$BIN_DIR/$t" "$@" "$WORK/$t/corpus" "$FUZZ_DIR/corpus/$t"
     ;;
   *)
-    sed -n '2,16p' "$0"
+    sed -n '2,/^set -euo/p' "$0" | grep '^#'
     exit 2
     ;;
 esac
