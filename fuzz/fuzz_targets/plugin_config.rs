@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         cfg.models.len() >= 2
             && cfg.models.values().any(|m| {
                 m.targets.len() >= 2
-                    && m.targets.iter().map(|t| u64::from(t.weight)).sum::<u64>() > 1000
+                    && m.targets.iter().map(|t| u64::from(t.weight)).sum::<u64>() > 100
             })
     });
 });

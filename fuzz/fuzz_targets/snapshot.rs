@@ -101,7 +101,7 @@ fn deep(s: &Snapshot) -> bool {
         && s.pools.iter().any(|p| {
             p.endpoints
                 .iter()
-                .any(|e| e.healthy && e.labels.len() >= 2 && e.waiting > 1000)
+                .any(|e| e.healthy && e.labels.len() >= 2 && e.waiting > 100)
         })
 }
 
