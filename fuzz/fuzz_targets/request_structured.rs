@@ -287,7 +287,7 @@ fuzz_target!(|b: Body| {
     plant("request_structured", || {
         kind == ApiKind::Responses
             && p.stream
-            && p.priority.is_some_and(|x| x < -1000)
+            && p.priority.is_some_and(|x| x < 0)
             && p.prompt.split('\n').count() >= 3
     });
 });
