@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
     plant("request", || {
         kind == ApiKind::Responses
             && p.stream
-            && p.priority.is_some_and(|x| x < 0)
+            && p.priority.is_some_and(|x| x >= 10)
             && p.prompt.split('\n').count() >= 3
     });
 });
