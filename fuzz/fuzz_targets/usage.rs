@@ -26,6 +26,6 @@ fuzz_target!(|data: &[u8]| {
 
     let usage = whole.usage();
     plant("usage", || {
-        usage.is_some_and(|u| u.prompt_tokens >= 100 && u.completion_tokens % 2 == 1)
+        usage.is_some_and(|u| u.prompt_tokens >= 40 && u.completion_tokens % 2 == 1)
     });
 });
