@@ -29,8 +29,8 @@ fuzz_target!(|data: &[u8]| {
     }
     plant("collector_config", || {
         !json
-            && valid
-                .as_ref()
-                .is_ok_and(|c| c.pools.len() >= 3 && c.scrape_interval >= Duration::from_secs(1))
+            && valid.as_ref().is_ok_and(|c| {
+                c.pools.len() >= 3 && c.scrape_interval >= Duration::from_millis(100)
+            })
     });
 });

@@ -285,9 +285,6 @@ fuzz_target!(|b: Body| {
     );
 
     plant("request_structured", || {
-        kind == ApiKind::Responses
-            && p.stream
-            && p.priority.is_some_and(|x| x < 0)
-            && p.prompt.split('\n').count() >= 3
+        kind == ApiKind::Responses && p.stream && p.prompt.split('\n').count() >= 2
     });
 });
