@@ -40,6 +40,11 @@ dict_for() {
 }
 
 build() {
+  # FUZZ_NO_BUILD=1: use the binaries already in fuzz/target (e.g. while another
+  # cargo holds the package cache lock).
+  if [ "${FUZZ_NO_BUILD:-}" = 1 ]; then
+    return 0
+  fi
   # The main crate's build script builds the .wasm filter for its tests; the
   # fuzz targets do not need it.
   export INFERENCE_GATEWAY_WASM=/nonexistent/not-needed-by-fuzz-targets.wasm
