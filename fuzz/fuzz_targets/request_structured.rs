@@ -1,0 +1,290 @@
+//! OpenAI request bodies built from structure (`arbitrary`), so most inputs are
+//! well-formed JSON objects with the fields the parser looks at: chat messages
+//! with string or part-array content, tool calls, Responses input items,
+//! `stream_options`, priorities, token-id prompts, odd whitespace and `\u` escapes.
+//! Checks the same invariants as `request`, plus a small oracle: an accepted body's
+//! `model` is the string that was generated.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use fuzz_support::plant;
+use inference_gateway::openai::request::{parse, rewrite_model};
+use inference_gateway::openai::ApiKind;
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+enum Kind {
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Key {
+    Model,
+    Stream,
+    StreamOptions,
+    IncludeUsage,
+    Priority,
+    Prompt,
+    Messages,
+    Input,
+    Instructions,
+    Role,
+    Content,
+    Type,
+    Text,
+    Tools,
+    ToolCalls,
+    Other(String),
+}
+
+impl Key {
+    fn name(&self) -> &str {
+        match self {
+            Key::Model => "model",
+            Key::Stream => "stream",
+            Key::StreamOptions => "stream_options",
+            Key::IncludeUsage => "include_usage",
+            Key::Priority => "priority",
+            Key::Prompt => "prompt",
+            Key::Messages => "messages",
+            Key::Input => "input",
+            Key::Instructions => "instructions",
+            Key::Role => "role",
+            Key::Content => "content",
+            Key::Type => "type",
+            Key::Text => "text",
+            Key::Tools => "tools",
+            Key::ToolCalls => "tool_calls",
+            Key::Other(s) => s,
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+enum Json {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    /// A number as written (exponents, huge values, `-0`).
+    RawNumber(u8, u32),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(Key, Json)>),
+    /// `{"role": …, "content": …}`
+    Message(Role, Box<Json>),
+    /// `{"type": "text"|"input_text"|…, "text": …}`
+    Part(PartType, String),
+    /// `{"include_usage": …}`
+    StreamOptions(Box<Json>),
+}
+
+#[derive(Arbitrary, Debug)]
+enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+    Developer,
+}
+
+#[derive(Arbitrary, Debug)]
+enum PartType {
+    Text,
+    InputText,
+    OutputText,
+    ImageUrl,
+    InputAudio,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Body {
+    kind: Kind,
+    /// The `model` string; `None`: `model` is `fields`' business.
+    model: Option<String>,
+    escape_model: bool,
+    /// Where among `fields` the model goes.
+    model_at: u8,
+    fields: Vec<(Key, Json)>,
+    /// Whitespace style: 0 compact, 1 spaces, 2 newlines and tabs.
+    ws: u8,
+    leading_ws: bool,
+}
+
+struct Out {
+    s: String,
+    ws: u8,
+}
+
+impl Out {
+    fn sep(&mut self) {
+        match self.ws % 3 {
+            0 => {}
+            1 => self.s.push(' '),
+            _ => self.s.push_str("\n\t"),
+        }
+    }
+
+    fn string(&mut self, v: &str, escape_all: bool) {
+        if !escape_all {
+            self.s.push_str(&serde_json::to_string(v).unwrap());
+            return;
+        }
+        self.s.push('"');
+        for unit in v.encode_utf16() {
+            self.s.push_str(&format!("\\u{unit:04x}"));
+        }
+        self.s.push('"');
+    }
+
+    fn key(&mut self, k: &Key) {
+        self.string(k.name(), false);
+        self.s.push(':');
+        self.sep();
+    }
+
+    fn value(&mut self, v: &Json, depth: usize) {
+        if depth > 40 {
+            self.s.push_str("null");
+            return;
+        }
+        match v {
+            Json::Null => self.s.push_str("null"),
+            Json::Bool(b) => self.s.push_str(if *b { "true" } else { "false" }),
+            Json::Int(i) => self.s.push_str(&i.to_string()),
+            Json::Float(f) => self.s.push_str(&serde_json::to_string(f).unwrap()),
+            Json::RawNumber(style, n) => self.s.push_str(&match style % 6 {
+                0 => format!("{n}e{}", style / 6),
+                1 => format!("-{n}.5E-{}", style / 6),
+                2 => "-0".to_string(),
+                3 => format!("{n}00000000000000000000"),
+                4 => format!("{n}.0"),
+                _ => format!("-{n}"),
+            }),
+            Json::Str(s) => self.string(s, false),
+            Json::Arr(items) => {
+                self.s.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.s.push(',');
+                        self.sep();
+                    }
+                    self.value(item, depth + 1);
+                }
+                self.s.push(']');
+            }
+            Json::Obj(fields) => {
+                self.s.push('{');
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        self.s.push(',');
+                        self.sep();
+                    }
+                    self.key(k);
+                    self.value(v, depth + 1);
+                }
+                self.s.push('}');
+            }
+            Json::Message(role, content) => {
+                let role = match role {
+                    Role::System => "system",
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                    Role::Tool => "tool",
+                    Role::Developer => "developer",
+                };
+                self.s.push_str(&format!("{{\"role\":\"{role}\","));
+                self.sep();
+                self.s.push_str("\"content\":");
+                self.value(content, depth + 1);
+                self.s.push('}');
+            }
+            Json::Part(t, text) => {
+                let t = match t {
+                    PartType::Text => "text",
+                    PartType::InputText => "input_text",
+                    PartType::OutputText => "output_text",
+                    PartType::ImageUrl => "image_url",
+                    PartType::InputAudio => "input_audio",
+                };
+                self.s.push_str(&format!("{{\"type\":\"{t}\",\"text\":"));
+                self.string(text, false);
+                self.s.push('}');
+            }
+            Json::StreamOptions(v) => {
+                self.s.push_str("{\"include_usage\":");
+                self.value(v, depth + 1);
+                self.s.push('}');
+            }
+        }
+    }
+}
+
+fuzz_target!(|b: Body| {
+    let mut out = Out {
+        s: String::new(),
+        ws: b.ws,
+    };
+    if b.leading_ws {
+        out.s.push_str(" \n");
+    }
+    out.s.push('{');
+    let model_at = (b.model_at as usize) % (b.fields.len() + 1);
+    let mut first = true;
+    for i in 0..=b.fields.len() {
+        if i == model_at {
+            if let Some(m) = &b.model {
+                if !first {
+                    out.s.push(',');
+                }
+                first = false;
+                out.key(&Key::Model);
+                out.string(m, b.escape_model);
+            }
+        }
+        if let Some((k, v)) = b.fields.get(i) {
+            if !first {
+                out.s.push(',');
+                out.sep();
+            }
+            first = false;
+            out.key(k);
+            out.value(v, 0);
+        }
+    }
+    out.s.push('}');
+    let body = out.s.into_bytes();
+
+    let kind = match b.kind {
+        Kind::Chat => ApiKind::ChatCompletions,
+        Kind::Completions => ApiKind::Completions,
+        Kind::Embeddings => ApiKind::Embeddings,
+        Kind::Responses => ApiKind::Responses,
+    };
+    let Ok(p) = parse(kind, &body) else {
+        return;
+    };
+    if let Some(m) = &b.model {
+        // Duplicate `model` keys are rejected, so the generated one is the one.
+        assert_eq!(&p.model, m);
+    }
+    let text = std::str::from_utf8(&body).unwrap();
+    assert_eq!(
+        serde_json::from_str::<String>(&text[p.model_span.clone()]).ok(),
+        Some(p.model.clone())
+    );
+    let rewritten = rewrite_model(&body, &p.model_span, "m2");
+    let q = parse(kind, &rewritten).expect("a rewritten accepted body parses");
+    assert_eq!(q.model, "m2");
+    assert_eq!(
+        (q.stream, q.include_usage, q.priority, &q.prompt),
+        (p.stream, p.include_usage, p.priority, &p.prompt)
+    );
+
+    plant("request_structured", || {
+        kind == ApiKind::Responses && p.stream && p.prompt.split('\n').count() >= 2
+    });
+});
