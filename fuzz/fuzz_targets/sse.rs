@@ -16,9 +16,9 @@ fn run(limits: StreamLimits, parts: &[&[u8]]) -> (String, u64, bool) {
     let mut s = StreamScreen::new(limits);
     let mut screened = String::new();
     let mut fed = 0u64;
-    let mut answer = |s: &mut StreamScreen,
-                      calls: Vec<inference_gateway::safety::stream::CheckText>,
-                      screened: &mut String| {
+    let answer = |s: &mut StreamScreen,
+                  calls: Vec<inference_gateway::safety::stream::CheckText>,
+                  screened: &mut String| {
         let mut pending = calls;
         while let Some(c) = pending.pop() {
             screened.push_str(&c.text);
