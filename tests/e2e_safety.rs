@@ -63,7 +63,6 @@ async fn start_with(
             s.gateway_config = cfg;
             s.safety_address = Some(address);
         }),
-        ..Default::default()
     })
     .await;
     Setup {

@@ -533,8 +533,10 @@ impl GatewayStream {
             st.cut = true;
             st.tail.clear();
             // The cause (blocked, or the check unavailable), as a local reply would count it.
-            self.obs
-                .fail(crate::observe::request::error_code(error.status, error.code));
+            self.obs.fail(crate::observe::request::error_code(
+                error.status,
+                error.code,
+            ));
             return self.release_all(st, in_callback);
         }
         if st.eos {
