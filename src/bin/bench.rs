@@ -230,19 +230,24 @@ struct Sim {
 }
 
 fn start_sim(id: &str, args: &[String], dir: &Path) -> Res<Sim> {
-    let bin = sibling("model-server-sim")?;
+    let mut all = vec!["--id".to_string(), id.to_string()];
+    all.extend_from_slice(args);
+    let (port, guard) = start_server(id, "model-server-sim", &all, dir)?;
+    Ok(Sim {
+        port,
+        _guard: guard,
+    })
+}
+
+/// Starts the sibling binary `bin` on a free loopback port with `args` and waits
+/// for its `/health`.
+fn start_server(id: &str, bin: &str, args: &[String], dir: &Path) -> Res<(u16, ChildGuard)> {
+    let bin = sibling(bin)?;
     let port = process::free_port().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(bin);
-    cmd.args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--id",
-        id,
-    ])
-    .args(args)
-    .env("RUST_LOG", "warn");
+    cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(args)
+        .env("RUST_LOG", "warn");
     let mut guard = ChildGuard::spawn(id, &mut cmd, Some(&dir.join(format!("{id}.log"))))
         .map_err(|e| e.to_string())?;
     let url = format!("http://127.0.0.1:{port}/health");
@@ -256,10 +261,7 @@ fn start_sim(id: &str, args: &[String], dir: &Path) -> Res<Sim> {
         }
     })
     .map_err(|e| e.to_string())?;
-    Ok(Sim {
-        port,
-        _guard: guard,
-    })
+    Ok((port, guard))
 }
 
 impl Sim {
@@ -1291,29 +1293,6 @@ const SAFETY_PER_TOKEN_MS: u64 = 20;
 const SAFETY_TTFT_MS: u64 = 50;
 const SAFETY_DELAY_MS: u64 = 40;
 
-fn start_safety_sim(args: &[&str], dir: &Path) -> Res<(u16, ChildGuard)> {
-    let bin = sibling("safety-sim")?;
-    let port = process::free_port().map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(bin);
-    cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(args)
-        .env("RUST_LOG", "warn");
-    let mut guard = ChildGuard::spawn("safety-sim", &mut cmd, Some(&dir.join("safety-sim.log")))
-        .map_err(|e| e.to_string())?;
-    let url = format!("http://127.0.0.1:{port}/health");
-    process::wait_until("safety-sim", Duration::from_secs(20), || {
-        if let Err(e) = guard.check_running() {
-            return Check::Failed(e.to_string());
-        }
-        match process::http_get(&url) {
-            Ok((200, _)) => Check::Ready(()),
-            other => Check::NotYet(format!("{other:?}")),
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    Ok((port, guard))
-}
-
 /// A counter from Envoy's admin `/stats` (0 when absent). The filter's own
 /// counters are listed there as `wasmcustom.<name>`.
 fn envoy_counter(admin: u16, name: &str) -> u64 {
@@ -1347,8 +1326,15 @@ fn safety_stream(c: &Common) -> Res<()> {
         ],
         &dir,
     )?;
-    let (safety_port, _safety) = start_safety_sim(
-        &["--mode", "slow", "--delay-ms", &SAFETY_DELAY_MS.to_string()],
+    let (safety_port, _safety) = start_server(
+        "safety-sim",
+        "safety-sim",
+        &[
+            "--mode".into(),
+            "slow".into(),
+            "--delay-ms".into(),
+            SAFETY_DELAY_MS.to_string(),
+        ],
         &dir,
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
