@@ -148,11 +148,14 @@ impl StreamScreen {
     /// The stream ended: a last line without a newline counts, the open window
     /// closes. Returns the calls to make.
     pub fn finish(&mut self, now_ms: u64) -> Vec<CheckText> {
+        // Ended first: the end lifts the holdback even when no window closes now
+        // (a stream without `[DONE]` whose last window passed before its end).
+        self.ended = true;
         if !self.carry.is_empty() {
             let line = std::mem::take(&mut self.carry);
             self.line(&line, self.received, now_ms);
         }
-        self.ended = true;
+        self.advance();
         self.poll(now_ms)
     }
 

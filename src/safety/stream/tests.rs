@@ -354,3 +354,32 @@ fn hold_never_releases_any_part_of_a_blocked_phrase() {
         }
     }
 }
+
+/// Found by the `sse` fuzz target: a stream without `[DONE]` (the Responses API
+/// ends this way) whose last window passed before the end kept its holdback
+/// forever, so the filter would have held the end of the stream until it timed out.
+#[test]
+fn a_stream_without_done_is_released_whole_at_its_end() {
+    let mut s = StreamScreen::new(StreamLimits {
+        mode: StreamMode::Hold {
+            window_chars: 5,
+            window_ms: 10_000,
+        },
+        max_call_bytes: 1000,
+        overlap: 16,
+        max_pending: 4,
+        holdback: 8,
+    });
+    let a = event("Hello world");
+    let calls = s.feed(a.as_bytes(), 0);
+    s.pass(calls[0].id);
+    assert!(
+        s.releasable() < a.len() as u64,
+        "the holdback waits for what follows"
+    );
+    let tail = b": keep-alive";
+    s.feed(tail, 1);
+    assert!(s.finish(2).is_empty(), "no text after the window");
+    assert!(s.complete());
+    assert_eq!(s.releasable(), (a.len() + tail.len()) as u64);
+}
