@@ -275,14 +275,17 @@ impl Reader {
         if let Some((_, key)) = MEDIA_PARTS.iter().find(|(t, _)| *t == ty) {
             self.out.media_parts += 1;
             for (k, v) in members {
-                // The media itself (a URL, base64 data, a file id) is passed; any
-                // other field of the part is screened.
-                if !matches!(
-                    k.as_ref(),
-                    "type" | "detail" | "file_id" | "filename" | "file_url" | "format"
-                ) && k != key
-                {
-                    self.member(k, v);
+                // The media itself (a URL, base64 data, a file id) is passed; a file
+                // name the model may be shown is screened, as is any other field.
+                match k.as_ref() {
+                    "type" | "detail" | "file_id" | "file_url" | "format" => {}
+                    "filename" => self.string(v, &path.key(k))?,
+                    k2 if k2 == *key => {
+                        if let Some(name) = v.get("filename") {
+                            self.string(name, &path.key(key).key("filename"))?;
+                        }
+                    }
+                    _ => self.member(k, v),
                 }
             }
             return Ok(());
@@ -657,10 +660,18 @@ mod tests {
         let t = chat(
             r#"{"messages":[{"role":"user","content":"hi","extra":{"nested":"HIDDEN"}},
                 {"role":"user","content":[{"type":"image_url","image_url":{"url":"u"},"text":"IN-MEDIA"}]},
-                {"role":"user","content":[{"type":"text","text":"t","cache_control":{"type":"EPHEMERAL"}}]}]}"#,
+                {"role":"user","content":[{"type":"text","text":"t","cache_control":{"type":"EPHEMERAL"}}]},
+                {"role":"user","content":[{"type":"file","file":{"file_data":"QUJD","filename":"FILE-NAME.pdf"}}]},
+                {"role":"user","content":[{"type":"input_file","file_data":"QUJD","filename":"INPUT-NAME.pdf"}]}]}"#,
         )
         .unwrap();
-        for piece in ["HIDDEN", "IN-MEDIA", "EPHEMERAL"] {
+        assert_eq!(t.media_parts, 3);
+        assert!(
+            !t.text.contains("QUJD"),
+            "file data is passed: {:?}",
+            t.text
+        );
+        for piece in ["HIDDEN", "IN-MEDIA", "EPHEMERAL", "FILE-NAME", "INPUT-NAME"] {
             assert!(t.text.contains(piece), "{piece}: {:?}", t.text);
         }
     }
