@@ -58,6 +58,21 @@ pub fn accept(current: Option<&[u8]>, body: &[u8]) -> Result<Snapshot, ApiError>
     let new = Snapshot::decode(body).map_err(|e| {
         ApiError::invalid_request("invalid_snapshot", format!("Snapshot rejected: {e}."))
     })?;
+    // A KV utilization the scheduler cannot compare (NaN sorts above every score)
+    // would steer traffic: refused, not skipped. Found by the `snapshot` fuzz target.
+    for pool in &new.pools {
+        for e in &pool.endpoints {
+            if !(0.0..=1.0).contains(&e.kv_cache_utilization) {
+                return Err(ApiError::invalid_request(
+                    "invalid_snapshot",
+                    format!(
+                        "Snapshot rejected: pool '{}' endpoint '{}' has kv_cache_utilization {} (must be 0..1).",
+                        pool.name, e.address, e.kv_cache_utilization
+                    ),
+                ));
+            }
+        }
+    }
     if let Some(old) = current.and_then(|b| Snapshot::decode(b).ok()) {
         if !new.is_newer_than(&old) {
             return Err(ApiError::new(
@@ -82,6 +97,31 @@ mod tests {
         IngestConfig {
             token: "s3cret".into(),
             max_snapshot_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn snapshots_with_a_kv_utilization_out_of_range_are_refused() {
+        use crate::snapshot::{EndpointMetrics, PoolSnapshot};
+        let with_kv = |kv: f32| Snapshot {
+            generated_at_ms: 1,
+            sequence: 1,
+            pools: vec![PoolSnapshot {
+                name: "p".into(),
+                endpoints: vec![EndpointMetrics {
+                    address: "127.0.0.1:8000".into(),
+                    kv_cache_utilization: kv,
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        };
+        for kv in [f32::NAN, f32::INFINITY, -0.1, 1.5] {
+            let e = accept(None, &with_kv(kv).encode()).unwrap_err();
+            assert_eq!((e.status, e.code), (400, "invalid_snapshot"), "{kv}");
+        }
+        for kv in [0.0, 0.5, 1.0] {
+            assert!(accept(None, &with_kv(kv).encode()).is_ok(), "{kv}");
         }
     }
 

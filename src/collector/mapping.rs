@@ -267,7 +267,8 @@ pub fn map_samples(m: &Mapping, samples: &[Sample<'_>]) -> Result<Mapped, MapErr
     });
     any |= kv.is_some();
     let mut out = Mapped {
-        kv_cache_utilization: kv.unwrap_or(0.0).clamp(0.0, 1.0) as f32,
+        // NaN survives `clamp`: a server exposing it reads as 0.
+        kv_cache_utilization: kv.filter(|v| v.is_finite()).unwrap_or(0.0).clamp(0.0, 1.0) as f32,
         waiting,
         running,
         ..Default::default()
