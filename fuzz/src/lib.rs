@@ -10,6 +10,8 @@
 //! libFuzzer finds each one within a time limit. A harness whose planted bug is
 //! never found is not feeding its parser anything that matters.
 
+pub mod request_body;
+
 use std::sync::OnceLock;
 
 /// Whether the planted bugs are armed (`FUZZ_PLANTED=1`), read once.
