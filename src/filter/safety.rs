@@ -99,6 +99,26 @@ impl GatewayStream {
         })
     }
 
+    /// Sends one call per piece of a whole text (prompt, buffered response) and
+    /// returns the tokens of those sent. A call that cannot be sent is a failed
+    /// check: skipped with `fail_open`, otherwise the error to answer with.
+    fn dispatch_all(
+        &mut self,
+        safety: &Safety,
+        check: Check,
+        template: &str,
+        pieces: Vec<&str>,
+    ) -> Result<Vec<u32>, ApiError> {
+        let mut tokens = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            match self.dispatch(safety, check, template, piece) {
+                Ok(token) => tokens.push(token),
+                Err(failure) => self.on_failure(safety, check, &failure)?,
+            }
+        }
+        Ok(tokens)
+    }
+
     /// Screens the prompt: every call on its text must pass before the request
     /// goes on. Text the check cannot take is refused here.
     pub(super) fn check_prompt(
@@ -125,17 +145,10 @@ impl GatewayStream {
             Ok(pieces) => pieces,
             Err(e) => return self.reject(&e),
         };
-        let mut tokens = Vec::with_capacity(pieces.len());
-        for piece in pieces {
-            match self.dispatch(safety, Check::Prompt, template, piece) {
-                Ok(token) => tokens.push(token),
-                Err(failure) => {
-                    if let Err(e) = self.on_failure(safety, Check::Prompt, &failure) {
-                        return self.reject(&e);
-                    }
-                }
-            }
-        }
+        let tokens = match self.dispatch_all(safety, Check::Prompt, template, pieces) {
+            Ok(tokens) => tokens,
+            Err(e) => return self.reject(&e),
+        };
         if tokens.is_empty() {
             self.verdict_once(Check::Prompt, "pass");
             return match self.forward(&plan, body_size) {
@@ -402,17 +415,10 @@ impl GatewayStream {
             Ok(pieces) => pieces,
             Err(e) => return self.reject(&e),
         };
-        let mut sent = Vec::with_capacity(pieces.len());
-        for piece in pieces {
-            match self.dispatch(&safety, Check::Response, &check.template, piece) {
-                Ok(token) => sent.push(token),
-                Err(failure) => {
-                    if let Err(e) = self.on_failure(&safety, Check::Response, &failure) {
-                        return self.reject(&e);
-                    }
-                }
-            }
-        }
+        let sent = match self.dispatch_all(&safety, Check::Response, &check.template, pieces) {
+            Ok(tokens) => tokens,
+            Err(e) => return self.reject(&e),
+        };
         if sent.is_empty() {
             self.verdict_once(Check::Response, "pass");
             return Action::Continue;
@@ -517,10 +523,7 @@ impl GatewayStream {
                 // Nothing held in Envoy to edit: the next chunk carries the error.
                 return Action::Continue;
             }
-            let error = st
-                .error
-                .clone()
-                .unwrap_or_else(|| safety::response_too_large());
+            let error = st.error.clone().unwrap_or_else(safety::response_too_large);
             let held = self
                 .get_http_response_body(0, st.in_envoy)
                 .unwrap_or_default();
