@@ -23,6 +23,8 @@ const OK: i32 = 0;
 const NOT_FOUND: i32 = 1;
 const BAD_ARGUMENT: i32 = 2;
 const CAS_MISMATCH: i32 = 8;
+/// The fuel a VM starts with: never runs out in a test.
+const FUEL: u64 = u64::MAX / 2;
 
 /// proxy-wasm actions: what a callback returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +76,9 @@ pub struct StreamState {
     pub local_response: Option<LocalResponse>,
     pub resumed_request: bool,
     pub resumed_response: bool,
+    /// The last response body callback paused and nothing resumed the stream
+    /// since: Envoy still holds those bytes (see [`Vm::response_chunk`]).
+    pub response_held: bool,
     /// Properties the filter set (Envoy keeps them as filter state `wasm.<name>`).
     pub properties: HashMap<String, Vec<u8>>,
 }
@@ -92,8 +97,12 @@ struct HostState {
     metrics: Vec<(String, i32, i64)>,
     now_ns: u64,
     rng: u64,
-    /// How often the filter called each counted host function (see [`Vm::host_calls`]).
+    /// How often the filter called each host function (see [`Vm::host_calls`]).
     host_calls: HashMap<&'static str, u64>,
+    /// Bytes the host copied into the module's memory (buffers, headers, shared
+    /// data, properties) and read out of it (keys, values, bodies it set).
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 /// Counts a host call by name.
@@ -130,7 +139,11 @@ impl HostState {
 fn engine_and_module() -> &'static (Engine, Module) {
     static COMPILED: OnceLock<(Engine, Module)> = OnceLock::new();
     COMPILED.get_or_init(|| {
-        let engine = Engine::default();
+        // Fuel metering: every Wasm instruction executed costs one unit (a few
+        // structural ones cost none), a deterministic count of the module's work.
+        let mut config = wasmtime::Config::new();
+        config.consume_fuel(true);
+        let engine = Engine::new(&config).expect("wasmtime engine");
         let module = Module::from_file(&engine, env!("GATEWAY_WASM"))
             .unwrap_or_else(|e| panic!("cannot load {}: {e:#}", env!("GATEWAY_WASM")));
         (engine, module)
@@ -196,6 +209,21 @@ pub struct Vm {
     next_context: u32,
     /// Set when a call into the module trapped: the VM is dead, as in Envoy.
     pub crashed: Option<String>,
+    /// The fuel left at the last [`Vm::reset_cost`].
+    fuel_mark: u64,
+}
+
+/// A deterministic cost figure of the module (see [`Vm::cost`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cost {
+    /// Wasm instructions executed (wasmtime fuel).
+    pub instructions: u64,
+    /// Calls into the host's `env` functions.
+    pub host_calls: u64,
+    /// Bytes the host copied into module memory.
+    pub bytes_in: u64,
+    /// Bytes the host read out of module memory.
+    pub bytes_out: u64,
 }
 
 fn mem(caller: &mut Caller<'_, HostState>) -> Memory {
@@ -208,10 +236,13 @@ fn mem(caller: &mut Caller<'_, HostState>) -> Memory {
 fn read(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Vec<u8> {
     let m = mem(caller);
     let (p, l) = (ptr as u32 as usize, len as u32 as usize);
-    m.data(&caller)
+    let bytes = m
+        .data(&caller)
         .get(p..p + l)
         .map(<[u8]>::to_vec)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    caller.data_mut().bytes_out += bytes.len() as u64;
+    bytes
 }
 
 fn read_str(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> String {
@@ -241,6 +272,7 @@ fn give(caller: &mut Caller<'_, HostState>, data: &[u8], ret_ptr: i32, ret_size:
         .expect("allocated memory");
     write_u32(caller, ret_ptr, ptr as u32);
     write_u32(caller, ret_size, data.len() as u32);
+    caller.data_mut().bytes_in += data.len() as u64;
 }
 
 pub fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
@@ -284,6 +316,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: Caller<'_, HostState>, level: i32, p: i32, l: i32| {
+            counted(&mut c, "proxy_log");
             let line = read_str(&mut c, p, l);
             c.data_mut().logs.push((level, line));
             OK
@@ -308,6 +341,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: Caller<'_, HostState>, t: i32, start: i32, size: i32, p: i32, l: i32| {
+            counted(&mut c, "proxy_set_buffer_bytes");
             let data = read(&mut c, p, l);
             let Some(buf) = c.data_mut().buffer(t) else {
                 return NOT_FOUND;
@@ -330,6 +364,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_, HostState>, t: i32, rp: i32, rs: i32| {
+            counted(&mut c, "proxy_get_header_map_pairs");
             let Some(map) = c.data_mut().map(t) else {
                 return NOT_FOUND;
             };
@@ -342,6 +377,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: Caller<'_, HostState>, t: i32, p: i32, l: i32| {
+            counted(&mut c, "proxy_set_header_map_pairs");
             let pairs = deserialize_map(&read(&mut c, p, l));
             let Some(map) = c.data_mut().map(t) else {
                 return NOT_FOUND;
@@ -374,6 +410,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             "env",
             name,
             move |mut c: Caller<'_, HostState>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+                counted(&mut c, name);
                 let key = read_str(&mut c, kp, kl).to_ascii_lowercase();
                 let value = read_str(&mut c, vp, vl);
                 let Some(map) = c.data_mut().map(t) else {
@@ -391,6 +428,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: Caller<'_, HostState>, t: i32, kp: i32, kl: i32| {
+            counted(&mut c, "proxy_remove_header_map_value");
             let key = read_str(&mut c, kp, kl).to_ascii_lowercase();
             let Some(map) = c.data_mut().map(t) else {
                 return NOT_FOUND;
@@ -450,6 +488,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          hp: i32,
          hl: i32,
          _grpc: i32| {
+            counted(&mut c, "proxy_send_local_response");
             let body = read(&mut c, bp, bl);
             let headers = deserialize_map(&read(&mut c, hp, hl));
             c.data_mut().stream().local_response = Some(LocalResponse {
@@ -474,6 +513,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          _tl: i32,
          timeout: i32,
          rt: i32| {
+            counted(&mut c, "proxy_http_call");
             let upstream = read_str(&mut c, up, ul);
             let headers = deserialize_map(&read(&mut c, hp, hl));
             let body = read(&mut c, bp, bl);
@@ -496,7 +536,10 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_get_property",
-        |_c: Caller<'_, HostState>, _p: i32, _l: i32, _rp: i32, _rs: i32| NOT_FOUND,
+        |mut c: Caller<'_, HostState>, _p: i32, _l: i32, _rp: i32, _rs: i32| {
+            counted(&mut c, "proxy_get_property");
+            NOT_FOUND
+        },
     )?;
     linker.func_wrap(
         "env",
@@ -513,6 +556,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: Caller<'_, HostState>, t: i32, np: i32, nl: i32, rid: i32| {
+            counted(&mut c, "proxy_define_metric");
             let name = read_str(&mut c, np, nl);
             let metrics = &mut c.data_mut().metrics;
             let id = match metrics.iter().position(|(n, _, _)| *n == name) {
@@ -529,31 +573,29 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_increment_metric",
-        |mut c: Caller<'_, HostState>, id: i32, by: i64| match c
-            .data_mut()
-            .metrics
-            .get_mut(id as usize)
-        {
-            Some(m) => {
-                m.2 += by;
-                OK
+        |mut c: Caller<'_, HostState>, id: i32, by: i64| {
+            counted(&mut c, "proxy_increment_metric");
+            match c.data_mut().metrics.get_mut(id as usize) {
+                Some(m) => {
+                    m.2 += by;
+                    OK
+                }
+                None => NOT_FOUND,
             }
-            None => NOT_FOUND,
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_record_metric",
-        |mut c: Caller<'_, HostState>, id: i32, v: i64| match c
-            .data_mut()
-            .metrics
-            .get_mut(id as usize)
-        {
-            Some(m) => {
-                m.2 = v;
-                OK
+        |mut c: Caller<'_, HostState>, id: i32, v: i64| {
+            counted(&mut c, "proxy_record_metric");
+            match c.data_mut().metrics.get_mut(id as usize) {
+                Some(m) => {
+                    m.2 = v;
+                    OK
+                }
+                None => NOT_FOUND,
             }
-            None => NOT_FOUND,
         },
     )?;
     linker.func_wrap(
@@ -571,12 +613,16 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_set_tick_period_milliseconds",
-        |_c: Caller<'_, HostState>, _ms: i32| OK,
+        |mut c: Caller<'_, HostState>, _ms: i32| {
+            counted(&mut c, "proxy_set_tick_period_milliseconds");
+            OK
+        },
     )?;
     linker.func_wrap(
         "env",
         "proxy_set_effective_context",
         |mut c: Caller<'_, HostState>, id: i32| {
+            counted(&mut c, "proxy_set_effective_context");
             c.data_mut().current = id as u32;
             OK
         },
@@ -585,10 +631,14 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_continue_stream",
         |mut c: Caller<'_, HostState>, t: i32| {
+            counted(&mut c, "proxy_continue_stream");
             let s = c.data_mut().stream();
             match t {
                 0 => s.resumed_request = true,
-                1 => s.resumed_response = true,
+                1 => {
+                    s.resumed_response = true;
+                    s.response_held = false;
+                }
                 _ => return BAD_ARGUMENT,
             }
             OK
@@ -597,9 +647,15 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_close_stream",
-        |_c: Caller<'_, HostState>, _t: i32| OK,
+        |mut c: Caller<'_, HostState>, _t: i32| {
+            counted(&mut c, "proxy_close_stream");
+            OK
+        },
     )?;
-    linker.func_wrap("env", "proxy_done", |_c: Caller<'_, HostState>| OK)?;
+    linker.func_wrap("env", "proxy_done", |mut c: Caller<'_, HostState>| {
+        counted(&mut c, "proxy_done");
+        OK
+    })?;
     // WASI, as Rust's std on wasm32-wasip1 uses it.
     linker.func_wrap(
         "wasi_snapshot_preview1",
@@ -680,6 +736,7 @@ impl Vm {
             ..Default::default()
         };
         let mut store = Store::new(engine, state);
+        store.set_fuel(FUEL).expect("fuel is enabled");
         let instance = linker.instantiate(&mut store, module).expect("instantiate");
         let memory = instance.get_memory(&mut store, "memory").expect("memory");
         let mut vm = Vm {
@@ -689,6 +746,7 @@ impl Vm {
             root: 1,
             next_context: 2,
             crashed: None,
+            fuel_mark: FUEL,
         };
         vm.call0("_initialize", ());
         vm.call0("proxy_on_context_create", (1, 0));
@@ -839,6 +897,17 @@ impl Vm {
         Self::action(a)
     }
 
+    /// A streamed response chunk as Envoy delivers it: while the filter holds
+    /// the body (its last callback paused, no resume since), the buffer keeps the
+    /// earlier bytes and grows; otherwise it holds just this chunk.
+    pub fn response_chunk(&mut self, s: u32, chunk: &[u8], end_of_stream: bool) -> Action {
+        let held = self.state(s).response_held;
+        let a = self.response_body(s, chunk, end_of_stream, held);
+        self.set_current(s);
+        self.store.data_mut().stream().response_held = a == Action::Pause;
+        a
+    }
+
     /// Answers the callout `token` (`status` None: the call failed or timed out).
     pub fn http_call_response(&mut self, token: u32, status: Option<u16>, body: &[u8]) {
         let call = self
@@ -924,14 +993,34 @@ impl Vm {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
-    /// Counted host calls (shared data, buffers, header reads, properties, time)
-    /// since the last [`Vm::reset_host_calls`].
+    /// Host calls by function (every `env` import; not the WASI ones) since the
+    /// last [`Vm::reset_host_calls`] or [`Vm::reset_cost`].
     pub fn host_calls(&self) -> HashMap<&'static str, u64> {
         self.store.data().host_calls.clone()
     }
 
     pub fn reset_host_calls(&mut self) {
         self.store.data_mut().host_calls.clear();
+    }
+
+    /// What the module cost since the last [`Vm::reset_cost`]: instructions
+    /// executed (fuel), host calls, bytes copied across the boundary.
+    pub fn cost(&self) -> Cost {
+        let st = self.store.data();
+        Cost {
+            instructions: self.fuel_mark - self.store.get_fuel().expect("fuel is enabled"),
+            host_calls: st.host_calls.values().sum(),
+            bytes_in: st.bytes_in,
+            bytes_out: st.bytes_out,
+        }
+    }
+
+    pub fn reset_cost(&mut self) {
+        self.fuel_mark = self.store.get_fuel().expect("fuel is enabled");
+        let st = self.store.data_mut();
+        st.host_calls.clear();
+        st.bytes_in = 0;
+        st.bytes_out = 0;
     }
 
     pub fn advance_ms(&mut self, ms: u64) {
