@@ -101,6 +101,48 @@ pub fn slots(registry: &[String]) -> HashMap<String, usize> {
         .collect()
 }
 
+/// Each configured endpoint's slot: by address (to give a count back) and by pool
+/// and position, which a decision reads for every candidate of every request
+/// without hashing an address.
+#[derive(Debug, Clone, Default)]
+pub struct Slots {
+    by_address: HashMap<String, usize>,
+    /// `[pool][position in the pool]`.
+    by_pool: Vec<Vec<Option<usize>>>,
+}
+
+impl Slots {
+    /// `by_address` from [`register`]; `pools` the configured pools' endpoints, in
+    /// configuration order.
+    pub fn new<'a>(
+        by_address: HashMap<String, usize>,
+        pools: impl IntoIterator<Item = &'a [String]>,
+    ) -> Slots {
+        let by_pool = pools
+            .into_iter()
+            .map(|eps| eps.iter().map(|e| by_address.get(e).copied()).collect())
+            .collect();
+        Slots {
+            by_address,
+            by_pool,
+        }
+    }
+
+    /// The slot of the endpoint at `address`.
+    pub fn of(&self, address: &str) -> Option<usize> {
+        self.by_address.get(address).copied()
+    }
+
+    /// The slot of endpoint `i` of pool `pool` (`address`, looked up by name only
+    /// for a pool these slots were not built for).
+    pub fn at(&self, pool: usize, i: usize, address: &str) -> Option<usize> {
+        match self.by_pool.get(pool).and_then(|eps| eps.get(i)) {
+            Some(&slot) => slot,
+            None => self.of(address),
+        }
+    }
+}
+
 /// Every counter, by slot: one read per request.
 pub fn counts(store: &dyn SharedStore) -> Vec<u32> {
     decode(store.get(COUNTS_KEY).0.as_deref())
@@ -150,18 +192,28 @@ pub fn by_endpoint(store: &dyn SharedStore) -> BTreeMap<String, u64> {
 #[cfg(not(target_arch = "wasm32"))]
 pub mod memory {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
     /// Key → (value, cas), and the last cas handed out.
-    type Slots = (HashMap<String, (Vec<u8>, u32)>, u32);
+    type Entries = (HashMap<String, (Vec<u8>, u32)>, u32);
 
     #[derive(Default)]
     pub struct MemoryStore {
-        inner: Mutex<Slots>,
+        inner: Mutex<Entries>,
+        reads: AtomicUsize,
+    }
+
+    impl MemoryStore {
+        /// Reads so far (tests count round trips with it).
+        pub fn reads(&self) -> usize {
+            self.reads.load(Ordering::Relaxed)
+        }
     }
 
     impl SharedStore for MemoryStore {
         fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            self.reads.fetch_add(1, Ordering::Relaxed);
             let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match g.0.get(key) {
                 Some((v, c)) => (Some(v.clone()), Some(*c)),

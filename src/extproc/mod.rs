@@ -14,7 +14,6 @@ use crate::inflight::{self, memory::MemoryStore};
 use crate::ingest;
 use crate::openai::{ApiError, ApiKind};
 use crate::snapshot::IndexedSnapshot;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Where a routed request goes.
@@ -33,7 +32,7 @@ pub struct Picker {
     pub config: Arc<Config>,
     store: MemoryStore,
     /// Each endpoint's slot in the packed in-flight counters.
-    slots: HashMap<String, usize>,
+    slots: inflight::Slots,
     snapshot: RwLock<Option<Arc<IndexedSnapshot>>>,
     /// The stored snapshot, encoded, for `ingest::accept`'s newer-than check.
     encoded: Mutex<Option<Vec<u8>>>,
@@ -43,7 +42,10 @@ impl Picker {
     pub fn new(config: Config) -> Picker {
         let store = MemoryStore::default();
         // A fresh in-memory store cannot refuse.
-        let slots = inflight::register(&store, &config.all_endpoints()).unwrap_or_default();
+        let slots = inflight::Slots::new(
+            inflight::register(&store, &config.all_endpoints()).unwrap_or_default(),
+            config.pools.iter().map(|p| p.endpoints.as_slice()),
+        );
         Picker {
             config: Arc::new(config),
             store,
@@ -58,8 +60,10 @@ impl Picker {
         let mut encoded = self.encoded.lock().unwrap_or_else(|e| e.into_inner());
         let snapshot = ingest::accept(encoded.as_deref(), body)?;
         *encoded = Some(body.to_vec());
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(Arc::new(IndexedSnapshot::new(snapshot)));
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(
+            IndexedSnapshot::new(snapshot)
+                .with_pools(self.config.pools.iter().map(|p| p.endpoints.as_slice())),
+        ));
         Ok(())
     }
 
@@ -108,7 +112,7 @@ impl Picker {
 
     /// Gives back the in-flight count a [`Routed`] took.
     pub fn release(&self, endpoint: &str) {
-        if let Some(&slot) = self.slots.get(endpoint) {
+        if let Some(slot) = self.slots.of(endpoint) {
             let _ = inflight::add(&self.store, slot, -1);
         }
     }
@@ -119,8 +123,8 @@ impl Picker {
 
     fn in_flight_in(&self, counts: &[u32], endpoint: &str) -> u64 {
         self.slots
-            .get(endpoint)
-            .map_or(0, |&slot| inflight::count(counts, slot))
+            .of(endpoint)
+            .map_or(0, |slot| inflight::count(counts, slot))
     }
 }
 

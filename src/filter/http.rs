@@ -13,7 +13,6 @@ use crate::routing::OBJECTIVE_HEADER;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// The header the ORIGINAL_DST cluster routes on.
@@ -30,7 +29,7 @@ pub struct GatewayStream {
     /// Set once the headers say the body decides the route.
     buffering: Option<ApiKind>,
     /// Each endpoint's slot in the packed in-flight counters (per VM, from configure).
-    slots: Rc<HashMap<String, usize>>,
+    slots: Rc<inflight::Slots>,
     /// The slot whose in-flight count this stream holds; released exactly once.
     holding: Option<usize>,
     /// The scheduling decision, for the `x-gateway-scheduling` response header.
@@ -50,7 +49,7 @@ impl GatewayStream {
     pub fn new(
         config: Rc<Config>,
         snapshot: Rc<RefCell<SnapshotCache>>,
-        slots: Rc<HashMap<String, usize>>,
+        slots: Rc<inflight::Slots>,
         seed: u64,
     ) -> Self {
         GatewayStream {
@@ -122,7 +121,7 @@ impl GatewayStream {
     pub(super) fn forward(&mut self, plan: &RoutePlan, body_size: usize) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
         let now_ms = super::now_ms(self);
-        let snapshot = self.snapshot.borrow_mut().current();
+        let snapshot = self.snapshot.borrow_mut().current(&config);
         let choice = gateway::choose(&gateway::Inputs {
             config: &config,
             plan,

@@ -9,10 +9,10 @@ mod safety;
 mod store;
 
 use crate::config::{Config, Role};
+use crate::inflight::Slots;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -27,7 +27,7 @@ struct Root {
     /// This VM's decoded copy of the metrics snapshot, shared by its streams.
     snapshot: Rc<RefCell<store::SnapshotCache>>,
     /// Each endpoint's slot in the packed in-flight counters.
-    slots: Rc<HashMap<String, usize>>,
+    slots: Rc<Slots>,
 }
 
 impl Context for Root {}
@@ -44,7 +44,12 @@ impl RootContext for Root {
         };
         if config.role == Role::Gateway {
             let endpoints = config.all_endpoints();
-            self.slots = Rc::new(store::register_endpoints(&endpoints));
+            self.slots = Rc::new(Slots::new(
+                store::register_endpoints(&endpoints),
+                config.pools.iter().map(|p| p.endpoints.as_slice()),
+            ));
+            // The cached snapshot places the old configuration's pools.
+            self.snapshot = Rc::default();
             store::register_series(&config);
             define_counters(&config);
         }

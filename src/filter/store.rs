@@ -105,12 +105,19 @@ pub struct SnapshotCache {
 }
 
 impl SnapshotCache {
-    pub fn current(&mut self) -> Option<std::rc::Rc<crate::snapshot::IndexedSnapshot>> {
+    /// The newest snapshot, its endpoints placed in `config`'s pools (the cache
+    /// belongs to one configuration: the root makes a new one on reconfigure).
+    pub fn current(
+        &mut self,
+        config: &crate::config::Config,
+    ) -> Option<std::rc::Rc<crate::snapshot::IndexedSnapshot>> {
         let version = HostStore.get(SNAPSHOT_VERSION_KEY).0;
         if version.is_some() && version != self.version {
             match stored_snapshot() {
                 Some(s) => {
-                    self.snapshot = Some(std::rc::Rc::new(crate::snapshot::IndexedSnapshot::new(s)))
+                    let indexed = crate::snapshot::IndexedSnapshot::new(s)
+                        .with_pools(config.pools.iter().map(|p| p.endpoints.as_slice()));
+                    self.snapshot = Some(std::rc::Rc::new(indexed))
                 }
                 None => log::warn!(
                     "inference-gateway: stored snapshot unreadable; keeping the last one"

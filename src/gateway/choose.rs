@@ -5,12 +5,11 @@
 
 use super::RoutePlan;
 use crate::config::Config;
-use crate::inflight::{self, SharedStore};
+use crate::inflight::{self, SharedStore, Slots};
 use crate::openai::ApiError;
 use crate::scheduling::prefix::{self, PrefixIndex};
 use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
 use crate::snapshot::IndexedSnapshot;
-use std::collections::HashMap;
 
 /// What one decision reads.
 pub struct Inputs<'a> {
@@ -21,7 +20,7 @@ pub struct Inputs<'a> {
     /// Shared data: in-flight counters and the prefix index.
     pub store: &'a dyn SharedStore,
     /// Each endpoint's slot in the packed in-flight counters.
-    pub slots: &'a HashMap<String, usize>,
+    pub slots: &'a Slots,
     pub now_ms: u64,
     /// A uniform random `u32` for the picker's tie-break.
     pub draw: u32,
@@ -96,16 +95,19 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
 
     // Every candidate's in-flight count in one read.
     let counts = inflight::counts(store);
+    // By position: no address is hashed per candidate (see `Slots`,
+    // `IndexedSnapshot::with_pools`).
     let candidates: Vec<Candidate<'_>> = pool
         .endpoints
         .iter()
-        .map(|endpoint| {
-            let metrics = snapshot.and_then(|s| s.endpoint(endpoint));
+        .enumerate()
+        .map(|(i, endpoint)| {
+            let metrics = snapshot.and_then(|s| s.member(plan.pool, i, endpoint));
             Candidate {
                 endpoint,
                 in_flight: slots
-                    .get(endpoint.as_str())
-                    .map_or(0, |&slot| inflight::count(&counts, slot)),
+                    .at(plan.pool, i, endpoint)
+                    .map_or(0, |slot| inflight::count(&counts, slot)),
                 metrics,
                 fresh: match (snapshot, metrics) {
                     (Some(s), Some(m)) => {
@@ -114,7 +116,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
                     }
                     _ => false,
                 },
-                prefix_blocks: matches.get(endpoint.as_str()).copied().unwrap_or(0),
+                prefix_blocks: matches.get(endpoint).unwrap_or(0),
             }
         })
         .collect();
@@ -151,18 +153,19 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             })
         }
     };
-    let endpoint = candidates[decision.chosen()].endpoint.to_string();
+    let chosen = decision.chosen();
+    let endpoint = candidates[chosen].endpoint.to_string();
     if !hashes.is_empty() {
-        index.record(&hashes, &endpoint, now_ms);
+        index.record_after(&hashes, &endpoint, now_ms, matches);
     }
     // Route anyway when the count cannot be taken: a missed count skews balancing
     // a little, a refusal fails the user.
-    let holding = match slots.get(endpoint.as_str()) {
+    let holding = match slots.at(plan.pool, chosen, &endpoint) {
         None => {
             log::warn!("inference-gateway: {endpoint} has no in-flight counter");
             None
         }
-        Some(&slot) => match inflight::add(store, slot, 1) {
+        Some(slot) => match inflight::add(store, slot, 1) {
             Ok(_) => Some(slot),
             Err(err) => {
                 log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
@@ -234,11 +237,13 @@ mod tests {
         })
     }
 
-    fn slots() -> HashMap<String, usize> {
-        EPS.iter()
+    fn slots(cfg: &Config) -> Slots {
+        let by_address = EPS
+            .iter()
             .enumerate()
             .map(|(i, e)| (e.to_string(), i))
-            .collect()
+            .collect();
+        Slots::new(by_address, cfg.pools.iter().map(|p| p.endpoints.as_slice()))
     }
 
     fn run(
@@ -253,7 +258,7 @@ mod tests {
             plan: &plan,
             snapshot: Some(snap),
             store,
-            slots: &slots(),
+            slots: &slots(cfg),
             now_ms: 1_050,
             draw: 0,
         })

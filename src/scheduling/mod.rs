@@ -106,7 +106,8 @@ pub enum Outcome {
 pub struct Decision {
     /// Candidate indexes: the chosen one first, then fallbacks.
     pub order: Vec<usize>,
-    /// Every scored candidate, best first, for explanations.
+    /// The scored candidates, best first: every one with `explain` on, otherwise
+    /// the best few the picker and the fallbacks need.
     pub scored: Vec<Scored>,
 }
 
@@ -181,7 +182,22 @@ pub fn schedule(
         .iter()
         .map(|&i| score(profile, req, &candidates[i], &ranges, i, cfg.explain))
         .collect();
-    scored.sort_by(|a, b| b.total.total_cmp(&a.total).then(a.index.cmp(&b.index)));
+    // Only the best few are ordered (the picker's choice among ties or its top k,
+    // then the fallbacks); sorting every candidate is most of a decision's work
+    // in a large pool. With `explain`, all of them, for the explanation.
+    let ties = count_ties(&scored);
+    let needed = match profile.picker {
+        Picker::MaxScore => ties,
+        Picker::WeightedRandom { top_k } => top_k.max(1),
+    }
+    .max(cfg.fallback_endpoints + 1);
+    if cfg.explain || needed >= scored.len() {
+        scored.sort_by(best_first);
+    } else {
+        scored.select_nth_unstable_by(needed - 1, best_first);
+        scored.truncate(needed);
+        scored.sort_by(best_first);
+    }
 
     // 5. Pick, then fallbacks in score order.
     let chosen = pick(profile.picker, &scored, draw);
@@ -195,6 +211,24 @@ pub fn schedule(
     );
     Outcome::Route(Decision { order, scored })
 }
+
+/// Higher total first; equal totals by candidate index, so the order is total
+/// and the same whether all candidates are sorted or only the best selected.
+fn best_first(a: &Scored, b: &Scored) -> std::cmp::Ordering {
+    b.total.total_cmp(&a.total).then(a.index.cmp(&b.index))
+}
+
+/// How many candidates tie with the best score (`pick`'s tolerance).
+fn count_ties(scored: &[Scored]) -> usize {
+    let best = scored
+        .iter()
+        .map(|s| s.total)
+        .fold(f64::NEG_INFINITY, f64::max);
+    scored.iter().filter(|s| best - s.total <= TIE).count()
+}
+
+/// Scores this close to the best one are a tie, broken at random.
+const TIE: f64 = 1e-9;
 
 fn keep(from: &[usize], f: impl Fn(usize) -> bool) -> Vec<usize> {
     from.iter().copied().filter(|&i| f(i)).collect()
@@ -319,7 +353,7 @@ fn pick(picker: Picker, scored: &[Scored], draw: u32) -> usize {
     match picker {
         Picker::MaxScore => {
             let best = scored[0].total;
-            let tied = scored.iter().take_while(|s| best - s.total <= 1e-9).count();
+            let tied = scored.iter().take_while(|s| best - s.total <= TIE).count();
             scored[slot(draw, tied)].index
         }
         Picker::WeightedRandom { top_k } => {

@@ -11,7 +11,6 @@
 
 use crate::inflight::{SharedStore, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Entries kept per slot: a hot prefix served by a few replicas, plus collisions.
@@ -40,6 +39,30 @@ struct Entry {
     hash: u64,
     at_ms: u64,
     endpoint: String,
+}
+
+/// What [`PrefixIndex::matches`] found.
+#[derive(Debug, Default)]
+pub struct Matches {
+    /// Endpoint → leading blocks it served: a handful of endpoints at most (a slot
+    /// keeps four entries), so a list, searched per candidate without hashing.
+    runs: Vec<(String, usize)>,
+    /// The slots read, in block order, for [`PrefixIndex::record_after`].
+    read: Vec<(Vec<Entry>, Option<u32>)>,
+}
+
+impl Matches {
+    /// The leading blocks `endpoint` served, if any.
+    pub fn get(&self, endpoint: &str) -> Option<usize> {
+        self.runs
+            .iter()
+            .find(|(e, _)| e == endpoint)
+            .map(|&(_, n)| n)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
 }
 
 /// The shared prefix index, over any [`SharedStore`].
@@ -72,36 +95,51 @@ impl<'s> PrefixIndex<'s> {
 
     /// For each endpoint, how many leading blocks of `hashes` it recently served.
     /// Reads stop at the first block no endpoint has, so a miss costs one read.
-    pub fn matches(&self, hashes: &[u64], now_ms: u64) -> HashMap<String, usize> {
-        let mut matched: HashMap<String, usize> = HashMap::new();
+    pub fn matches(&self, hashes: &[u64], now_ms: u64) -> Matches {
+        let mut m = Matches::default();
         for (depth, &h) in hashes.iter().enumerate() {
-            let (entries, _) = self.read(h);
+            let (entries, cas) = self.read(h);
             let mut extended = false;
             for e in entries
                 .iter()
                 .filter(|e| e.hash == h && now_ms.saturating_sub(e.at_ms) <= self.ttl_ms)
             {
                 // Only an endpoint that matched every block so far extends its run.
-                let run = matched.entry(e.endpoint.clone()).or_insert(0);
+                let run = match m.runs.iter_mut().find(|(ep, _)| *ep == e.endpoint) {
+                    Some((_, run)) => run,
+                    None => {
+                        m.runs.push((e.endpoint.clone(), 0));
+                        &mut m.runs.last_mut().expect("just pushed").1
+                    }
+                };
                 if *run == depth {
                     *run = depth + 1;
                     extended = true;
                 }
             }
+            m.read.push((entries, cas));
             if !extended {
                 break;
             }
         }
-        matched.retain(|_, n| *n > 0);
-        matched
+        m.runs.retain(|(_, n)| *n > 0);
+        m
     }
 
     /// Records that `endpoint` now holds the blocks of `hashes`. Entries younger than
     /// a quarter of the TTL are not rewritten, so a hot prefix costs no writes.
     /// Best effort: a lost CAS race skips that block.
     pub fn record(&self, hashes: &[u64], endpoint: &str, now_ms: u64) {
+        self.record_after(hashes, endpoint, now_ms, Matches::default());
+    }
+
+    /// [`PrefixIndex::record`] after [`PrefixIndex::matches`] on the same hashes:
+    /// the slots that read are not read again (a changed slot fails its CAS and is
+    /// skipped, as a lost race is).
+    pub fn record_after(&self, hashes: &[u64], endpoint: &str, now_ms: u64, matched: Matches) {
+        let mut already_read = matched.read.into_iter();
         for &h in hashes {
-            let (mut entries, cas) = self.read(h);
+            let (mut entries, cas) = already_read.next().unwrap_or_else(|| self.read(h));
             let fresh_enough = |e: &Entry| now_ms.saturating_sub(e.at_ms) < self.ttl_ms / 4;
             if let Some(e) = entries
                 .iter_mut()
@@ -170,9 +208,10 @@ mod tests {
         ix.record(&p1, "10.0.0.1:8000", 1_000);
         let m = ix.matches(&p2, 2_000);
         let shared = system.len() / 16;
-        assert!(m["10.0.0.1:8000"] >= shared, "{m:?} vs {shared}");
-        assert!(m["10.0.0.1:8000"] < p2.len());
-        assert_eq!(ix.matches(&p1, 2_000)["10.0.0.1:8000"], p1.len());
+        let run = m.get("10.0.0.1:8000").unwrap();
+        assert!(run >= shared, "{m:?} vs {shared}");
+        assert!(run < p2.len());
+        assert_eq!(ix.matches(&p1, 2_000).get("10.0.0.1:8000"), Some(p1.len()));
         assert!(ix
             .matches(&block_hashes("m", &"q".repeat(200), 16, 64), 2_000)
             .is_empty());
@@ -184,7 +223,7 @@ mod tests {
         let ix = PrefixIndex::new(&store, 64, 1_000);
         let h = block_hashes("m", &"a".repeat(64), 16, 8);
         ix.record(&h, "e1", 0);
-        assert_eq!(ix.matches(&h, 1_000).get("e1"), Some(&4));
+        assert_eq!(ix.matches(&h, 1_000).get("e1"), Some(4));
         assert!(ix.matches(&h, 1_001).is_empty());
     }
 
@@ -197,8 +236,30 @@ mod tests {
         ix.record(&h, "e2", 0);
         ix.record(&h[3..], "e1", 0); // e1 "has" block 4 too, but not block 3
         let m = ix.matches(&h, 1);
-        assert_eq!(m.get("e1"), Some(&2));
-        assert_eq!(m.get("e2"), Some(&4));
+        assert_eq!(m.get("e1"), Some(2));
+        assert_eq!(m.get("e2"), Some(4));
+    }
+
+    #[test]
+    fn recording_after_a_match_reads_no_slot_twice() {
+        let store = MemoryStore::default();
+        let ix = PrefixIndex::new(&store, 4096, 60_000);
+        let h = block_hashes("m", &"d".repeat(64), 16, 8);
+        ix.record(&h, "e1", 0);
+        let reads = store.reads();
+        let m = ix.matches(&h, 1);
+        ix.record_after(&h, "e2", 1, m);
+        assert_eq!(store.reads() - reads, h.len(), "one read per block");
+        let m = ix.matches(&h, 2);
+        assert_eq!((m.get("e1"), m.get("e2")), (Some(4), Some(4)));
+        // A miss stops the matching reads; recording reads the rest.
+        let other = block_hashes("m", &"e".repeat(64), 16, 8);
+        let reads = store.reads();
+        let m = ix.matches(&other, 3);
+        assert!(m.is_empty());
+        ix.record_after(&other, "e1", 3, m);
+        assert_eq!(store.reads() - reads, other.len());
+        assert_eq!(ix.matches(&other, 4).get("e1"), Some(4));
     }
 
     #[test]

@@ -333,3 +333,42 @@ fn least_request_profile_ignores_metrics() {
     let cands = [cand("busy", 0, &busy), cand("idle", 2, &idle)];
     assert_eq!(chosen(schedule(&c, &p, &req(0), &cands, 0)), 0);
 }
+
+/// Only the best few candidates are ordered unless `explain` is on: the choice
+/// and the fallbacks must be the same as with every candidate sorted, for every
+/// picker, with ties, in large pools.
+#[test]
+fn selecting_the_best_few_decides_as_sorting_all_would() {
+    let mut rng = fastrand::Rng::with_seed(11);
+    for round in 0..300 {
+        let n = rng.usize(1..60);
+        // Few distinct values, so ties are common.
+        let metrics: Vec<EndpointMetrics> = (0..n)
+            .map(|_| m(rng.u32(0..4), f32::from(rng.u8(0..3)) / 10.0))
+            .collect();
+        let names: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
+        let cands: Vec<Candidate<'_>> = (0..n)
+            .map(|i| cand(&names[i], rng.u64(0..3), &metrics[i]))
+            .collect();
+        let mut c = cfg();
+        c.fallback_endpoints = rng.usize(0..4);
+        let mut p = profile(&c, "default");
+        if round % 2 == 1 {
+            p.picker = Picker::WeightedRandom {
+                top_k: rng.usize(1..6),
+            };
+        }
+        let draw = rng.u32(..);
+        let quiet = schedule(&c, &p, &req(0), &cands, draw);
+        c.explain = true;
+        let full = schedule(&c, &p, &req(0), &cands, draw);
+        match (quiet, full) {
+            (Outcome::Route(q), Outcome::Route(f)) => {
+                assert_eq!(q.order, f.order, "round {round}: n={n}");
+                assert_eq!(f.scored.len(), n);
+                assert!(q.scored.len() <= n);
+            }
+            (q, f) => assert_eq!(q, f, "round {round}"),
+        }
+    }
+}
