@@ -262,11 +262,14 @@ fn envoy_cpu_table(r: &OverheadResults) -> String {
         return String::new();
     }
     let mut o = String::from(
-        "\nEnvoy CPU per request, µs and × plain Envoy's (medians). `floor` is the least a \
-         body-based router in Wasm costs (hold the headers, copy the whole body into the VM, \
-         set the destination header); `filter` minus `floor` is the filter's own work. \
-         ext_proc: Envoy's side only, the picker's CPU is its own column above.\n\n| body | plain |",
+        "\nEnvoy CPU per request side by side, µs (× plain Envoy's), medians: `filter` minus \
+         `floor` is the filter's own work; for ext_proc, Envoy's side only (the picker's CPU is \
+         its own column above).",
     );
+    if !r.rows.iter().any(|x| x.variant == "floor") {
+        o.push_str(" These results have no `floor`: they predate it.");
+    }
+    o.push_str("\n\n| body | plain |");
     for (v, n) in &columns {
         match n {
             0 => {
@@ -566,7 +569,9 @@ mod tests {
             rows: vec![r.rows[0].clone(), r.rows[2].clone()],
             ..Default::default()
         };
-        assert!(overhead_section(&old).contains("| body | plain | filter 10 |\n"));
+        let md = overhead_section(&old);
+        assert!(md.contains("| body | plain | filter 10 |\n"), "{md}");
+        assert!(md.contains("These results have no `floor`"), "{md}");
     }
 
     #[test]
