@@ -3,9 +3,13 @@
 //! target directory and exports the path as `GATEWAY_WASM` (`env!("GATEWAY_WASM")`).
 //! The nested build is incremental, so an unchanged source costs a second or two.
 //! Set `INFERENCE_GATEWAY_WASM=/path/to/filter.wasm` to use a prebuilt module instead.
+//!
+//! With the `bench` feature it also builds the overhead benchmark's floor
+//! (`bench-floor-filter/`, its own workspace) into `target/bench-floor-filter/` and
+//! exports `BENCH_FLOOR_WASM`; `INFERENCE_GATEWAY_FLOOR_WASM` overrides it likewise.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const WASM_TARGET: &str = "wasm32-wasip1";
@@ -41,18 +45,45 @@ fn main() {
     if target.starts_with("wasm32") {
         return; // this *is* the filter build
     }
-    if let Ok(prebuilt) = env::var("INFERENCE_GATEWAY_WASM") {
-        println!("cargo:rustc-env=GATEWAY_WASM={prebuilt}");
-        return;
-    }
-
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let target_root = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest_dir.join("target"));
-    let wasm_target_dir = target_root.join("wasm-filter");
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
 
+    let gateway = match env::var("INFERENCE_GATEWAY_WASM") {
+        Ok(prebuilt) => PathBuf::from(prebuilt),
+        Err(_) => build_wasm(
+            "the wasm filter",
+            &manifest_dir,
+            &target_root.join("wasm-filter"),
+            "inference_gateway",
+        ),
+    };
+    println!("cargo:rustc-env=GATEWAY_WASM={}", gateway.display());
+
+    if env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        println!("cargo:rerun-if-changed=bench-floor-filter/src");
+        println!("cargo:rerun-if-changed=bench-floor-filter/Cargo.toml");
+        println!("cargo:rerun-if-changed=bench-floor-filter/Cargo.lock");
+        println!("cargo:rerun-if-env-changed=INFERENCE_GATEWAY_FLOOR_WASM");
+        let floor = match env::var("INFERENCE_GATEWAY_FLOOR_WASM") {
+            Ok(prebuilt) => PathBuf::from(prebuilt),
+            Err(_) => build_wasm(
+                "the benchmark's floor filter",
+                &manifest_dir.join("bench-floor-filter"),
+                &target_root.join("bench-floor-filter"),
+                "bench_floor_filter",
+            ),
+        };
+        println!("cargo:rustc-env=BENCH_FLOOR_WASM={}", floor.display());
+    }
+}
+
+/// `cargo build --lib --release --target wasm32-wasip1` of the crate in
+/// `crate_dir` into `target_dir`, with only [`PASS_THROUGH`] of the environment;
+/// returns the path of `<lib_name>.wasm`.
+fn build_wasm(what: &str, crate_dir: &Path, target_dir: &Path, lib_name: &str) -> PathBuf {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.env_clear();
     for (k, v) in env::vars_os() {
@@ -65,25 +96,24 @@ fn main() {
             cmd.env(&k, v);
         }
     }
-    cmd.current_dir(&manifest_dir)
+    cmd.current_dir(crate_dir)
         .args(["build", "--lib", "--release", "--target", WASM_TARGET])
         .arg("--target-dir")
-        .arg(&wasm_target_dir)
+        .arg(target_dir)
         .arg("--manifest-path")
-        .arg(manifest_dir.join("Cargo.toml"));
+        .arg(crate_dir.join("Cargo.toml"));
 
     let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("could not run cargo for the wasm filter: {e}"));
+        .unwrap_or_else(|e| panic!("could not run cargo for {what}: {e}"));
     if !out.status.success() {
         panic!(
-            "building the wasm filter failed (is the target installed? `rustup target add {WASM_TARGET}`):\n{}",
+            "building {what} failed (is the target installed? `rustup target add {WASM_TARGET}`):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let wasm = wasm_target_dir
+    target_dir
         .join(WASM_TARGET)
         .join("release")
-        .join("inference_gateway.wasm");
-    println!("cargo:rustc-env=GATEWAY_WASM={}", wasm.display());
+        .join(format!("{lib_name}.wasm"))
 }

@@ -37,6 +37,13 @@ def overhead(d):
                 base = med([rep[q] for rep in plain[b]["reps"]])
                 ax.plot([p[0] for p in pts], [p[1] - base for p in pts], style,
                         label=f"{variant} {b // 1024} KB")
+        # The floor has no pool size: a horizontal line per body size.
+        for i, b in enumerate(bodies):
+            floor = [x for x in rows if x["variant"] == "floor" and x["body_bytes"] == b]
+            if floor and b in plain:
+                base = med([rep[q] for rep in plain[b]["reps"]])
+                ax.axhline(med([rep[q] for rep in floor[0]["reps"]]) - base, color="#2ca02c",
+                           ls=":", lw=1 + i, label=f"floor {b // 1024} KB")
         ax.set_xscale("log")
         # symlog: sub-millisecond differences and the 1000-endpoint blow-up on one axis
         ax.set_yscale("symlog", linthresh=0.1)
@@ -58,8 +65,8 @@ def overhead(d):
         labels.append(f"{x['variant']}\n{x['endpoints'] or ''} {x['body_bytes'] // 1024}K")
         sat.append(med([rep["saturation_rps"] for rep in x["reps"]]))
         cpu.append(med([rep["envoy_cpu_us"] + rep["picker_cpu_us"] for rep in x["reps"]]))
-    colors = ["#888" if l.startswith("plain") else "#1f77b4" if l.startswith("filter") else "#d62728"
-              for l in labels]
+    palette = {"plain": "#888", "floor": "#2ca02c", "filter": "#1f77b4"}
+    colors = [palette.get(x["variant"], "#d62728") for x in rows]
     axes[0].bar(range(len(sat)), sat, color=colors)
     axes[0].set_ylabel("requests/s at saturation")
     axes[1].bar(range(len(cpu)), cpu, color=colors)
@@ -69,7 +76,7 @@ def overhead(d):
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Saturation throughput and CPU per request (grey plain, blue filter, red ext_proc)")
+    fig.suptitle("Saturation throughput and CPU per request (grey plain, green floor, blue filter, red ext_proc)")
     fig.tight_layout()
     fig.savefig(os.path.join(d, "overhead-throughput.png"), dpi=90)
     out.append("overhead-throughput.png")

@@ -37,11 +37,17 @@ pub struct OverheadRep {
     pub picker_cpu_us: f64,
 }
 
+/// The overhead suite's variants, in the order it runs and reports them.
+pub const OVERHEAD_VARIANTS: [&str; 4] = ["plain", "floor", "filter", "ext_proc"];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct OverheadRow {
-    /// `plain`, `filter` or `ext_proc`.
+    /// One of [`OVERHEAD_VARIANTS`]: `plain` (Envoy's round robin), `floor` (the
+    /// minimal body-based router in Wasm, `bench-floor-filter/`), `filter` or
+    /// `ext_proc`.
     pub variant: String,
-    /// Endpoints in the pool and snapshot (0 for plain).
+    /// Endpoints in the pool and snapshot (0 for plain and floor: they route over
+    /// the two live simulators and have no pool or snapshot).
     pub endpoints: usize,
     pub body_bytes: usize,
     pub rate_rps: f64,
@@ -160,7 +166,8 @@ pub fn meta_block(m: &RunMeta) -> String {
 }
 
 /// The overhead tables: latency and added latency over plain Envoy, throughput,
-/// CPU per request.
+/// CPU per request and its multiple of plain Envoy's; then Envoy's CPU per
+/// request of every variant side by side, per body size.
 pub fn overhead_section(r: &OverheadResults) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "{}", meta_block(&r.meta));
@@ -172,7 +179,7 @@ pub fn overhead_section(r: &OverheadResults) -> String {
     };
     let _ = writeln!(
         o,
-        "| variant | endpoints | body | rate | p50 ms | p99 ms | added p50 ms | added p99 ms | saturation req/s | Envoy CPU µs/req | picker CPU µs/req |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| variant | endpoints | body | rate | p50 ms | p99 ms | added p50 ms | added p99 ms | saturation req/s | Envoy CPU µs/req | Envoy CPU × plain | picker CPU µs/req |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in &r.rows {
         let p50 = row.spread(|x| x.p50_ms);
@@ -184,16 +191,16 @@ pub fn overhead_section(r: &OverheadResults) -> String {
             ),
             None => ("–".into(), "–".into()),
         };
+        let cpu_x = match envoy_cpu_x_plain(r, row) {
+            Some(x) if row.variant != "plain" => format!("{x:.2}×"),
+            _ => "–".into(),
+        };
         let picker = row.spread(|x| x.picker_cpu_us);
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.variant,
-            if row.endpoints == 0 {
-                "–".to_string()
-            } else {
-                row.endpoints.to_string()
-            },
+            endpoints_cell(row),
             human_bytes(row.body_bytes),
             row.rate_rps,
             fmt_spread(p50, 3),
@@ -202,12 +209,99 @@ pub fn overhead_section(r: &OverheadResults) -> String {
             a99,
             fmt_spread(row.spread(|x| x.saturation_rps), 0),
             fmt_spread(row.spread(|x| x.envoy_cpu_us), 0),
+            cpu_x,
             if picker.max == 0.0 {
                 "–".into()
             } else {
                 fmt_spread(picker, 0)
             },
         );
+    }
+    o.push_str(&envoy_cpu_table(r));
+    o
+}
+
+fn endpoints_cell(row: &OverheadRow) -> String {
+    if row.endpoints == 0 {
+        "–".to_string()
+    } else {
+        row.endpoints.to_string()
+    }
+}
+
+/// Median Envoy CPU per request of `row` over plain Envoy's at the same body size.
+pub fn envoy_cpu_x_plain(r: &OverheadResults, row: &OverheadRow) -> Option<f64> {
+    let base = row_of(r, "plain", 0, row.body_bytes)?
+        .spread(|x| x.envoy_cpu_us)
+        .median;
+    (base > 0.0).then(|| row.spread(|x| x.envoy_cpu_us).median / base)
+}
+
+/// Envoy's CPU per request side by side: one line per body size, one column per
+/// (variant, endpoints) in [`OVERHEAD_VARIANTS`] order, each with its multiple of
+/// plain Envoy's. Empty without a plain row.
+fn envoy_cpu_table(r: &OverheadResults) -> String {
+    let mut columns: Vec<(&str, usize)> = Vec::new();
+    for variant in OVERHEAD_VARIANTS.iter().filter(|v| **v != "plain") {
+        let mut ns = uniq(
+            r.rows
+                .iter()
+                .filter(|x| x.variant == *variant)
+                .map(|x| x.endpoints),
+        );
+        ns.sort_unstable();
+        columns.extend(ns.into_iter().map(|n| (*variant, n)));
+    }
+    let bodies = uniq(
+        r.rows
+            .iter()
+            .filter(|x| x.variant == "plain")
+            .map(|x| x.body_bytes),
+    );
+    if bodies.is_empty() || columns.is_empty() {
+        return String::new();
+    }
+    let mut o = String::from(
+        "\nEnvoy CPU per request side by side, µs (× plain Envoy's), medians: `filter` minus \
+         `floor` is the filter's own work; for ext_proc, Envoy's side only (the picker's CPU is \
+         its own column above).",
+    );
+    if !r.rows.iter().any(|x| x.variant == "floor") {
+        o.push_str(" These results have no `floor`: they predate it.");
+    }
+    o.push_str("\n\n| body | plain |");
+    for (v, n) in &columns {
+        match n {
+            0 => {
+                let _ = write!(o, " {v} |");
+            }
+            n => {
+                let _ = write!(o, " {v} {n} |");
+            }
+        }
+    }
+    let _ = writeln!(o, "\n|---|{}", "---:|".repeat(columns.len() + 1));
+    for body in bodies {
+        let Some(base) = row_of(r, "plain", 0, body) else {
+            continue;
+        };
+        let _ = write!(
+            o,
+            "| {} | {:.0} |",
+            human_bytes(body),
+            base.spread(|x| x.envoy_cpu_us).median
+        );
+        for (v, n) in &columns {
+            let cell = row_of(r, v, *n, body).map(|row| {
+                let us = row.spread(|x| x.envoy_cpu_us).median;
+                match envoy_cpu_x_plain(r, row) {
+                    Some(x) => format!("{us:.0} ({x:.2}×)"),
+                    None => format!("{us:.0}"),
+                }
+            });
+            let _ = write!(o, " {} |", cell.unwrap_or_else(|| "–".into()));
+        }
+        o.push('\n');
     }
     o
 }
@@ -323,14 +417,19 @@ pub fn routing_csv(r: &RoutingResults) -> String {
     o
 }
 
-/// CSV of the overhead repetitions.
+/// CSV of the overhead repetitions. `envoy_cpu_x_plain`: the repetition's Envoy
+/// CPU per request over plain Envoy's median at the same body size (empty without
+/// a plain row).
 pub fn overhead_csv(r: &OverheadResults) -> String {
-    let mut o = String::from("variant,endpoints,body_bytes,rate_rps,rep,p50_ms,p99_ms,ok,failed,saturation_rps,envoy_cpu_us_per_req,picker_cpu_us_per_req\n");
+    let mut o = String::from("variant,endpoints,body_bytes,rate_rps,rep,p50_ms,p99_ms,ok,failed,saturation_rps,envoy_cpu_us_per_req,envoy_cpu_x_plain,picker_cpu_us_per_req\n");
     for row in &r.rows {
+        let base = row_of(r, "plain", 0, row.body_bytes)
+            .map(|p| p.spread(|x| x.envoy_cpu_us).median)
+            .filter(|b| *b > 0.0);
         for (i, x) in row.reps.iter().enumerate() {
             let _ = writeln!(
                 o,
-                "{},{},{},{},{},{:.4},{:.4},{},{},{:.1},{:.1},{:.1}",
+                "{},{},{},{},{},{:.4},{:.4},{},{},{:.1},{:.1},{},{:.1}",
                 row.variant,
                 row.endpoints,
                 row.body_bytes,
@@ -342,6 +441,8 @@ pub fn overhead_csv(r: &OverheadResults) -> String {
                 x.failed,
                 x.saturation_rps,
                 x.envoy_cpu_us,
+                base.map(|b| format!("{:.3}", x.envoy_cpu_us / b))
+                    .unwrap_or_default(),
                 x.picker_cpu_us
             );
         }
@@ -392,6 +493,85 @@ mod tests {
         );
         assert!(md.contains("0.500 (0.400–0.600)"), "{md}");
         assert!(overhead_csv(&r).lines().count() == 5);
+    }
+
+    fn cpu_row(variant: &str, endpoints: usize, body: usize, cpu: &[f64]) -> OverheadRow {
+        OverheadRow {
+            variant: variant.into(),
+            endpoints,
+            body_bytes: body,
+            rate_rps: 200.0,
+            reps: cpu
+                .iter()
+                .map(|&c| OverheadRep {
+                    envoy_cpu_us: c,
+                    ..rep(1.0, 2.0)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn envoy_cpu_is_a_multiple_of_plain_next_to_the_floor() {
+        let r = OverheadResults {
+            rows: vec![
+                cpu_row("plain", 0, 1024, &[90.0, 100.0, 110.0]),
+                cpu_row("floor", 0, 1024, &[150.0]),
+                cpu_row("filter", 10, 1024, &[250.0]),
+                cpu_row("filter", 100, 1024, &[300.0]),
+                cpu_row("ext_proc", 10, 1024, &[200.0]),
+                cpu_row("filter", 10, 16384, &[400.0]), // no plain at 16 KB
+            ],
+            ..Default::default()
+        };
+        let md = overhead_section(&r);
+        // Per row: the median over plain Envoy's median at the same body size.
+        assert!(
+            md.contains(
+                "| floor | – | 1 KB | 200 | 1.000 | 2.000 | +0.000 | +0.000 | 1000 | 150 | 1.50× | – |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| 1000 | 250 | 2.50× | – |"), "{md}");
+        assert!(md.contains("| 1000 | 100 (90–110) | – | – |"), "{md}");
+        assert!(md.contains("| 1000 | 400 | – | – |"), "{md}");
+        // Side by side, in the suite's order.
+        assert!(
+            md.contains("| body | plain | floor | filter 10 | filter 100 | ext_proc 10 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 KB | 100 | 150 (1.50×) | 250 (2.50×) | 300 (3.00×) | 200 (2.00×) |\n"),
+            "{md}"
+        );
+        // No side-by-side line without a plain row to compare with.
+        assert!(!md.contains("\n| 16 KB |"), "{md}");
+        let csv = overhead_csv(&r);
+        assert!(csv
+            .lines()
+            .next()
+            .unwrap()
+            .contains(",envoy_cpu_us_per_req,envoy_cpu_x_plain,picker_cpu_us_per_req"));
+        assert!(
+            csv.contains("\nfloor,0,1024,200,0,1.0000,2.0000,10,0,1000.0,150.0,1.500,0.0\n"),
+            "{csv}"
+        );
+        assert!(
+            csv.contains("\nplain,0,1024,200,2,1.0000,2.0000,10,0,1000.0,110.0,1.100,0.0\n"),
+            "{csv}"
+        );
+        assert!(
+            csv.contains("\nfilter,10,16384,200,0,1.0000,2.0000,10,0,1000.0,400.0,,0.0\n"),
+            "{csv}"
+        );
+        // Results without a floor (older runs) still render, without its column.
+        let old = OverheadResults {
+            rows: vec![r.rows[0].clone(), r.rows[2].clone()],
+            ..Default::default()
+        };
+        let md = overhead_section(&old);
+        assert!(md.contains("| body | plain | filter 10 |\n"), "{md}");
+        assert!(md.contains("These results have no `floor`"), "{md}");
     }
 
     #[test]
@@ -584,6 +764,19 @@ pub fn scheduler_section(r: &SchedulerResults) -> String {
     o
 }
 
+/// What the overhead suite's variants are, above its tables.
+const OVERHEAD_VARIANTS_TEXT: &str = "Variants, in this order: **plain** (Envoy's own round \
+robin over the two simulators, no filter), **floor** (a minimal proxy-wasm filter, \
+`bench-floor-filter/`, in the filter's place with the same Envoy wiring: it holds the \
+request headers, copies the whole body into the VM and sets \
+`x-gateway-destination-endpoint` round robin over the two simulators, nothing else), \
+**filter** (the inference-gateway filter, per pool size) and **ext_proc** (the same \
+scheduler as an ext_proc picker, per pool size). The floor is the least any body-based \
+router in Wasm costs Envoy: the filter's cost above it is the filter's own work (parsing, \
+scheduling, metrics), the part optimising the filter can remove; the floor's cost above \
+plain Envoy (holding the request, the body copy, the calls into the VM) is the price of \
+routing on the body in Wasm at all.\n\n";
+
 /// The whole BENCHMARKS.md.
 pub fn document(
     overhead: Option<&OverheadResults>,
@@ -599,9 +792,10 @@ GENERATED by `cargo run --release --features bench --bin bench -- report` from t
 `benches/results/` (the suites below write them, then render this file). How the harness works, \
 what each variant is and what the numbers mean: [benches/README.md](benches/README.md).\n\n\
 The claim: *GIE-grade routing without the sidecar hop*. The overhead suite measures the hop \
-(the filter in Envoy against plain Envoy and against an ext_proc picker running the same scheduler \
-out of process); the routing suite measures the routing (the filter's scheduler against Envoy's \
-round robin and least request over simulated vLLM replicas).\n\n",
+(the filter in Envoy against plain Envoy, against the floor any body-based router in Wasm pays, \
+and against an ext_proc picker running the same scheduler out of process); the routing suite \
+measures the routing (the filter's scheduler against Envoy's round robin and least request over \
+simulated vLLM replicas).\n\n",
     );
     let mut verdicts = Vec::new();
     if let Some(r) = overhead {
@@ -618,7 +812,8 @@ round robin and least request over simulated vLLM replicas).\n\n",
             let _ = writeln!(o, "![{p}]({})\n", rel(md, dir, p));
         }
     };
-    o.push_str("## Overhead: filter vs plain Envoy vs ext_proc picker\n\n");
+    o.push_str("## Overhead: filter vs plain Envoy, the floor and an ext_proc picker\n\n");
+    o.push_str(OVERHEAD_VARIANTS_TEXT);
     match overhead {
         Some(r) => {
             o.push_str(&overhead_section(r));

@@ -38,7 +38,8 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Suite {
     /// Added latency, saturation throughput and Envoy CPU: plain Envoy vs the
-    /// filter vs an ext_proc picker.
+    /// floor (a minimal body-based router in Wasm) vs the filter vs an ext_proc
+    /// picker.
     Overhead(Common),
     /// TTFT, latency, throughput and goodput of routing policies over 8 replicas.
     Routing(Common),
@@ -341,7 +342,30 @@ fn envoy_yaml(
     control: u16,
     admin: u16,
 ) -> String {
+    envoy_config::render(&bench_settings(routing, gateway_config, gw, control, admin))
+}
+
+/// The overhead suite's floor: the filter's bootstrap (`Routing::WasmFilter`: the
+/// same listeners, `ORIGINAL_DST` cluster, VM and plugin settings) with
+/// `bench-floor-filter`'s module in the filter's place, routing round robin over
+/// `live`. Its control listener gets an empty list (nothing is pushed to it).
+fn floor_envoy_yaml(live: &[String], gw: u16, control: u16, admin: u16) -> String {
     let settings = EnvoySettings {
+        wasm_path: env!("BENCH_FLOOR_WASM").into(),
+        control_config: json!([]),
+        ..bench_settings(Routing::WasmFilter, json!(live), gw, control, admin)
+    };
+    envoy_config::render(&settings)
+}
+
+fn bench_settings(
+    routing: Routing,
+    gateway_config: Value,
+    gw: u16,
+    control: u16,
+    admin: u16,
+) -> EnvoySettings {
+    EnvoySettings {
         gateway_port: gw,
         control_port: control,
         admin_port: admin,
@@ -355,8 +379,7 @@ fn envoy_yaml(
         buffer_limit_bytes: Some(8 << 20),
         routing,
         ..EnvoySettings::demo()
-    };
-    envoy_config::render(&settings)
+    }
 }
 
 /// Pushes `make()`'s snapshot to `url` every 300 ms until dropped.
@@ -615,8 +638,9 @@ fn overhead(c: &Common) -> Res<()> {
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
 
-    // (variant, endpoints): plain needs no pool.
-    let mut configs: Vec<(&str, usize)> = vec![("plain", 0)];
+    // (variant, endpoints) in report::OVERHEAD_VARIANTS order: plain and the
+    // floor need no pool (both route over the live simulators only).
+    let mut configs: Vec<(&str, usize)> = vec![("plain", 0), ("floor", 0)];
     for &n in &plan.endpoints {
         configs.push(("filter", n));
     }
@@ -638,6 +662,7 @@ fn overhead(c: &Common) -> Res<()> {
                 let rr = Routing::EnvoyLb(LbPolicy::RoundRobin);
                 (envoy_yaml(rr, live_pool, gw, control, admin), None)
             }
+            "floor" => (floor_envoy_yaml(&live, gw, control, admin), None),
             "filter" => (
                 envoy_yaml(
                     Routing::WasmFilter,

@@ -47,7 +47,9 @@ pub const DEMO_RESPONSE_TEMPLATE: &str = "projects/demo/locations/local/template
 /// What picks the model server for a request on the gateway listener.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Routing {
-    /// The Wasm filter: the product.
+    /// The Wasm filter: the product. The module is [`EnvoySettings::wasm_path`], so
+    /// the overhead benchmark runs its floor (`bench-floor-filter`) in this very
+    /// wiring by pointing that path, and the plugin configurations, elsewhere.
     #[default]
     WasmFilter,
     /// No picker: Envoy's own load balancer over the plugin configuration's pool
@@ -1028,6 +1030,42 @@ mod tests {
                 "{endpoint} is a host of the cluster"
             );
         }
+    }
+
+    #[test]
+    fn another_module_in_the_filters_place_gets_the_same_wiring() {
+        // The overhead benchmark's floor: only the module and the plugin
+        // configurations differ from the filter's bootstrap.
+        let filter = EnvoySettings::demo();
+        let floor = EnvoySettings {
+            wasm_path: "/tmp/bench_floor_filter.wasm".into(),
+            gateway_config: json!(["127.0.0.1:8001", "127.0.0.1:8002"]),
+            control_config: json!([]),
+            ..EnvoySettings::demo()
+        };
+        let yaml = render(&floor);
+        assert_eq!(
+            yaml.matches("filename: /tmp/bench_floor_filter.wasm\n")
+                .count(),
+            2
+        );
+        assert!(yaml.contains("                    [\"127.0.0.1:8001\", \"127.0.0.1:8002\"]\n"));
+        assert!(yaml.contains("                    []\n"));
+        assert!(yaml.contains("allow_on_headers_stop_iteration: true"));
+        assert!(yaml.contains("type: ORIGINAL_DST"));
+        assert!(yaml.contains("http_header_name: x-gateway-destination-endpoint"));
+        // Line by line, apart from the module path and the embedded configurations
+        // (indented 20 spaces), the two bootstraps are the same.
+        let wiring = |yaml: &str| -> Vec<String> {
+            yaml.lines()
+                .filter(|l| !l.starts_with(&" ".repeat(20)))
+                .map(|l| match l.split_once("filename: ") {
+                    Some((indent, _)) => format!("{indent}filename: <module>"),
+                    None => l.to_string(),
+                })
+                .collect()
+        };
+        assert_eq!(wiring(&yaml), wiring(&render(&filter)));
     }
 
     #[test]
