@@ -206,6 +206,9 @@ struct Measured {
     request: Cost,
     response: Cost,
     host_calls: HashMap<&'static str, u64>,
+    /// Instructions by callback (the checks' answers count with the phase they
+    /// answer).
+    phases: Vec<(String, u64)>,
 }
 
 /// One request through the filter, from its headers to its log.
@@ -223,6 +226,7 @@ fn one_request(vm: &mut Vm, sc: &Scenario, body: &str) -> Measured {
         ("x-request-id", "cost-1"),
     ];
     assert_eq!(vm.request_headers(s, &headers, false), Action::Pause);
+    let headers_instructions = vm.cost().instructions;
     let routed = vm.request_body(s, body.as_bytes(), true);
     if sc.safety {
         assert_eq!(
@@ -292,6 +296,7 @@ fn one_request(vm: &mut Vm, sc: &Scenario, body: &str) -> Measured {
             answer_checks(vm, &mut answered);
         }
     }
+    let before_end = vm.cost().instructions;
     vm.end(s);
     vm.assert_alive();
     assert!(
@@ -303,10 +308,17 @@ fn one_request(vm: &mut Vm, sc: &Scenario, body: &str) -> Measured {
     for (k, v) in vm.host_calls() {
         *host_calls.entry(k).or_default() += v;
     }
+    let phases = [
+        ("request headers", headers_instructions),
+        ("request body", request.instructions - headers_instructions),
+        ("response", before_end),
+        ("end (done, log)", response.instructions - before_end),
+    ];
     Measured {
         request,
         response,
         host_calls,
+        phases: phases.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
     }
 }
 
@@ -323,6 +335,8 @@ struct Figures {
     bytes_out: u64,
     /// Host calls per request by function.
     host_calls_by_function: BTreeMap<String, u64>,
+    /// Instructions by phase (not budgeted: the totals are).
+    instructions_by_phase: Vec<(String, u64)>,
 }
 
 fn measure(sc: &Scenario) -> Figures {
@@ -380,6 +394,7 @@ fn measure(sc: &Scenario) -> Figures {
             .into_iter()
             .map(|(k, v)| (k.trim_start_matches("proxy_").to_string(), v))
             .collect(),
+        instructions_by_phase: m.phases,
     }
 }
 
@@ -425,6 +440,20 @@ fn table(figures: &BTreeMap<String, Figures>, order: &[Scenario]) -> String {
             n(f.bytes_in),
             n(f.bytes_out)
         ));
+    }
+    md.push_str("\n## Instructions per request, by callback\n\n| scenario |");
+    for (phase, _) in &figures[order[0].name].instructions_by_phase {
+        md.push_str(&format!(" {phase} |"));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(figures[order[0].name].instructions_by_phase.len()));
+    md.push('\n');
+    for sc in order {
+        md.push_str(&format!("| {} |", sc.name));
+        for (_, v) in &figures[sc.name].instructions_by_phase {
+            md.push_str(&format!(" {} |", n(*v)));
+        }
+        md.push('\n');
     }
     md.push_str("\n## Host calls per request, by function\n\n");
     let mut functions: Vec<&String> = figures

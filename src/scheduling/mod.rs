@@ -137,25 +137,23 @@ pub fn schedule(
     if candidates.is_empty() {
         return Outcome::NoEndpoint;
     }
-    let all: Vec<usize> = (0..candidates.len()).collect();
+    // One list of candidate indexes, narrowed in place by each filter (a filter
+    // that would leave nothing leaves it as it was).
+    let n = candidates.len();
+    let mut pool: Vec<usize> = Vec::with_capacity(n);
 
     // 1. Health: fresh-and-up first, then not-known-down, then anything.
-    let up: Vec<usize> = keep(&all, |i| candidates[i].known_up());
-    let not_down = keep(&all, |i| !candidates[i].known_down());
-    let mut pool = if !up.is_empty() {
-        up
-    } else if !not_down.is_empty() {
-        not_down
-    } else {
-        all
-    };
+    pool.extend((0..n).filter(|&i| candidates[i].known_up()));
+    if pool.is_empty() {
+        pool.extend((0..n).filter(|&i| !candidates[i].known_down()));
+    }
+    if pool.is_empty() {
+        pool.extend(0..n);
+    }
 
     // 2. LoRA: never evict when another endpoint can take the adapter.
     if req.adapter {
-        let no_evict = keep(&pool, |i| !candidates[i].would_evict(req.model));
-        if !no_evict.is_empty() {
-            pool = no_evict;
-        }
+        narrow(&mut pool, |i| !candidates[i].would_evict(req.model));
     }
 
     // 3. Saturation and shedding.
@@ -164,15 +162,13 @@ pub fn schedule(
     } else {
         1.0
     };
-    let open = keep(&pool, |i| {
-        !candidates[i].saturated(&cfg.saturation, headroom)
-    });
-    if open.is_empty() {
+    let open = |i: usize| !candidates[i].saturated(&cfg.saturation, headroom);
+    if !pool.iter().any(|&i| open(i)) {
         if req.priority < 0 {
             return Outcome::Shed;
         }
     } else {
-        pool = open;
+        pool.retain(|&i| open(i));
     }
 
     // 4. Score. The pool-wide ranges are computed once: per candidate they would
@@ -230,8 +226,11 @@ fn count_ties(scored: &[Scored]) -> usize {
 /// Scores this close to the best one are a tie, broken at random.
 const TIE: f64 = 1e-9;
 
-fn keep(from: &[usize], f: impl Fn(usize) -> bool) -> Vec<usize> {
-    from.iter().copied().filter(|&i| f(i)).collect()
+/// Keeps the indexes `f` accepts, unless it accepts none.
+fn narrow(pool: &mut Vec<usize>, f: impl Fn(usize) -> bool) {
+    if pool.iter().any(|&i| f(i)) {
+        pool.retain(|&i| f(i));
+    }
 }
 
 /// In-flight counts are min-max normalised across the pool, as GIE does: the best
