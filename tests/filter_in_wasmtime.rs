@@ -79,6 +79,57 @@ fn routes_a_chat_request_to_a_pool_endpoint() {
     vm.assert_alive();
 }
 
+/// A body that ends with trailers (no body callback ends the stream) is routed
+/// at the trailers, rewritten there if needed, and refused there if unreadable:
+/// such a request must not wait for a body end that never comes.
+#[test]
+fn a_body_ending_with_trailers_is_routed_at_the_trailers() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    for (model, chunks) in [("food-review", 1usize), ("split", 3)] {
+        let body =
+            json!({"model": model, "messages": [{"role": "user", "content": "hello"}]}).to_string();
+        let s = vm.stream();
+        let len = body.len().to_string();
+        vm.request_headers(s, &post("/v1/chat/completions", &len), false);
+        let step = body.len().div_ceil(chunks);
+        for part in body.as_bytes().chunks(step) {
+            assert_eq!(vm.request_body(s, part, false), Action::Pause, "held");
+        }
+        assert!(vm
+            .request_header(s, "x-gateway-destination-endpoint")
+            .is_none());
+        assert_eq!(
+            vm.request_trailers(s, &[("x-checksum", "abc")]),
+            Action::Continue
+        );
+        let dest = vm
+            .request_header(s, "x-gateway-destination-endpoint")
+            .expect("routed at the trailers");
+        assert_eq!(host.in_flight(&dest), 1);
+        let sent: Value = serde_json::from_slice(&vm.state(s).request_body).unwrap();
+        if model == "split" {
+            assert!(
+                sent["model"].as_str().unwrap().starts_with("split-v"),
+                "{sent}"
+            );
+        } else {
+            assert_eq!(sent["model"], model);
+        }
+        vm.end(s);
+        assert_eq!(host.in_flight(&dest), 0);
+    }
+    // Trailers after a body that is not JSON: the usual 400.
+    let s = vm.stream();
+    vm.request_headers(s, &post("/v1/chat/completions", "5"), false);
+    vm.request_body(s, b"{oops", false);
+    vm.request_trailers(s, &[("x-checksum", "abc")]);
+    let r = vm.local_response(s).expect("refused");
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    vm.end(s);
+    vm.assert_alive();
+}
+
 #[test]
 fn weighted_targets_rewrite_the_model_and_content_length() {
     let host = Host::new();

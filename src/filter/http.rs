@@ -28,6 +28,9 @@ pub struct GatewayStream {
     rng: fastrand::Rng,
     /// Set once the headers say the body decides the route.
     buffering: Option<ApiKind>,
+    /// The request body's size at the last body callback (a body that ends with
+    /// trailers is complete at the trailers).
+    body_seen: usize,
     /// Each endpoint's slot in the packed in-flight counters (per VM, from configure).
     slots: Rc<inflight::Slots>,
     /// The slot whose in-flight count this stream holds; released exactly once.
@@ -57,6 +60,7 @@ impl GatewayStream {
             snapshot,
             rng: fastrand::Rng::with_seed(seed),
             buffering: None,
+            body_seen: 0,
             slots,
             holding: None,
             explanation: None,
@@ -288,11 +292,24 @@ impl HttpContext for GatewayStream {
             ));
         }
         if !end_of_stream {
+            self.body_seen = body_size;
             return Action::Pause;
         }
         self.buffering = None;
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         self.route(kind, &body, body_size)
+    }
+
+    /// A request body that ends with trailers (HTTP/2, gRPC-style clients, chunked
+    /// HTTP/1.1) never has a body callback with `end_of_stream`: the body is
+    /// complete here. Without this the request would wait until Envoy timed it out.
+    fn on_http_request_trailers(&mut self, _: usize) -> Action {
+        let Some(kind) = self.buffering.take() else {
+            return Action::Continue;
+        };
+        let size = self.body_seen;
+        let body = self.get_http_request_body(0, size).unwrap_or_default();
+        self.route(kind, &body, size)
     }
 
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {

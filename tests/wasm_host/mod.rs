@@ -71,6 +71,7 @@ type CallResponse = (Vec<(String, String)>, Vec<u8>);
 pub struct StreamState {
     pub request_headers: Vec<(String, String)>,
     pub request_body: Vec<u8>,
+    pub request_trailers: Vec<(String, String)>,
     pub response_headers: Vec<(String, String)>,
     pub response_body: Vec<u8>,
     pub local_response: Option<LocalResponse>,
@@ -119,6 +120,7 @@ impl HostState {
     fn map(&mut self, map_type: i32) -> Option<&mut Vec<(String, String)>> {
         match map_type {
             0 => Some(&mut self.stream().request_headers),
+            1 => Some(&mut self.stream().request_trailers),
             2 => Some(&mut self.stream().response_headers),
             6 => self.call_response.as_mut().map(|c| &mut c.0),
             _ => None,
@@ -852,6 +854,21 @@ impl Vm {
         let a = self.call_i32(
             "proxy_on_request_body",
             (s as i32, size as i32, end_of_stream as i32),
+        );
+        Self::action(a)
+    }
+
+    /// Request trailers: the end of a request whose last body chunk did not end
+    /// the stream.
+    pub fn request_trailers(&mut self, s: u32, trailers: &[(&str, &str)]) -> Action {
+        self.set_current(s);
+        self.store.data_mut().stream().request_trailers = trailers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let a = self.call_i32(
+            "proxy_on_request_trailers",
+            (s as i32, trailers.len() as i32),
         );
         Self::action(a)
     }
