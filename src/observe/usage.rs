@@ -37,7 +37,7 @@ enum After {
     Colon,
 }
 
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default)]
 pub struct UsageScanner {
     in_string: bool,
     escape: bool,
@@ -60,43 +60,9 @@ impl UsageScanner {
         self.usage
     }
 
-    pub fn feed(&mut self, mut chunk: &[u8]) {
-        while let Some(&b) = chunk.first() {
-            let run = self.inert_run(chunk);
-            if run > 0 {
-                if let Some((buf, _)) = self.capture.as_mut() {
-                    buf.extend_from_slice(&chunk[..run]);
-                }
-                chunk = &chunk[run..];
-            } else {
-                self.byte(b);
-                chunk = &chunk[1..];
-            }
-        }
-    }
-
-    /// How many leading bytes of `chunk` would leave the state as it is (but for
-    /// the capture, which takes them whole): most of a response is text the
-    /// scanner only has to skip, and `memchr` skips it several times faster than
-    /// the byte loop. 0 when the first byte needs [`UsageScanner::byte`]; also 0
-    /// when a capture would overflow, so that case keeps its byte-by-byte rules.
-    fn inert_run(&self, chunk: &[u8]) -> usize {
-        let run = match (self.in_string, self.capture.is_some()) {
-            // Outside strings with nothing pending, only a quote matters.
-            (false, false) if self.after == After::Nothing => memchr::memchr(b'"', chunk),
-            // Inside a string past its first bytes (which could still spell the
-            // key `usage`), only its end or an escape matters.
-            (true, _) if !self.escape && self.key_len == usize::MAX => {
-                memchr::memchr2(b'"', b'\\', chunk)
-            }
-            // In the captured object, only braces and strings matter.
-            (false, true) => memchr::memchr3(b'{', b'}', b'"', chunk),
-            _ => Some(0),
-        }
-        .unwrap_or(chunk.len());
-        match &self.capture {
-            Some((buf, _)) if buf.len() + run > MAX_USAGE_BYTES => 0,
-            _ => run,
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            self.byte(b);
         }
     }
 
@@ -251,64 +217,6 @@ mod tests {
                 completion_tokens: 3
             })
         );
-    }
-
-    /// The skipping `feed` must end in exactly the state the byte loop reaches,
-    /// whatever the bytes and wherever the chunks are cut. The bytes are pieces of
-    /// real responses (usage objects, escapes, nested braces, long text) and noise.
-    #[test]
-    fn skipping_runs_matches_the_byte_loop() {
-        let mut rng = fastrand::Rng::with_seed(21);
-        let long = "x".repeat(MAX_USAGE_BYTES);
-        let pieces: [&str; 14] = [
-            r#""usage""#,
-            r#""usage":{"prompt_tokens":3,"completion_tokens":4}"#,
-            r#""usage": {"#,
-            r#""prompt_tokens_details":{"cached_tokens":1}"#,
-            "}",
-            "{",
-            r#""content":"hello world, a long answer ""#,
-            r#"\"usage\":{}"#,
-            "\\",
-            ":",
-            " \n",
-            r#""usag"#,
-            "data: [DONE]\n\n",
-            &long,
-        ];
-        let alphabet = b"{}\":usage \\,0123456789promptcletin_x\n";
-        for round in 0..3000 {
-            let mut bytes = Vec::new();
-            for _ in 0..rng.usize(0..40) {
-                if rng.bool() {
-                    let piece = pieces[rng.usize(..pieces.len() - usize::from(round % 20 != 0))];
-                    bytes.extend_from_slice(piece.as_bytes());
-                } else {
-                    bytes.push(*rng.choice(alphabet).unwrap());
-                }
-            }
-            if round < 40 {
-                // A capture that ends right at its size limit, either side.
-                let filler = "x".repeat(MAX_USAGE_BYTES - 30 + round);
-                bytes = format!(r#"{{"usage":{{"k":"{filler}"}}}}"#).into_bytes();
-            }
-            let (mut fast, mut slow) = (UsageScanner::new(), UsageScanner::new());
-            let mut rest = bytes.as_slice();
-            while !rest.is_empty() {
-                let (chunk, tail) = rest.split_at(rng.usize(1..=rest.len()));
-                fast.feed(chunk);
-                for &b in chunk {
-                    slow.byte(b);
-                }
-                assert_eq!(
-                    fast,
-                    slow,
-                    "round {round}: {:?}",
-                    String::from_utf8_lossy(&bytes)
-                );
-                rest = tail;
-            }
-        }
     }
 
     #[test]
