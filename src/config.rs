@@ -269,6 +269,12 @@ impl Config {
         self.pools.iter().position(|p| p.name == name)
     }
 
+    /// Each pool's endpoints, in configuration order (what per-position lookups
+    /// such as `inflight::Slots` and `IndexedSnapshot::with_pools` are built from).
+    pub fn pool_endpoints(&self) -> impl Iterator<Item = &[String]> {
+        self.pools.iter().map(|p| p.endpoints.as_slice())
+    }
+
     /// Every endpoint of every pool, deduplicated, in configuration order.
     pub fn all_endpoints(&self) -> Vec<String> {
         let mut seen = std::collections::HashSet::new();

@@ -44,7 +44,7 @@ impl Picker {
         // A fresh in-memory store cannot refuse.
         let slots = inflight::Slots::new(
             inflight::register(&store, &config.all_endpoints()).unwrap_or_default(),
-            config.pools.iter().map(|p| p.endpoints.as_slice()),
+            config.pool_endpoints(),
         );
         Picker {
             config: Arc::new(config),
@@ -61,8 +61,7 @@ impl Picker {
         let snapshot = ingest::accept(encoded.as_deref(), body)?;
         *encoded = Some(body.to_vec());
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(
-            IndexedSnapshot::new(snapshot)
-                .with_pools(self.config.pools.iter().map(|p| p.endpoints.as_slice())),
+            IndexedSnapshot::new(snapshot).with_pools(self.config.pool_endpoints()),
         ));
         Ok(())
     }

@@ -46,7 +46,7 @@ impl RootContext for Root {
             let endpoints = config.all_endpoints();
             self.slots = Rc::new(Slots::new(
                 store::register_endpoints(&endpoints),
-                config.pools.iter().map(|p| p.endpoints.as_slice()),
+                config.pool_endpoints(),
             ));
             // The cached snapshot places the old configuration's pools.
             self.snapshot = Rc::default();

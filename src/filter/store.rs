@@ -116,7 +116,7 @@ impl SnapshotCache {
             match stored_snapshot() {
                 Some(s) => {
                     let indexed = crate::snapshot::IndexedSnapshot::new(s)
-                        .with_pools(config.pools.iter().map(|p| p.endpoints.as_slice()));
+                        .with_pools(config.pool_endpoints());
                     self.snapshot = Some(std::rc::Rc::new(indexed))
                 }
                 None => log::warn!(

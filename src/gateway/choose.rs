@@ -243,7 +243,7 @@ mod tests {
             .enumerate()
             .map(|(i, e)| (e.to_string(), i))
             .collect();
-        Slots::new(by_address, cfg.pools.iter().map(|p| p.endpoints.as_slice()))
+        Slots::new(by_address, cfg.pool_endpoints())
     }
 
     fn run(

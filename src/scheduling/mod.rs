@@ -163,13 +163,10 @@ pub fn schedule(
         1.0
     };
     let open = |i: usize| !candidates[i].saturated(&cfg.saturation, headroom);
-    if !pool.iter().any(|&i| open(i)) {
-        if req.priority < 0 {
-            return Outcome::Shed;
-        }
-    } else {
-        pool.retain(|&i| open(i));
+    if req.priority < 0 && !pool.iter().any(|&i| open(i)) {
+        return Outcome::Shed;
     }
+    narrow(&mut pool, open);
 
     // 4. Score. The pool-wide ranges are computed once: per candidate they would
     // make a decision quadratic in the pool size (6 ms at 1000 endpoints).
