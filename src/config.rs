@@ -91,6 +91,25 @@ pub struct RawConfig {
     /// Prompt and response screening (Model Armor REST shape); absent: off.
     #[serde(default)]
     pub safety: Option<RawSafety>,
+    /// The only networks the gateway routes to (CIDRs). A pushed snapshot names
+    /// the members; this keeps a leaked ingest token from pointing Envoy's
+    /// ORIGINAL_DST cluster anywhere else.
+    #[serde(default = "default_allowed_endpoint_cidrs")]
+    pub allowed_endpoint_cidrs: Vec<String>,
+}
+
+/// Loopback and the private ranges: where pods and local model servers live.
+pub const DEFAULT_ALLOWED_ENDPOINT_CIDRS: [&str; 6] = [
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "::1/128",
+    "fc00::/7",
+];
+
+fn default_allowed_endpoint_cidrs() -> Vec<String> {
+    DEFAULT_ALLOWED_ENDPOINT_CIDRS.map(String::from).to_vec()
 }
 
 fn default_snapshot_stale_after_ms() -> u64 {
@@ -123,7 +142,9 @@ fn default_max_body() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub name: String,
-    /// Model-server endpoints as `ip:port` (IPv6 as `[::1]:8000`).
+    /// Model-server endpoints as `ip:port` (IPv6 as `[::1]:8000`): the members
+    /// until a snapshot lists the pool (or always, without a collector).
+    #[serde(default)]
     pub endpoints: Vec<String>,
 }
 
@@ -213,6 +234,39 @@ pub struct Config {
     pub scheduling: Scheduling,
     pub destination_list: bool,
     pub safety: Option<Safety>,
+    pub allowed_endpoints: AllowedNetworks,
+}
+
+/// The networks members may be in (`allowed_endpoint_cidrs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedNetworks(Vec<ipnet::IpNet>);
+
+impl AllowedNetworks {
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(ip))
+    }
+
+    fn parse(cidrs: &[String]) -> Result<AllowedNetworks, ConfigError> {
+        if cidrs.is_empty() {
+            return Err(err(
+                "allowed_endpoint_cidrs",
+                "at least one network is required (the gateway would route nowhere)",
+            ));
+        }
+        cidrs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.trim().parse::<ipnet::IpNet>().map_err(|_| {
+                    err(
+                        format!("allowed_endpoint_cidrs[{i}]"),
+                        format!("'{c}' is not a CIDR such as 10.0.0.0/8 or fd00::/8"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(AllowedNetworks)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,6 +350,7 @@ impl RawConfig {
             return Err(err("pools", "at least one pool is required"));
         }
 
+        let allowed = AllowedNetworks::parse(&self.allowed_endpoint_cidrs)?;
         let mut pools = Vec::with_capacity(self.pools.len());
         for (i, p) in self.pools.iter().enumerate() {
             let at = format!("pools[{i}]");
@@ -306,12 +361,6 @@ impl RawConfig {
                     format!("duplicate pool '{}'", p.name),
                 ));
             }
-            if p.endpoints.is_empty() {
-                return Err(err(
-                    format!("{at}.endpoints"),
-                    "at least one endpoint is required",
-                ));
-            }
             let mut endpoints = Vec::with_capacity(p.endpoints.len());
             for (j, e) in p.endpoints.iter().enumerate() {
                 let addr: SocketAddr = e.trim().parse().map_err(|_| {
@@ -320,6 +369,12 @@ impl RawConfig {
                         format!("'{e}' is not an ip:port address (IPv6 as [::1]:8000)"),
                     )
                 })?;
+                if !allowed.contains(&addr.ip()) || addr.port() == 0 {
+                    return Err(err(
+                        format!("{at}.endpoints[{j}]"),
+                        format!("'{e}' is outside allowed_endpoint_cidrs (or port 0)"),
+                    ));
+                }
                 let norm = addr.to_string();
                 if endpoints.contains(&norm) {
                     return Err(err(
@@ -481,6 +536,7 @@ impl RawConfig {
                 Some(s) => Some(s.validate()?),
                 None => None,
             },
+            allowed_endpoints: allowed,
         })
     }
 }
@@ -584,19 +640,36 @@ mod tests {
             "pools[0].endpoints[0]"
         );
         assert_eq!(
-            field_of(r#"{"pools": [{"name": "p", "endpoints": []}]}"#),
-            "pools[0].endpoints"
+            field_of(r#"{"pools": [{"name": "p", "endpoints": ["8.8.8.8:80"]}]}"#),
+            "pools[0].endpoints[0]",
+            "outside the default allowed networks"
         );
         assert_eq!(
             field_of(
-                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}],
+                r#"{"pools": [{"name": "p"}], "allowed_endpoint_cidrs": ["10.0.0.0/8", "10.0.0.0"]}"#
+            ),
+            "allowed_endpoint_cidrs[1]"
+        );
+        assert_eq!(
+            field_of(r#"{"pools": [{"name": "p"}], "allowed_endpoint_cidrs": []}"#),
+            "allowed_endpoint_cidrs"
+        );
+        // A pool may start empty: its members come from the snapshots.
+        let c = parse(r#"{"pools": [{"name": "p"}], "allowed_endpoint_cidrs": ["8.8.8.0/24"]}"#)
+            .unwrap();
+        assert!(c.pools[0].endpoints.is_empty());
+        assert!(c.allowed_endpoints.contains(&"8.8.8.8".parse().unwrap()));
+        assert!(!c.allowed_endpoints.contains(&"127.0.0.1".parse().unwrap()));
+        assert_eq!(
+            field_of(
+                r#"{"pools": [{"name": "p", "endpoints": ["10.2.3.4:1"]}],
                     "models": [{"name": "m", "pool": "q"}]}"#
             ),
             "models[0].pool"
         );
         assert_eq!(
             field_of(
-                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}],
+                r#"{"pools": [{"name": "p", "endpoints": ["10.2.3.4:1"]}],
                     "models": [{"name": "m", "pool": "p",
                                 "target_models": [{"name": "x", "weight": 0}]}]}"#
             ),
@@ -604,14 +677,14 @@ mod tests {
         );
         assert_eq!(
             field_of(
-                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}],
+                r#"{"pools": [{"name": "p", "endpoints": ["10.2.3.4:1"]}],
                     "models": [{"name": "m", "pool": "p", "objective": "nope"}]}"#
             ),
             "models[0].objective"
         );
         assert_eq!(
             field_of(
-                r#"{"pools": [{"name": "p", "endpoints": ["1.2.3.4:1"]}], "default_pool": "x"}"#
+                r#"{"pools": [{"name": "p", "endpoints": ["10.2.3.4:1"]}], "default_pool": "x"}"#
             ),
             "default_pool"
         );

@@ -1,14 +1,22 @@
 //! Per-endpoint in-flight request counters in proxy-wasm shared data.
 //!
 //! Every worker thread runs its own VM; shared data (scoped by `vm_id`) is the only
-//! state they share. All counters live packed in one key, one little-endian `u32`
-//! per endpoint, so a request reads every candidate's count with one host call
-//! (one key per endpoint cost a host call per candidate: ~9 ms a request at 1000
-//! endpoints). Slots come from an append-only registry of endpoints, so a slot
-//! never moves and every VM agrees on it. Updates are compare-and-swap loops, so
-//! concurrent workers never lose an increment.
+//! state they share. All counters live packed in one key, so a request reads every
+//! candidate's count with one host call (one key per endpoint cost a host call per
+//! candidate: ~9 ms a request at 1000 endpoints). Updates are compare-and-swap
+//! loops, so concurrent workers never lose an increment.
+//!
+//! The key is a table of entries, each the endpoint's [`key`] (a 64-bit hash of its
+//! address) and its count. Membership changes with every snapshot, so there is no
+//! registry of endpoints: an entry whose count is 0 holds no stream and is free for
+//! any endpoint to take. A stream's release finds its entry by the same hash, and
+//! an entry with a count above 0 is never taken over, so a departed endpoint's entry
+//! is reused only after its last stream ended. The table therefore never holds more
+//! entries than the most endpoints that had requests in flight at the same time
+//! (members, plus departed endpoints still finishing streams), whatever the churn.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// A shared key-value store with compare-and-swap, as proxy-wasm's shared data.
 pub trait SharedStore {
@@ -24,6 +32,8 @@ pub enum StoreError {
     CasMismatch,
     /// The host refused for another reason.
     Host,
+    /// The table is full: more endpoints than [`MAX_ENTRIES`] hold requests.
+    Full,
 }
 
 /// How often an update retries after losing a CAS race before giving up. Every
@@ -32,142 +42,95 @@ pub enum StoreError {
 /// counter unchanged (never corrupt), and the caller logs it.
 const MAX_CAS_ATTEMPTS: usize = 1024;
 
-/// The packed counters: `u32` little-endian per registry slot.
+/// The packed counters.
 pub const COUNTS_KEY: &str = "igw.inflight";
-/// The registry: a JSON list of endpoints, append-only; an endpoint's index is its slot.
-pub const REGISTRY_KEY: &str = "igw.endpoints";
+/// Bytes per entry: the endpoint's key (u64 LE) and its count (u32 LE).
+const ENTRY_BYTES: usize = 12;
+/// A hard bound on the table (768 KiB): beyond it a request goes uncounted rather
+/// than grow shared data without limit.
+pub const MAX_ENTRIES: usize = 65_536;
 
-fn decode(bytes: Option<&[u8]>) -> Vec<u32> {
-    bytes
-        .unwrap_or_default()
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+/// The counter key of the endpoint at `address` (`ip:port` as routed). 64 bits of
+/// xxh3: two live addresses sharing a key (about 2^-50 for a thousand endpoints)
+/// would only share a count, which skews balancing, nothing else.
+pub fn key(address: &str) -> u64 {
+    xxh3_64_with_seed(address.as_bytes(), 0x1f1_9e7)
 }
 
-fn encode(counts: &[u32]) -> Vec<u8> {
-    counts.iter().flat_map(|c| c.to_le_bytes()).collect()
+/// The table's entries, `(key, count)` in table order; a malformed tail is ignored.
+pub fn decode(bytes: &[u8]) -> impl Iterator<Item = (u64, u32)> + '_ {
+    bytes.chunks_exact(ENTRY_BYTES).map(|c| {
+        let mut k = [0u8; 8];
+        k.copy_from_slice(&c[..8]);
+        let mut n = [0u8; 4];
+        n.copy_from_slice(&c[8..]);
+        (u64::from_le_bytes(k), u32::from_le_bytes(n))
+    })
 }
 
-/// The registered endpoints, in slot order (empty when absent or unreadable).
-pub fn registry(store: &dyn SharedStore) -> Vec<String> {
-    registry_from(store.get(REGISTRY_KEY).0.as_deref())
+/// The stored table, as raw bytes (one host read per request).
+pub fn table(store: &dyn SharedStore) -> Vec<u8> {
+    store.get(COUNTS_KEY).0.unwrap_or_default()
 }
 
-fn registry_from(bytes: Option<&[u8]>) -> Vec<String> {
-    bytes
-        .and_then(|b| serde_json::from_slice(b).ok())
-        .unwrap_or_default()
+/// The count of the endpoint with key `k` in `table`.
+pub fn count(table: &[u8], k: u64) -> u64 {
+    decode(table)
+        .find(|&(e, _)| e == k)
+        .map_or(0, |(_, n)| u64::from(n))
 }
 
-/// Appends the endpoints the registry lacks and creates the counters if absent;
-/// returns every endpoint's slot. Call at configure time: the host's CAS only
+/// Creates the counters if absent. Call at configure time: the host's CAS only
 /// guards existing keys, so creation must not race with traffic.
-pub fn register(
-    store: &dyn SharedStore,
-    endpoints: &[String],
-) -> Result<HashMap<String, usize>, StoreError> {
+pub fn init(store: &dyn SharedStore) -> Result<(), StoreError> {
     if store.get(COUNTS_KEY).0.is_none() {
         store.set(COUNTS_KEY, &[], None)?;
     }
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let (bytes, cas) = store.get(REGISTRY_KEY);
-        let mut known = registry_from(bytes.as_deref());
-        let before = known.len();
-        for e in endpoints {
-            if !known.contains(e) {
-                known.push(e.clone());
-            }
-        }
-        if known.len() > before || bytes.is_none() {
-            let json = serde_json::to_vec(&known).unwrap_or_default();
-            match store.set(REGISTRY_KEY, &json, cas) {
-                Ok(()) => {}
-                Err(StoreError::CasMismatch) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        return Ok(slots(&known));
-    }
-    Err(StoreError::CasMismatch)
+    Ok(())
 }
 
-/// Endpoint → slot for a registry list.
-pub fn slots(registry: &[String]) -> HashMap<String, usize> {
-    registry
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.clone(), i))
-        .collect()
-}
-
-/// Each configured endpoint's slot: by address (to give a count back) and by pool
-/// and position, which a decision reads for every candidate of every request
-/// without hashing an address.
-#[derive(Debug, Clone, Default)]
-pub struct Slots {
-    by_address: HashMap<String, usize>,
-    /// `[pool][position in the pool]`.
-    by_pool: Vec<Vec<Option<usize>>>,
-}
-
-impl Slots {
-    /// `by_address` from [`register`]; `pools` the configured pools' endpoints, in
-    /// configuration order.
-    pub fn new<'a>(
-        by_address: HashMap<String, usize>,
-        pools: impl IntoIterator<Item = &'a [String]>,
-    ) -> Slots {
-        let by_pool = pools
-            .into_iter()
-            .map(|eps| eps.iter().map(|e| by_address.get(e).copied()).collect())
-            .collect();
-        Slots {
-            by_address,
-            by_pool,
-        }
-    }
-
-    /// The slot of the endpoint at `address`.
-    pub fn of(&self, address: &str) -> Option<usize> {
-        self.by_address.get(address).copied()
-    }
-
-    /// The slot of endpoint `i` of pool `pool` (`address`, looked up by name only
-    /// for a pool these slots were not built for).
-    pub fn at(&self, pool: usize, i: usize, address: &str) -> Option<usize> {
-        match self.by_pool.get(pool).and_then(|eps| eps.get(i)) {
-            Some(&slot) => slot,
-            None => self.of(address),
-        }
-    }
-}
-
-/// Every counter, by slot: one read per request.
-pub fn counts(store: &dyn SharedStore) -> Vec<u32> {
-    decode(store.get(COUNTS_KEY).0.as_deref())
-}
-
-/// The count in `slot` of `counts` (0 past the end: a slot registered after the
-/// last write).
-pub fn count(counts: &[u32], slot: usize) -> u64 {
-    counts.get(slot).copied().map_or(0, u64::from)
-}
-
-/// Adds `delta` (negative to release) to `slot`, saturating at 0, and returns the
-/// new count.
-pub fn add(store: &dyn SharedStore, slot: usize, delta: i64) -> Result<u64, StoreError> {
+/// Adds `delta` (negative to release) to the endpoint with key `k`, saturating at
+/// 0, and returns the new count. An increment takes the endpoint's entry, else the
+/// first free one, else appends; a release of an endpoint without an entry changes
+/// nothing. Trailing free entries are dropped, so the table shrinks as load falls.
+pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (value, cas) = store.get(COUNTS_KEY);
-        let mut counts = decode(value.as_deref());
-        if counts.len() <= slot {
-            counts.resize(slot + 1, 0);
+        let mut bytes = value.unwrap_or_default();
+        bytes.truncate(bytes.len() / ENTRY_BYTES * ENTRY_BYTES);
+        let mut own = None;
+        let mut free = None;
+        for (i, (e, n)) in decode(&bytes).enumerate() {
+            if e == k && n > 0 {
+                own = Some((i, n));
+                break;
+            }
+            if n == 0 && free.is_none() {
+                free = Some(i);
+            }
         }
-        let next = u64::from(counts[slot])
+        let (at, current) = match (own, free) {
+            (Some((i, n)), _) => (i, n),
+            (None, _) if delta <= 0 => return Ok(0),
+            (None, Some(i)) => (i, 0),
+            (None, None) if bytes.len() / ENTRY_BYTES >= MAX_ENTRIES => {
+                return Err(StoreError::Full)
+            }
+            (None, None) => {
+                bytes.resize(bytes.len() + ENTRY_BYTES, 0);
+                (bytes.len() / ENTRY_BYTES - 1, 0)
+            }
+        };
+        let next = u64::from(current)
             .saturating_add_signed(delta)
             .min(u64::from(u32::MAX));
-        counts[slot] = next as u32;
-        match store.set(COUNTS_KEY, &encode(&counts), cas) {
+        let entry = &mut bytes[at * ENTRY_BYTES..(at + 1) * ENTRY_BYTES];
+        entry[..8].copy_from_slice(&k.to_le_bytes());
+        entry[8..].copy_from_slice(&(next as u32).to_le_bytes());
+        while bytes.len() >= ENTRY_BYTES && bytes[bytes.len() - 4..] == [0, 0, 0, 0] {
+            bytes.truncate(bytes.len() - ENTRY_BYTES);
+        }
+        match store.set(COUNTS_KEY, &bytes, cas) {
             Ok(()) => return Ok(next),
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(e),
@@ -176,14 +139,24 @@ pub fn add(store: &dyn SharedStore, slot: usize, delta: i64) -> Result<u64, Stor
     Err(StoreError::CasMismatch)
 }
 
-/// Counts by endpoint, for `/debug/state` and `/metrics`.
-pub fn by_endpoint(store: &dyn SharedStore) -> BTreeMap<String, u64> {
-    let counts = counts(store);
-    registry(store)
-        .into_iter()
-        .enumerate()
-        .map(|(slot, e)| (e, count(&counts, slot)))
-        .collect()
+/// Counts by endpoint, for `/debug/state` and `/metrics`: the entries above 0,
+/// named by `addresses` (the members the caller knows); an entry no address
+/// matches (an endpoint that left while streams still run) shows as
+/// `departed:<key>`.
+pub fn by_endpoint<'a>(
+    store: &dyn SharedStore,
+    addresses: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, u64> {
+    let names: std::collections::HashMap<u64, &str> =
+        addresses.into_iter().map(|a| (key(a), a)).collect();
+    let mut out: BTreeMap<String, u64> = names.values().map(|a| (a.to_string(), 0)).collect();
+    for (k, n) in decode(&table(store)).filter(|&(_, n)| n > 0) {
+        let name = names
+            .get(&k)
+            .map_or_else(|| format!("departed:{k:016x}"), |a| a.to_string());
+        *out.entry(name).or_default() += u64::from(n);
+    }
+    out
 }
 
 /// An in-memory store with the host's semantics (CAS checked only on existing keys,
@@ -192,6 +165,7 @@ pub fn by_endpoint(store: &dyn SharedStore) -> BTreeMap<String, u64> {
 #[cfg(not(target_arch = "wasm32"))]
 pub mod memory {
     use super::*;
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
@@ -245,8 +219,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn eps(names: &[&str]) -> Vec<String> {
-        names.iter().map(|s| s.to_string()).collect()
+    fn entries(s: &dyn SharedStore) -> usize {
+        table(s).len() / ENTRY_BYTES
     }
 
     #[test]
@@ -262,61 +236,94 @@ mod tests {
     #[test]
     fn add_and_release() {
         let s = MemoryStore::default();
-        let slots = register(&s, &eps(&["a", "b"])).unwrap();
-        let (a, b) = (slots["a"], slots["b"]);
-        assert_eq!(count(&counts(&s), a), 0);
+        init(&s).unwrap();
+        let (a, b) = (key("127.0.0.1:1"), key("127.0.0.1:2"));
+        assert_ne!(a, b);
+        assert_eq!(count(&table(&s), a), 0);
         assert_eq!(add(&s, a, 1).unwrap(), 1);
         assert_eq!(add(&s, a, 1).unwrap(), 2);
         assert_eq!(add(&s, b, 1).unwrap(), 1);
         assert_eq!(add(&s, a, -1).unwrap(), 1);
         assert_eq!(add(&s, a, -5).unwrap(), 0, "saturates at zero");
-        assert_eq!(count(&counts(&s), b), 1);
-        assert_eq!(count(&counts(&s), 99), 0, "unknown slots read as zero");
+        assert_eq!(count(&table(&s), b), 1);
+        assert_eq!(
+            count(&table(&s), key("x")),
+            0,
+            "unknown endpoints read as zero"
+        );
+        assert_eq!(add(&s, key("x"), -1).unwrap(), 0, "nothing to release");
+        assert_eq!(entries(&s), 2, "a's free entry stays before b's");
+        add(&s, b, -1).unwrap();
+        assert_eq!(entries(&s), 0, "trailing free entries are dropped");
     }
 
     #[test]
-    fn slots_are_stable_as_endpoints_are_registered() {
+    fn a_free_entry_is_reused_and_a_held_one_never_is() {
         let s = MemoryStore::default();
-        let first = register(&s, &eps(&["a", "b"])).unwrap();
-        add(&s, first["b"], 3).unwrap();
-        // Another configuration (or a reload) adds endpoints: old slots stay.
-        let second = register(&s, &eps(&["c", "b"])).unwrap();
-        assert_eq!(second["a"], first["a"]);
-        assert_eq!(second["b"], first["b"]);
-        assert_eq!(second["c"], 2);
-        assert_eq!(
-            add(&s, second["c"], 1).unwrap(),
-            1,
-            "grows the packed value"
-        );
-        let all = by_endpoint(&s);
-        assert_eq!(all.get("b"), Some(&3));
-        assert_eq!(all.get("c"), Some(&1));
-        assert_eq!(all.get("a"), Some(&0));
-        // Registering again keeps the counts.
-        register(&s, &eps(&["a"])).unwrap();
-        assert_eq!(by_endpoint(&s).get("b"), Some(&3));
+        init(&s).unwrap();
+        let (a, b, c) = (key("a:1"), key("b:1"), key("c:1"));
+        add(&s, a, 1).unwrap();
+        add(&s, b, 1).unwrap();
+        // a leaves with no stream: c takes its entry; b still holds one stream.
+        add(&s, a, -1).unwrap();
+        add(&s, c, 2).unwrap();
+        assert_eq!(entries(&s), 2);
+        assert_eq!(count(&table(&s), a), 0);
+        assert_eq!(count(&table(&s), c), 2);
+        // a's late release (a stream it never held) cannot touch c's count.
+        add(&s, a, -1).unwrap();
+        assert_eq!(count(&table(&s), c), 2);
+        assert_eq!(count(&table(&s), b), 1);
+        let named = by_endpoint(&s, ["b:1", "z:1"]);
+        assert_eq!(named.get("b:1"), Some(&1));
+        assert_eq!(named.get("z:1"), Some(&0));
+        assert_eq!(named.get(&format!("departed:{c:016x}")), Some(&2));
     }
 
     #[test]
     fn garbage_values_read_as_zero() {
         let s = MemoryStore::default();
         s.set(COUNTS_KEY, b"xyz", None).unwrap();
-        s.set(REGISTRY_KEY, b"not json", None).unwrap();
-        assert!(counts(&s).is_empty());
-        assert!(registry(&s).is_empty());
-        assert_eq!(add(&s, 0, 1).unwrap(), 1);
+        assert!(table(&s).len() < ENTRY_BYTES);
+        assert_eq!(count(&table(&s), key("a")), 0);
+        assert_eq!(add(&s, key("a"), 1).unwrap(), 1);
+        assert_eq!(entries(&s), 1, "the malformed tail is dropped");
+    }
+
+    #[test]
+    fn churn_keeps_the_table_bounded_and_counts_exact() {
+        // Thousands of endpoints come and go, at most `live` hold requests at once.
+        let s = MemoryStore::default();
+        init(&s).unwrap();
+        let live = 10;
+        let mut held: std::collections::VecDeque<(u64, u64)> = Default::default();
+        for i in 0..5_000u64 {
+            let k = key(&format!("10.0.{}.{}:8000", i / 250, i % 250));
+            add(&s, k, 3).unwrap();
+            held.push_back((k, 3));
+            if held.len() > live {
+                let (k, n) = held.pop_front().unwrap();
+                assert_eq!(count(&table(&s), k), n);
+                add(&s, k, -(n as i64)).unwrap();
+            }
+            assert!(entries(&s) <= live + 1, "{} entries", entries(&s));
+        }
+        for (k, n) in held.drain(..) {
+            assert_eq!(count(&table(&s), k), n);
+            add(&s, k, -(n as i64)).unwrap();
+        }
+        assert_eq!(entries(&s), 0);
     }
 
     #[test]
     fn concurrent_writers_lose_nothing() {
         let s = Arc::new(MemoryStore::default());
-        let slots = register(s.as_ref(), &eps(&["e", "f"])).unwrap();
+        init(s.as_ref()).unwrap();
         // An update that gave up (a preempted thread can lose every race) changed
         // nothing: the test retries it, and no increment that succeeded is lost.
-        fn add_until_done(s: &MemoryStore, slot: usize, delta: i64) {
+        fn add_until_done(s: &MemoryStore, k: u64, delta: i64) {
             for _ in 0..100 {
-                if add(s, slot, delta).is_ok() {
+                if add(s, k, delta).is_ok() {
                     return;
                 }
             }
@@ -325,12 +332,12 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|i| {
                 let s = Arc::clone(&s);
-                let slot = if i % 2 == 0 { slots["e"] } else { slots["f"] };
+                let k = key(if i % 2 == 0 { "e" } else { "f" });
                 std::thread::spawn(move || {
                     for _ in 0..2_000 {
-                        add_until_done(&s, slot, 1);
-                        add_until_done(&s, slot, -1);
-                        add_until_done(&s, slot, 1);
+                        add_until_done(&s, k, 1);
+                        add_until_done(&s, k, -1);
+                        add_until_done(&s, k, 1);
                     }
                 })
             })
@@ -338,7 +345,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let all = by_endpoint(s.as_ref());
+        let all = by_endpoint(s.as_ref(), ["e", "f"]);
         assert_eq!(all.get("e"), Some(&4_000));
         assert_eq!(all.get("f"), Some(&4_000));
     }
@@ -355,7 +362,7 @@ mod tests {
 
     #[test]
     fn host_errors_surface() {
-        assert_eq!(add(&Refusing, 0, 1), Err(StoreError::Host));
-        assert_eq!(register(&Refusing, &eps(&["a"])), Err(StoreError::Host));
+        assert_eq!(add(&Refusing, key("a"), 1), Err(StoreError::Host));
+        assert_eq!(init(&Refusing), Err(StoreError::Host));
     }
 }

@@ -16,6 +16,7 @@ pub mod extproc;
 pub mod gateway;
 pub mod inflight;
 pub mod ingest;
+pub mod membership;
 pub mod observe;
 pub mod openai;
 pub mod routing;

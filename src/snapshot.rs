@@ -56,72 +56,6 @@ pub struct EndpointMetrics {
     pub labels: Vec<(String, String)>,
 }
 
-/// A decoded snapshot with an address index, so a request looks up each candidate
-/// endpoint in O(1) instead of scanning pools of thousands of endpoints.
-#[derive(Debug, Clone, Default)]
-pub struct IndexedSnapshot {
-    pub snapshot: Snapshot,
-    by_address: std::collections::HashMap<String, (usize, usize)>,
-    /// `[configured pool][position]` → (snapshot pool, endpoint), from
-    /// [`IndexedSnapshot::with_pools`]: a request then reads each candidate's
-    /// metrics by position instead of hashing its address.
-    by_pool: Vec<Vec<Option<(usize, usize)>>>,
-}
-
-impl IndexedSnapshot {
-    pub fn new(snapshot: Snapshot) -> Self {
-        let mut by_address = std::collections::HashMap::with_capacity(snapshot.endpoint_count());
-        for (p, pool) in snapshot.pools.iter().enumerate() {
-            for (e, ep) in pool.endpoints.iter().enumerate() {
-                by_address.entry(ep.address.clone()).or_insert((p, e));
-            }
-        }
-        IndexedSnapshot {
-            snapshot,
-            by_address,
-            by_pool: Vec::new(),
-        }
-    }
-
-    /// Also places the configured pools' endpoints (`pools`, in configuration
-    /// order) in the snapshot, once per snapshot and configuration.
-    pub fn with_pools<'a>(mut self, pools: impl IntoIterator<Item = &'a [String]>) -> Self {
-        self.by_pool = pools
-            .into_iter()
-            .map(|eps| {
-                eps.iter()
-                    .map(|a| self.by_address.get(a.as_str()).copied())
-                    .collect()
-            })
-            .collect();
-        self
-    }
-
-    /// The metrics of the endpoint at `address` (first pool that lists it).
-    pub fn endpoint(&self, address: &str) -> Option<&EndpointMetrics> {
-        let &(p, e) = self.by_address.get(address)?;
-        self.snapshot.pools.get(p)?.endpoints.get(e)
-    }
-
-    /// The metrics of endpoint `i` of configured pool `pool`, whose address is
-    /// `address`. By position when [`IndexedSnapshot::with_pools`] placed that
-    /// pool (the address is checked, so a stale placement is never wrong, only
-    /// slower); by address otherwise.
-    pub fn member(&self, pool: usize, i: usize, address: &str) -> Option<&EndpointMetrics> {
-        match self.by_pool.get(pool).and_then(|eps| eps.get(i)) {
-            Some(None) => None,
-            Some(&Some((p, e))) => self
-                .snapshot
-                .pools
-                .get(p)
-                .and_then(|pool| pool.endpoints.get(e))
-                .filter(|m| m.address == address)
-                .or_else(|| self.endpoint(address)),
-            None => self.endpoint(address),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     TooShort,
@@ -318,37 +252,6 @@ mod tests {
             b.is_newer_than(&a),
             "a restarted collector with a later clock wins"
         );
-    }
-
-    #[test]
-    fn index_finds_endpoints() {
-        let ix = IndexedSnapshot::new(sample());
-        assert_eq!(ix.endpoint("[::1]:8002").map(|e| e.running), Some(0));
-        assert_eq!(ix.endpoint("127.0.0.1:8001").map(|e| e.running), Some(7));
-        assert!(ix.endpoint("127.0.0.1:9").is_none());
-    }
-
-    #[test]
-    fn members_are_found_by_position_and_checked_by_address() {
-        let pools = [
-            vec!["[::1]:8002".to_string(), "127.0.0.1:9".to_string()],
-            vec!["127.0.0.1:8001".to_string()],
-        ];
-        let ix = IndexedSnapshot::new(sample()).with_pools(pools.iter().map(Vec::as_slice));
-        let running = |m: Option<&EndpointMetrics>| m.map(|e| e.running);
-        assert_eq!(running(ix.member(0, 0, "[::1]:8002")), Some(0));
-        assert_eq!(
-            running(ix.member(0, 1, "127.0.0.1:9")),
-            None,
-            "not in the snapshot"
-        );
-        assert_eq!(running(ix.member(1, 0, "127.0.0.1:8001")), Some(7));
-        // A placement made for another configuration is never wrong: the address
-        // at the position is checked, and a pool it does not know goes by address.
-        assert_eq!(running(ix.member(1, 0, "[::1]:8002")), Some(0));
-        assert_eq!(running(ix.member(5, 3, "127.0.0.1:8001")), Some(7));
-        let plain = IndexedSnapshot::new(sample());
-        assert_eq!(running(plain.member(0, 0, "127.0.0.1:8001")), Some(7));
     }
 
     #[test]

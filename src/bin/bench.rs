@@ -810,7 +810,6 @@ fn scheduler(c: &Common) -> Res<()> {
     use inference_gateway::extproc::Picker;
     use inference_gateway::openai::ApiKind;
     use inference_gateway::scheduling::{self, Candidate, Request, Scheduling};
-    use inference_gateway::snapshot::IndexedSnapshot;
     let out = out_dir(c)?;
     let (mut meta, started) = start_meta("scheduler", c);
     let budget = Duration::from_millis(if c.quick { 100 } else { 1000 });
@@ -820,7 +819,13 @@ fn scheduler(c: &Common) -> Res<()> {
     for n in [10usize, 100, 1000] {
         let eps = pool_endpoints(&live, n);
         let now = now_ms();
-        let snap = IndexedSnapshot::new(overhead_snapshot(&eps, live.len(), now, 1));
+        let snap = overhead_snapshot(&eps, live.len(), now, 1);
+        let by_address: std::collections::HashMap<&str, _> = snap
+            .pools
+            .iter()
+            .flat_map(|p| &p.endpoints)
+            .map(|m| (m.address.as_str(), m))
+            .collect();
         let sched = Scheduling::default();
         let profile = &sched.profiles[sched.default_profile];
         let cands: Vec<Candidate<'_>> = eps
@@ -828,7 +833,7 @@ fn scheduler(c: &Common) -> Res<()> {
             .map(|e| Candidate {
                 endpoint: e,
                 in_flight: 0,
-                metrics: snap.endpoint(e),
+                metrics: by_address.get(e.as_str()).copied(),
                 fresh: true,
                 prefix_blocks: 0,
             })

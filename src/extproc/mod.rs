@@ -12,8 +12,8 @@ use crate::config::Config;
 use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
 use crate::inflight::{self, memory::MemoryStore};
 use crate::ingest;
+use crate::membership::Membership;
 use crate::openai::{ApiError, ApiKind};
-use crate::snapshot::IndexedSnapshot;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Where a routed request goes.
@@ -31,9 +31,8 @@ pub struct Routed {
 pub struct Picker {
     pub config: Arc<Config>,
     store: MemoryStore,
-    /// Each endpoint's slot in the packed in-flight counters.
-    slots: inflight::Slots,
-    snapshot: RwLock<Option<Arc<IndexedSnapshot>>>,
+    /// The pools' members under the newest snapshot (the bootstrap lists before one).
+    members: RwLock<Arc<Membership>>,
     /// The stored snapshot, encoded, for `ingest::accept`'s newer-than check.
     encoded: Mutex<Option<Vec<u8>>>,
 }
@@ -42,15 +41,11 @@ impl Picker {
     pub fn new(config: Config) -> Picker {
         let store = MemoryStore::default();
         // A fresh in-memory store cannot refuse.
-        let slots = inflight::Slots::new(
-            inflight::register(&store, &config.all_endpoints()).unwrap_or_default(),
-            config.pool_endpoints(),
-        );
+        let _ = inflight::init(&store);
         Picker {
+            members: RwLock::new(Arc::new(Membership::new(&config, None))),
             config: Arc::new(config),
             store,
-            slots,
-            snapshot: RwLock::new(None),
             encoded: Mutex::new(None),
         }
     }
@@ -60,9 +55,14 @@ impl Picker {
         let mut encoded = self.encoded.lock().unwrap_or_else(|e| e.into_inner());
         let snapshot = ingest::accept(encoded.as_deref(), body)?;
         *encoded = Some(body.to_vec());
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(
-            IndexedSnapshot::new(snapshot).with_pools(self.config.pool_endpoints()),
-        ));
+        let members = Membership::new(&self.config, Some(snapshot));
+        if !members.refused.is_empty() {
+            tracing::warn!(
+                refused = ?members.refused,
+                "snapshot members outside allowed_endpoint_cidrs (or not ip:port) are never routed to"
+            );
+        }
+        *self.members.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(members);
         Ok(())
     }
 
@@ -87,17 +87,16 @@ impl Picker {
     }
 
     fn forward(&self, plan: &RoutePlan, now_ms: u64, draw: u32) -> Result<Routed, ApiError> {
-        let snapshot = self
-            .snapshot
+        let members = self
+            .members
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let choice = gateway::choose(&gateway::Inputs {
             config: &self.config,
             plan,
-            snapshot: snapshot.as_deref(),
+            members: &members,
             store: &self.store,
-            slots: &self.slots,
             now_ms,
             draw,
         })
@@ -111,19 +110,11 @@ impl Picker {
 
     /// Gives back the in-flight count a [`Routed`] took.
     pub fn release(&self, endpoint: &str) {
-        if let Some(slot) = self.slots.of(endpoint) {
-            let _ = inflight::add(&self.store, slot, -1);
-        }
+        let _ = inflight::add(&self.store, inflight::key(endpoint), -1);
     }
 
     pub fn in_flight(&self, endpoint: &str) -> u64 {
-        self.in_flight_in(&inflight::counts(&self.store), endpoint)
-    }
-
-    fn in_flight_in(&self, counts: &[u32], endpoint: &str) -> u64 {
-        self.slots
-            .of(endpoint)
-            .map_or(0, |slot| inflight::count(counts, slot))
+        inflight::count(&inflight::table(&self.store), inflight::key(endpoint))
     }
 }
 

@@ -43,16 +43,19 @@ impl ControlStream {
             snapshot_stale: snapshot
                 .as_ref()
                 .map(|s| s.is_stale(now_ms, self.config.snapshot_stale_after_ms)),
-            in_flight: inflight::by_endpoint(&HostStore).into_iter().collect(),
+            in_flight: in_flight(&self.config, snapshot.as_ref())
+                .into_iter()
+                .collect(),
         };
         observe::render::render(&observe::read_all(&HostStore), &state)
     }
 
     fn state(&self) -> Vec<u8> {
         let now_ms = super::now_ms(self);
+        let snapshot = store::stored_snapshot();
         let state = State {
-            in_flight: inflight::by_endpoint(&HostStore),
-            snapshot: store::stored_snapshot().map(|s| SnapshotView {
+            in_flight: in_flight(&self.config, snapshot.as_ref()),
+            snapshot: snapshot.map(|s| SnapshotView {
                 age_ms: now_ms.saturating_sub(s.generated_at_ms),
                 stale: s.is_stale(now_ms, self.config.snapshot_stale_after_ms),
                 endpoints: s
@@ -70,6 +73,21 @@ impl ControlStream {
         };
         serde_json::to_vec(&state).unwrap_or_default()
     }
+}
+
+/// Counts by endpoint, named by the snapshot's and the configuration's endpoints.
+fn in_flight(config: &Config, snapshot: Option<&Snapshot>) -> BTreeMap<String, u64> {
+    let listed = snapshot
+        .into_iter()
+        .flat_map(|s| s.pools.iter())
+        .flat_map(|p| p.endpoints.iter())
+        .map(|e| e.address.as_str());
+    let configured = config
+        .pools
+        .iter()
+        .flat_map(|p| p.endpoints.iter())
+        .map(String::as_str);
+    inflight::by_endpoint(&HostStore, listed.chain(configured))
 }
 
 #[derive(Serialize)]

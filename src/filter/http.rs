@@ -31,10 +31,8 @@ pub struct GatewayStream {
     /// The request body's size at the last body callback (a body that ends with
     /// trailers is complete at the trailers).
     body_seen: usize,
-    /// Each endpoint's slot in the packed in-flight counters (per VM, from configure).
-    slots: Rc<inflight::Slots>,
-    /// The slot whose in-flight count this stream holds; released exactly once.
-    holding: Option<usize>,
+    /// The in-flight key whose count this stream holds; released exactly once.
+    holding: Option<u64>,
     /// The scheduling decision, for the `x-gateway-scheduling` response header.
     explanation: Option<String>,
     /// Safety: the prompt check in flight (the request waits for it).
@@ -49,19 +47,13 @@ pub struct GatewayStream {
 }
 
 impl GatewayStream {
-    pub fn new(
-        config: Rc<Config>,
-        snapshot: Rc<RefCell<SnapshotCache>>,
-        slots: Rc<inflight::Slots>,
-        seed: u64,
-    ) -> Self {
+    pub fn new(config: Rc<Config>, snapshot: Rc<RefCell<SnapshotCache>>, seed: u64) -> Self {
         GatewayStream {
             config,
             snapshot,
             rng: fastrand::Rng::with_seed(seed),
             buffering: None,
             body_seen: 0,
-            slots,
             holding: None,
             explanation: None,
             prompt_check: None,
@@ -125,13 +117,12 @@ impl GatewayStream {
     pub(super) fn forward(&mut self, plan: &RoutePlan, body_size: usize) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
         let now_ms = super::now_ms(self);
-        let snapshot = self.snapshot.borrow_mut().current(&config);
+        let members = self.snapshot.borrow_mut().current(&config);
         let choice = gateway::choose(&gateway::Inputs {
             config: &config,
             plan,
-            snapshot: snapshot.as_deref(),
+            members: &members,
             store: &HostStore,
-            slots: &self.slots,
             now_ms,
             draw: self.rng.u32(..),
         });
@@ -222,9 +213,9 @@ impl GatewayStream {
     }
 
     fn release(&mut self) {
-        if let Some(slot) = self.holding.take() {
-            if let Err(err) = inflight::add(&HostStore, slot, -1) {
-                log::warn!("inference-gateway: in-flight release (slot {slot}) failed: {err:?}");
+        if let Some(key) = self.holding.take() {
+            if let Err(err) = inflight::add(&HostStore, key, -1) {
+                log::warn!("inference-gateway: in-flight release (key {key:016x}) failed: {err:?}");
             }
         }
     }

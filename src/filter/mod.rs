@@ -9,7 +9,6 @@ mod safety;
 mod store;
 
 use crate::config::{Config, Role};
-use crate::inflight::Slots;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::cell::RefCell;
@@ -18,16 +17,15 @@ use std::time::UNIX_EPOCH;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, snapshot: Rc::default(), slots: Rc::default() }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, snapshot: Rc::default() }) });
 }}
 
 /// One per plugin configuration per worker VM.
 struct Root {
     config: Option<Rc<Config>>,
-    /// This VM's decoded copy of the metrics snapshot, shared by its streams.
+    /// This VM's decoded copy of the metrics snapshot and the pools' members
+    /// under it, shared by its streams.
     snapshot: Rc<RefCell<store::SnapshotCache>>,
-    /// Each endpoint's slot in the packed in-flight counters.
-    slots: Rc<Slots>,
 }
 
 impl Context for Root {}
@@ -43,12 +41,8 @@ impl RootContext for Root {
             }
         };
         if config.role == Role::Gateway {
-            let endpoints = config.all_endpoints();
-            self.slots = Rc::new(Slots::new(
-                store::register_endpoints(&endpoints),
-                config.pool_endpoints(),
-            ));
-            // The cached snapshot places the old configuration's pools.
+            store::init_in_flight();
+            // The cached membership is the old configuration's pools.
             self.snapshot = Rc::default();
             store::register_series(&config);
             define_counters(&config);
@@ -74,7 +68,6 @@ impl RootContext for Root {
             Role::Gateway => Box::new(http::GatewayStream::new(
                 config,
                 Rc::clone(&self.snapshot),
-                Rc::clone(&self.slots),
                 seed(self, context_id),
             )),
             Role::Control => Box::new(control::ControlStream::new(config)),

@@ -1,10 +1,10 @@
 //! Shared data through the host, behind the pure `SharedStore` trait.
 
 use crate::inflight::{self, SharedStore, StoreError};
+use crate::membership::Membership;
 use crate::observe;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
-use std::collections::HashMap;
 
 pub struct HostStore;
 
@@ -22,13 +22,12 @@ impl SharedStore for HostStore {
     }
 }
 
-/// Registers `endpoints` for in-flight counting; their slots in the packed
-/// counters (empty if the host refused: requests then go uncounted, not failed).
-pub fn register_endpoints(endpoints: &[String]) -> HashMap<String, usize> {
-    inflight::register(&HostStore, endpoints).unwrap_or_else(|err| {
-        log::warn!("inference-gateway: cannot register in-flight counters: {err:?}");
-        HashMap::new()
-    })
+/// Creates the in-flight counters (if the host refuses, requests go uncounted,
+/// not failed).
+pub fn init_in_flight() {
+    if let Err(err) = inflight::init(&HostStore) {
+        log::warn!("inference-gateway: cannot create the in-flight counters: {err:?}");
+    }
 }
 
 /// Creates the request-metric series of every configured model (and the one for
@@ -97,27 +96,34 @@ pub fn stored_snapshot() -> Option<crate::snapshot::Snapshot> {
     crate::snapshot::Snapshot::decode(&bytes).ok()
 }
 
-/// A routing VM's copy of the snapshot, re-decoded only when the version changes.
+/// A routing VM's copy of the snapshot and the pools' members under it, rebuilt
+/// only when the stored snapshot's version changes.
 #[derive(Default)]
 pub struct SnapshotCache {
     version: Option<Vec<u8>>,
-    snapshot: Option<std::rc::Rc<crate::snapshot::IndexedSnapshot>>,
+    members: Option<std::rc::Rc<Membership>>,
+    /// What was last logged as refused (logged again only when it changes).
+    refused: Vec<String>,
 }
 
 impl SnapshotCache {
-    /// The newest snapshot, its endpoints placed in `config`'s pools (the cache
-    /// belongs to one configuration: the root makes a new one on reconfigure).
-    pub fn current(
-        &mut self,
-        config: &crate::config::Config,
-    ) -> Option<std::rc::Rc<crate::snapshot::IndexedSnapshot>> {
+    /// The members of `config`'s pools under the newest snapshot (the bootstrap
+    /// lists before one arrives). The cache belongs to one configuration: the
+    /// root makes a new one on reconfigure.
+    pub fn current(&mut self, config: &crate::config::Config) -> std::rc::Rc<Membership> {
         let version = HostStore.get(SNAPSHOT_VERSION_KEY).0;
         if version.is_some() && version != self.version {
             match stored_snapshot() {
                 Some(s) => {
-                    let indexed = crate::snapshot::IndexedSnapshot::new(s)
-                        .with_pools(config.pool_endpoints());
-                    self.snapshot = Some(std::rc::Rc::new(indexed))
+                    let members = Membership::new(config, Some(s));
+                    if members.refused != self.refused && !members.refused.is_empty() {
+                        log::warn!(
+                            "inference-gateway: snapshot members never routed to (outside allowed_endpoint_cidrs, or not ip:port): {}",
+                            members.refused.join(", ")
+                        );
+                    }
+                    self.refused.clone_from(&members.refused);
+                    self.members = Some(std::rc::Rc::new(members));
                 }
                 None => log::warn!(
                     "inference-gateway: stored snapshot unreadable; keeping the last one"
@@ -125,6 +131,9 @@ impl SnapshotCache {
             }
             self.version = version;
         }
-        self.snapshot.clone()
+        std::rc::Rc::clone(
+            self.members
+                .get_or_insert_with(|| std::rc::Rc::new(Membership::new(config, None))),
+        )
     }
 }

@@ -5,22 +5,21 @@
 
 use super::RoutePlan;
 use crate::config::Config;
-use crate::inflight::{self, SharedStore, Slots};
+use crate::inflight::{self, SharedStore};
+use crate::membership::Membership;
 use crate::openai::ApiError;
 use crate::scheduling::prefix::{self, PrefixIndex};
 use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
-use crate::snapshot::IndexedSnapshot;
 
 /// What one decision reads.
 pub struct Inputs<'a> {
     pub config: &'a Config,
     pub plan: &'a RoutePlan,
-    /// The latest snapshot from the collector, if any arrived.
-    pub snapshot: Option<&'a IndexedSnapshot>,
+    /// The pools' members under the latest snapshot from the collector (if any
+    /// arrived), with its metrics.
+    pub members: &'a Membership,
     /// Shared data: in-flight counters and the prefix index.
     pub store: &'a dyn SharedStore,
-    /// Each endpoint's slot in the packed in-flight counters.
-    pub slots: &'a Slots,
     pub now_ms: u64,
     /// A uniform random `u32` for the picker's tie-break.
     pub draw: u32,
@@ -33,8 +32,9 @@ pub struct Choice {
     /// The value for `x-gateway-destination-endpoint`: the endpoint, or with
     /// `destination_list` it and its fallbacks, comma-separated.
     pub destination: String,
-    /// The in-flight slot taken for `endpoint`; give it back when the stream ends.
-    pub holding: Option<usize>,
+    /// The in-flight key whose count was taken for `endpoint`; give it back when
+    /// the stream ends.
+    pub holding: Option<u64>,
     /// The scored candidates, when `scheduling.explain` is on.
     pub explanation: Option<String>,
 }
@@ -53,9 +53,8 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     let Inputs {
         config,
         plan,
-        snapshot,
+        members,
         store,
-        slots,
         now_ms,
         draw,
     } = *inputs;
@@ -93,26 +92,23 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         index.matches(&hashes, now_ms)
     };
 
-    // Every candidate's in-flight count in one read.
-    let counts = inflight::counts(store);
-    // By position: no address is hashed per candidate (see `Slots`,
-    // `IndexedSnapshot::with_pools`).
-    let candidates: Vec<Candidate<'_>> = pool
-        .endpoints
+    // Every candidate's in-flight count from one read; everything else by
+    // position in the membership built once per snapshot.
+    let pool_members = members.members(plan.pool);
+    let in_flight = members.in_flight(plan.pool, &inflight::table(store));
+    let candidates: Vec<Candidate<'_>> = pool_members
         .iter()
-        .enumerate()
-        .map(|(i, endpoint)| {
-            let metrics = snapshot.and_then(|s| s.member(plan.pool, i, endpoint));
+        .zip(in_flight)
+        .map(|(member, in_flight)| {
+            let endpoint = members.address(member);
+            let metrics = members.metrics(member);
             Candidate {
                 endpoint,
-                in_flight: slots
-                    .at(plan.pool, i, endpoint)
-                    .map_or(0, |slot| inflight::count(&counts, slot)),
+                in_flight,
                 metrics,
-                fresh: match (snapshot, metrics) {
+                fresh: match (&members.snapshot, metrics) {
                     (Some(s), Some(m)) => {
-                        s.snapshot
-                            .endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
+                        s.endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
                     }
                     _ => false,
                 },
@@ -160,18 +156,13 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     }
     // Route anyway when the count cannot be taken: a missed count skews balancing
     // a little, a refusal fails the user.
-    let holding = match slots.at(plan.pool, chosen, &endpoint) {
-        None => {
-            log::warn!("inference-gateway: {endpoint} has no in-flight counter");
+    let key = pool_members[chosen].key;
+    let holding = match inflight::add(store, key, 1) {
+        Ok(_) => Some(key),
+        Err(err) => {
+            log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
             None
         }
-        Some(slot) => match inflight::add(store, slot, 1) {
-            Ok(_) => Some(slot),
-            Err(err) => {
-                log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
-                None
-            }
-        },
     };
     let destination = if config.destination_list {
         decision
@@ -214,7 +205,7 @@ mod tests {
     }
 
     /// Endpoint i has `waiting[i]` requests queued, scraped at `now`.
-    fn snapshot(now: u64, waiting: [u32; 3]) -> IndexedSnapshot {
+    fn snapshot(now: u64, waiting: [u32; 3]) -> Snapshot {
         let endpoints = EPS
             .iter()
             .zip(waiting)
@@ -226,7 +217,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        IndexedSnapshot::new(Snapshot {
+        Snapshot {
             generated_at_ms: now,
             sequence: 1,
             collector: "t".into(),
@@ -234,31 +225,21 @@ mod tests {
                 name: "p".into(),
                 endpoints,
             }],
-        })
-    }
-
-    fn slots(cfg: &Config) -> Slots {
-        let by_address = EPS
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.to_string(), i))
-            .collect();
-        Slots::new(by_address, cfg.pool_endpoints())
+        }
     }
 
     fn run(
         cfg: &Config,
         body: &[u8],
-        snap: &IndexedSnapshot,
+        snap: &Snapshot,
         store: &MemoryStore,
     ) -> Result<Choice, Refused> {
         let plan = plan_route(cfg, ApiKind::Completions, body, None, 0).unwrap();
         choose(&Inputs {
             config: cfg,
             plan: &plan,
-            snapshot: Some(snap),
+            members: &Membership::new(cfg, Some(snap.clone())),
             store,
-            slots: &slots(cfg),
             now_ms: 1_050,
             draw: 0,
         })
@@ -271,8 +252,9 @@ mod tests {
         let c = run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &snap, &store).unwrap();
         assert_eq!(c.endpoint, "127.0.0.1:2");
         assert_eq!(c.destination, "127.0.0.1:2,127.0.0.1:3");
-        assert_eq!(c.holding, Some(1));
-        assert_eq!(inflight::count(&inflight::counts(&store), 1), 1);
+        let key = inflight::key("127.0.0.1:2");
+        assert_eq!(c.holding, Some(key));
+        assert_eq!(inflight::count(&inflight::table(&store), key), 1);
         let text = c.explanation.unwrap();
         assert!(text.starts_with("127.0.0.1:2="), "{text}");
     }
@@ -301,8 +283,48 @@ mod tests {
         let refused = run(&cfg, body, &snap, &store).unwrap_err();
         assert!(refused.shed);
         assert_eq!(refused.error.status, 429);
-        assert_eq!(inflight::counts(&store).iter().sum::<u32>(), 0);
+        assert!(inflight::table(&store).is_empty(), "no count taken");
         // Priority 0 is still served by the least-bad endpoint.
         assert!(run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &snap, &store).is_ok());
+    }
+
+    #[test]
+    fn members_come_from_the_snapshot_and_only_allowed_ones_are_routed_to() {
+        let (cfg, store) = (config(), MemoryStore::default());
+        let now = 1_000;
+        let ep = |a: &str, waiting| EndpointMetrics {
+            address: a.into(),
+            healthy: true,
+            scraped_at_ms: now,
+            waiting,
+            ..Default::default()
+        };
+        // 1 and 2 left the pool; 10.0.0.9 was never configured; 8.8.8.8 (idle,
+        // so the best by metrics) is outside the allowed networks.
+        let snap = Snapshot {
+            generated_at_ms: now,
+            sequence: 1,
+            collector: "t".into(),
+            pools: vec![PoolSnapshot {
+                name: "p".into(),
+                endpoints: vec![
+                    ep("8.8.8.8:80", 0),
+                    ep("10.0.0.9:8000", 0),
+                    ep("127.0.0.1:3", 3),
+                ],
+            }],
+        };
+        for _ in 0..20 {
+            let c = run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &snap, &store).unwrap();
+            assert_eq!(c.endpoint, "10.0.0.9:8000");
+            assert_eq!(c.destination, "10.0.0.9:8000,127.0.0.1:3");
+            inflight::add(&store, c.holding.unwrap(), -1).unwrap();
+        }
+        // A snapshot that lists the pool empty leaves no endpoint: 503, not the
+        // bootstrap list.
+        let mut empty = snap.clone();
+        empty.pools[0].endpoints.clear();
+        let refused = run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &empty, &store).unwrap_err();
+        assert_eq!(refused.error.status, 503);
     }
 }

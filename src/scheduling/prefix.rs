@@ -164,7 +164,7 @@ impl<'s> PrefixIndex<'s> {
             };
             match self.store.set(&self.key(h), &bytes, cas) {
                 Ok(()) | Err(StoreError::CasMismatch) => {}
-                Err(StoreError::Host) => return,
+                Err(StoreError::Host | StoreError::Full) => return,
             }
         }
     }
