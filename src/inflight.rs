@@ -139,16 +139,55 @@ pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreErro
     Err(StoreError::CasMismatch)
 }
 
-/// Counts by endpoint, for `/debug/state` and `/metrics`: the entries above 0,
-/// named by `addresses` (the members the caller knows); an entry no address
-/// matches (an endpoint that left while streams still run) shows as
-/// `departed:<key>`.
+/// The configured (bootstrap) endpoints of every gateway configuration, a JSON
+/// list, so that the control listener can name their counts before a snapshot
+/// does. Bounded by the configurations, not by traffic or churn.
+pub const NAMES_KEY: &str = "igw.endpoint_names";
+
+/// Adds `endpoints` to [`NAMES_KEY`] (at configure time, like [`init`]).
+pub fn name_endpoints(store: &dyn SharedStore, endpoints: &[String]) -> Result<(), StoreError> {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (bytes, cas) = store.get(NAMES_KEY);
+        let mut names: Vec<String> = bytes
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let before = names.len();
+        for e in endpoints {
+            if !names.contains(e) {
+                names.push(e.clone());
+            }
+        }
+        if names.len() == before && cas.is_some() {
+            return Ok(());
+        }
+        match store.set(
+            NAMES_KEY,
+            &serde_json::to_vec(&names).unwrap_or_default(),
+            cas,
+        ) {
+            Err(StoreError::CasMismatch) => continue,
+            other => return other,
+        }
+    }
+    Err(StoreError::CasMismatch)
+}
+
+/// Counts by endpoint, for `/debug/state` and `/metrics`: every endpoint named by
+/// `addresses` (the members the caller knows) or [`NAMES_KEY`], with its count;
+/// an entry above 0 no name matches (an endpoint that left while streams still
+/// run) shows as `departed:<key>`.
 pub fn by_endpoint<'a>(
     store: &dyn SharedStore,
     addresses: impl IntoIterator<Item = &'a str>,
 ) -> BTreeMap<String, u64> {
-    let names: std::collections::HashMap<u64, &str> =
-        addresses.into_iter().map(|a| (key(a), a)).collect();
+    let configured: Vec<String> = store
+        .get(NAMES_KEY)
+        .0
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut names: std::collections::HashMap<u64, &str> =
+        configured.iter().map(|a| (key(a), a.as_str())).collect();
+    names.extend(addresses.into_iter().map(|a| (key(a), a)));
     let mut out: BTreeMap<String, u64> = names.values().map(|a| (a.to_string(), 0)).collect();
     for (k, n) in decode(&table(store)).filter(|&(_, n)| n > 0) {
         let name = names
@@ -274,9 +313,11 @@ mod tests {
         add(&s, a, -1).unwrap();
         assert_eq!(count(&table(&s), c), 2);
         assert_eq!(count(&table(&s), b), 1);
+        name_endpoints(&s, &["y:1".to_string()]).unwrap();
         let named = by_endpoint(&s, ["b:1", "z:1"]);
         assert_eq!(named.get("b:1"), Some(&1));
         assert_eq!(named.get("z:1"), Some(&0));
+        assert_eq!(named.get("y:1"), Some(&0), "configured names count too");
         assert_eq!(named.get(&format!("departed:{c:016x}")), Some(&2));
     }
 

@@ -1097,3 +1097,106 @@ fn shared_data_reads_per_request_do_not_grow_with_the_pool() {
         "2 endpoints: {small} reads, 1000 endpoints: {large}"
     );
 }
+
+/// Membership follows the snapshots, and nothing keyed by endpoint grows with
+/// churn: 2,500 joins and 2,500 leaves over a pool of ten, two workers routing
+/// every round and streams that outlive their endpoint's departure by up to seven
+/// snapshots. Every request goes to a member of the newest snapshot; every
+/// endpoint's in-flight count equals the streams holding it, every round; the
+/// in-flight table never holds more entries than the most endpoints that held
+/// streams at once (16 here: two new streams a round, each open for 8 rounds),
+/// and shared data as a whole stops growing (the pick counters keep at most 256
+/// endpoints per model, the rest count as `other`) and stays under 16 KiB.
+#[test]
+fn churn_keeps_shared_data_bounded_and_in_flight_counts_exact() {
+    let host = Host::new();
+    let cfg = json!({
+        "pools": [{"name": "main"}],
+        "models": [{"name": "food-review", "pool": "main"}],
+    });
+    let mut workers = [gateway(&host, &cfg), gateway(&host, &cfg)];
+    let mut c = control(&host);
+    let address = |i: usize| format!("10.{}.{}.{}:8000", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+    let now = c.now_ms();
+    // (worker, stream, endpoint, round it was opened)
+    let mut open: Vec<(usize, u32, String, usize)> = Vec::new();
+    let mut held: std::collections::HashMap<String, u64> = Default::default();
+    let mut size_at_1000 = 0;
+    let rounds = 2_500;
+    for round in 0..rounds {
+        let members: Vec<String> = (round..round + 10).map(address).collect();
+        let endpoints = members
+            .iter()
+            .map(|a| metrics(a, now, true, 0, 0.1))
+            .collect();
+        let (status, _) = push(
+            &mut c,
+            TOKEN,
+            &snapshot(now, round as u64 + 1, endpoints).encode(),
+        );
+        assert_eq!(status, 204, "round {round}");
+        for (w, vm) in workers.iter_mut().enumerate() {
+            let (s, a) = chat(vm, &chat_body("food-review"));
+            assert_eq!(
+                a,
+                Action::Continue,
+                "round {round}: {:?}",
+                vm.local_response(s)
+            );
+            let to = vm
+                .request_header(s, "x-gateway-destination-endpoint")
+                .unwrap();
+            assert!(
+                members.contains(&to),
+                "round {round}: routed to {to}, not a member"
+            );
+            *held.entry(to.clone()).or_default() += 1;
+            open.push((w, s, to, round));
+        }
+        // Streams end seven rounds after they started: long after their endpoint left.
+        open.retain(|(w, s, to, opened)| {
+            if round - opened < 7 {
+                return true;
+            }
+            workers[*w].end(*s);
+            *held.get_mut(to).unwrap() -= 1;
+            false
+        });
+        held.retain(|_, n| *n > 0);
+        for (endpoint, n) in &held {
+            assert_eq!(host.in_flight(endpoint), *n, "round {round}: {endpoint}");
+        }
+        let entries = host.shared("igw.inflight").unwrap_or_default().len() / 12;
+        assert!(
+            entries <= 16 && entries >= held.len(),
+            "round {round}: {entries} entries for {} endpoints holding streams",
+            held.len()
+        );
+        let size: usize = host.shared_sizes().iter().map(|(_, n)| n).sum();
+        assert!(
+            size <= 16 * 1024,
+            "round {round}: {:?}",
+            host.shared_sizes()
+        );
+        if round == 1000 {
+            size_at_1000 = size;
+        } else if round > 1000 {
+            assert!(
+                size <= size_at_1000 + 64,
+                "round {round}: shared data grew to {size} bytes (was {size_at_1000}): {:?}",
+                host.shared_sizes()
+            );
+        }
+    }
+    for (w, s, _, _) in open.drain(..) {
+        workers[w].end(s);
+    }
+    assert_eq!(
+        host.shared("igw.inflight").unwrap_or_default(),
+        b"",
+        "every count is back to 0"
+    );
+    for w in &workers {
+        w.assert_alive();
+    }
+}

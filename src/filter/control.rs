@@ -75,7 +75,7 @@ impl ControlStream {
     }
 }
 
-/// Counts by endpoint, named by the snapshot's and the configuration's endpoints.
+/// Counts by endpoint, named by the snapshot's and the configurations' endpoints.
 fn in_flight(config: &Config, snapshot: Option<&Snapshot>) -> BTreeMap<String, u64> {
     let listed = snapshot
         .into_iter()

@@ -41,7 +41,7 @@ impl RootContext for Root {
             }
         };
         if config.role == Role::Gateway {
-            store::init_in_flight();
+            store::init_in_flight(&config);
             // The cached membership is the old configuration's pools.
             self.snapshot = Rc::default();
             store::register_series(&config);

@@ -24,8 +24,10 @@ impl SharedStore for HostStore {
 
 /// Creates the in-flight counters (if the host refuses, requests go uncounted,
 /// not failed).
-pub fn init_in_flight() {
-    if let Err(err) = inflight::init(&HostStore) {
+pub fn init_in_flight(config: &crate::config::Config) {
+    if let Err(err) = inflight::init(&HostStore)
+        .and_then(|()| inflight::name_endpoints(&HostStore, &config.all_endpoints()))
+    {
         log::warn!("inference-gateway: cannot create the in-flight counters: {err:?}");
     }
 }

@@ -185,21 +185,25 @@ impl Host {
             .map(|(v, _)| v.clone())
     }
 
-    /// An endpoint's in-flight count: its slot is its index in the registry
-    /// (`igw.endpoints`, a JSON list), the counts are packed in `igw.inflight`
-    /// (u32 little-endian per slot).
+    /// An endpoint's in-flight count, read from the packed table
+    /// (`igw.inflight`, see `inference_gateway::inflight`).
     pub fn in_flight(&self, endpoint: &str) -> u64 {
-        let registry: Vec<String> = self
-            .shared("igw.endpoints")
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        let Some(slot) = registry.iter().position(|e| e == endpoint) else {
-            return 0;
-        };
-        self.shared("igw.inflight")
-            .and_then(|b| b.get(slot * 4..slot * 4 + 4).map(<[u8]>::to_vec))
-            .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
-            .map_or(0, |b| u64::from(u32::from_le_bytes(b)))
+        let table = self.shared("igw.inflight").unwrap_or_default();
+        inference_gateway::inflight::count(&table, inference_gateway::inflight::key(endpoint))
+    }
+
+    /// Every shared-data key and the size of its value.
+    pub fn shared_sizes(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = self
+            .shared
+            .lock()
+            .unwrap()
+            .entries
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.len()))
+            .collect();
+        out.sort();
+        out
     }
 }
 
