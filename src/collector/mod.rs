@@ -12,6 +12,7 @@
 pub mod aggregate;
 pub mod backoff;
 pub mod config;
+pub mod discovery;
 pub mod exposition;
 pub mod mapping;
 pub mod runtime;
