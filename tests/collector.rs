@@ -976,7 +976,7 @@ async fn collector_follows_dns_membership() {
     let later = sink.since(after);
     assert!(later.len() >= 2, "pushes go on: {}", later.len());
     for s in &later {
-        assert_eq!(members(&s, "dns-pool"), all_healthy(&[&a1, &a3]));
+        assert_eq!(members(s, "dns-pool"), all_healthy(&[&a1, &a3]));
     }
     let text = collector.metrics();
     assert!(

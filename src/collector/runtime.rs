@@ -271,7 +271,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 /// its search domains, /etc/hosts) or hickory against the configured servers.
 enum Dns {
     System,
-    Servers(hickory_resolver::TokioResolver),
+    Servers(Box<hickory_resolver::TokioResolver>),
 }
 
 impl Dns {
@@ -303,7 +303,7 @@ impl Dns {
         opts.attempts = 2;
         builder
             .build()
-            .map(Dns::Servers)
+            .map(|r| Dns::Servers(Box::new(r)))
             .map_err(|e| format!("DNS resolver for dns_servers: {e}"))
     }
 
