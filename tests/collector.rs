@@ -809,3 +809,507 @@ fn cli_and_configuration_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---- Discovery: DNS (dns_servers), endpoints files, push targets by DNS ----
+
+/// Polls `probe` every 20 ms until it gives a value; panics with `what` and the
+/// collector's log after `timeout`.
+async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    collector: &Collector,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n--- collector log ---\n{}",
+                collector.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pool's members in a snapshot: (address, healthy), sorted.
+fn members(s: &Snapshot, pool: &str) -> Vec<(String, bool)> {
+    let mut m: Vec<(String, bool)> = s
+        .pool(pool)
+        .map(|p| {
+            p.endpoints
+                .iter()
+                .map(|e| (e.address.clone(), e.healthy))
+                .collect()
+        })
+        .unwrap_or_default();
+    m.sort();
+    m
+}
+
+fn all_healthy(addrs: &[&str]) -> Vec<(String, bool)> {
+    let mut m: Vec<(String, bool)> = addrs.iter().map(|a| (a.to_string(), true)).collect();
+    m.sort();
+    m
+}
+
+/// A headless Service's answer changes: a replica added to DNS is scraped and
+/// healthy in the pushed snapshot within one refresh plus a few intervals; a
+/// removed one leaves the next snapshot (and the collector's series); an
+/// NXDOMAIN answer empties the pool. The collector resolves through
+/// `dns_servers` (a hickory DNS server on loopback), and the pool's entry has no
+/// port (`target_ports`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_follows_dns_membership() {
+    use support::collector::IngestSink;
+    use support::dns::DnsServer;
+    let dir = tempfile::Builder::new()
+        .prefix("collector-dns-")
+        .tempdir()
+        .expect("temp dir");
+    let dns = DnsServer::start("test.local").await;
+    let ip = |last: u8| std::net::Ipv4Addr::new(127, 0, 0, last);
+    dns.set_a("vllm.test.local", vec![ip(1), ip(2)]).await;
+    let port = process::free_port().expect("free port");
+    let _sims: Vec<Sim> = blocking(|| {
+        (1..=3)
+            .map(|i| {
+                Sim::start_on_host(
+                    &format!("r{i}"),
+                    ip(i).into(),
+                    port,
+                    &SimOptions::default(),
+                    dir.path(),
+                )
+                .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    });
+    let sink_addr: std::net::SocketAddr = format!("127.0.0.1:{}", process::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let sink = IngestSink::start(sink_addr, TOKEN).await;
+    const REFRESH_MS: u64 = 200;
+    const INTERVAL_MS: u64 = 50;
+    const TIMEOUT_MS: u64 = 300;
+    let config = format!(
+        "scrape_interval_ms: {INTERVAL_MS}\nscrape_timeout_ms: {TIMEOUT_MS}\ndns_refresh_interval_ms: {REFRESH_MS}\n\
+         dns_servers: [\"{}\"]\npush_targets: [\"{sink_addr}\"]\n\
+         pools:\n  - name: dns-pool\n    target_ports: [{port}]\n    endpoints: [\"vllm.test.local\"]\n",
+        dns.addr()
+    );
+    let collector = blocking(|| Collector::start(dir.path(), "collector", &config, TOKEN));
+    let (a1, a2, a3) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.2:{port}"),
+        format!("127.0.0.3:{port}"),
+    );
+    wait_for(
+        "both DNS members healthy",
+        Duration::from_secs(10),
+        &collector,
+        || {
+            let s = sink.latest()?;
+            (members(&s, "dns-pool") == all_healthy(&[&a1, &a2])).then_some(())
+        },
+    )
+    .await;
+
+    // A third replica appears in DNS.
+    let added = Instant::now();
+    dns.set_a("vllm.test.local", vec![ip(1), ip(2), ip(3)])
+        .await;
+    wait_for(
+        "the added member listed",
+        Duration::from_secs(5),
+        &collector,
+        || {
+            let s = sink.latest()?;
+            members(&s, "dns-pool")
+                .iter()
+                .any(|(a, _)| *a == a3)
+                .then_some(())
+        },
+    )
+    .await;
+    let listed = added.elapsed();
+    wait_for(
+        "the added member healthy",
+        Duration::from_secs(5),
+        &collector,
+        || {
+            let s = sink.latest()?;
+            (members(&s, "dns-pool") == all_healthy(&[&a1, &a2, &a3])).then_some(())
+        },
+    )
+    .await;
+    let healthy = added.elapsed();
+    // Bound: one refresh, then the first scrape (spread over one interval, up to
+    // the scrape timeout), one round and one push; 500 ms of slack for 2 busy cores.
+    let bound = Duration::from_millis(REFRESH_MS + TIMEOUT_MS + 2 * INTERVAL_MS + 500);
+    support::announce(&format!(
+        "collector_follows_dns_membership: added member listed after {listed:?}, healthy after {healthy:?} (bound {bound:?})"
+    ));
+    assert!(healthy <= bound, "healthy after {healthy:?} > {bound:?}");
+
+    // One replica leaves DNS: gone from the next snapshots, and from /metrics.
+    let removed = Instant::now();
+    dns.set_a("vllm.test.local", vec![ip(1), ip(3)]).await;
+    wait_for(
+        "the removed member gone",
+        Duration::from_secs(5),
+        &collector,
+        || {
+            let s = sink.latest()?;
+            (!members(&s, "dns-pool").iter().any(|(a, _)| *a == a2)).then_some(())
+        },
+    )
+    .await;
+    let gone = removed.elapsed();
+    let bound = Duration::from_millis(REFRESH_MS + 2 * INTERVAL_MS + 500);
+    assert!(gone <= bound, "gone after {gone:?} > {bound:?}");
+    let after = Instant::now();
+    tokio::time::sleep(Duration::from_millis(4 * INTERVAL_MS)).await;
+    let later = sink.since(after);
+    assert!(later.len() >= 2, "pushes go on: {}", later.len());
+    for s in &later {
+        assert_eq!(members(s, "dns-pool"), all_healthy(&[&a1, &a3]));
+    }
+    let text = collector.metrics();
+    assert!(
+        !text.contains(&format!("\"{a2}\"")),
+        "series of the departed member are dropped:\n{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "inference_pool_endpoint_healthy",
+            &[("name", "dns-pool"), ("endpoint", &a3)]
+        ),
+        Some(1.0)
+    );
+
+    // NXDOMAIN (no records left for the name): zero members, not the old ones.
+    dns.set_a("vllm.test.local", vec![]).await;
+    wait_for(
+        "an empty pool after NXDOMAIN",
+        Duration::from_secs(5),
+        &collector,
+        || {
+            let s = sink.latest()?;
+            (s.pool("dns-pool").is_some() && members(&s, "dns-pool").is_empty()).then_some(())
+        },
+    )
+    .await;
+    // And back.
+    dns.set_a("vllm.test.local", vec![ip(2)]).await;
+    wait_for("a member again", Duration::from_secs(5), &collector, || {
+        let s = sink.latest()?;
+        (members(&s, "dns-pool") == all_healthy(&[&a2])).then_some(())
+    })
+    .await;
+    let log = collector.log();
+    assert!(!log.contains(TOKEN), "the token is never logged");
+}
+
+/// Writes `text` as the new content of a ConfigMap-style mount: `name` is a
+/// symlink to `..data/name`, `..data` a symlink to a fresh directory, swapped
+/// atomically (what the kubelet does).
+fn configmap_write(dir: &Path, name: &str, text: &str, version: u32) {
+    let data = dir.join(format!("..data_{version}"));
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join(name), text).expect("write");
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..data_{version}"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    let link = dir.join(name);
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("symlink");
+    }
+}
+
+/// A pool fed by an endpoints file (a ConfigMap mount, updated by symlink swap):
+/// lines added and removed show in the snapshot; a malformed rewrite keeps the
+/// previous members and is counted; a DNS name in the file is refused and
+/// counted; an empty list is a pool without members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_follows_an_endpoints_file() {
+    use support::collector::IngestSink;
+    let dir = tempfile::Builder::new()
+        .prefix("collector-file-")
+        .tempdir()
+        .expect("temp dir");
+    let mount = dir.path().join("mount");
+    std::fs::create_dir_all(&mount).expect("mkdir");
+    let sims: Vec<Sim> = blocking(|| {
+        (1..=2)
+            .map(|i| {
+                Sim::start(&format!("f{i}"), &SimOptions::default(), dir.path())
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    });
+    let (e1, e2) = (sims[0].endpoint(), sims[1].endpoint());
+    let file = mount.join("endpoints.yaml");
+    let mut version = 1;
+    configmap_write(&mount, "endpoints.yaml", &format!("- \"{e1}\"\n"), version);
+    let sink_addr: std::net::SocketAddr = format!("127.0.0.1:{}", process::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let sink = IngestSink::start(sink_addr, TOKEN).await;
+    let config = format!(
+        "scrape_interval_ms: 50\nscrape_timeout_ms: 300\nendpoints_file_poll_interval_ms: 100\n\
+         push_targets: [\"{sink_addr}\"]\n\
+         pools:\n  - name: file-pool\n    endpoints_file: \"{}\"\n",
+        file.display()
+    );
+    let collector = blocking(|| Collector::start(dir.path(), "collector", &config, TOKEN));
+    let members_now = || sink.latest().map(|s| members(&s, "file-pool"));
+    wait_for(
+        "the file's member",
+        Duration::from_secs(10),
+        &collector,
+        || (members_now()? == all_healthy(&[&e1])).then_some(()),
+    )
+    .await;
+
+    // Add a line.
+    version += 1;
+    configmap_write(
+        &mount,
+        "endpoints.yaml",
+        &format!("- \"{e1}\"\n- {{address: \"{e2}\", labels: {{zone: b}}}}\n"),
+        version,
+    );
+    wait_for("the added line", Duration::from_secs(5), &collector, || {
+        (members_now()? == all_healthy(&[&e1, &e2])).then_some(())
+    })
+    .await;
+    let s = sink.latest().expect("snapshot");
+    let ep = s
+        .pool("file-pool")
+        .and_then(|p| p.endpoints.iter().find(|e| e.address == e2))
+        .expect("member");
+    assert!(
+        ep.labels.iter().any(|(k, v)| k == "zone" && v == "b"),
+        "{ep:?}"
+    );
+
+    // Remove a line.
+    version += 1;
+    configmap_write(&mount, "endpoints.yaml", &format!("- \"{e2}\"\n"), version);
+    wait_for(
+        "the removed line gone",
+        Duration::from_secs(5),
+        &collector,
+        || (members_now()? == all_healthy(&[&e2])).then_some(()),
+    )
+    .await;
+
+    // A malformed rewrite: previous members kept, the error counted once.
+    let errors = |text: &str, reason: &str| {
+        metric(
+            text,
+            "inference_collector_discovery_errors_total",
+            &[("source", "file"), ("reason", reason)],
+        )
+        .unwrap_or(0.0)
+    };
+    version += 1;
+    configmap_write(
+        &mount,
+        "endpoints.yaml",
+        &format!("- \"{e1}\"\n- [unterminated\n"),
+        version,
+    );
+    wait_for(
+        "the parse error counted",
+        Duration::from_secs(5),
+        &collector,
+        || (errors(&collector.metrics(), "parse") >= 1.0).then_some(()),
+    )
+    .await;
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = sink.since(t);
+    assert!(later.len() >= 3, "pushes go on: {}", later.len());
+    for s in &later {
+        assert_eq!(members(s, "file-pool"), all_healthy(&[&e2]), "kept");
+    }
+    assert_eq!(
+        errors(&collector.metrics(), "parse"),
+        1.0,
+        "counted once per change, not per poll"
+    );
+
+    // A DNS name in the file is refused (and counted); the rest is used.
+    version += 1;
+    configmap_write(
+        &mount,
+        "endpoints.yaml",
+        &format!("- \"{e1}\"\n- \"localhost:{}\"\n", sims[1].port),
+        version,
+    );
+    wait_for(
+        "the IP entry used",
+        Duration::from_secs(5),
+        &collector,
+        || (members_now()? == all_healthy(&[&e1])).then_some(()),
+    )
+    .await;
+    assert_eq!(errors(&collector.metrics(), "entry"), 1.0);
+    assert!(
+        collector.log().contains("a DNS name"),
+        "the refusal names the entry"
+    );
+
+    // An empty list: no members (not the previous ones).
+    version += 1;
+    configmap_write(&mount, "endpoints.yaml", "[]\n", version);
+    wait_for("an empty pool", Duration::from_secs(5), &collector, || {
+        let s = sink.latest()?;
+        (s.pool("file-pool").is_some() && members(&s, "file-pool").is_empty()).then_some(())
+    })
+    .await;
+}
+
+/// One DNS name for two ingest replicas (127.0.0.1 and 127.0.0.2, same port):
+/// both are fed; one stops and comes back, and is fed again within
+/// push_backoff_max_ms + one interval; one leaves DNS and its pusher stops (and
+/// its series goes); a push target file adds a third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_pushes_to_every_address_of_a_dns_target() {
+    use support::collector::IngestSink;
+    use support::dns::DnsServer;
+    let dir = tempfile::Builder::new()
+        .prefix("collector-push-")
+        .tempdir()
+        .expect("temp dir");
+    let dns = DnsServer::start("test.local").await;
+    let ip = |last: u8| std::net::Ipv4Addr::new(127, 0, 0, last);
+    dns.set_a("envoy.test.local", vec![ip(1), ip(2)]).await;
+    let port = process::free_port().expect("free port");
+    let at = |last: u8| std::net::SocketAddr::new(ip(last).into(), port);
+    let sink1 = IngestSink::start(at(1), TOKEN).await;
+    let mut sink2 = Some(IngestSink::start(at(2), TOKEN).await);
+    let sink3 = IngestSink::start(at(3), TOKEN).await;
+    let targets_file = dir.path().join("push-targets.json");
+    std::fs::write(&targets_file, "[]").expect("write");
+    const INTERVAL_MS: u64 = 50;
+    const BACKOFF_MAX_MS: u64 = 400;
+    const REFRESH_MS: u64 = 200;
+    let dead = format!("127.0.0.1:{}", process::free_port().expect("free port"));
+    let name = format!("envoy.test.local:{port}");
+    let config = format!(
+        "scrape_interval_ms: {INTERVAL_MS}\ndns_refresh_interval_ms: {REFRESH_MS}\ndns_servers: [\"{}\"]\n\
+         endpoints_file_poll_interval_ms: 100\n\
+         push_backoff_initial_ms: 50\npush_backoff_max_ms: {BACKOFF_MAX_MS}\npush_timeout_ms: 500\n\
+         push_targets: [\"{name}\", {{file: \"{}\"}}]\n\
+         pools:\n  - name: p\n    endpoints: [\"{dead}\"]\n",
+        dns.addr(),
+        targets_file.display()
+    );
+    let collector = blocking(|| Collector::start(dir.path(), "collector", &config, TOKEN));
+    let sink2_count = |s: &Option<IngestSink>| s.as_ref().map_or(0, |s| s.count());
+    wait_for(
+        "both replicas fed",
+        Duration::from_secs(10),
+        &collector,
+        || (sink1.count() > 0 && sink2_count(&sink2) > 0).then_some(()),
+    )
+    .await;
+    let pushes = |address: &str, result: &str| {
+        metric(
+            &collector.metrics(),
+            "inference_collector_push_total",
+            &[
+                ("target", name.as_str()),
+                ("address", address),
+                ("result", result),
+            ],
+        )
+    };
+    assert!(pushes(&at(2).to_string(), "ok").unwrap_or(0.0) >= 1.0);
+    assert_eq!(sink3.count(), 0, "not a target (yet)");
+
+    // Replica 2 goes away, long enough for its backoff to reach the maximum.
+    sink2.take().expect("sink 2").stop().await;
+    wait_for(
+        "failed pushes to replica 2",
+        Duration::from_secs(5),
+        &collector,
+        || (pushes(&at(2).to_string(), "error").unwrap_or(0.0) >= 3.0).then_some(()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2 * BACKOFF_MAX_MS)).await;
+    let before = sink1.count();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sink1.count() > before, "replica 1 is fed meanwhile");
+
+    // It comes back on the same address.
+    let back = Instant::now();
+    let sink2b = IngestSink::start(at(2), TOKEN).await;
+    let fed = wait_for(
+        "replica 2 fed again",
+        Duration::from_secs(5),
+        &collector,
+        || sink2b.first_since(back),
+    )
+    .await;
+    let took = fed.duration_since(back);
+    let bound = Duration::from_millis(BACKOFF_MAX_MS + INTERVAL_MS + 300);
+    support::announce(&format!(
+        "collector_pushes_to_every_address_of_a_dns_target: restarted replica fed after {took:?} (bound {bound:?} = push_backoff_max_ms + interval + 300 ms slack)"
+    ));
+    assert!(took <= bound, "fed again after {took:?} > {bound:?}");
+
+    // Replica 2 leaves DNS: its pusher stops, its series goes.
+    dns.set_a("envoy.test.local", vec![ip(1)]).await;
+    wait_for(
+        "replica 2's series dropped",
+        Duration::from_secs(5),
+        &collector,
+        || pushes(&at(2).to_string(), "ok").is_none().then_some(()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let settled = sink2b.count();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink2b.count(), settled, "no pushes after it left DNS");
+
+    // A push target file lists a third replica: fed; removed from the file: stops.
+    std::fs::write(&targets_file, format!("[\"{}\"]", at(3))).expect("write");
+    wait_for("replica 3 fed", Duration::from_secs(5), &collector, || {
+        (sink3.count() > 0).then_some(())
+    })
+    .await;
+    std::fs::write(&targets_file, "[]").expect("write");
+    wait_for(
+        "replica 3's pusher stopped",
+        Duration::from_secs(5),
+        &collector,
+        || {
+            metric(
+                &collector.metrics(),
+                "inference_collector_push_total",
+                &[("address", &at(3).to_string())],
+            )
+            .is_none()
+            .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let settled = sink3.count();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(sink3.count(), settled, "no pushes after it left the file");
+    assert!(sink1.count() > 0);
+    assert!(
+        !collector.log().contains(TOKEN),
+        "the token is never logged"
+    );
+}

@@ -22,36 +22,47 @@ pub struct PoolTargets {
     pub targets: Vec<Target>,
 }
 
-/// Resolves the configured pools against DNS answers (`host, port` → addresses).
-/// A DNS source without an answer contributes nothing; an address listed twice in
-/// a pool is kept once (first entry wins), and an address is scraped as the
-/// server type it was first given.
+/// Resolves the configured pools against DNS answers (host name → addresses)
+/// and adds the endpoints each pool's endpoints file lists (`files[i]` for
+/// `pools[i]`, after the configured ones). A DNS source without an answer
+/// contributes nothing; an address listed twice in a pool is kept once (first
+/// entry wins), and an address is scraped as the server type it was first given.
 pub fn resolve_targets(
     pools: &[PoolSpec],
-    dns: &HashMap<(String, u16), Vec<IpAddr>>,
+    dns: &HashMap<String, Vec<IpAddr>>,
+    files: &[Vec<Target>],
 ) -> Vec<PoolTargets> {
     let mut types: HashMap<SocketAddr, ServerType> = HashMap::new();
     pools
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
             let mut targets: Vec<Target> = Vec::new();
-            for e in &p.endpoints {
+            let configured = p.endpoints.iter().flat_map(|e| {
                 let addrs: Vec<SocketAddr> = match &e.source {
                     Source::Static(a) => vec![*a],
                     Source::Dns { host, port } => dns
-                        .get(&(host.clone(), *port))
+                        .get(host)
                         .map(|ips| ips.iter().map(|ip| SocketAddr::new(*ip, *port)).collect())
                         .unwrap_or_default(),
                 };
-                for address in addrs {
-                    let server_type = *types.entry(address).or_insert(e.server_type);
-                    if targets.iter().all(|t| t.address != address) {
-                        targets.push(Target {
-                            address,
-                            server_type,
-                            labels: e.labels.clone(),
-                        });
-                    }
+                addrs
+                    .into_iter()
+                    .map(move |address| (address, e.server_type, &e.labels))
+            });
+            let listed = files
+                .get(i)
+                .into_iter()
+                .flatten()
+                .map(|t| (t.address, t.server_type, &t.labels));
+            for (address, server_type, labels) in configured.chain(listed) {
+                let server_type = *types.entry(address).or_insert(server_type);
+                if targets.iter().all(|t| t.address != address) {
+                    targets.push(Target {
+                        address,
+                        server_type,
+                        labels: labels.clone(),
+                    });
                 }
             }
             PoolTargets {
@@ -184,6 +195,10 @@ mod tests {
     fn spec(name: &str, sources: &[(&str, ServerType)]) -> PoolSpec {
         PoolSpec {
             name: name.into(),
+            endpoints_file: None,
+            target_ports: vec![],
+            server_type: ServerType::Vllm,
+            labels: Default::default(),
             endpoints: sources
                 .iter()
                 .map(|(s, t)| EndpointSpec {
@@ -212,17 +227,17 @@ mod tests {
             spec("b", &[("10.0.0.2:8000", ServerType::Sglang)]),
         ];
         let mut dns = HashMap::new();
-        let t = resolve_targets(&pools, &dns);
+        let t = resolve_targets(&pools, &dns, &[]);
         assert_eq!(t[0].targets.len(), 1, "unresolved DNS contributes nothing");
         dns.insert(
-            ("svc.local".into(), 8000),
+            "svc.local".into(),
             vec![
                 "10.0.0.1".parse().unwrap(),
                 "10.0.0.3".parse().unwrap(),
                 "10.0.0.3".parse().unwrap(),
             ],
         );
-        let t = resolve_targets(&pools, &dns);
+        let t = resolve_targets(&pools, &dns, &[]);
         let a: Vec<String> = t[0].targets.iter().map(|t| t.address.to_string()).collect();
         assert_eq!(a, ["10.0.0.1:8000", "10.0.0.3:8000"], "deduplicated");
         assert_eq!(
@@ -236,6 +251,33 @@ mod tests {
                 (addr("10.0.0.3:8000"), ServerType::Vllm),
                 (addr("10.0.0.2:8000"), ServerType::Sglang)
             ]
+        );
+
+        // Endpoints files add members after the configured ones; an address the
+        // configuration already has is kept once, with its configured labels.
+        let file = |a: &str, t: ServerType| Target {
+            address: addr(a),
+            server_type: t,
+            labels: vec![("from".into(), "file".into())],
+        };
+        let files = vec![
+            vec![
+                file("10.0.0.1:8000", ServerType::Vllm),
+                file("10.0.0.9:8000", ServerType::Vllm),
+            ],
+            vec![file("10.0.0.3:8000", ServerType::Sglang)],
+        ];
+        let t = resolve_targets(&pools, &dns, &files);
+        let a: Vec<String> = t[0].targets.iter().map(|t| t.address.to_string()).collect();
+        assert_eq!(a, ["10.0.0.1:8000", "10.0.0.3:8000", "10.0.0.9:8000"]);
+        assert_eq!(t[0].targets[2].labels, vec![("from".into(), "file".into())]);
+        assert_eq!(t[0].targets[0].labels[0].0, "zone");
+        let b: Vec<String> = t[1].targets.iter().map(|t| t.address.to_string()).collect();
+        assert_eq!(b, ["10.0.0.2:8000", "10.0.0.3:8000"]);
+        assert_eq!(
+            t[1].targets[1].server_type,
+            ServerType::Vllm,
+            "one address, one scrape type: the first pool's"
         );
     }
 

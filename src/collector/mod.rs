@@ -4,6 +4,7 @@
 //! listener(s). It also serves GIE's pool gauges on its own `/metrics`.
 //!
 //! Pure logic, unit-tested beside it: [`config`] (file + validation),
+//! [`discovery`] (endpoints / push target files, DNS answers, push expansion),
 //! [`exposition`] (text-format parser), [`mapping`] (server type → metrics),
 //! [`aggregate`] (discovery merge, health, snapshot, pool averages),
 //! [`telemetry`] (own metrics), [`backoff`]. The async I/O is [`runtime`].
@@ -12,6 +13,7 @@
 pub mod aggregate;
 pub mod backoff;
 pub mod config;
+pub mod discovery;
 pub mod exposition;
 pub mod mapping;
 pub mod runtime;

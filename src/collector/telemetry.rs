@@ -78,7 +78,10 @@ impl PushResult {
 pub struct Telemetry {
     scrape_latency: BTreeMap<String, Histogram>,
     scrape_errors: BTreeMap<(String, &'static str), u64>,
-    pushes: BTreeMap<(String, PushResult), u64>,
+    /// (target as configured, address pushed to, result).
+    pushes: BTreeMap<(String, String, PushResult), u64>,
+    /// (source `dns`/`file`, name or path, reason).
+    discovery_errors: BTreeMap<(&'static str, String, &'static str), u64>,
     rounds: u64,
     snapshot_bytes: usize,
 }
@@ -97,8 +100,29 @@ impl Telemetry {
         }
     }
 
-    pub fn push(&mut self, target: &str, result: PushResult) {
-        *self.pushes.entry((target.to_string(), result)).or_default() += 1;
+    /// A push to `address`, one of the addresses of the configured `target`.
+    pub fn push(&mut self, target: &str, address: &str, result: PushResult) {
+        *self
+            .pushes
+            .entry((target.to_string(), address.to_string(), result))
+            .or_default() += 1;
+    }
+
+    /// A discovery failure: `source` is `dns` or `file`, `name` the host name or
+    /// the file path, `reason` e.g. `lookup`, `timeout`, `read`, `parse`, `entry`.
+    pub fn discovery_error(&mut self, source: &'static str, name: &str, reason: &'static str) {
+        *self
+            .discovery_errors
+            .entry((source, name.to_string(), reason))
+            .or_default() += 1;
+    }
+
+    pub fn discovery_errors(&self, source: &str, name: &str, reason: &str) -> u64 {
+        self.discovery_errors
+            .iter()
+            .filter(|((s, n, r), _)| *s == source && n == name && *r == reason)
+            .map(|(_, v)| *v)
+            .sum()
     }
 
     pub fn round(&mut self, snapshot_bytes: usize) {
@@ -110,11 +134,20 @@ impl Telemetry {
         self.rounds
     }
 
+    /// Pushes to every address of `target` that ended with `result`.
     pub fn pushes(&self, target: &str, result: PushResult) -> u64 {
         self.pushes
-            .get(&(target.to_string(), result))
-            .copied()
-            .unwrap_or(0)
+            .iter()
+            .filter(|((t, _, r), _)| t == target && *r == result)
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    /// Drops the push series of targets that discovery no longer lists
+    /// (`keep`: (target, address)).
+    pub fn retain_push_targets(&mut self, keep: &HashSet<(String, String)>) {
+        self.pushes
+            .retain(|(t, a, _), _| keep.contains(&(t.clone(), a.clone())));
     }
 
     /// Drops the series of endpoints that discovery no longer lists.
@@ -277,14 +310,28 @@ impl Telemetry {
             &mut out,
             "inference_collector_push_total",
             "counter",
-            "Snapshot pushes by target and result (ok, stale, rejected, error).",
+            "Snapshot pushes by target (as configured), address (pushed to) and result (ok, stale, rejected, error).",
         );
-        for ((target, result), n) in &self.pushes {
+        for ((target, address, result), n) in &self.pushes {
             let _ = writeln!(
                 out,
-                "inference_collector_push_total{{target=\"{}\",result=\"{}\"}} {n}",
+                "inference_collector_push_total{{target=\"{}\",address=\"{}\",result=\"{}\"}} {n}",
                 esc(target),
+                esc(address),
                 result.as_str()
+            );
+        }
+        head(
+            &mut out,
+            "inference_collector_discovery_errors_total",
+            "counter",
+            "Discovery failures by source (dns, file), name (host name or file path) and reason (lookup, timeout, read, parse, entry).",
+        );
+        for ((source, name, reason), n) in &self.discovery_errors {
+            let _ = writeln!(
+                out,
+                "inference_collector_discovery_errors_total{{source=\"{source}\",name=\"{}\",reason=\"{reason}\"}} {n}",
+                esc(name)
             );
         }
         head(
@@ -361,9 +408,13 @@ mod tests {
         let mut t = Telemetry::default();
         t.scrape("127.0.0.1:1", Duration::from_millis(3), None);
         t.scrape("127.0.0.1:3", Duration::from_millis(700), Some("timeout"));
-        t.push("127.0.0.1:9902", PushResult::Ok);
-        t.push("127.0.0.1:9902", PushResult::Ok);
-        t.push("127.0.0.1:9902", PushResult::Error);
+        t.push("127.0.0.1:9902", "127.0.0.1:9902", PushResult::Ok);
+        t.push("127.0.0.1:9902", "127.0.0.1:9902", PushResult::Ok);
+        t.push("127.0.0.1:9902", "127.0.0.1:9902", PushResult::Error);
+        t.push("gw.svc:9902", "10.0.0.1:9902", PushResult::Ok);
+        t.push("gw.svc:9902", "10.0.0.2:9902", PushResult::Ok);
+        t.discovery_error("file", "/etc/eps.yaml", "parse");
+        t.discovery_error("file", "/etc/eps.yaml", "parse");
         t.round(321);
         let text = t.render(&snapshot());
         // Our own parser reads it back: the output is valid exposition text.
@@ -419,15 +470,43 @@ mod tests {
             1.0
         );
         assert_eq!(
-            get("inference_collector_push_total", &[("result", "ok")]),
+            get(
+                "inference_collector_push_total",
+                &[("target", "127.0.0.1:9902"), ("result", "ok")]
+            ),
             2.0
         );
+        assert_eq!(
+            get(
+                "inference_collector_push_total",
+                &[("target", "gw.svc:9902"), ("address", "10.0.0.2:9902")]
+            ),
+            1.0
+        );
+        assert_eq!(t.pushes("gw.svc:9902", PushResult::Ok), 2);
+        assert_eq!(
+            get(
+                "inference_collector_discovery_errors_total",
+                &[
+                    ("source", "file"),
+                    ("name", "/etc/eps.yaml"),
+                    ("reason", "parse")
+                ]
+            ),
+            2.0
+        );
+        assert_eq!(t.discovery_errors("file", "/etc/eps.yaml", "parse"), 2);
         assert_eq!(get("inference_collector_snapshot_bytes", &[]), 321.0);
         assert_eq!(get("inference_collector_snapshot_sequence", &[]), 9.0);
 
         let keep: HashSet<String> = ["127.0.0.1:1".to_string()].into();
         t.retain_endpoints(&keep);
         assert!(!t.render(&snapshot()).contains("reason=\"timeout\""));
+        let keep: HashSet<(String, String)> =
+            [("gw.svc:9902".to_string(), "10.0.0.1:9902".to_string())].into();
+        t.retain_push_targets(&keep);
+        assert_eq!(t.pushes("gw.svc:9902", PushResult::Ok), 1);
+        assert_eq!(t.pushes("127.0.0.1:9902", PushResult::Ok), 0);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod collector;
+pub mod dns;
 pub mod envoy;
 pub mod gateway;
 pub mod safety;

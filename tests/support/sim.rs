@@ -44,6 +44,9 @@ pub fn sim_binary() -> PathBuf {
 
 pub struct Sim {
     pub id: String,
+    /// The loopback address it listens on (127.0.0.1 unless started with
+    /// [`Sim::start_on_host`]).
+    pub host: std::net::IpAddr,
     pub port: u16,
     guard: ChildGuard,
 }
@@ -71,10 +74,22 @@ impl Sim {
         options: &SimOptions,
         log_dir: &Path,
     ) -> Result<Sim, String> {
+        Sim::start_on_host(id, [127, 0, 0, 1].into(), port, options, log_dir)
+    }
+
+    /// Starts replica `id` on `host:port` (any 127/8 address works on Linux, so
+    /// several replicas can share a port, as pods behind one headless Service).
+    pub fn start_on_host(
+        id: &str,
+        host: std::net::IpAddr,
+        port: u16,
+        options: &SimOptions,
+        log_dir: &Path,
+    ) -> Result<Sim, String> {
         let mut cmd = Command::new(sim_binary());
         cmd.args([
             "--host",
-            "127.0.0.1",
+            &host.to_string(),
             "--port",
             &port.to_string(),
             "--id",
@@ -87,7 +102,7 @@ impl Sim {
         let log = log_dir.join(format!("sim-{id}.log"));
         let mut guard = ChildGuard::spawn(&format!("sim {id}"), &mut cmd, Some(&log))
             .map_err(|e| e.to_string())?;
-        let health = format!("http://127.0.0.1:{port}/health");
+        let health = format!("http://{}/health", std::net::SocketAddr::new(host, port));
         process::wait_until(&format!("sim {id}"), Duration::from_secs(30), || {
             if let Err(e) = guard.check_running() {
                 return process::Check::Failed(e.to_string());
@@ -101,18 +116,19 @@ impl Sim {
         .map_err(|e| e.to_string())?;
         Ok(Sim {
             id: id.to_string(),
+            host,
             port,
             guard,
         })
     }
 
-    /// `127.0.0.1:port`, as in the pool's endpoints.
+    /// `host:port`, as in the pool's endpoints.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        std::net::SocketAddr::new(self.host, self.port).to_string()
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://{}{path}", self.endpoint())
     }
 
     /// What the simulator received: `[{method, path, headers, body}]`.
