@@ -14,10 +14,10 @@ use inference_gateway::deploy::compose::{
     compose_command, docker_engine, Replica, BINS_IMAGE, BUILD_IMAGES_SCRIPT, COLLECTOR_LISTEN,
     COMPOSE_DIR, COMPOSE_FILE, PROMETHEUS_IMAGE, PROMETHEUS_LISTEN, REPLICAS,
 };
-use inference_gateway::deploy::docker::{image_ref, run_with_timeout};
+use inference_gateway::deploy::docker::{ensure_image, image_ref, run_with_timeout};
 use inference_gateway::deploy::envoy_config::{DEMO_ENDPOINTS, DEMO_INGEST_TOKEN, DEMO_POOL};
 use inference_gateway::deploy::process::{http_request, wait_for_http};
-use inference_gateway::deploy::prometheus::{find_promtool, url_encode};
+use inference_gateway::deploy::prometheus::{find_prometheus, find_promtool, url_encode};
 use inference_gateway::deploy::repo_root;
 use serde_yaml_ng::Value;
 use std::collections::BTreeSet;
@@ -306,6 +306,18 @@ fn compose_stack_serves_through_both_replicas() {
             "Docker engine {engine} answers, but neither `docker compose` nor `docker-compose` is installed"
         ));
     };
+    if find_prometheus().is_none() {
+        return skip(
+            "no Prometheus binary to put in its image ($PROMETHEUS, /usr/bin/prometheus or PATH; \
+             apt-get install -y prometheus)",
+        );
+    }
+    let wasm = PathBuf::from(env!("GATEWAY_WASM"));
+    assert!(
+        wasm.is_file(),
+        "no filter at {} (INFERENCE_GATEWAY_WASM?)",
+        wasm.display()
+    );
     for addr in stack_addresses() {
         let sock: SocketAddr = addr.parse().unwrap();
         if let Err(e) = TcpListener::bind(sock) {
@@ -316,8 +328,11 @@ fn compose_stack_serves_through_both_replicas() {
         }
     }
 
-    // Images: the binaries of this very build (debug, from cargo's test build) in
-    // a test-only tag, so a release image built by hand is left alone.
+    // Images. Envoy's through the helper the e2e tests use (finds or installs
+    // Envoy into .venv, builds under a lock); then build-images.sh keeps it and
+    // adds the binaries of this very build (debug, from cargo's test build) in a
+    // test-only tag, so a release image built by hand is left alone, and Prometheus.
+    ensure_image(&repo_root()).unwrap_or_else(|e| panic!("the Envoy image: {e}"));
     let bin_dir: PathBuf = Path::new(env!("CARGO_BIN_EXE_metrics-collector"))
         .parent()
         .unwrap()
@@ -333,8 +348,6 @@ fn compose_stack_serves_through_both_replicas() {
     let (ok, out, err) = run_with_timeout(&mut build, Duration::from_secs(30 * 60)).unwrap();
     assert!(ok, "{BUILD_IMAGES_SCRIPT} failed:\n{out}\n{err}");
 
-    let wasm = PathBuf::from(env!("GATEWAY_WASM"));
-    assert!(wasm.is_file(), "no filter at {}", wasm.display());
     // From here on, Drop takes the stack down (and prints its logs on failure).
     let stack = Stack {
         compose,
