@@ -2,10 +2,12 @@
 //! benchmarks: rendering the Envoy bootstrap ([`envoy_config`]), finding or
 //! installing the Envoy binary ([`envoy_binary`]), child processes and readiness
 //! ([`process`]), the locally built Envoy container image ([`docker`]), and a
-//! real Prometheus with the shipped alert rules ([`prometheus`]).
+//! real Prometheus with the shipped alert rules ([`prometheus`]), and the whole
+//! demo layout in docker-compose ([`compose`]).
 //!
 //! Native only: none of this is linked into the `.wasm`.
 
+pub mod compose;
 pub mod docker;
 pub mod envoy_binary;
 pub mod envoy_config;

