@@ -97,7 +97,10 @@ async fn wait_members(gw: &Gateway, want: &[String], timeout: Duration) -> Insta
         if got == want {
             return Instant::now();
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {want:?}; the snapshot has {got:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {want:?}; the snapshot has {got:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -152,11 +155,23 @@ fn first_on(log: &Log, id: &str, after: Instant) -> Option<Instant> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_follows_its_dns_name_under_traffic() {
     let dns = DnsServer::start("igw.test").await;
-    let dir = tempfile::Builder::new().prefix("e2e-membership-dns-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-membership-dns-")
+        .tempdir()
+        .unwrap();
     let port = shared_port(3);
     let options = SimOptions::default();
     let mut sims: Vec<Sim> = (1..=3u8)
-        .map(|i| Sim::start_on_host(&format!("pod-{i}"), IpAddr::V4(ip(i)), port, &options, dir.path()).unwrap())
+        .map(|i| {
+            Sim::start_on_host(
+                &format!("pod-{i}"),
+                IpAddr::V4(ip(i)),
+                port,
+                &options,
+                dir.path(),
+            )
+            .unwrap()
+        })
         .collect();
     dns.set_a("vllm.igw.test", vec![ip(1), ip(2)]).await;
 
@@ -184,12 +199,17 @@ async fn a_pool_follows_its_dns_name_under_traffic() {
         if let Some(t) = first_on(&log, "pod-3", joined) {
             break t;
         }
-        assert!(Instant::now() < deadline, "pod-3 got no traffic within 10 s of its record");
+        assert!(
+            Instant::now() < deadline,
+            "pod-3 got no traffic within 10 s of its record"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let join_ms = first.duration_since(joined).as_millis();
     let bound_ms = u128::from(DNS_REFRESH_MS + 2 * SCRAPE_MS) + 500;
-    eprintln!("DNS join: first request on pod-3 {join_ms} ms after its record (bound {bound_ms} ms)");
+    eprintln!(
+        "DNS join: first request on pod-3 {join_ms} ms after its record (bound {bound_ms} ms)"
+    );
     assert!(join_ms <= bound_ms, "{join_ms} ms > {bound_ms} ms");
 
     // Scale down: pod-1's record goes (the pod is no longer ready).
@@ -208,9 +228,15 @@ async fn a_pool_follows_its_dns_name_under_traffic() {
         .iter()
         .filter(|(sent, r)| *sent > gone && r.as_ref().is_ok_and(|id| id == "pod-1"))
         .count();
-    eprintln!("DNS leave: {after} requests after the snapshot without pod-1, {late} on it; {} in all", log.len());
+    eprintln!(
+        "DNS leave: {after} requests after the snapshot without pod-1, {late} on it; {} in all",
+        log.len()
+    );
     assert_eq!(late, 0, "requests went to pod-1 after it left");
-    assert!(after > 20, "too little traffic after the leave to tell ({after})");
+    assert!(
+        after > 20,
+        "too little traffic after the leave to tell ({after})"
+    );
     // Pod-1 is still up: it left discovery, it did not fail.
     assert!(sims[0].requests(&support::http_client()).await.len() > 0);
     gw.wait_all_released(Duration::from_secs(5)).await;
@@ -221,7 +247,10 @@ async fn a_pool_follows_its_dns_name_under_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_gateway_replica_is_fed_through_one_discovered_name() {
     let dns = DnsServer::start("igw.test").await;
-    let dir = tempfile::Builder::new().prefix("e2e-feed-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-feed-")
+        .tempdir()
+        .unwrap();
     let sim = Sim::start("pod-1", &SimOptions::default(), dir.path()).unwrap();
     // Two Envoy replicas, their control listeners on 127.0.0.1 and 127.0.0.2 at
     // the same port, as two pods behind one headless Service.
@@ -242,7 +271,9 @@ async fn every_gateway_replica_is_fed_through_one_discovered_name() {
     for gw in [&a, &b] {
         wait_members(gw, &[sim.endpoint()], Duration::from_secs(15)).await;
         // Neither plugin configuration lists the replica: the snapshot does.
-        let resp = gw.post_json("/v1/chat/completions", &support::api::chat("chat", "hi")).await;
+        let resp = gw
+            .post_json("/v1/chat/completions", &support::api::chat("chat", "hi"))
+            .await;
         assert_eq!(resp.status(), 200);
         assert_eq!(server_id(&resp), "pod-1");
     }
@@ -260,7 +291,10 @@ async fn every_gateway_replica_is_fed_through_one_discovered_name() {
     let up = Instant::now();
     let deadline = up + Duration::from_secs(10);
     while sequence(&b).await == 0 {
-        assert!(Instant::now() < deadline, "the restarted replica was not fed within 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "the restarted replica was not fed within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let fed_ms = up.elapsed().as_millis();
@@ -270,7 +304,10 @@ async fn every_gateway_replica_is_fed_through_one_discovered_name() {
     // And the other replica was fed all along.
     let before = sequence(&a).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(sequence(&a).await > before, "replica a stopped getting snapshots");
+    assert!(
+        sequence(&a).await > before,
+        "replica a stopped getting snapshots"
+    );
     let metrics = collector.metrics();
     eprintln!(
         "{}",

@@ -381,6 +381,13 @@ fn the_collector_config_names_the_pool_and_both_headless_services() {
         Some("inference-gateway-ingest")
     );
     assert!(config["token"].is_null(), "no token in the ConfigMap");
+    // The collector itself accepts it (the token variable set as the Deployment does).
+    let text = cm["data"]["collector.yaml"].as_str().unwrap();
+    let parsed = inference_gateway::collector::config::CollectorConfig::parse(text, false, |v| {
+        (v == var).then(|| "a-token-from-the-secret".to_string())
+    })
+    .unwrap_or_else(|e| panic!("the documented collector.yaml is refused: {e}"));
+    assert_eq!(parsed.pools[0].name, POOL);
     let listen = config["listen"].as_str().unwrap();
     let metrics_port = collector["ports"][0]["containerPort"].as_u64().unwrap();
     assert!(listen.ends_with(&format!(":{metrics_port}")), "{listen}");
@@ -434,9 +441,15 @@ fn the_envoy_bootstrap_routes_on_the_filter_and_takes_the_token_from_the_secret(
     for m in gateway["models"].as_array().unwrap() {
         assert_eq!(m["pool"], POOL);
     }
+    // The filter itself accepts both plugin configurations.
+    let filter = inference_gateway::config::Config::from_json(gateway.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("the documented gateway configuration is refused: {e}"));
+    assert!(filter.pools[0].endpoints.is_empty());
     let control = plugin_config(&bootstrap, "control");
     assert_eq!(control["role"], "control");
     assert_eq!(control["ingest"]["token"], "@INGEST_TOKEN@");
+    inference_gateway::config::Config::from_json(control.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("the documented control configuration is refused: {e}"));
     assert_eq!(template.matches("@INGEST_TOKEN@").count(), 1);
 
     let clusters = bootstrap["static_resources"]["clusters"]
