@@ -74,6 +74,10 @@ pub struct RawConfig {
     /// Pool for models not listed in `models`; without it they get 404 `model_not_found`.
     #[serde(default)]
     pub default_pool: Option<String>,
+    /// An HTTPRoute rule's InferencePool backends: each request first picks a
+    /// pool by weight, then the model's entry applies if it names that pool.
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
     /// Snapshot push endpoint (control role only).
     #[serde(default)]
     pub ingest: Option<RawIngest>,
@@ -190,6 +194,14 @@ pub struct RawTargetModel {
     pub weight: u32,
 }
 
+/// One weighted backend of `backends` (an HTTPRoute `backendRef`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub pool: String,
+    pub weight: u32,
+}
+
 /// A configuration error, naming the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -229,6 +241,8 @@ pub struct Config {
     pub model_names: Vec<String>,
     /// Index into `pools`.
     pub default_pool: Option<usize>,
+    /// Weighted pools every request is split across (empty: by model).
+    pub backends: Vec<Backend>,
     pub ingest: Option<IngestConfig>,
     pub snapshot_stale_after_ms: u64,
     pub scheduling: Scheduling,
@@ -267,6 +281,14 @@ impl AllowedNetworks {
             .collect::<Result<_, _>>()
             .map(AllowedNetworks)
     }
+}
+
+/// A pool a share of the requests goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    /// Index into `pools`.
+    pub pool: usize,
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -518,6 +540,26 @@ impl RawConfig {
             Some(name) => Some(pool_index(name, "default_pool".into())?),
             None => None,
         };
+        let mut backends: Vec<Backend> = Vec::with_capacity(self.backends.len());
+        for (i, b) in self.backends.iter().enumerate() {
+            let pool = pool_index(&b.pool, format!("backends[{i}].pool"))?;
+            if backends.iter().any(|x| x.pool == pool) {
+                return Err(err(
+                    format!("backends[{i}].pool"),
+                    format!("'{}' is listed twice", b.pool),
+                ));
+            }
+            backends.push(Backend {
+                pool,
+                weight: b.weight,
+            });
+        }
+        if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+            return Err(err(
+                "backends",
+                "every weight is 0: at least one pool must take requests",
+            ));
+        }
 
         Ok(Config {
             role: self.role,
@@ -528,6 +570,7 @@ impl RawConfig {
             models,
             model_names,
             default_pool,
+            backends,
             ingest,
             snapshot_stale_after_ms: self.snapshot_stale_after_ms,
             scheduling,

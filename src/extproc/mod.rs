@@ -175,6 +175,43 @@ mod tests {
     }
 
     #[test]
+    fn members_come_from_the_snapshot_as_in_the_filter() {
+        let p = picker();
+        let snap = |seq: u64, eps: &[&str]| {
+            Snapshot {
+                generated_at_ms: 1_000 + seq,
+                sequence: seq,
+                collector: "t".into(),
+                pools: vec![PoolSnapshot {
+                    name: "p".into(),
+                    endpoints: eps
+                        .iter()
+                        .map(|a| EndpointMetrics {
+                            address: a.to_string(),
+                            healthy: true,
+                            scraped_at_ms: 1_000 + seq,
+                            ..Default::default()
+                        })
+                        .collect(),
+                }],
+            }
+            .encode()
+        };
+        // Neither configured endpoint is left; one never configured joined; an
+        // address outside the allowed networks is never picked.
+        p.ingest(&snap(1, &["8.8.8.8:80", "10.0.0.5:8000"]))
+            .unwrap();
+        for _ in 0..10 {
+            let r = p
+                .route(ApiKind::Completions, BODY, None, 1_100, || 0)
+                .unwrap();
+            assert_eq!(r.destination, "10.0.0.5:8000");
+            p.release(r.holding.as_deref().unwrap());
+        }
+        assert_eq!(p.in_flight("10.0.0.5:8000"), 0);
+    }
+
+    #[test]
     fn bad_bodies_get_the_filter_errors() {
         let p = picker();
         let e = p

@@ -25,8 +25,13 @@ pub struct Resolution {
 ///
 /// Priority, first that applies: the body's `priority` (vLLM's field), the objective
 /// named by the `x-gateway-inference-objective` header, the model's configured
-/// objective/priority/criticality, then 0. `draw` is a uniform random `u32`, used
-/// only for the weighted choice of a target model.
+/// objective/priority/criticality, then 0. `draw` is a uniform random `u32`, for
+/// the weighted choices: the pool among `backends`, then the target model.
+///
+/// With `backends` (an HTTPRoute's weighted InferencePools), the pool is chosen
+/// first, whatever the model, as Envoy's weighted clusters choose before GIE's
+/// picker sees the request; the model's entry applies only if it names that pool,
+/// and otherwise the model passes through unchanged (a GA pool serves any model).
 pub fn resolve(
     cfg: &Config,
     model: &str,
@@ -43,11 +48,16 @@ pub fn resolve(
             )
         })?),
     };
-    let route = cfg.models.get(model);
-    let pool = match (route, cfg.default_pool) {
-        (Some(r), _) => r.pool,
-        (None, Some(pool)) => pool,
-        (None, None) => return Err(ApiError::model_not_found(model)),
+    let (route, pool) = if cfg.backends.is_empty() {
+        let route = cfg.models.get(model);
+        match (route, cfg.default_pool) {
+            (Some(r), _) => (route, r.pool),
+            (None, Some(pool)) => (None, pool),
+            (None, None) => return Err(ApiError::model_not_found(model)),
+        }
+    } else {
+        let pool = pick_backend(&cfg.backends, mix(draw));
+        (cfg.models.get(model).filter(|r| r.pool == pool), pool)
     };
     let target_model = route
         .and_then(|r| pick_weighted(&r.targets, draw))
@@ -66,6 +76,38 @@ pub fn resolve(
             .unwrap_or(cfg.scheduling.default_profile),
         adapter: route.and_then(|r| r.adapter),
     })
+}
+
+/// A second uniform `u32` from `draw` for an independent-looking second choice (a
+/// bijection, so still uniform): the pool split and the target rewrite of one
+/// request must not always land on the same side together.
+fn mix(draw: u32) -> u32 {
+    // The finalizer of MurmurHash3.
+    let mut h = draw ^ 0x9E37_79B9;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// The pool of the backend `draw` (uniform over `u32`) falls on, by weight.
+/// Validation guarantees a backend with weight > 0.
+fn pick_backend(backends: &[crate::config::Backend], draw: u32) -> usize {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    let mut point = (u64::from(draw) * total) >> 32;
+    for b in backends {
+        let w = u64::from(b.weight);
+        if point < w {
+            return b.pool;
+        }
+        point -= w;
+    }
+    backends
+        .iter()
+        .rev()
+        .find(|b| b.weight > 0)
+        .map_or(0, |b| b.pool)
 }
 
 /// Picks a target with probability proportional to its weight; `draw` is uniform
@@ -205,5 +247,76 @@ mod tests {
         // Boundaries: the draw is scaled, never out of range.
         assert_eq!(pick_weighted(&targets, 0), Some("a"));
         assert_eq!(pick_weighted(&targets, u32::MAX), Some("b"));
+    }
+
+    #[test]
+    fn backends_split_requests_by_weight_and_models_apply_in_their_pool() {
+        let split = |weights: [u32; 2]| {
+            Config::from_json(
+                format!(
+                    r#"{{"pools": [{{"name": "preview"}}, {{"name": "ga"}}],
+                         "backends": [{{"pool": "preview", "weight": {}}}, {{"pool": "ga", "weight": {}}}],
+                         "models": [{{"name": "food-review", "pool": "preview", "criticality": "Critical",
+                                     "target_models": [{{"name": "food-review-1", "weight": 1}}]}}]}}"#,
+                    weights[0], weights[1]
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let c = split([30, 70]);
+        let mut per_pool = [0u32; 2];
+        // Evenly spread draws: the shares must match the weights closely.
+        for i in 0..10_000u32 {
+            let r = resolve(&c, "food-review", None, None, i.wrapping_mul(429_497)).unwrap();
+            per_pool[r.pool] += 1;
+            if r.pool == 0 {
+                assert_eq!(
+                    r.target_model, "food-review-1",
+                    "the entry applies in its pool"
+                );
+                assert!(r.priority > 0);
+            } else {
+                assert_eq!(
+                    r.target_model, "food-review",
+                    "passes through in the other pool"
+                );
+                assert_eq!(r.priority, 0);
+            }
+        }
+        assert!((2_800..=3_200).contains(&per_pool[0]), "{per_pool:?}");
+        // A model no entry names is served by whichever pool is drawn.
+        assert!(resolve(&c, "anything", None, None, 5).is_ok());
+        // Weight 0 drains a pool.
+        let drained = split([0, 1]);
+        assert!((0..1_000u32).all(
+            |i| resolve(&drained, "food-review", None, None, i * 4_294_967)
+                .unwrap()
+                .pool
+                == 1
+        ));
+    }
+
+    #[test]
+    fn backends_are_validated() {
+        let field = |json: &str| Config::from_json(json.as_bytes()).unwrap_err().field;
+        assert_eq!(
+            field(r#"{"pools": [{"name": "a"}], "backends": [{"pool": "b", "weight": 1}]}"#),
+            "backends[0].pool"
+        );
+        assert_eq!(
+            field(r#"{"pools": [{"name": "a"}], "backends": [{"pool": "a", "weight": 0}]}"#),
+            "backends"
+        );
+        assert_eq!(
+            field(
+                r#"{"pools": [{"name": "a"}], "backends": [{"pool": "a", "weight": 1}, {"pool": "a", "weight": 1}]}"#
+            ),
+            "backends[1].pool"
+        );
+        assert_eq!(
+            field(r#"{"pools": [{"name": "a"}], "backends": [{"pool": "a", "weight": -1}]}"#),
+            "backends[0].weight"
+        );
     }
 }
