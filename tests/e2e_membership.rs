@@ -240,7 +240,7 @@ async fn replicas_join_and_leave_through_the_endpoints_file_under_traffic() {
     for t in tasks {
         t.await.unwrap();
     }
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     let failures: Vec<_> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
     assert!(failures.is_empty(), "client requests failed: {failures:?}");
     let late: Vec<_> = log
