@@ -125,6 +125,12 @@ pub struct EnvoySettings {
     /// The filter, or what the benchmarks compare it with. Everything else in the
     /// bootstrap stays the same, so only the routing step differs.
     pub routing: Routing,
+    /// Serve the gateway filter's configuration through Envoy's extension config
+    /// discovery (ECDS) from this file (see [`gateway_ecds`]) instead of inline:
+    /// rewriting the file (a rename or a ConfigMap's symlink swap in its
+    /// directory) reconfigures the running Envoy without a restart or a dropped
+    /// request. `None`: inline in the bootstrap.
+    pub gateway_ecds_path: Option<String>,
 }
 
 impl Default for EnvoySettings {
@@ -163,6 +169,7 @@ impl EnvoySettings {
             safety_address: Some(DEMO_SAFETY_ADDRESS.into()),
             fallback_retries: 2,
             routing: Routing::WasmFilter,
+            gateway_ecds_path: None,
         }
     }
 
@@ -316,11 +323,11 @@ pub fn render(s: &EnvoySettings) -> String {
                 model_servers = override_host_cluster(s);
                 retry_policy = retry_policy_yaml(s.fallback_retries);
             }
-            (
-                wasm_filter("inference-gateway", &s.gateway_config, s),
-                HEALTH_WASM_BYPASS,
-                control_listener_yaml(s),
-            )
+            let filter = match &s.gateway_ecds_path {
+                None => wasm_filter("inference-gateway", &s.gateway_config, s),
+                Some(path) => ecds_filter(path),
+            };
+            (filter, HEALTH_WASM_BYPASS, control_listener_yaml(s))
         }
         Routing::EnvoyLb(policy) => {
             model_servers = static_pool_cluster(s, *policy);
@@ -347,7 +354,7 @@ pub fn render(s: &EnvoySettings) -> String {
 # The .wasm path is relative to the working directory: run Envoy from the repository
 # root, e.g. `envoy -c envoy/envoy.yaml`.
 
-admin:
+{node}admin:
   address:
     socket_address: {{address: {admin_address}, port_value: {admin_port}}}
 
@@ -412,6 +419,12 @@ overload_manager:
       "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
       max_active_downstream_connections: {max_downstream}
 "#,
+        node = if s.gateway_ecds_path.is_some() {
+            // Configuration discovery (ECDS) requires a node identity.
+            "node: {id: inference-gateway, cluster: inference-gateway}\n"
+        } else {
+            ""
+        },
         regenerate = REGENERATE_COMMAND,
         admin = host_port(&s.admin_address, s.admin_port),
         admin_address = scalar(&s.admin_address),
@@ -741,6 +754,62 @@ fn wasm_filter(name: &str, plugin: &Value, s: &EnvoySettings) -> String {
         vm_id = scalar(&s.vm_id),
         wasm = scalar(&s.wasm_path),
     )
+}
+
+/// The type of the gateway filter's configuration, as ECDS serves it.
+const WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
+/// The gateway's Wasm filter, its configuration discovered from the file `path`.
+/// The resource is named after the filter, as ECDS requires; the directory is
+/// watched so that a rename or a Kubernetes ConfigMap's symlink swap is seen.
+fn ecds_filter(path: &str) -> String {
+    let dir = std::path::Path::new(path)
+        .parent()
+        .map_or_else(|| ".".to_string(), |d| d.to_string_lossy().into_owned());
+    format!(
+        r#"          - name: envoy.filters.http.wasm
+            config_discovery:
+              config_source:
+                resource_api_version: V3
+                path_config_source:
+                  path: {path}
+                  watched_directory:
+                    path: {dir}
+              type_urls:
+              - {WASM_TYPE_URL}
+"#,
+        path = scalar(path),
+        dir = scalar(&dir),
+    )
+}
+
+/// The ECDS file for [`EnvoySettings::gateway_ecds_path`]: a discovery response
+/// (JSON, which Envoy reads as YAML too) holding the gateway filter's whole Wasm
+/// configuration. Write it to a temporary name and rename it into place.
+pub fn gateway_ecds(s: &EnvoySettings) -> String {
+    let resource = json!({
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": WASM_TYPE_URL,
+            "config": {
+                "name": "inference-gateway",
+                "root_id": "inference-gateway",
+                "allow_on_headers_stop_iteration": true,
+                "failure_policy": s.failure_policy,
+                "vm_config": {
+                    "vm_id": s.vm_id,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": s.wasm_path}}
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": s.gateway_config.to_string()
+                }
+            }
+        }
+    });
+    pretty_json(&json!({"resources": [resource]}))
 }
 
 /// A YAML scalar: plain when that cannot be misread, JSON-quoted otherwise.

@@ -224,7 +224,7 @@ impl Envoy {
             }
             Runtime::Docker { image } => {
                 let (name, tag) = image.split_once(':').unwrap_or((IMAGE_NAME, ENVOY_VERSION));
-                let request = GenericImage::new(name, tag)
+                let mut request = GenericImage::new(name, tag)
                     .with_wait_for(WaitFor::Nothing)
                     .with_network("host")
                     .with_label(CONTAINER_LABEL, std::process::id().to_string())
@@ -238,6 +238,17 @@ impl Envoy {
                     )
                     .with_cmd(args)
                     .with_startup_timeout(Duration::from_secs(60));
+                // ECDS: the directory, so renames into it are seen inside too.
+                if let Some(dir) = settings
+                    .gateway_ecds_path
+                    .as_deref()
+                    .and_then(|p| Path::new(p).parent())
+                {
+                    let dir = dir.to_string_lossy().into_owned();
+                    request = request.with_mount(
+                        Mount::bind_mount(dir.clone(), dir).with_access_mode(AccessMode::ReadOnly),
+                    );
+                }
                 let container = on_docker_rt(async move { request.start().await })
                     .map_err(|e| format!("starting the Envoy container failed: {e}"))?;
                 Inner::Docker(Some(Box::new(container)))

@@ -39,6 +39,18 @@ pub struct Gateway {
 impl Gateway {
     /// Starts everything (blocking; from async tests use [`Gateway::start`]).
     pub fn start_blocking(options: GatewayOptions) -> Gateway {
+        Gateway::start_inner(options, false)
+    }
+
+    /// Like [`Gateway::start`], with the gateway filter's configuration served
+    /// through ECDS from a file ([`Gateway::apply_gateway_config`] changes it live).
+    pub async fn start_ecds(options: GatewayOptions) -> Gateway {
+        tokio::task::spawn_blocking(move || Gateway::start_inner(options, true))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    fn start_inner(options: GatewayOptions, ecds: bool) -> Gateway {
         // Choose (and announce) Envoy's runtime first: its errors come before any other.
         super::envoy::runtime();
         let dir = tempfile::Builder::new()
@@ -69,6 +81,13 @@ impl Gateway {
             ..EnvoySettings::demo()
         };
         (options.configure)(&mut settings);
+        if ecds {
+            let ecds_dir = dir.path().join("ecds");
+            std::fs::create_dir_all(&ecds_dir).expect("ecds dir");
+            let path = ecds_dir.join("gateway-filter.json");
+            settings.gateway_ecds_path = Some(path.to_string_lossy().into_owned());
+            std::fs::write(&path, envoy_config::gateway_ecds(&settings)).expect("write ECDS");
+        }
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, envoy_config::render(&settings)).expect("write envoy.yaml");
         let envoy = match Envoy::start(&settings, &config, dir.path()) {
@@ -214,6 +233,21 @@ impl Gateway {
         check: impl FnMut() -> Check<T>,
     ) -> T {
         process::wait_until(what, timeout, check).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Replaces the gateway filter's plugin configuration in the running Envoy
+    /// through its ECDS file (written whole, then renamed into place, as Envoy's
+    /// file watch expects). Only for a gateway from [`Gateway::start_ecds`].
+    pub fn apply_gateway_config(&mut self, config: Value) {
+        let path = self
+            .settings
+            .gateway_ecds_path
+            .clone()
+            .expect("started with start_ecds");
+        self.settings.gateway_config = config;
+        let tmp = format!("{path}.tmp");
+        std::fs::write(&tmp, envoy_config::gateway_ecds(&self.settings)).expect("write ECDS");
+        std::fs::rename(&tmp, &path).expect("rename ECDS");
     }
 
     pub fn temp_dir(&self) -> &std::path::Path {
