@@ -15,7 +15,7 @@
 //! entries than the most endpoints that had requests in flight at the same time
 //! (members, plus departed endpoints still finishing streams), whatever the churn.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// A shared key-value store with compare-and-swap, as proxy-wasm's shared data.
@@ -172,27 +172,34 @@ pub fn name_endpoints(store: &dyn SharedStore, endpoints: &[String]) -> Result<(
     Err(StoreError::CasMismatch)
 }
 
-/// Counts by endpoint, for `/debug/state` and `/metrics`: every endpoint named by
-/// `addresses` (the members the caller knows) or [`NAMES_KEY`], with its count;
-/// an entry above 0 no name matches (an endpoint that left while streams still
-/// run) shows as `departed:<key>`.
-pub fn by_endpoint<'a>(
+/// Every endpoint named by `addresses` (the members the caller knows) or by
+/// [`NAMES_KEY`], by [`key`].
+pub fn names<'a>(
     store: &dyn SharedStore,
     addresses: impl IntoIterator<Item = &'a str>,
-) -> BTreeMap<String, u64> {
+) -> HashMap<u64, String> {
     let configured: Vec<String> = store
         .get(NAMES_KEY)
         .0
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let mut names: std::collections::HashMap<u64, &str> =
-        configured.iter().map(|a| (key(a), a.as_str())).collect();
-    names.extend(addresses.into_iter().map(|a| (key(a), a)));
-    let mut out: BTreeMap<String, u64> = names.values().map(|a| (a.to_string(), 0)).collect();
+    configured
+        .into_iter()
+        .chain(addresses.into_iter().map(str::to_string))
+        .map(|a| (key(&a), a))
+        .collect()
+}
+
+/// Counts by endpoint, for `/debug/state` and `/metrics`: every endpoint of
+/// `names` (from [`names`]) with its count; an entry above 0 no name matches (an
+/// endpoint that left while streams still run) shows as `departed:<key>`.
+pub fn by_endpoint(store: &dyn SharedStore, names: &HashMap<u64, String>) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = names.values().map(|a| (a.clone(), 0)).collect();
     for (k, n) in decode(&table(store)).filter(|&(_, n)| n > 0) {
         let name = names
             .get(&k)
-            .map_or_else(|| format!("departed:{k:016x}"), |a| a.to_string());
+            .cloned()
+            .unwrap_or_else(|| format!("departed:{k:016x}"));
         *out.entry(name).or_default() += u64::from(n);
     }
     out
@@ -204,7 +211,6 @@ pub fn by_endpoint<'a>(
 #[cfg(not(target_arch = "wasm32"))]
 pub mod memory {
     use super::*;
-    use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
@@ -314,7 +320,7 @@ mod tests {
         assert_eq!(count(&table(&s), c), 2);
         assert_eq!(count(&table(&s), b), 1);
         name_endpoints(&s, &["y:1".to_string()]).unwrap();
-        let named = by_endpoint(&s, ["b:1", "z:1"]);
+        let named = by_endpoint(&s, &names(&s, ["b:1", "z:1"]));
         assert_eq!(named.get("b:1"), Some(&1));
         assert_eq!(named.get("z:1"), Some(&0));
         assert_eq!(named.get("y:1"), Some(&0), "configured names count too");
@@ -386,7 +392,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let all = by_endpoint(s.as_ref(), ["e", "f"]);
+        let all = by_endpoint(s.as_ref(), &names(s.as_ref(), ["e", "f"]));
         assert_eq!(all.get("e"), Some(&4_000));
         assert_eq!(all.get("f"), Some(&4_000));
     }

@@ -102,6 +102,7 @@ fn exported_names() -> BTreeSet<String> {
             snapshot_age_seconds: Some(1.0),
             snapshot_stale: Some(false),
             in_flight: vec![("10.0.0.1:8000".into(), 0)],
+            ..Default::default()
         },
     );
     let snapshot = Snapshot {

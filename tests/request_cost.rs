@@ -51,6 +51,9 @@ struct Scenario {
     /// The default profile (with the prefix-cache scorer) or the same scorers
     /// without it.
     prefix: bool,
+    /// Every endpoint of the pool has been picked before (the request metrics
+    /// hold a pick counter per endpoint, as on a gateway that has run a while).
+    busy: bool,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -61,6 +64,7 @@ fn scenarios() -> Vec<Scenario> {
         response,
         safety,
         prefix,
+        busy: false,
     };
     use Response::{Json, Sse};
     vec![
@@ -99,6 +103,17 @@ fn scenarios() -> Vec<Scenario> {
             true,
             true,
         ),
+        Scenario {
+            busy: true,
+            ..s(
+                "chat 1 KB, 100 endpoints, each picked before",
+                100,
+                1024,
+                Json,
+                false,
+                true,
+            )
+        },
         s(
             "stream of 200 chunks, 100 endpoints",
             100,
@@ -375,6 +390,17 @@ fn measure(sc: &Scenario) -> Figures {
     );
     control.end(s);
 
+    if sc.busy {
+        // The request metrics as after traffic to every endpoint.
+        let mut series = inference_gateway::observe::Series::default();
+        for e in &eps {
+            inference_gateway::observe::request::apply_routed(&mut series, e);
+        }
+        host.set_shared(
+            &inference_gateway::observe::series_key("cost-model", "cost-model"),
+            &series.encode(),
+        );
+    }
     let body = chat_body(sc.body_bytes);
     // Two requests first: per-VM caches (the decoded snapshot, metric ids, the
     // shared-data layout) are built once, not per request.

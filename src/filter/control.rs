@@ -36,6 +36,7 @@ impl ControlStream {
     fn metrics(&self) -> String {
         let now_ms = super::now_ms(self);
         let snapshot = store::stored_snapshot();
+        let names = endpoint_names(&self.config, snapshot.as_ref());
         let state = observe::render::GatewayState {
             snapshot_age_seconds: snapshot
                 .as_ref()
@@ -43,9 +44,10 @@ impl ControlStream {
             snapshot_stale: snapshot
                 .as_ref()
                 .map(|s| s.is_stale(now_ms, self.config.snapshot_stale_after_ms)),
-            in_flight: in_flight(&self.config, snapshot.as_ref())
+            in_flight: inflight::by_endpoint(&HostStore, &names)
                 .into_iter()
                 .collect(),
+            endpoint_names: names,
         };
         observe::render::render(&observe::read_all(&HostStore), &state)
     }
@@ -54,7 +56,10 @@ impl ControlStream {
         let now_ms = super::now_ms(self);
         let snapshot = store::stored_snapshot();
         let state = State {
-            in_flight: in_flight(&self.config, snapshot.as_ref()),
+            in_flight: inflight::by_endpoint(
+                &HostStore,
+                &endpoint_names(&self.config, snapshot.as_ref()),
+            ),
             snapshot: snapshot.map(|s| SnapshotView {
                 age_ms: now_ms.saturating_sub(s.generated_at_ms),
                 stale: s.is_stale(now_ms, self.config.snapshot_stale_after_ms),
@@ -75,8 +80,12 @@ impl ControlStream {
     }
 }
 
-/// Counts by endpoint, named by the snapshot's and the configurations' endpoints.
-fn in_flight(config: &Config, snapshot: Option<&Snapshot>) -> BTreeMap<String, u64> {
+/// The endpoints the gateway knows, by in-flight key: the snapshot's and the
+/// configurations'.
+fn endpoint_names(
+    config: &Config,
+    snapshot: Option<&Snapshot>,
+) -> std::collections::HashMap<u64, String> {
     let listed = snapshot
         .into_iter()
         .flat_map(|s| s.pools.iter())
@@ -87,7 +96,7 @@ fn in_flight(config: &Config, snapshot: Option<&Snapshot>) -> BTreeMap<String, u
         .iter()
         .flat_map(|p| p.endpoints.iter())
         .map(String::as_str);
-    inflight::by_endpoint(&HostStore, listed.chain(configured))
+    inflight::names(&HostStore, listed.chain(configured))
 }
 
 #[derive(Serialize)]

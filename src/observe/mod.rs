@@ -32,6 +32,8 @@ pub const OVERFLOW_LABEL: &str = "_overflow";
 /// Most distinct error codes / endpoints kept per series; the rest count as "other".
 pub const MAX_ERROR_CODES: usize = 32;
 pub const MAX_PICK_ENDPOINTS: usize = 256;
+/// The picks key of the endpoints past [`MAX_PICK_ENDPOINTS`] (`endpoint="other"`).
+pub const OTHER_PICKS: u64 = 0;
 /// Label values longer than this are cut (model names come from request bodies).
 pub const MAX_LABEL_BYTES: usize = 128;
 /// Same retry bound as the in-flight counters.
@@ -213,8 +215,15 @@ pub struct Series {
     pub running: u64,
     /// `inference_model_request_error_total` by `error_code`.
     pub errors: Vec<(String, u64)>,
-    /// `inference_gateway_endpoint_picks_total` by `endpoint`.
-    pub picks: Vec<(String, u64)>,
+    /// `inference_gateway_endpoint_picks_total` by endpoint: 16-byte entries,
+    /// [`crate::inflight::key`] of the address and the count (both u64 LE;
+    /// [`OTHER_PICKS`]: past the cap); see [`Series::picks`]. Fixed-size numbers
+    /// in one byte string, not a string and a varint per endpoint: a request
+    /// decodes and encodes its series twice, and with a hundred endpoints the
+    /// per-entry work was most of the request's cost. The control listener
+    /// names the keys from the endpoints it knows.
+    #[serde(with = "serde_bytes")]
+    pub pick_table: Vec<u8>,
     /// Indexed by [`Hist`].
     pub hists: Vec<Histogram>,
 }
@@ -260,8 +269,40 @@ impl Series {
         bump(&mut self.errors, code, MAX_ERROR_CODES);
     }
 
+    /// `(endpoint key, picks)`, in the order endpoints were first picked.
+    pub fn picks(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.pick_table.chunks_exact(16).map(|c| {
+            let mut k = [0u8; 8];
+            let mut n = [0u8; 8];
+            k.copy_from_slice(&c[..8]);
+            n.copy_from_slice(&c[8..]);
+            (u64::from_le_bytes(k), u64::from_le_bytes(n))
+        })
+    }
+
     pub fn add_pick(&mut self, endpoint: &str) {
-        bump(&mut self.picks, endpoint, MAX_PICK_ENDPOINTS);
+        let key = crate::inflight::key(endpoint);
+        let table = &mut self.pick_table;
+        table.truncate(table.len() / 16 * 16);
+        let find =
+            |t: &[u8], key: u64| t.chunks_exact(16).position(|c| c[..8] == key.to_le_bytes());
+        let key = if find(table, key).is_some() || table.len() / 16 < MAX_PICK_ENDPOINTS {
+            key
+        } else {
+            OTHER_PICKS
+        };
+        let at = match find(table, key) {
+            Some(at) => at,
+            None => {
+                table.extend_from_slice(&key.to_le_bytes());
+                table.extend_from_slice(&0u64.to_le_bytes());
+                table.len() / 16 - 1
+            }
+        };
+        let count = &mut table[at * 16 + 8..at * 16 + 16];
+        let mut n = [0u8; 8];
+        n.copy_from_slice(count);
+        count.copy_from_slice(&u64::from_le_bytes(n).saturating_add(1).to_le_bytes());
     }
 }
 
@@ -484,7 +525,20 @@ mod tests {
         assert_eq!(s.errors[0].1, 2);
         s.add_pick("127.0.0.1:1");
         s.add_pick("127.0.0.1:1");
-        assert_eq!(s.picks, vec![("127.0.0.1:1".to_string(), 2)]);
+        assert_eq!(
+            s.picks().collect::<Vec<_>>(),
+            vec![(crate::inflight::key("127.0.0.1:1"), 2)]
+        );
+        for i in 0..MAX_PICK_ENDPOINTS + 3 {
+            s.add_pick(&format!("10.0.0.{i}:1"));
+        }
+        assert_eq!(s.picks().count(), MAX_PICK_ENDPOINTS + 1);
+        assert_eq!(s.picks().find(|p| p.0 == OTHER_PICKS).unwrap().1, 4);
+        let again = Series::decode(Some(&s.encode()));
+        assert_eq!(
+            again.picks().collect::<Vec<_>>(),
+            s.picks().collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub struct GatewayState {
     pub snapshot_stale: Option<bool>,
     /// In-flight requests per endpoint, as the scheduler counts them.
     pub in_flight: Vec<(String, u64)>,
+    /// The addresses the gateway knows (snapshot members, configured endpoints)
+    /// by [`crate::inflight::key`], to name the pick counters.
+    pub endpoint_names: std::collections::HashMap<u64, String>,
 }
 
 /// Escapes a label value (backslash, quote, newline).
@@ -119,7 +122,17 @@ pub fn render(series: &[(String, String, Series)], state: &GatewayState) -> Stri
         "Requests the gateway routed to each endpoint, by model and target model.",
     );
     for (m, t, s) in series {
-        for (endpoint, n) in &s.picks {
+        // An endpoint no longer known (it left) counts under "departed".
+        let mut named: BTreeMap<&str, u64> = BTreeMap::new();
+        for (key, n) in s.picks() {
+            let name = match state.endpoint_names.get(&key) {
+                Some(a) => a.as_str(),
+                None if key == super::OTHER_PICKS => "other",
+                None => "departed",
+            };
+            *named.entry(name).or_default() += n;
+        }
+        for (endpoint, n) in named {
             let _ = writeln!(
                 out,
                 "inference_gateway_endpoint_picks_total{{{},endpoint=\"{}\"}} {n}",
@@ -212,6 +225,10 @@ mod tests {
                 snapshot_age_seconds: Some(0.25),
                 snapshot_stale: Some(false),
                 in_flight: vec![("10.0.0.1:8000".into(), 1)],
+                endpoint_names: [("10.0.0.1:8000".to_string())]
+                    .into_iter()
+                    .map(|a| (crate::inflight::key(&a), a))
+                    .collect(),
             },
         );
         let m = parse(&text);

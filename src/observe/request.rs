@@ -248,7 +248,10 @@ mod tests {
             s.hist(Hist::ResponseSize).unwrap().sum,
             o.response_bytes as f64
         );
-        assert_eq!(s.picks, vec![("e1".to_string(), 1)]);
+        assert_eq!(
+            s.picks().collect::<Vec<_>>(),
+            vec![(crate::inflight::key("e1"), 1)]
+        );
         assert!(s.errors.is_empty());
     }
 
