@@ -186,6 +186,8 @@ pub fn schedule(
     .max(cfg.fallback_endpoints + 1);
     if cfg.explain || needed >= scored.len() {
         scored.sort_by(best_first);
+    } else if needed <= SMALL_TOP {
+        keep_best(&mut scored, needed);
     } else {
         scored.select_nth_unstable_by(needed - 1, best_first);
         scored.truncate(needed);
@@ -203,6 +205,30 @@ pub fn schedule(
             .take(cfg.fallback_endpoints),
     );
     Outcome::Route(Decision { order, scored })
+}
+
+/// Up to this many best candidates are kept by one insertion pass; more by
+/// `select_nth_unstable` (a partition costs tens of instructions per candidate,
+/// the pass about one comparison with the current last kept).
+const SMALL_TOP: usize = 8;
+
+/// Leaves the `k` best of `scored` in it, best first, in one pass.
+fn keep_best(scored: &mut Vec<Scored>, k: usize) {
+    let mut kept = 0;
+    for i in 0..scored.len() {
+        if kept == k && best_first(&scored[i], &scored[k - 1]).is_ge() {
+            continue;
+        }
+        // Insert candidate i into the sorted prefix (dropping its last when full).
+        let mut at = kept.min(k - 1);
+        scored.swap(at, i);
+        while at > 0 && best_first(&scored[at], &scored[at - 1]).is_lt() {
+            scored.swap(at, at - 1);
+            at -= 1;
+        }
+        kept = (kept + 1).min(k);
+    }
+    scored.truncate(kept);
 }
 
 /// Higher total first; equal totals by candidate index, so the order is total

@@ -372,3 +372,27 @@ fn selecting_the_best_few_decides_as_sorting_all_would() {
         }
     }
 }
+
+#[test]
+fn keep_best_equals_a_full_sort_cut_to_k() {
+    let mut rng = fastrand::Rng::with_seed(7);
+    for round in 0..2_000 {
+        let n = rng.usize(1..40);
+        let k = rng.usize(1..=SMALL_TOP);
+        // Few distinct totals, so ties (broken by index) are common.
+        let scored: Vec<Scored> = (0..n)
+            .map(|index| Scored {
+                index,
+                total: f64::from(rng.u8(0..6)) / 5.0,
+                parts: Vec::new(),
+            })
+            .collect();
+        let mut want = scored.clone();
+        want.sort_by(best_first);
+        want.truncate(k);
+        let mut got = scored;
+        keep_best(&mut got, k);
+        let ids = |v: &[Scored]| v.iter().map(|s| s.index).collect::<Vec<_>>();
+        assert_eq!(ids(&got), ids(&want), "round {round}, n {n}, k {k}");
+    }
+}
