@@ -15,6 +15,8 @@ pub mod deploy;
 pub mod extproc;
 pub mod gateway;
 pub mod inflight;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod k8s;
 pub mod ingest;
 pub mod membership;
 pub mod observe;
