@@ -237,7 +237,20 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
         let field = format!("metadata.annotations.{MODELS_ANNOTATION}");
         match serde_json::from_str::<Vec<Map<String, Value>>>(text) {
             Ok(entries) => {
-                for mut e in entries {
+                for (i, mut e) in entries.into_iter().enumerate() {
+                    const KEYS: [&str; 5] =
+                        ["name", "criticality", "priority", "target_models", "adapter"];
+                    if let Some(k) = e.keys().find(|k| !KEYS.contains(&k.as_str())) {
+                        errors.push(err_at(
+                            &o.meta.loc,
+                            format!("{field}[{i}].{k}"),
+                            match super::node::suggest(k, &KEYS) {
+                                Some(s) => format!("unknown field: did you mean {s}?"),
+                                None => format!("unknown field (known: {})", KEYS.join(", ")),
+                            },
+                        ));
+                        continue;
+                    }
                     e.insert("pool".into(), json!(o.pool_ref.name));
                     insert_model(&mut models, e, &o.meta.loc, &field, &mut errors);
                 }
@@ -355,7 +368,10 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
         .and_then(|s| s.get("authority"))
         .and_then(Value::as_str)
         .map(|host| format!("{host}:443"));
-    let envoy_yaml = envoy_config::render(&settings);
+    // The shared renderer's header names the demo as the source; say what made this one.
+    let envoy_yaml = envoy_config::render(&settings)
+        .replacen("(EnvoySettings::demo())", "(via igwctl, from Kubernetes resources)", 1)
+        .replacen(envoy_config::REGENERATE_COMMAND, "igwctl render -f <resources> --out <dir>", 1);
     if let Err(e) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&envoy_yaml) {
         return Err(vec![output_err("Envoy bootstrap", e)]);
     }
