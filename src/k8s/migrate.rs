@@ -441,6 +441,15 @@ fn rewrite_route(
         let Some(refs) = rule.get_mut("backendRefs").and_then(Value::as_sequence_mut) else {
             continue;
         };
+        let names: Vec<(String, String)> = refs
+            .iter()
+            .map(|r| {
+                (
+                    r.get("group").and_then(Value::as_str).unwrap_or("").to_string(),
+                    r.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
+                )
+            })
+            .collect();
         let mut out: Vec<Value> = Vec::new();
         let add = |out: &mut Vec<Value>, r: Value| {
             let id = |v: &Value| {
@@ -468,6 +477,12 @@ fn rewrite_route(
             let rns = r.get("namespace").and_then(Value::as_str).unwrap_or(ns);
             let new = is_old.then(|| renamed.get(&key(rns, name))).flatten();
             match new {
+                // Phase 2 of a rule that already splits between the two: as it is.
+                Some(new)
+                    if !to_v1 && names.contains(&(GROUP_V1.to_string(), new.clone())) =>
+                {
+                    add(&mut out, r.clone())
+                }
                 Some(new) => {
                     let mut v1 = r.clone();
                     if let Value::Mapping(m) = &mut v1 {

@@ -78,20 +78,32 @@ impl K8sError {
     }
 }
 
-/// Levenshtein distance, case-insensitive (field names differ mostly by a letter).
+/// Edit distance with adjacent transpositions (optimal string alignment),
+/// case-insensitive: field names differ mostly by a letter or two swapped.
 pub fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.to_lowercase().chars().collect();
     let b: Vec<char> = b.to_lowercase().chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
+    let w = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * w];
+    for i in 0..=a.len() {
+        d[i * w] = i;
     }
-    prev[b.len()]
+    for (j, cell) in d.iter_mut().enumerate().take(w) {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[(i - 1) * w + j] + 1)
+                .min(d[i * w + j - 1] + 1)
+                .min(d[(i - 1) * w + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[(i - 2) * w + j - 2] + 1);
+            }
+            d[i * w + j] = v;
+        }
+    }
+    d[a.len() * w + b.len()]
 }
 
 /// The closest known name, if it is close enough to be a likely misspelling.
@@ -114,7 +126,7 @@ fn join(path: &str, key: &str) -> String {
 }
 
 /// A value with its location and field path (built as we descend).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct At<'a> {
     pub value: &'a Value,
     pub loc: &'a Location,
@@ -281,6 +293,7 @@ impl<'a> At<'a> {
 }
 
 /// A checked mapping.
+#[derive(Debug)]
 pub struct Fields<'a> {
     pub map: &'a Mapping,
     pub loc: &'a Location,
@@ -325,6 +338,8 @@ mod tests {
     #[test]
     fn suggestions_catch_near_misses_only() {
         assert_eq!(edit_distance("targetPort", "targetPorts"), 1);
+        assert_eq!(edit_distance("modle", "model"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(
             suggest("targetPort", &["selector", "targetPorts"]),
             Some("targetPorts")

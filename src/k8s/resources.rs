@@ -1240,3 +1240,260 @@ fn backend_policy(meta: Meta, spec: &At) -> Result<(BackendPolicy, Vec<String>),
         warnings,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::testutil::{error_of, load_examples, parse, POOL_V1, POOL_X};
+
+    #[test]
+    fn pools_in_both_apis() {
+        let inv = load_examples(&["inferencepool-v1.yaml", "inferencepool-v1alpha2.yaml"]);
+        let ga = inv.pool("default", GROUP_V1, "vllm-llama3-8b-instruct-ga").unwrap();
+        assert_eq!(ga.api, PoolApi::V1);
+        assert_eq!(ga.ports, vec![8000]);
+        assert_eq!(ga.selector["app"], "vllm-llama3-8b-instruct");
+        let picker = ga.picker.as_ref().unwrap();
+        assert_eq!((picker.port, picker.failure_mode.as_str()), (Some(9002), "FailClose"));
+        let pre = inv.pool("default", GROUP_X, "vllm-llama3-8b-instruct-preview").unwrap();
+        assert_eq!(pre.api, PoolApi::V1Alpha2);
+        assert_eq!(pre.ports, vec![8000]);
+        assert_eq!(pre.picker.as_ref().unwrap().name, "vllm-llama3-8b-instruct-preview-epp");
+        // Same name in the other group is a different pool.
+        assert!(inv.pool("default", GROUP_X, "vllm-llama3-8b-instruct-ga").is_none());
+    }
+
+    #[test]
+    fn objectives_and_models() {
+        let inv = load_examples(&[
+            "inferencepool-v1.yaml",
+            "inferencepool-v1alpha2.yaml",
+            "inferenceobjectives.yaml",
+            "inferencemodel-v1alpha2.yaml",
+        ]);
+        let fr = inv.objectives.iter().find(|o| o.meta.name == "food-review").unwrap();
+        assert_eq!(fr.priority, Some(2));
+        assert_eq!(fr.pool_ref.group, GROUP_V1);
+        assert_eq!(fr.meta.namespace, "default");
+        let m = inv.models.iter().find(|m| m.meta.name == "food-review").unwrap();
+        assert_eq!(m.criticality, Some(Criticality::Standard));
+        // No group in the example: a v1alpha2 model's pool is a v1alpha2 pool.
+        assert_eq!(m.pool_ref.group, GROUP_X);
+        assert_eq!(m.targets.len(), 2);
+        assert_eq!(m.targets[0].weight, Some(90));
+        let base = inv.models.iter().find(|m| m.meta.name == "base-model").unwrap();
+        assert_eq!(base.model_name, "meta-llama/Llama-3.1-8B-Instruct");
+        assert_eq!(base.criticality, Some(Criticality::Critical));
+    }
+
+    #[test]
+    fn routes_with_weights() {
+        let inv = load_examples(&[
+            "inferencepool-v1.yaml",
+            "inferencepool-v1alpha2.yaml",
+            "httproute-split-50-50.yaml",
+        ]);
+        let r = &inv.routes[0];
+        assert_eq!(r.parents[0].name, "inference-gateway");
+        let b = &r.rules[0].backends;
+        assert_eq!(b.len(), 2);
+        assert_eq!((b[0].group.as_str(), b[0].weight), (GROUP_X, 50));
+        assert_eq!(b[1].field, "spec.rules[0].backendRefs[1]");
+        // weight defaults to 1.
+        let (inv, errors) = parse(&format!(
+            "{POOL_V1}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  rules:\n  - backendRefs:\n    - {{group: inference.networking.k8s.io, kind: InferencePool, name: ga}}\n"
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(inv.routes[0].rules[0].backends[0].weight, 1);
+    }
+
+    #[test]
+    fn model_armor_in_both_metadata_forms() {
+        let inv = load_examples(&["model-armor-extension-v1.yaml"]);
+        let e = &inv.extensions[0].chains[0].extensions[0];
+        assert_eq!(e.timeout_ms, Some(1000));
+        assert!(!e.fail_open);
+        assert_eq!(e.events, vec!["RequestHeaders"]);
+        assert_eq!(
+            e.armor,
+            Some((
+                "us-central1".into(),
+                ArmorTemplates::Policy {
+                    template: "my-model-armor-template-name-id".into(),
+                    prompt: true,
+                    response: true
+                }
+            ))
+        );
+        let inv = load_examples(&["model-armor-extension-settings.yaml"]);
+        let e = &inv.extensions[0].chains[0].extensions[0];
+        let Some((_, ArmorTemplates::PerModel(models))) = &e.armor else {
+            panic!("{e:?}")
+        };
+        assert_eq!(models[0].model, "google/gemma-3-1b-it");
+        assert_eq!(
+            models[0].prompt.as_deref(),
+            Some("projects/my-project/locations/us-central1/templates/my-template")
+        );
+        assert_eq!(e.events.len(), 6);
+        // Apigee: read, not Model Armor.
+        let inv = load_examples(&["apigee-extension.yaml"]);
+        let e = &inv.extensions[0].chains[0].extensions[0];
+        assert!(e.armor.is_none());
+        assert_eq!(inv.ignored[0].kind, "ApigeeBackendService");
+    }
+
+    const ARMOR: &str = "apiVersion: networking.gke.io/v1
+kind: GCPTrafficExtension
+metadata: {name: x}
+spec:
+  extensionChains:
+  - name: c
+    extensions:
+    - name: e
+      googleAPIServiceName: modelarmor.europe-west4.rep.googleapis.com
+      metadata:
+";
+
+    #[test]
+    fn model_armor_settings_are_checked() {
+        let e = error_of(&format!(
+            "{ARMOR}        model_armor_settings: '[{{\"modle\": \"m\"}}]'\n"
+        ));
+        assert_eq!(e, "t.yaml[0] spec.extensionChains[0].extensions[0].metadata.model_armor_settings[0].modle: unknown field: did you mean model?");
+        let e = error_of(&format!("{ARMOR}        model_armor_settings: 'not json'\n"));
+        assert!(e.contains("model_armor_settings: must be a JSON list"), "{e}");
+        let e = error_of(&format!("{ARMOR}        extensionPolicy: t\n        sanitizeUserPromt: 'true'\n"));
+        assert!(e.ends_with("metadata.sanitizeUserPromt: unknown field: did you mean sanitizeUserPrompt?"), "{e}");
+        let e = error_of(&format!("{ARMOR}        extensionPolicy: t\n        sanitizeUserPrompt: 'yes'\n"));
+        assert!(e.ends_with("sanitizeUserPrompt: must be 'true' or 'false'"), "{e}");
+        let e = error_of(&ARMOR.replace("      metadata:\n", "      timeout: 1m\n      metadata: {extensionPolicy: t}\n"));
+        assert!(e.ends_with("timeout: must be a duration such as 1s or 500ms"), "{e}");
+        let e = error_of(&ARMOR.replace("      metadata:\n", "      supportedEvents: [RequestBodies]\n      metadata: {extensionPolicy: t}\n"));
+        assert!(e.ends_with("supportedEvents[0]: 'RequestBodies' is not valid: did you mean RequestBody?"), "{e}");
+    }
+
+    #[test]
+    fn backend_policies() {
+        let inv = load_examples(&[
+            "inferencepool-v1alpha2.yaml",
+            "backend-policy-logging.yaml",
+            "backend-policy-scopes.yaml",
+        ]);
+        assert_eq!(inv.policies.len(), 2);
+        // The documented misspelling is read as meant, and said so.
+        assert_eq!(inv.warnings.len(), 1);
+        assert!(inv.warnings[0].contains("capacityScalarPercent: read as capacityScalerPercent"));
+        let (_, errors) = crate::k8s::load(&[crate::k8s::testutil::example("backend-policy-invalid.yaml")]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = errors[0].to_string();
+        assert!(e.ends_with("backend-policy-invalid.yaml[0] spec.default.scopes[0].maxInFlightPerEndpoint: the default level sets it (balancingMode IN_FLIGHT): a field set at the default level may not also appear in a scope"), "{e}");
+        // The same field explicitly at both levels.
+        let yaml = "apiVersion: networking.gke.io/v1\nkind: GCPBackendPolicy\nmetadata: {name: p}\nspec:\n  targetRef: {kind: Service, name: s}\n  default:\n    maxRatePerEndpoint: 5\n    scopes:\n    - selector: {env: prod}\n      maxRatePerEndpoint: 10\n";
+        assert!(error_of(yaml).contains("scopes[0].maxRatePerEndpoint: it is set at the default level"));
+        // Scopes alone are fine; a selector is required.
+        let ok = yaml.replace("    maxRatePerEndpoint: 5\n", "");
+        assert!(parse(&ok).1.is_empty());
+        assert!(error_of(&ok.replace("    - selector: {env: prod}\n      max", "    - max")).ends_with("scopes[0].selector: is required"));
+        // A policy on a missing pool.
+        let e = error_of("apiVersion: networking.gke.io/v1\nkind: GCPBackendPolicy\nmetadata: {name: p}\nspec:\n  targetRef: {group: inference.networking.k8s.io, kind: InferencePool, name: nope}\n");
+        assert!(e.contains("spec.targetRef.name: no InferencePool 'nope'"), "{e}");
+    }
+
+    #[test]
+    fn misspelt_fields_get_a_suggestion() {
+        let e = error_of(&POOL_V1.replace("targetPorts", "targetPort"));
+        assert_eq!(e, "t.yaml[0] spec.targetPort: unknown field: did you mean targetPorts?");
+        let e = error_of(&POOL_X.replace("targetPortNumber", "targetPortNumbr"));
+        assert_eq!(e, "t.yaml[0] spec.targetPortNumbr: unknown field: did you mean targetPortNumber?");
+        let e = error_of(&POOL_V1.replace("metadata: {name: ga}", "metadata: {name: ga, namspace: x}"));
+        assert_eq!(e, "t.yaml[0] metadata.namspace: unknown field: did you mean namespace?");
+        let e = error_of(&POOL_V1.replace("spec:", "spec:\n  zzz: 1"));
+        assert!(e.starts_with("t.yaml[0] spec.zzz: unknown field (known: selector, targetPorts, endpointPickerRef)"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_ranges() {
+        let e = error_of(&POOL_V1.replace("[{number: 8000}]", "\"8000\""));
+        assert_eq!(e, "t.yaml[0] spec.targetPorts: must be a list, not a string");
+        let e = error_of(&POOL_V1.replace("{number: 8000}", "{number: 70000}"));
+        assert_eq!(e, "t.yaml[0] spec.targetPorts[0].number: must be ≤ 65535");
+        let e = error_of(&POOL_V1.replace("{app: vllm}", "{}"));
+        assert_eq!(e, "t.yaml[0] spec.selector.matchLabels: must select at least one label");
+        let e = error_of(&POOL_V1.replace("{app: vllm}", "{app: 3}"));
+        assert_eq!(e, "t.yaml[0] spec.selector.matchLabels.app: must be a string, not a number");
+        let route = format!("{POOL_V1}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: llm-route}}\nspec:\n  rules:\n  - backendRefs:\n    - {{group: inference.networking.k8s.io, kind: InferencePool, name: ga}}\n    - {{group: inference.networking.k8s.io, kind: InferencePool, name: ga, weight: -1}}\n");
+        assert_eq!(error_of(&route), "t.yaml[1] spec.rules[0].backendRefs[1].weight: must be ≥ 0");
+        let e = error_of(&route.replace("weight: -1", "weight: ten"));
+        assert!(e.ends_with("backendRefs[1].weight: must be an integer, not a string"), "{e}");
+        let e = error_of(&route.replace("{group: inference.networking.k8s.io, kind: InferencePool, name: ga, weight: -1}", "{kind: InferencePool, name: ga}"));
+        assert!(e.ends_with("backendRefs[1].group: is required for an InferencePool (inference.networking.k8s.io or inference.networking.x-k8s.io)"), "{e}");
+    }
+
+    #[test]
+    fn missing_references_are_errors() {
+        let obj = "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\nmetadata: {name: o}\nspec:\n  priority: 1\n  poolRef: {name: gaa}\n";
+        let e = error_of(&format!("{POOL_V1}---\n{obj}"));
+        assert_eq!(e, "t.yaml[1] spec.poolRef.name: no InferencePool 'gaa' (inference.networking.k8s.io) in namespace default: did you mean ga?");
+        // The right name in the other group.
+        let model = "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModel\nmetadata: {name: m}\nspec:\n  modelName: m\n  poolRef: {name: ga}\n";
+        let e = error_of(&format!("{POOL_V1}---\n{model}"));
+        assert_eq!(e, "t.yaml[1] spec.poolRef.name: InferencePool 'ga' exists in group inference.networking.k8s.io, not inference.networking.x-k8s.io: set group: inference.networking.k8s.io");
+        let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  rules:\n  - backendRefs:\n    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: preview}\n    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: nope}\n";
+        let e = error_of(&format!("{POOL_X}---\n{route}"));
+        assert!(e.starts_with("t.yaml[1] spec.rules[0].backendRefs[1].name: no InferencePool 'nope'"), "{e}");
+        // Another namespace is another pool.
+        let e = error_of(&format!("{POOL_X}---\n{}", route.replace("{name: r}", "{name: r, namespace: other}").replace("    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: nope}\n", "")));
+        assert!(e.contains("in namespace other"), "{e}");
+    }
+
+    #[test]
+    fn unknown_kinds_are_ignored_near_misses_are_not() {
+        let (inv, errors) = parse("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {x: 1}\n---\ngroups: []\n");
+        assert!(errors.is_empty(), "{errors:?}");
+        let kinds: Vec<&str> = inv.ignored.iter().map(|i| i.kind.as_str()).collect();
+        assert_eq!(kinds, ["ServiceAccount", "Gateway", "(no apiVersion/kind: not a Kubernetes object)"]);
+        let e = error_of(&POOL_V1.replace("kind: InferencePool", "kind: InferencePol"));
+        assert_eq!(e, "t.yaml[0] kind: unknown kind: did you mean InferencePool?");
+        let e = error_of(&POOL_V1.replace("inference.networking.k8s.io/v1", "inference.networking.k8s.io/v1beta1"));
+        assert!(e.starts_with("t.yaml[0] apiVersion: InferencePool in 'inference.networking.k8s.io/v1beta1' is not supported"), "{e}");
+        assert!(error_of("- a\n- b\n").contains("must be a Kubernetes object"));
+    }
+
+    #[test]
+    fn lists_and_streams() {
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}\n",
+            serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(POOL_V1).unwrap()).unwrap(),
+            serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(&POOL_X.replace("targetPortNumber: 8000", "targetPortNumber: 0")).unwrap()).unwrap(),
+        );
+        let (inv, errors) = parse(&list);
+        assert_eq!(inv.pools.len(), 1);
+        assert_eq!(errors[0].to_string(), "t.yaml[0] items[1].spec.targetPortNumber: must be ≥ 1");
+        let (inv, errors) = parse(&format!("---\n{POOL_V1}---\n---\n{POOL_X}---\n"));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(inv.pools.len(), 2);
+    }
+
+    #[test]
+    fn duplicates_are_errors() {
+        let e = error_of(&format!("{POOL_V1}---\n{POOL_V1}"));
+        assert!(e.starts_with("t.yaml[1] metadata.name: InferencePool.inference.networking.k8s.io default/ga is also defined at t.yaml[0]"), "{e}");
+        // The filter knows pools by name: one name in two namespaces collides.
+        let e = error_of(&format!("{POOL_V1}---\n{}", POOL_V1.replace("{name: ga}", "{name: ga, namespace: b}")));
+        assert!(e.contains("the gateway knows each pool by name"), "{e}");
+        let m = "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModel\nmetadata: {name: NAME}\nspec:\n  modelName: same\n  poolRef: {group: inference.networking.k8s.io, name: ga}\n";
+        let e = error_of(&format!("{POOL_V1}---\n{}---\n{}", m.replace("NAME", "a"), m.replace("NAME", "b")));
+        assert!(e.starts_with("t.yaml[2] spec.modelName: the gateway knows each model by name: 'same' is also used at t.yaml[1]"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_regions() {
+        assert_eq!(duration_ms("1s"), Some(1000));
+        assert_eq!(duration_ms("250ms"), Some(250));
+        assert_eq!(duration_ms("0.5s"), Some(500));
+        assert_eq!(duration_ms("1m"), None);
+        assert_eq!(model_armor_region("modelarmor.us-central1.rep.googleapis.com"), Some("us-central1"));
+        assert_eq!(model_armor_region("modelarmor.googleapis.com"), None);
+    }
+}
