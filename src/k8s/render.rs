@@ -798,3 +798,238 @@ pub fn headless_service(p: &Pool) -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::testutil::{example, examples, load_examples, parse, POOL_V1, POOL_X};
+
+    const BOTH_POOLS: [&str; 2] = ["inferencepool-v1.yaml", "inferencepool-v1alpha2.yaml"];
+
+    fn render_examples(names: &[&str]) -> Rendered {
+        render(&load_examples(names), &RenderOptions::default()).unwrap_or_else(|e| panic!("{names:?}: {e:#?}"))
+    }
+
+    fn render_yaml(yaml: &str) -> Rendered {
+        let (inv, errors) = parse(yaml);
+        assert!(errors.is_empty(), "{errors:#?}");
+        render(&inv, &RenderOptions::default()).unwrap_or_else(|e| panic!("{e:#?}"))
+    }
+
+    /// Every valid example, in the two sets that do not define the same object
+    /// twice (the two routes and the two Model Armor extensions share names).
+    const SET_SPLIT: [&str; 12] = [
+        "alerts.yaml",
+        "apigee-extension.yaml",
+        "backend-policy-logging.yaml",
+        "backend-policy-scopes.yaml",
+        "hpa.yaml",
+        "httproute-split-50-50.yaml",
+        "inferencemodel-v1alpha2.yaml",
+        "inferenceobjectives.yaml",
+        "inferencepool-v1.yaml",
+        "inferencepool-v1alpha2.yaml",
+        "metrics-scraping.yaml",
+        "model-armor-extension-settings.yaml",
+    ];
+
+    fn set_ga() -> Vec<&'static str> {
+        SET_SPLIT
+            .iter()
+            .map(|f| match *f {
+                "httproute-split-50-50.yaml" => "httproute-ga-100.yaml",
+                "model-armor-extension-settings.yaml" => "model-armor-extension-v1.yaml",
+                f => f,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_example_renders() {
+        let r = render_examples(&SET_SPLIT);
+        // The output passes the filter's own parser (without `backends` until
+        // main's filter knows it: see validate_plugin_config).
+        let c = validate_plugin_config(&r.plugin_config).unwrap();
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.models.len(), 3);
+        assert_eq!(c.objectives.len(), 2);
+        assert!(c.safety.is_some());
+        assert_eq!(r.report.ignored.len(), 10, "{:#?}", r.report.ignored);
+        let r = render_examples(&set_ga());
+        validate_plugin_config(&r.plugin_config).unwrap();
+        // And each one alone, with the pools it may refer to.
+        for f in SET_SPLIT.iter().chain(&["httproute-ga-100.yaml", "model-armor-extension-v1.yaml"]) {
+            let mut names = BOTH_POOLS.to_vec();
+            if !names.contains(f) {
+                names.push(f);
+            }
+            render_examples(&names);
+        }
+    }
+
+    #[test]
+    fn the_invalid_example_and_the_whole_directory_fail_naming_file_and_field() {
+        let (_, errors) = crate::k8s::load(&[example("backend-policy-invalid.yaml")]);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("backend-policy-invalid.yaml[0] spec.default.scopes[0].maxInFlightPerEndpoint:"));
+        let (_, errors) = crate::k8s::load(&[examples()]);
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 3, "{text:#?}");
+        assert!(text.iter().any(|e| e.contains("httproute-split-50-50.yaml[0] metadata.name: HTTPRoute default/llm-route is also defined at")));
+        assert!(text.iter().any(|e| e.contains("model-armor-extension-v1.yaml[0] metadata.name: GCPTrafficExtension")));
+    }
+
+    #[test]
+    fn a_split_route_becomes_backends() {
+        let mut names = BOTH_POOLS.to_vec();
+        names.push("httproute-split-50-50.yaml");
+        let r = render_examples(&names);
+        assert_eq!(
+            r.plugin_config["backends"],
+            json!([
+                {"pool": "vllm-llama3-8b-instruct-preview", "weight": 50},
+                {"pool": "vllm-llama3-8b-instruct-ga", "weight": 50}
+            ])
+        );
+        assert!(r.plugin_config.get("default_pool").is_none());
+        // One pool: the route picks it for every model, also as default_pool.
+        names[2] = "httproute-ga-100.yaml";
+        let r = render_examples(&names);
+        assert_eq!(r.plugin_config["backends"], json!([{"pool": "vllm-llama3-8b-instruct-ga", "weight": 100}]));
+        assert_eq!(r.plugin_config["default_pool"], json!("vllm-llama3-8b-instruct-ga"));
+        // No route: models route by their pool.
+        let r = render_examples(&BOTH_POOLS);
+        assert!(r.plugin_config.get("backends").is_none());
+    }
+
+    const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: inference-gateway}]
+  rules:
+  - backendRefs:
+    - {group: inference.networking.k8s.io, kind: InferencePool, name: ga, weight: W1}
+    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: preview, weight: W2}
+";
+
+    #[test]
+    fn weights_drain_and_must_not_all_be_zero() {
+        let pools = format!("{POOL_V1}---\n{POOL_X}---\n");
+        let r = render_yaml(&format!("{pools}{}", ROUTE.replace("W1", "0").replace("W2", "3")));
+        assert_eq!(r.plugin_config["backends"][0], json!({"pool": "ga", "weight": 0}));
+        let (inv, errors) = parse(&format!("{pools}{}", ROUTE.replace("W1", "0").replace("W2", "0")));
+        assert!(errors.is_empty());
+        let e = render(&inv, &RenderOptions::default()).unwrap_err();
+        assert_eq!(e[0].to_string(), "t.yaml[2] spec.rules[0].backendRefs: every InferencePool weight is 0: at least one must be > 0");
+    }
+
+    #[test]
+    fn what_the_filter_cannot_express_is_reported() {
+        let route = ROUTE.replace("W1", "1").replace("W2", "1").replace(
+            "  - backendRefs:\n",
+            "  - matches:\n    - path: {type: Exact, value: /v1/completions}\n      headers: [{name: x-model, value: a}]\n    timeouts: {request: 10s}\n    backendRefs:\n    - {kind: Service, name: other, port: 80}\n",
+        );
+        let second = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: s}\nspec:\n  hostnames: [a.example.com]\n  rules:\n  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: ga}]\n";
+        let r = render_yaml(&format!("{POOL_V1}---\n{POOL_X}---\n{route}{second}"));
+        let nh = r.report.not_honoured.join("\n");
+        for expected in [
+            "t.yaml[2] spec.rules[0].matches[0].path Exact /v1/completions:",
+            "t.yaml[2] spec.rules[0].matches[0].headers[0] Exact x-model: a: header matches are not evaluated",
+            "t.yaml[2] spec.rules[0].timeouts: not applied",
+            "t.yaml[2] spec.rules[0].backendRefs[0]: backend Service other: the gateway routes only to InferencePools",
+            "t.yaml[3] spec.hostnames: a.example.com",
+            "t.yaml[3] spec.rules[0]: a second set of InferencePool backends",
+        ] {
+            assert!(nh.contains(expected), "{expected}\n{nh}");
+        }
+        // What it can express is rendered.
+        assert_eq!(r.plugin_config["backends"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn model_armor_becomes_the_safety_section() {
+        let inv = load_examples(&["inferencepool-v1.yaml", "model-armor-extension-v1.yaml"]);
+        let opts = RenderOptions {
+            gcp_project: Some("my-project".into()),
+            ..RenderOptions::default()
+        };
+        let r = render(&inv, &opts).unwrap();
+        let t = "projects/my-project/locations/us-central1/templates/my-model-armor-template-name-id";
+        assert_eq!(
+            r.plugin_config["safety"],
+            json!({
+                "cluster": "safety_service",
+                "authority": "modelarmor.us-central1.rep.googleapis.com",
+                "timeout_ms": 1000,
+                "fail_open": false,
+                "events": ["RequestBody"],
+                "default": {"user_prompt_template_id": t, "model_response_template_id": t}
+            })
+        );
+        assert!(r.report.not_honoured.iter().any(|l| l.contains("sanitizeUserResponse: 'true', but supportedEvents has no ResponseHeaders/ResponseBody")));
+        assert!(r.envoy_yaml.contains("sni: modelarmor.us-central1.rep.googleapis.com"));
+        // Without a project: a placeholder, said out loud.
+        let r = render(&inv, &RenderOptions::default()).unwrap();
+        assert!(r.report.warnings.iter().any(|w| w.contains("pass --gcp-project")));
+        let inv = load_examples(&["inferencepool-v1.yaml", "model-armor-extension-settings.yaml"]);
+        let r = render(&inv, &RenderOptions::default()).unwrap();
+        let s = &r.plugin_config["safety"];
+        assert_eq!(s["events"], json!(["RequestBody", "ResponseBody"]));
+        assert_eq!(s["model_armor_settings"][0]["model"], json!("google/gemma-3-1b-it"));
+        let c = validate_plugin_config(&r.plugin_config).unwrap();
+        let safety = c.safety.unwrap();
+        assert!(safety.check_prompts && safety.check_responses);
+        assert_eq!(safety.prompt_template("google/gemma-3-1b-it"), Some("projects/my-project/locations/us-central1/templates/my-template"));
+        // Two Model Armor extensions: one safety section only.
+        let (inv, _) = crate::k8s::load(&[example("inferencepool-v1.yaml"), example("model-armor-extension-settings.yaml")]);
+        let mut inv2 = inv.clone();
+        let mut second = inv.extensions[0].clone();
+        second.meta.name = "second".into();
+        inv2.extensions.push(second);
+        let e = render(&inv2, &RenderOptions::default()).unwrap_err();
+        assert!(e[0].message.contains("a second Model Armor extension"), "{e:?}");
+    }
+
+    #[test]
+    fn collector_and_services_follow_the_pools() {
+        let r = render_examples(&BOTH_POOLS);
+        let pools = r.collector_config["pools"].as_array().unwrap();
+        assert_eq!(pools[0]["name"], json!("vllm-llama3-8b-instruct-ga"));
+        assert_eq!(pools[0]["endpoints"], json!(["vllm-llama3-8b-instruct-ga-endpoints.default.svc.cluster.local"]));
+        assert_eq!(pools[0]["target_ports"], json!([8000]));
+        assert_eq!(r.collector_config["push_targets"], json!(["inference-gateway-ingest.default.svc.cluster.local:9902"]));
+        let svc = &r.services[1];
+        assert_eq!(svc["metadata"]["name"], json!("vllm-llama3-8b-instruct-preview-endpoints"));
+        assert_eq!(svc["spec"]["clusterIP"], json!("None"));
+        assert_eq!(svc["spec"]["publishNotReadyAddresses"], json!(false));
+        assert_eq!(svc["spec"]["selector"], json!({"app": "vllm-llama3-8b-instruct"}));
+        assert_eq!(svc["spec"]["ports"], json!([{"name": "http", "port": 8000, "targetPort": 8000}]));
+        // The bootstrap carries the plugin configuration and listens on all addresses.
+        let boot: serde_yaml_ng::Value = serde_yaml_ng::from_str(&r.envoy_yaml).unwrap();
+        let listeners = boot["static_resources"]["listeners"].as_sequence().unwrap();
+        assert_eq!(listeners[0]["address"]["socket_address"]["address"].as_str(), Some("0.0.0.0"));
+        assert!(r.envoy_yaml.contains("\"vllm-llama3-8b-instruct-preview\""));
+        assert!(r.envoy_yaml.contains(INGEST_TOKEN_PLACEHOLDER));
+        assert!(r.envoy_yaml.contains("/etc/envoy/inference_gateway.wasm"));
+    }
+
+    #[test]
+    fn output_does_not_depend_on_input_order() {
+        let a = render_examples(&SET_SPLIT);
+        let mut rev = SET_SPLIT.to_vec();
+        rev.reverse();
+        let b = render_examples(&rev);
+        assert_eq!(a.plugin_config.to_string(), b.plugin_config.to_string());
+        assert_eq!(a.collector_config, b.collector_config);
+        assert_eq!(a.envoy_yaml, b.envoy_yaml);
+        assert_eq!(a.services, b.services);
+    }
+
+    #[test]
+    fn target_models_with_weight_zero_are_left_out_and_said_so() {
+        let r = render_yaml(&format!("{POOL_X}---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModel\nmetadata: {{name: m}}\nspec:\n  modelName: m\n  poolRef: {{name: preview}}\n  targetModels: [{{name: a, weight: 0}}, {{name: b, weight: 5}}]\n"));
+        assert_eq!(r.plugin_config["models"][0]["target_models"], json!([{"name": "b", "weight": 5}]));
+        assert!(r.report.not_honoured.iter().any(|l| l.contains("spec.targetModels[0]: weight 0")));
+    }
+}
