@@ -354,7 +354,16 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
         replaced.insert(r.meta.loc.to_string(), Some(p3));
     }
     if !any_route && !old_pools.is_empty() {
-        if old_pools.len() == 1 {
+        let taken = old_pools.len() == 1
+            && inv.routes.iter().any(|r| {
+                r.meta.name == opts.route_name && r.meta.namespace == old_pools[0].meta.namespace
+            });
+        if taken {
+            out.notes.push(format!(
+                "HTTPRoute {} exists and does not reference the v1alpha2 pool: phases 2 and 3 render nothing (pass --route-name for a new route)",
+                opts.route_name
+            ));
+        } else if old_pools.len() == 1 {
             let p = old_pools[0];
             let new = v1_pool_name(&p.meta.name);
             let route = |refs: serde_json::Value| {
@@ -574,4 +583,181 @@ pub fn yaml_stream(docs: &[Value]) -> String {
         out.push_str(&serde_yaml_ng::to_string(d).unwrap_or_default());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::load::parse_stream;
+    use crate::k8s::render::{render, RenderOptions};
+    use crate::k8s::testutil::load_examples;
+    use serde_json::Value as Json;
+
+    /// What decides where a listed model's request goes and how it is treated:
+    /// per model, each pool (by the pods it selects, so a renamed pool with the
+    /// same pods is the same) with its share of the requests, and whether the
+    /// model's entry (priority, rewrite) applies there.
+    type ModelRouting = BTreeMap<String, BTreeMap<String, (String, bool, Json)>>;
+
+    fn pool_content(inv: &Inventory, name: &str) -> String {
+        let p = inv.pools.iter().find(|p| p.meta.name == name).unwrap();
+        format!("{}:{:?}:{:?}", p.meta.namespace, p.selector, p.ports)
+    }
+
+    fn routing(inv: &Inventory) -> (ModelRouting, BTreeMap<String, i64>) {
+        let r = render(inv, &RenderOptions::default()).unwrap_or_else(|e| panic!("{e:#?}"));
+        let c = &r.plugin_config;
+        let split: Vec<(String, u64)> = match c.get("backends").and_then(Json::as_array) {
+            Some(b) => b
+                .iter()
+                .map(|b| (pool_content(inv, b["pool"].as_str().unwrap()), b["weight"].as_u64().unwrap()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut out = ModelRouting::new();
+        for m in c["models"].as_array().cloned().unwrap_or_default() {
+            let home = pool_content(inv, m["pool"].as_str().unwrap());
+            let treatment = json!({"criticality": m.get("criticality"), "priority": m.get("priority"), "targets": m.get("target_models")});
+            let mut shares: BTreeMap<String, u64> = BTreeMap::new();
+            if split.is_empty() {
+                shares.insert(home.clone(), 1);
+            }
+            for (content, w) in &split {
+                *shares.entry(content.clone()).or_default() += w;
+            }
+            let total: u64 = shares.values().sum();
+            let per = shares
+                .into_iter()
+                .map(|(content, w)| {
+                    let applies = content == home;
+                    (content, (format!("{:.4}", w as f64 / total as f64), applies, treatment.clone()))
+                })
+                .collect();
+            out.insert(m["name"].as_str().unwrap().to_string(), per);
+        }
+        let objectives = c["objectives"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|o| (o["name"].as_str().unwrap().to_string(), o["priority"].as_i64().unwrap()))
+            .collect();
+        (out, objectives)
+    }
+
+    fn reread(docs: &[Value]) -> Inventory {
+        let (d, errors) = parse_stream("migrated.yaml", &yaml_stream(docs));
+        assert!(errors.is_empty(), "{errors:#?}");
+        let (inv, errors) = Inventory::parse(d);
+        assert!(errors.is_empty(), "{errors:#?}");
+        inv
+    }
+
+    fn assert_same_routing(files: &[&str]) -> Migration {
+        let before = load_examples(files);
+        let m = migrate(&before, &MigrateOptions::default()).unwrap();
+        let after = reread(&m.migrated);
+        assert!(after.pools.iter().all(|p| p.api == PoolApi::V1), "{:?}", after.pools);
+        assert!(after.models.is_empty());
+        let (models_before, objectives_before) = routing(&before);
+        let (models_after, objectives_after) = routing(&after);
+        assert_eq!(models_before, models_after);
+        for (name, p) in &objectives_before {
+            assert_eq!(objectives_after.get(name), Some(p), "objective {name}");
+        }
+        m
+    }
+
+    #[test]
+    fn migrated_shared_examples_route_the_same() {
+        let m = assert_same_routing(&[
+            "inferencepool-v1.yaml",
+            "inferencepool-v1alpha2.yaml",
+            "inferencemodel-v1alpha2.yaml",
+            "inferenceobjectives.yaml",
+            "httproute-split-50-50.yaml",
+        ]);
+        // The route already split 50/50: phase 2 is that route; phase 3 all to v1.
+        let refs = |v: &Value| v["spec"]["rules"][0]["backendRefs"].as_sequence().unwrap().clone();
+        assert_eq!(refs(&m.phase2[0]).len(), 2);
+        assert_eq!(refs(&m.phase2[0])[0]["weight"].as_u64(), Some(50));
+        let p3 = refs(&m.phase3[0]);
+        assert_eq!(p3.len(), 1);
+        assert_eq!(p3[0]["name"].as_str(), Some("vllm-llama3-8b-instruct-ga"));
+        assert_eq!(p3[0]["group"].as_str(), Some(GROUP_V1));
+        assert_eq!(p3[0]["weight"].as_u64(), Some(100));
+        // The existing objectives keep their priority; the conflict is reported.
+        assert!(m.lossy.iter().any(|l| l.contains("food-review already exists with priority 2")));
+        assert!(m.lossy.iter().any(|l| l.contains("spec.targetModels (food-review-1 90, food-review-2 10)")));
+        assert_eq!(m.phase4.len(), 4);
+        assert!(m.phase4[0].starts_with("kubectl delete inferencepools.inference.networking.x-k8s.io vllm-llama3-8b-instruct-preview -n default"));
+        let plan = m.plan(None);
+        for step in ["1) Deploy", "2) Split", "3) Send 100 %", "4) Remove", "lossy conversions:"] {
+            assert!(plan.contains(step), "{plan}");
+        }
+        // Without a route: a new one (llm-route) carries phases 2 and 3.
+        let m = assert_same_routing(&[
+            "inferencepool-v1.yaml",
+            "inferencepool-v1alpha2.yaml",
+            "inferencemodel-v1alpha2.yaml",
+            "inferenceobjectives.yaml",
+        ]);
+        assert_eq!(m.phase3[0]["metadata"]["name"].as_str(), Some("llm-route"));
+        // A route of that name already sends everything elsewhere: nothing is invented.
+        let inv = load_examples(&[
+            "inferencepool-v1.yaml",
+            "inferencepool-v1alpha2.yaml",
+            "httproute-ga-100.yaml",
+        ]);
+        let m = migrate(&inv, &MigrateOptions::default()).unwrap();
+        assert!(m.phase2.is_empty() && m.phase3.is_empty());
+        assert!(m.notes.iter().any(|n| n.contains("HTTPRoute llm-route exists")));
+        reread(&m.migrated);
+    }
+
+    #[test]
+    fn a_preview_pool_alone_gets_a_v1_pool_and_a_route() {
+        let m = assert_same_routing(&["inferencepool-v1alpha2.yaml", "inferencemodel-v1alpha2.yaml"]);
+        let pool = m.phase1.iter().find(|d| d["kind"].as_str() == Some("InferencePool")).unwrap();
+        assert_eq!(pool["apiVersion"].as_str(), Some("inference.networking.k8s.io/v1"));
+        assert_eq!(pool["metadata"]["name"].as_str(), Some("vllm-llama3-8b-instruct-ga"));
+        assert_eq!(pool["spec"]["selector"]["matchLabels"]["app"].as_str(), Some("vllm-llama3-8b-instruct"));
+        assert_eq!(pool["spec"]["targetPorts"][0]["number"].as_u64(), Some(8000));
+        let epp = &pool["spec"]["endpointPickerRef"];
+        assert_eq!(epp["name"].as_str(), Some("vllm-llama3-8b-instruct-ga-epp"));
+        assert_eq!(epp["port"]["number"].as_u64(), Some(9002));
+        assert_eq!(epp["failureMode"].as_str(), Some("FailClose"));
+        // Criticality → priority as the filter maps it; the pool reference has its group.
+        let obj = |name: &str| m.phase1.iter().find(|d| d["metadata"]["name"].as_str() == Some(name)).unwrap();
+        assert_eq!(obj("base-model")["spec"]["priority"].as_i64(), Some(1));
+        assert_eq!(obj("food-review")["spec"]["priority"].as_i64(), Some(0));
+        assert_eq!(obj("batch-summaries")["spec"]["priority"].as_i64(), Some(-1));
+        assert_eq!(obj("food-review")["spec"]["poolRef"]["group"].as_str(), Some(GROUP_V1));
+        // The guide's phases 2 and 3 on a new route.
+        let refs = |v: &Value| v["spec"]["rules"][0]["backendRefs"].as_sequence().unwrap().clone();
+        let p2 = refs(&m.phase2[0]);
+        assert_eq!(
+            p2.iter().map(|r| (r["name"].as_str().unwrap(), r["weight"].as_u64().unwrap())).collect::<Vec<_>>(),
+            [("vllm-llama3-8b-instruct-preview", 50), ("vllm-llama3-8b-instruct-ga", 50)]
+        );
+        assert_eq!(m.phase2[0]["metadata"]["name"].as_str(), Some("llm-route"));
+        assert_eq!(refs(&m.phase3[0])[0]["weight"].as_u64(), Some(100));
+        // Phase 2 re-read renders a 50/50 split between the two pools.
+        let mut mid: Vec<Value> = load_examples(&["inferencepool-v1alpha2.yaml"]).documents.iter().map(|d| d.value.clone()).collect();
+        mid.extend(m.phase1.clone());
+        mid.extend(m.phase2.clone());
+        let r = render(&reread(&mid), &RenderOptions::default()).unwrap();
+        assert_eq!(
+            r.plugin_config["backends"],
+            json!([{"pool": "vllm-llama3-8b-instruct-preview", "weight": 50}, {"pool": "vllm-llama3-8b-instruct-ga", "weight": 50}])
+        );
+    }
+
+    #[test]
+    fn a_v1_name_taken_by_other_pods_is_an_error() {
+        let mut inv = load_examples(&["inferencepool-v1.yaml", "inferencepool-v1alpha2.yaml"]);
+        inv.pools[0].selector.insert("app".into(), "other".into());
+        let e = migrate(&inv, &MigrateOptions::default()).unwrap_err();
+        assert!(e[0].to_string().contains("selects other pods or ports"), "{e:?}");
+    }
 }
