@@ -240,28 +240,31 @@ async fn replicas_join_and_leave_through_the_endpoints_file_under_traffic() {
     for t in tasks {
         t.await.unwrap();
     }
-    let log = log.lock().unwrap();
-    let failures: Vec<_> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
-    assert!(failures.is_empty(), "client requests failed: {failures:?}");
-    let late: Vec<_> = log
-        .iter()
-        .filter(|(sent, r)| *sent > gone && r.as_ref().is_ok_and(|id| *id == leaving))
-        .collect();
-    let after = log.iter().filter(|(sent, _)| *sent > gone).count();
-    eprintln!(
-        "left: {after} requests after the snapshot without {leaving}, {} on it; {} requests in all",
-        late.len(),
-        log.len()
-    );
-    assert!(
-        late.is_empty(),
-        "{} new requests went to {leaving} after it left",
-        late.len()
-    );
-    assert!(
-        after > 20,
-        "too little traffic after the leave to tell ({after})"
-    );
+    // A block: the guard is not held across the awaits below.
+    {
+        let log = log.lock().unwrap();
+        let failures: Vec<_> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+        assert!(failures.is_empty(), "client requests failed: {failures:?}");
+        let late: Vec<_> = log
+            .iter()
+            .filter(|(sent, r)| *sent > gone && r.as_ref().is_ok_and(|id| *id == leaving))
+            .collect();
+        let after = log.iter().filter(|(sent, _)| *sent > gone).count();
+        eprintln!(
+            "left: {after} requests after the snapshot without {leaving}, {} on it; {} requests in all",
+            late.len(),
+            log.len()
+        );
+        assert!(
+            late.is_empty(),
+            "{} new requests went to {leaving} after it left",
+            late.len()
+        );
+        assert!(
+            after > 20,
+            "too little traffic after the leave to tell ({after})"
+        );
+    }
     gw.wait_all_released(Duration::from_secs(5)).await;
     drop(collector);
 }

@@ -85,7 +85,10 @@ fn the_examples_directory_is_refused_naming_the_invalid_file() {
             "{err}"
         );
         // Two examples define llm-route and two my-model-armor-extension.
-        assert!(err.contains("HTTPRoute default/llm-route is also defined at"), "{err}");
+        assert!(
+            err.contains("HTTPRoute default/llm-route is also defined at"),
+            "{err}"
+        );
         assert!(err.contains("3 error(s)"), "{err}");
         assert!(out.stdout.is_empty());
     }
@@ -96,7 +99,11 @@ fn render_writes_outputs_that_their_parsers_accept() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("out");
     let args = with_files(
-        vec!["render".into(), "--out".into(), out_dir.display().to_string()],
+        vec![
+            "render".into(),
+            "--out".into(),
+            out_dir.display().to_string(),
+        ],
         &examples(),
         &VALID,
     );
@@ -113,7 +120,8 @@ fn render_writes_outputs_that_their_parsers_accept() {
         assert!(stdout.contains(expected), "{expected}\n{stdout}");
     }
     let plugin: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("plugin-config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("plugin-config.json")).unwrap())
+            .unwrap();
     // Validated without `backends` until main's filter accepts it (see
     // validate_plugin_config); re-enable the strict check after the merge.
     validate_plugin_config(&plugin).unwrap();
@@ -134,7 +142,13 @@ fn render_writes_outputs_that_their_parsers_accept() {
         &VALID,
     );
     assert_eq!(run(&args2).status.code(), Some(0));
-    for f in ["plugin-config.json", "collector.yaml", "envoy.yaml", "services.yaml", "report.txt"] {
+    for f in [
+        "plugin-config.json",
+        "collector.yaml",
+        "envoy.yaml",
+        "services.yaml",
+        "report.txt",
+    ] {
         assert_eq!(
             std::fs::read(out_dir.join(f)).unwrap(),
             std::fs::read(again.join(f)).unwrap(),
@@ -153,7 +167,10 @@ fn render_to_stdout_as_json() {
     let out = run(&args);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["plugin_config"]["default_pool"], "vllm-llama3-8b-instruct-ga");
+    assert_eq!(
+        v["plugin_config"]["default_pool"],
+        "vllm-llama3-8b-instruct-ga"
+    );
     assert!(v["envoy_bootstrap"]["static_resources"]["listeners"].is_array());
 }
 
@@ -170,16 +187,31 @@ fn invalid_input_exits_2_naming_file_document_and_field() {
          \x20   - {group: inference.networking.k8s.io, kind: InferencePool, name: vllm-llama3-8b-instruct-ga, weight: -5}\n",
     )
     .unwrap();
-    std::fs::write(tmp.path().join("typo.yaml"), pool.replace("targetPorts", "targetPort").replace("-ga", "-typo")).unwrap();
+    std::fs::write(
+        tmp.path().join("typo.yaml"),
+        pool.replace("targetPorts", "targetPort")
+            .replace("-ga", "-typo"),
+    )
+    .unwrap();
     for cmd in ["check", "render", "migrate"] {
         let out = igwctl(&[cmd, "-f", tmp.path().to_str().unwrap()]);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
-        assert!(err.contains("llm-route.yaml[1] spec.rules[0].backendRefs[1].weight: must be ≥ 0"), "{err}");
-        assert!(err.contains("typo.yaml[0] spec.targetPort: unknown field: did you mean targetPorts?"), "{err}");
+        assert!(
+            err.contains("llm-route.yaml[1] spec.rules[0].backendRefs[1].weight: must be ≥ 0"),
+            "{err}"
+        );
+        assert!(
+            err.contains("typo.yaml[0] spec.targetPort: unknown field: did you mean targetPorts?"),
+            "{err}"
+        );
         assert!(out.stdout.is_empty(), "{cmd}");
     }
-    let out = igwctl(&["check", "-f", tmp.path().join("missing.yaml").to_str().unwrap()]);
+    let out = igwctl(&[
+        "check",
+        "-f",
+        tmp.path().join("missing.yaml").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("missing.yaml: cannot read"));
 }
@@ -189,15 +221,27 @@ fn migrate_then_render() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("mig");
     let args = with_files(
-        vec!["migrate".into(), "--out".into(), out_dir.display().to_string()],
+        vec![
+            "migrate".into(),
+            "--out".into(),
+            out_dir.display().to_string(),
+        ],
         &examples(),
-        &["inferencepool-v1alpha2.yaml", "inferencemodel-v1alpha2.yaml"],
+        &[
+            "inferencepool-v1alpha2.yaml",
+            "inferencemodel-v1alpha2.yaml",
+        ],
     );
     let out = run(&args);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(stdout.contains("1) Deploy the v1 resources side by side"), "{stdout}");
-    assert!(stdout.contains("kubectl delete inferencemodels.inference.networking.x-k8s.io food-review -n default"));
+    assert!(
+        stdout.contains("1) Deploy the v1 resources side by side"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(
+        "kubectl delete inferencemodels.inference.networking.x-k8s.io food-review -n default"
+    ));
     let split = std::fs::read_to_string(out_dir.join("phase2-httproute-split.yaml")).unwrap();
     assert_eq!(split.matches("weight: 50").count(), 2, "{split}");
     let migrated = out_dir.join("migrated.yaml");
@@ -225,6 +269,11 @@ fn watch_renders_once_per_change() {
     );
     let out = run(&args);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).matches("rendered into").count(), 1, "{}", text(&out.stdout));
+    assert_eq!(
+        text(&out.stdout).matches("rendered into").count(),
+        1,
+        "{}",
+        text(&out.stdout)
+    );
     assert!(out_dir.join("envoy.yaml").exists());
 }

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "igwctl", version, about = "Kubernetes/GKE inference resources → filter, collector and Envoy configuration")]
+#[command(
+    name = "igwctl",
+    version,
+    about = "Kubernetes/GKE inference resources → filter, collector and Envoy configuration"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -178,8 +182,12 @@ fn main() -> ExitCode {
                         "envoy_bootstrap": envoy,
                     });
                     match format {
-                        FormatArg::Json => println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default()),
-                        FormatArg::Yaml => print!("{}", serde_yaml_ng::to_string(&all).unwrap_or_default()),
+                        FormatArg::Json => {
+                            println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default())
+                        }
+                        FormatArg::Yaml => {
+                            print!("{}", serde_yaml_ng::to_string(&all).unwrap_or_default())
+                        }
                     }
                 }
             }
@@ -218,15 +226,27 @@ fn main() -> ExitCode {
                 Ok(i) => i,
                 Err(c) => return c,
             };
-            let m = match migrate::migrate(&inv, &migrate::MigrateOptions { gateway, route_name }) {
+            let m = match migrate::migrate(
+                &inv,
+                &migrate::MigrateOptions {
+                    gateway,
+                    route_name,
+                },
+            ) {
                 Ok(m) => m,
                 Err(e) => return print_errors(&e),
             };
             let files = [
                 ("phase1-v1-resources.yaml", migrate::yaml_stream(&m.phase1)),
-                ("phase2-httproute-split.yaml", migrate::yaml_stream(&m.phase2)),
+                (
+                    "phase2-httproute-split.yaml",
+                    migrate::yaml_stream(&m.phase2),
+                ),
                 ("phase3-httproute-v1.yaml", migrate::yaml_stream(&m.phase3)),
-                ("phase4-delete.txt", m.phase4.iter().map(|l| format!("{l}\n")).collect()),
+                (
+                    "phase4-delete.txt",
+                    m.phase4.iter().map(|l| format!("{l}\n")).collect(),
+                ),
                 ("migrated.yaml", migrate::yaml_stream(&m.migrated)),
             ];
             match out {
@@ -272,7 +292,11 @@ fn main() -> ExitCode {
                         println!(
                             "rendered into {} ({})",
                             w.out.display(),
-                            if changed.is_empty() { "no output changed".into() } else { changed.join(", ") }
+                            if changed.is_empty() {
+                                "no output changed".into()
+                            } else {
+                                changed.join(", ")
+                            }
                         );
                     }
                     Ok(watch::Tick::Invalid(errors)) => {

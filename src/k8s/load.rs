@@ -157,10 +157,7 @@ mod tests {
 
     #[test]
     fn multi_document_streams_count_empty_documents() {
-        let (docs, errs) = parse_stream(
-            "x.yaml",
-            "---\nkind: A\n---\n---\nkind: B\n---\n",
-        );
+        let (docs, errs) = parse_stream("x.yaml", "---\nkind: A\n---\n---\nkind: B\n---\n");
         assert!(errs.is_empty(), "{errs:?}");
         let locs: Vec<String> = docs.iter().map(|d| d.loc.to_string()).collect();
         assert_eq!(docs.len(), 2);
@@ -187,6 +184,10 @@ mod tests {
         let (docs, errs) = parse_stream("b.yaml", "kind: A\n---\nkind: [unclosed\n");
         assert_eq!(docs.len(), 1);
         assert_eq!(errs.len(), 1);
-        assert!(errs[0].to_string().starts_with("b.yaml[1]: not valid YAML"), "{}", errs[0]);
+        assert!(
+            errs[0].to_string().starts_with("b.yaml[1]: not valid YAML"),
+            "{}",
+            errs[0]
+        );
     }
 }

@@ -1,8 +1,8 @@
-//! `igwctl migrate`: v1alpha2 resources → v1, as the GKE migration guide's phases:
-//! 1) deploy the v1 InferencePool (and InferenceObjectives) side by side,
-//! 2) split the HTTPRoute 50/50 between the two pools, 3) send 100 % to v1,
-//! 4) delete the v1alpha2 resources. The final set (`migrated`) renders to the
-//! same routing as the input; what the v1 API cannot say is reported as lossy.
+//! `igwctl migrate`: v1alpha2 resources → v1, as the GKE migration guide's phases
+//! (deploy the v1 InferencePool and InferenceObjectives side by side; split the
+//! HTTPRoute 50/50 between the two pools; send 100 % to v1; delete the v1alpha2
+//! resources). The final set (`migrated`) renders to the same routing as the
+//! input; what the v1 API cannot say is reported as lossy.
 
 use super::node::K8sError;
 use super::render::MODELS_ANNOTATION;
@@ -51,6 +51,10 @@ pub fn v1_pool_name(old: &str) -> String {
     format!("{}-ga", old.strip_suffix("-preview").unwrap_or(old))
 }
 
+/// An InferenceObjective being migrated: its document, the model entries for
+/// [`MODELS_ANNOTATION`], and the location it came from when its pool moved.
+type ObjectiveDraft = (Value, Vec<serde_json::Value>, Option<String>);
+
 fn s(v: &str) -> Value {
     Value::String(v.to_string())
 }
@@ -80,8 +84,13 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
     let mut replaced: BTreeMap<String, Option<Value>> = BTreeMap::new();
     let mut added: Vec<Value> = Vec::new();
 
-    let mut old_pools: Vec<&Pool> = inv.pools.iter().filter(|p| p.api == PoolApi::V1Alpha2).collect();
-    old_pools.sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
+    let mut old_pools: Vec<&Pool> = inv
+        .pools
+        .iter()
+        .filter(|p| p.api == PoolApi::V1Alpha2)
+        .collect();
+    old_pools
+        .sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
     for p in &old_pools {
         let new = v1_pool_name(&p.meta.name);
         let ns = &p.meta.namespace;
@@ -124,7 +133,11 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
             ),
             (
                 "targetPorts",
-                to_yaml(json!(p.ports.iter().map(|n| json!({"number": n})).collect::<Vec<_>>())),
+                to_yaml(json!(p
+                    .ports
+                    .iter()
+                    .map(|n| json!({"number": n}))
+                    .collect::<Vec<_>>())),
             ),
         ];
         match &p.picker {
@@ -178,10 +191,10 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
 
     // InferenceModel → InferenceObjective (+ the annotation with the filter's model routing).
     let mut models: Vec<&Model> = inv.models.iter().collect();
-    models.sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
+    models
+        .sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
     // (namespace, objective) → (document, annotation entries)
-    let mut objectives: BTreeMap<(String, String), (Value, Vec<serde_json::Value>, Option<String>)> =
-        BTreeMap::new();
+    let mut objectives: BTreeMap<(String, String), ObjectiveDraft> = BTreeMap::new();
     for o in &inv.objectives {
         let (g, n) = new_ref(&o.meta.namespace, &o.pool_ref.group, &o.pool_ref.name);
         let doc = inv
@@ -199,7 +212,11 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
             .unwrap_or_default();
         let changed = g != o.pool_ref.group || n != o.pool_ref.name;
         if changed {
-            set_path(&mut doc, &["spec", "poolRef"], to_yaml(json!({"group": g, "name": n})));
+            set_path(
+                &mut doc,
+                &["spec", "poolRef"],
+                to_yaml(json!({"group": g, "name": n})),
+            );
         }
         objectives.insert(
             key(&o.meta.namespace, &o.meta.name),
@@ -288,7 +305,10 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
                     ),
                     ("spec", map(spec)),
                 ]);
-                objectives.insert(k.clone(), (doc, vec![serde_json::Value::Object(entry)], None));
+                objectives.insert(
+                    k.clone(),
+                    (doc, vec![serde_json::Value::Object(entry)], None),
+                );
             }
         }
         if m.model_name != m.meta.name {
@@ -314,7 +334,11 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
         let is_touched = touched.contains(&k);
         if is_touched {
             let text = serde_json::Value::Array(entries).to_string();
-            set_path(&mut doc, &["metadata", "annotations", MODELS_ANNOTATION], s(&text));
+            set_path(
+                &mut doc,
+                &["metadata", "annotations", MODELS_ANNOTATION],
+                s(&text),
+            );
         }
         match existing_locs.get(&k) {
             Some(loc) if is_touched || moved.is_some() => {
@@ -336,7 +360,10 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
             rule.backends.iter().any(|b| {
                 b.is_pool()
                     && b.group == GROUP_X
-                    && renamed.contains_key(&key(b.namespace.as_deref().unwrap_or(&r.meta.namespace), &b.name))
+                    && renamed.contains_key(&key(
+                        b.namespace.as_deref().unwrap_or(&r.meta.namespace),
+                        &b.name,
+                    ))
             })
         });
         if !refs_old {
@@ -381,7 +408,9 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
                 {"group": GROUP_X, "kind": "InferencePool", "name": p.meta.name, "weight": 50},
                 {"group": GROUP_V1, "kind": "InferencePool", "name": new, "weight": 50},
             ])));
-            let p3 = route(json!([{"group": GROUP_V1, "kind": "InferencePool", "name": new, "weight": 100}]));
+            let p3 = route(
+                json!([{"group": GROUP_V1, "kind": "InferencePool", "name": new, "weight": 100}]),
+            );
             out.phase3.push(p3.clone());
             added.push(p3);
             out.notes.push(format!(
@@ -454,8 +483,14 @@ fn rewrite_route(
             .iter()
             .map(|r| {
                 (
-                    r.get("group").and_then(Value::as_str).unwrap_or("").to_string(),
-                    r.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
+                    r.get("group")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    r.get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                 )
             })
             .collect();
@@ -487,9 +522,7 @@ fn rewrite_route(
             let new = is_old.then(|| renamed.get(&key(rns, name))).flatten();
             match new {
                 // Phase 2 of a rule that already splits between the two: as it is.
-                Some(new)
-                    if !to_v1 && names.contains(&(GROUP_V1.to_string(), new.clone())) =>
-                {
+                Some(new) if !to_v1 && names.contains(&(GROUP_V1.to_string(), new.clone())) => {
                     add(&mut out, r.clone())
                 }
                 Some(new) => {
@@ -499,7 +532,9 @@ fn rewrite_route(
                         m.insert(s("name"), s(new));
                         m.insert(
                             s("weight"),
-                            Value::Number(r.get("weight").and_then(Value::as_u64).unwrap_or(1).into()),
+                            Value::Number(
+                                r.get("weight").and_then(Value::as_u64).unwrap_or(1).into(),
+                            ),
                         );
                     }
                     if !to_v1 {
@@ -529,8 +564,14 @@ impl Migration {
                     format!(
                         "{} {}/{}",
                         d.get("kind").and_then(Value::as_str).unwrap_or(""),
-                        d.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default"),
-                        d.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("")
+                        d.get("metadata")
+                            .and_then(|m| m.get("namespace"))
+                            .and_then(Value::as_str)
+                            .unwrap_or("default"),
+                        d.get("metadata")
+                            .and_then(|m| m.get("name"))
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
                     )
                 })
                 .collect::<Vec<_>>()
@@ -541,7 +582,11 @@ impl Migration {
             t,
             "1) Deploy the v1 resources side by side: kubectl apply -f {}\n   {}",
             file("phase1-v1-resources.yaml"),
-            if self.phase1.is_empty() { "(nothing new)".into() } else { names(&self.phase1) }
+            if self.phase1.is_empty() {
+                "(nothing new)".into()
+            } else {
+                names(&self.phase1)
+            }
         );
         let _ = writeln!(
             t,
@@ -553,7 +598,11 @@ impl Migration {
             t,
             "3) Send 100 % to v1 once the v1 pool serves well: kubectl apply -f {}\n   {}",
             file("phase3-httproute-v1.yaml"),
-            if self.phase3.is_empty() { "(no route)".into() } else { names(&self.phase3) }
+            if self.phase3.is_empty() {
+                "(no route)".into()
+            } else {
+                names(&self.phase3)
+            }
         );
         let _ = writeln!(t, "4) Remove the v1alpha2 resources:");
         for d in &self.phase4 {
@@ -610,7 +659,12 @@ mod tests {
         let split: Vec<(String, u64)> = match c.get("backends").and_then(Json::as_array) {
             Some(b) => b
                 .iter()
-                .map(|b| (pool_content(inv, b["pool"].as_str().unwrap()), b["weight"].as_u64().unwrap()))
+                .map(|b| {
+                    (
+                        pool_content(inv, b["pool"].as_str().unwrap()),
+                        b["weight"].as_u64().unwrap(),
+                    )
+                })
                 .collect(),
             None => Vec::new(),
         };
@@ -630,7 +684,14 @@ mod tests {
                 .into_iter()
                 .map(|(content, w)| {
                     let applies = content == home;
-                    (content, (format!("{:.4}", w as f64 / total as f64), applies, treatment.clone()))
+                    (
+                        content,
+                        (
+                            format!("{:.4}", w as f64 / total as f64),
+                            applies,
+                            treatment.clone(),
+                        ),
+                    )
                 })
                 .collect();
             out.insert(m["name"].as_str().unwrap().to_string(), per);
@@ -640,7 +701,12 @@ mod tests {
             .cloned()
             .unwrap_or_default()
             .iter()
-            .map(|o| (o["name"].as_str().unwrap().to_string(), o["priority"].as_i64().unwrap()))
+            .map(|o| {
+                (
+                    o["name"].as_str().unwrap().to_string(),
+                    o["priority"].as_i64().unwrap(),
+                )
+            })
             .collect();
         (out, objectives)
     }
@@ -657,7 +723,11 @@ mod tests {
         let before = load_examples(files);
         let m = migrate(&before, &MigrateOptions::default()).unwrap();
         let after = reread(&m.migrated);
-        assert!(after.pools.iter().all(|p| p.api == PoolApi::V1), "{:?}", after.pools);
+        assert!(
+            after.pools.iter().all(|p| p.api == PoolApi::V1),
+            "{:?}",
+            after.pools
+        );
         assert!(after.models.is_empty());
         let (models_before, objectives_before) = routing(&before);
         let (models_after, objectives_after) = routing(&after);
@@ -678,7 +748,12 @@ mod tests {
             "httproute-split-50-50.yaml",
         ]);
         // The route already split 50/50: phase 2 is that route; phase 3 all to v1.
-        let refs = |v: &Value| v["spec"]["rules"][0]["backendRefs"].as_sequence().unwrap().clone();
+        let refs = |v: &Value| {
+            v["spec"]["rules"][0]["backendRefs"]
+                .as_sequence()
+                .unwrap()
+                .clone()
+        };
         assert_eq!(refs(&m.phase2[0]).len(), 2);
         assert_eq!(refs(&m.phase2[0])[0]["weight"].as_u64(), Some(50));
         let p3 = refs(&m.phase3[0]);
@@ -687,12 +762,24 @@ mod tests {
         assert_eq!(p3[0]["group"].as_str(), Some(GROUP_V1));
         assert_eq!(p3[0]["weight"].as_u64(), Some(100));
         // The existing objectives keep their priority; the conflict is reported.
-        assert!(m.lossy.iter().any(|l| l.contains("food-review already exists with priority 2")));
-        assert!(m.lossy.iter().any(|l| l.contains("spec.targetModels (food-review-1 90, food-review-2 10)")));
+        assert!(m
+            .lossy
+            .iter()
+            .any(|l| l.contains("food-review already exists with priority 2")));
+        assert!(m
+            .lossy
+            .iter()
+            .any(|l| l.contains("spec.targetModels (food-review-1 90, food-review-2 10)")));
         assert_eq!(m.phase4.len(), 4);
         assert!(m.phase4[0].starts_with("kubectl delete inferencepools.inference.networking.x-k8s.io vllm-llama3-8b-instruct-preview -n default"));
         let plan = m.plan(None);
-        for step in ["1) Deploy", "2) Split", "3) Send 100 %", "4) Remove", "lossy conversions:"] {
+        for step in [
+            "1) Deploy",
+            "2) Split",
+            "3) Send 100 %",
+            "4) Remove",
+            "lossy conversions:",
+        ] {
             assert!(plan.contains(step), "{plan}");
         }
         // Without a route: a new one (llm-route) carries phases 2 and 3.
@@ -711,39 +798,86 @@ mod tests {
         ]);
         let m = migrate(&inv, &MigrateOptions::default()).unwrap();
         assert!(m.phase2.is_empty() && m.phase3.is_empty());
-        assert!(m.notes.iter().any(|n| n.contains("HTTPRoute llm-route exists")));
+        assert!(m
+            .notes
+            .iter()
+            .any(|n| n.contains("HTTPRoute llm-route exists")));
         reread(&m.migrated);
     }
 
     #[test]
     fn a_preview_pool_alone_gets_a_v1_pool_and_a_route() {
-        let m = assert_same_routing(&["inferencepool-v1alpha2.yaml", "inferencemodel-v1alpha2.yaml"]);
-        let pool = m.phase1.iter().find(|d| d["kind"].as_str() == Some("InferencePool")).unwrap();
-        assert_eq!(pool["apiVersion"].as_str(), Some("inference.networking.k8s.io/v1"));
-        assert_eq!(pool["metadata"]["name"].as_str(), Some("vllm-llama3-8b-instruct-ga"));
-        assert_eq!(pool["spec"]["selector"]["matchLabels"]["app"].as_str(), Some("vllm-llama3-8b-instruct"));
-        assert_eq!(pool["spec"]["targetPorts"][0]["number"].as_u64(), Some(8000));
+        let m = assert_same_routing(&[
+            "inferencepool-v1alpha2.yaml",
+            "inferencemodel-v1alpha2.yaml",
+        ]);
+        let pool = m
+            .phase1
+            .iter()
+            .find(|d| d["kind"].as_str() == Some("InferencePool"))
+            .unwrap();
+        assert_eq!(
+            pool["apiVersion"].as_str(),
+            Some("inference.networking.k8s.io/v1")
+        );
+        assert_eq!(
+            pool["metadata"]["name"].as_str(),
+            Some("vllm-llama3-8b-instruct-ga")
+        );
+        assert_eq!(
+            pool["spec"]["selector"]["matchLabels"]["app"].as_str(),
+            Some("vllm-llama3-8b-instruct")
+        );
+        assert_eq!(
+            pool["spec"]["targetPorts"][0]["number"].as_u64(),
+            Some(8000)
+        );
         let epp = &pool["spec"]["endpointPickerRef"];
         assert_eq!(epp["name"].as_str(), Some("vllm-llama3-8b-instruct-ga-epp"));
         assert_eq!(epp["port"]["number"].as_u64(), Some(9002));
         assert_eq!(epp["failureMode"].as_str(), Some("FailClose"));
         // Criticality → priority as the filter maps it; the pool reference has its group.
-        let obj = |name: &str| m.phase1.iter().find(|d| d["metadata"]["name"].as_str() == Some(name)).unwrap();
+        let obj = |name: &str| {
+            m.phase1
+                .iter()
+                .find(|d| d["metadata"]["name"].as_str() == Some(name))
+                .unwrap()
+        };
         assert_eq!(obj("base-model")["spec"]["priority"].as_i64(), Some(1));
         assert_eq!(obj("food-review")["spec"]["priority"].as_i64(), Some(0));
-        assert_eq!(obj("batch-summaries")["spec"]["priority"].as_i64(), Some(-1));
-        assert_eq!(obj("food-review")["spec"]["poolRef"]["group"].as_str(), Some(GROUP_V1));
+        assert_eq!(
+            obj("batch-summaries")["spec"]["priority"].as_i64(),
+            Some(-1)
+        );
+        assert_eq!(
+            obj("food-review")["spec"]["poolRef"]["group"].as_str(),
+            Some(GROUP_V1)
+        );
         // The guide's phases 2 and 3 on a new route.
-        let refs = |v: &Value| v["spec"]["rules"][0]["backendRefs"].as_sequence().unwrap().clone();
+        let refs = |v: &Value| {
+            v["spec"]["rules"][0]["backendRefs"]
+                .as_sequence()
+                .unwrap()
+                .clone()
+        };
         let p2 = refs(&m.phase2[0]);
         assert_eq!(
-            p2.iter().map(|r| (r["name"].as_str().unwrap(), r["weight"].as_u64().unwrap())).collect::<Vec<_>>(),
-            [("vllm-llama3-8b-instruct-preview", 50), ("vllm-llama3-8b-instruct-ga", 50)]
+            p2.iter()
+                .map(|r| (r["name"].as_str().unwrap(), r["weight"].as_u64().unwrap()))
+                .collect::<Vec<_>>(),
+            [
+                ("vllm-llama3-8b-instruct-preview", 50),
+                ("vllm-llama3-8b-instruct-ga", 50)
+            ]
         );
         assert_eq!(m.phase2[0]["metadata"]["name"].as_str(), Some("llm-route"));
         assert_eq!(refs(&m.phase3[0])[0]["weight"].as_u64(), Some(100));
         // Phase 2 re-read renders a 50/50 split between the two pools.
-        let mut mid: Vec<Value> = load_examples(&["inferencepool-v1alpha2.yaml"]).documents.iter().map(|d| d.value.clone()).collect();
+        let mut mid: Vec<Value> = load_examples(&["inferencepool-v1alpha2.yaml"])
+            .documents
+            .iter()
+            .map(|d| d.value.clone())
+            .collect();
         mid.extend(m.phase1.clone());
         mid.extend(m.phase2.clone());
         let r = render(&reread(&mid), &RenderOptions::default()).unwrap();
@@ -758,6 +892,9 @@ mod tests {
         let mut inv = load_examples(&["inferencepool-v1.yaml", "inferencepool-v1alpha2.yaml"]);
         inv.pools[0].selector.insert("app".into(), "other".into());
         let e = migrate(&inv, &MigrateOptions::default()).unwrap_err();
-        assert!(e[0].to_string().contains("selects other pods or ports"), "{e:?}");
+        assert!(
+            e[0].to_string().contains("selects other pods or ports"),
+            "{e:?}"
+        );
     }
 }

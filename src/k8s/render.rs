@@ -228,7 +228,13 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
         if !targets.is_empty() {
             entry.insert("target_models".into(), Value::Array(targets));
         }
-        insert_model(&mut models, entry, &m.meta.loc, "spec.modelName", &mut errors);
+        insert_model(
+            &mut models,
+            entry,
+            &m.meta.loc,
+            "spec.modelName",
+            &mut errors,
+        );
     }
     for o in &inv.objectives {
         let Some(text) = o.meta.annotations.get(MODELS_ANNOTATION) else {
@@ -238,8 +244,13 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
         match serde_json::from_str::<Vec<Map<String, Value>>>(text) {
             Ok(entries) => {
                 for (i, mut e) in entries.into_iter().enumerate() {
-                    const KEYS: [&str; 5] =
-                        ["name", "criticality", "priority", "target_models", "adapter"];
+                    const KEYS: [&str; 5] = [
+                        "name",
+                        "criticality",
+                        "priority",
+                        "target_models",
+                        "adapter",
+                    ];
                     if let Some(k) = e.keys().find(|k| !KEYS.contains(&k.as_str())) {
                         errors.push(err_at(
                             &o.meta.loc,
@@ -370,8 +381,16 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
         .map(|host| format!("{host}:443"));
     // The shared renderer's header names the demo as the source; say what made this one.
     let envoy_yaml = envoy_config::render(&settings)
-        .replacen("(EnvoySettings::demo())", "(via igwctl, from Kubernetes resources)", 1)
-        .replacen(envoy_config::REGENERATE_COMMAND, "igwctl render -f <resources> --out <dir>", 1);
+        .replacen(
+            "(EnvoySettings::demo())",
+            "(via igwctl, from Kubernetes resources)",
+            1,
+        )
+        .replacen(
+            envoy_config::REGENERATE_COMMAND,
+            "igwctl render -f <resources> --out <dir>",
+            1,
+        );
     if let Err(e) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&envoy_yaml) {
         return Err(vec![output_err("Envoy bootstrap", e)]);
     }
@@ -458,7 +477,8 @@ fn route_backends(
     errors: &mut Vec<K8sError>,
 ) -> Option<Vec<Value>> {
     let mut routes: Vec<&Route> = inv.routes.iter().collect();
-    routes.sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
+    routes
+        .sort_by(|a, b| (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name)));
     let mut chosen: Option<(Vec<(String, u32)>, String)> = None;
     for r in routes {
         let loc = &r.meta.loc;
@@ -468,7 +488,11 @@ fn route_backends(
                 r.hostnames.join(", ")
             ));
         }
-        let parents: Vec<String> = r.parents.iter().map(|p| format!("{} {}", p.kind, p.name)).collect();
+        let parents: Vec<String> = r
+            .parents
+            .iter()
+            .map(|p| format!("{} {}", p.kind, p.name))
+            .collect();
         for rule in &r.rules {
             let at = format!("{loc} {}", rule.field);
             let mut weights: Vec<(String, u32)> = Vec::new();
@@ -529,14 +553,20 @@ fn route_backends(
                     ));
                 }
                 if m.query_params > 0 {
-                    report.not_honoured.push(format!("{mat}.queryParams: not evaluated"));
+                    report
+                        .not_honoured
+                        .push(format!("{mat}.queryParams: not evaluated"));
                 }
                 if let Some(method) = &m.method {
-                    report.not_honoured.push(format!("{mat}.method {method}: not evaluated"));
+                    report
+                        .not_honoured
+                        .push(format!("{mat}.method {method}: not evaluated"));
                 }
             }
             if rule.filters > 0 {
-                report.not_honoured.push(format!("{at}.filters: not applied"));
+                report
+                    .not_honoured
+                    .push(format!("{at}.filters: not applied"));
             }
             for o in &rule.other {
                 report.not_honoured.push(format!("{at}.{o}: not applied"));
@@ -734,7 +764,11 @@ fn safety(
     if !others.is_empty() {
         report.summary.push(format!(
             "safety: {} have nothing to screen (the text is in the bodies)",
-            others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            others
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     report.summary.push(format!(
@@ -807,7 +841,8 @@ mod tests {
     const BOTH_POOLS: [&str; 2] = ["inferencepool-v1.yaml", "inferencepool-v1alpha2.yaml"];
 
     fn render_examples(names: &[&str]) -> Rendered {
-        render(&load_examples(names), &RenderOptions::default()).unwrap_or_else(|e| panic!("{names:?}: {e:#?}"))
+        render(&load_examples(names), &RenderOptions::default())
+            .unwrap_or_else(|e| panic!("{names:?}: {e:#?}"))
     }
 
     fn render_yaml(yaml: &str) -> Rendered {
@@ -858,7 +893,10 @@ mod tests {
         let r = render_examples(&set_ga());
         validate_plugin_config(&r.plugin_config).unwrap();
         // And each one alone, with the pools it may refer to.
-        for f in SET_SPLIT.iter().chain(&["httproute-ga-100.yaml", "model-armor-extension-v1.yaml"]) {
+        for f in SET_SPLIT
+            .iter()
+            .chain(&["httproute-ga-100.yaml", "model-armor-extension-v1.yaml"])
+        {
             let mut names = BOTH_POOLS.to_vec();
             if !names.contains(f) {
                 names.push(f);
@@ -871,12 +909,17 @@ mod tests {
     fn the_invalid_example_and_the_whole_directory_fail_naming_file_and_field() {
         let (_, errors) = crate::k8s::load(&[example("backend-policy-invalid.yaml")]);
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].to_string().contains("backend-policy-invalid.yaml[0] spec.default.scopes[0].maxInFlightPerEndpoint:"));
+        assert!(errors[0].to_string().contains(
+            "backend-policy-invalid.yaml[0] spec.default.scopes[0].maxInFlightPerEndpoint:"
+        ));
         let (_, errors) = crate::k8s::load(&[examples()]);
         let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(errors.len(), 3, "{text:#?}");
         assert!(text.iter().any(|e| e.contains("httproute-split-50-50.yaml[0] metadata.name: HTTPRoute default/llm-route is also defined at")));
-        assert!(text.iter().any(|e| e.contains("model-armor-extension-v1.yaml[0] metadata.name: GCPTrafficExtension")));
+        assert!(text
+            .iter()
+            .any(|e| e
+                .contains("model-armor-extension-v1.yaml[0] metadata.name: GCPTrafficExtension")));
     }
 
     #[test]
@@ -895,8 +938,14 @@ mod tests {
         // One pool: the route picks it for every model, also as default_pool.
         names[2] = "httproute-ga-100.yaml";
         let r = render_examples(&names);
-        assert_eq!(r.plugin_config["backends"], json!([{"pool": "vllm-llama3-8b-instruct-ga", "weight": 100}]));
-        assert_eq!(r.plugin_config["default_pool"], json!("vllm-llama3-8b-instruct-ga"));
+        assert_eq!(
+            r.plugin_config["backends"],
+            json!([{"pool": "vllm-llama3-8b-instruct-ga", "weight": 100}])
+        );
+        assert_eq!(
+            r.plugin_config["default_pool"],
+            json!("vllm-llama3-8b-instruct-ga")
+        );
         // No route: models route by their pool.
         let r = render_examples(&BOTH_POOLS);
         assert!(r.plugin_config.get("backends").is_none());
@@ -916,9 +965,18 @@ spec:
     #[test]
     fn weights_drain_and_must_not_all_be_zero() {
         let pools = format!("{POOL_V1}---\n{POOL_X}---\n");
-        let r = render_yaml(&format!("{pools}{}", ROUTE.replace("W1", "0").replace("W2", "3")));
-        assert_eq!(r.plugin_config["backends"][0], json!({"pool": "ga", "weight": 0}));
-        let (inv, errors) = parse(&format!("{pools}{}", ROUTE.replace("W1", "0").replace("W2", "0")));
+        let r = render_yaml(&format!(
+            "{pools}{}",
+            ROUTE.replace("W1", "0").replace("W2", "3")
+        ));
+        assert_eq!(
+            r.plugin_config["backends"][0],
+            json!({"pool": "ga", "weight": 0})
+        );
+        let (inv, errors) = parse(&format!(
+            "{pools}{}",
+            ROUTE.replace("W1", "0").replace("W2", "0")
+        ));
         assert!(errors.is_empty());
         let e = render(&inv, &RenderOptions::default()).unwrap_err();
         assert_eq!(e[0].to_string(), "t.yaml[2] spec.rules[0].backendRefs: every InferencePool weight is 0: at least one must be > 0");
@@ -955,7 +1013,8 @@ spec:
             ..RenderOptions::default()
         };
         let r = render(&inv, &opts).unwrap();
-        let t = "projects/my-project/locations/us-central1/templates/my-model-armor-template-name-id";
+        let t =
+            "projects/my-project/locations/us-central1/templates/my-model-armor-template-name-id";
         assert_eq!(
             r.plugin_config["safety"],
             json!({
@@ -967,28 +1026,51 @@ spec:
                 "default": {"user_prompt_template_id": t, "model_response_template_id": t}
             })
         );
-        assert!(r.report.not_honoured.iter().any(|l| l.contains("sanitizeUserResponse: 'true', but supportedEvents has no ResponseHeaders/ResponseBody")));
-        assert!(r.envoy_yaml.contains("sni: modelarmor.us-central1.rep.googleapis.com"));
+        assert!(r.report.not_honoured.iter().any(|l| l.contains(
+            "sanitizeUserResponse: 'true', but supportedEvents has no ResponseHeaders/ResponseBody"
+        )));
+        assert!(r
+            .envoy_yaml
+            .contains("sni: modelarmor.us-central1.rep.googleapis.com"));
         // Without a project: a placeholder, said out loud.
         let r = render(&inv, &RenderOptions::default()).unwrap();
-        assert!(r.report.warnings.iter().any(|w| w.contains("pass --gcp-project")));
-        let inv = load_examples(&["inferencepool-v1.yaml", "model-armor-extension-settings.yaml"]);
+        assert!(r
+            .report
+            .warnings
+            .iter()
+            .any(|w| w.contains("pass --gcp-project")));
+        let inv = load_examples(&[
+            "inferencepool-v1.yaml",
+            "model-armor-extension-settings.yaml",
+        ]);
         let r = render(&inv, &RenderOptions::default()).unwrap();
         let s = &r.plugin_config["safety"];
         assert_eq!(s["events"], json!(["RequestBody", "ResponseBody"]));
-        assert_eq!(s["model_armor_settings"][0]["model"], json!("google/gemma-3-1b-it"));
+        assert_eq!(
+            s["model_armor_settings"][0]["model"],
+            json!("google/gemma-3-1b-it")
+        );
         let c = validate_plugin_config(&r.plugin_config).unwrap();
         let safety = c.safety.unwrap();
         assert!(safety.check_prompts && safety.check_responses);
-        assert_eq!(safety.prompt_template("google/gemma-3-1b-it"), Some("projects/my-project/locations/us-central1/templates/my-template"));
+        assert_eq!(
+            safety.prompt_template("google/gemma-3-1b-it"),
+            Some("projects/my-project/locations/us-central1/templates/my-template")
+        );
         // Two Model Armor extensions: one safety section only.
-        let (inv, _) = crate::k8s::load(&[example("inferencepool-v1.yaml"), example("model-armor-extension-settings.yaml")]);
+        let (inv, _) = crate::k8s::load(&[
+            example("inferencepool-v1.yaml"),
+            example("model-armor-extension-settings.yaml"),
+        ]);
         let mut inv2 = inv.clone();
         let mut second = inv.extensions[0].clone();
         second.meta.name = "second".into();
         inv2.extensions.push(second);
         let e = render(&inv2, &RenderOptions::default()).unwrap_err();
-        assert!(e[0].message.contains("a second Model Armor extension"), "{e:?}");
+        assert!(
+            e[0].message.contains("a second Model Armor extension"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -996,19 +1078,37 @@ spec:
         let r = render_examples(&BOTH_POOLS);
         let pools = r.collector_config["pools"].as_array().unwrap();
         assert_eq!(pools[0]["name"], json!("vllm-llama3-8b-instruct-ga"));
-        assert_eq!(pools[0]["endpoints"], json!(["vllm-llama3-8b-instruct-ga-endpoints.default.svc.cluster.local"]));
+        assert_eq!(
+            pools[0]["endpoints"],
+            json!(["vllm-llama3-8b-instruct-ga-endpoints.default.svc.cluster.local"])
+        );
         assert_eq!(pools[0]["target_ports"], json!([8000]));
-        assert_eq!(r.collector_config["push_targets"], json!(["inference-gateway-ingest.default.svc.cluster.local:9902"]));
+        assert_eq!(
+            r.collector_config["push_targets"],
+            json!(["inference-gateway-ingest.default.svc.cluster.local:9902"])
+        );
         let svc = &r.services[1];
-        assert_eq!(svc["metadata"]["name"], json!("vllm-llama3-8b-instruct-preview-endpoints"));
+        assert_eq!(
+            svc["metadata"]["name"],
+            json!("vllm-llama3-8b-instruct-preview-endpoints")
+        );
         assert_eq!(svc["spec"]["clusterIP"], json!("None"));
         assert_eq!(svc["spec"]["publishNotReadyAddresses"], json!(false));
-        assert_eq!(svc["spec"]["selector"], json!({"app": "vllm-llama3-8b-instruct"}));
-        assert_eq!(svc["spec"]["ports"], json!([{"name": "http", "port": 8000, "targetPort": 8000}]));
+        assert_eq!(
+            svc["spec"]["selector"],
+            json!({"app": "vllm-llama3-8b-instruct"})
+        );
+        assert_eq!(
+            svc["spec"]["ports"],
+            json!([{"name": "http", "port": 8000, "targetPort": 8000}])
+        );
         // The bootstrap carries the plugin configuration and listens on all addresses.
         let boot: serde_yaml_ng::Value = serde_yaml_ng::from_str(&r.envoy_yaml).unwrap();
         let listeners = boot["static_resources"]["listeners"].as_sequence().unwrap();
-        assert_eq!(listeners[0]["address"]["socket_address"]["address"].as_str(), Some("0.0.0.0"));
+        assert_eq!(
+            listeners[0]["address"]["socket_address"]["address"].as_str(),
+            Some("0.0.0.0")
+        );
         assert!(r.envoy_yaml.contains("\"vllm-llama3-8b-instruct-preview\""));
         assert!(r.envoy_yaml.contains(INGEST_TOKEN_PLACEHOLDER));
         assert!(r.envoy_yaml.contains("/etc/envoy/inference_gateway.wasm"));
@@ -1029,7 +1129,14 @@ spec:
     #[test]
     fn target_models_with_weight_zero_are_left_out_and_said_so() {
         let r = render_yaml(&format!("{POOL_X}---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModel\nmetadata: {{name: m}}\nspec:\n  modelName: m\n  poolRef: {{name: preview}}\n  targetModels: [{{name: a, weight: 0}}, {{name: b, weight: 5}}]\n"));
-        assert_eq!(r.plugin_config["models"][0]["target_models"], json!([{"name": "b", "weight": 5}]));
-        assert!(r.report.not_honoured.iter().any(|l| l.contains("spec.targetModels[0]: weight 0")));
+        assert_eq!(
+            r.plugin_config["models"][0]["target_models"],
+            json!([{"name": "b", "weight": 5}])
+        );
+        assert!(r
+            .report
+            .not_honoured
+            .iter()
+            .any(|l| l.contains("spec.targetModels[0]: weight 0")));
     }
 }

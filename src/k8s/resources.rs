@@ -320,16 +320,17 @@ impl Inventory {
         let group = api.split_once('/').map(|(g, _)| g).unwrap_or("");
         let known = KNOWN_KINDS.iter().find(|(k, _)| *k == kind);
         match known {
-            Some((_, versions)) if !versions.contains(&api) => {
-                if OUR_GROUPS.contains(&group) || group.is_empty() {
-                    return Err(root.field_err(
-                        "apiVersion",
-                        format!(
-                            "{kind} in '{api}' is not supported (supported: {})",
-                            versions.join(", ")
-                        ),
-                    ));
-                }
+            Some((_, versions))
+                if !versions.contains(&api)
+                    && (OUR_GROUPS.contains(&group) || group.is_empty()) =>
+            {
+                return Err(root.field_err(
+                    "apiVersion",
+                    format!(
+                        "{kind} in '{api}' is not supported (supported: {})",
+                        versions.join(", ")
+                    ),
+                ));
             }
             None if OUR_GROUPS.contains(&group) => {
                 let names: Vec<&str> = KNOWN_KINDS.iter().map(|(k, _)| *k).collect();
@@ -350,7 +351,12 @@ impl Inventory {
         if known.is_none_or(|(_, v)| !v.contains(&api)) {
             let name = top
                 .get("metadata")
-                .and_then(|m| m.value.get("name").and_then(Value::as_str).map(String::from))
+                .and_then(|m| {
+                    m.value
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                })
                 .unwrap_or_default();
             self.ignored.push(Ignored {
                 loc: d.loc.clone(),
@@ -421,10 +427,16 @@ impl Inventory {
     fn check_references(&self) -> Vec<K8sError> {
         let mut errors = Vec::new();
         for o in &self.objectives {
-            errors.extend(self.resolve(&o.meta.loc, &o.meta.namespace, &o.pool_ref).err());
+            errors.extend(
+                self.resolve(&o.meta.loc, &o.meta.namespace, &o.pool_ref)
+                    .err(),
+            );
         }
         for m in &self.models {
-            errors.extend(self.resolve(&m.meta.loc, &m.meta.namespace, &m.pool_ref).err());
+            errors.extend(
+                self.resolve(&m.meta.loc, &m.meta.namespace, &m.pool_ref)
+                    .err(),
+            );
         }
         for r in &self.routes {
             for rule in &r.rules {
@@ -466,7 +478,11 @@ impl Inventory {
             }
         };
         for p in &self.pools {
-            dup(&format!("InferencePool.{}", p.api.group()), &p.meta, &mut errors);
+            dup(
+                &format!("InferencePool.{}", p.api.group()),
+                &p.meta,
+                &mut errors,
+            );
         }
         for o in &self.objectives {
             dup("InferenceObjective", &o.meta, &mut errors);
@@ -672,11 +688,13 @@ fn model(meta: Meta, spec: &At) -> Result<Model, K8sError> {
     let s = spec.fields(&["modelName", "criticality", "poolRef", "targetModels"])?;
     let criticality = match s.get("criticality") {
         None => None,
-        Some(c) => Some(match c.one_of(&["Critical", "Standard", "Sheddable"])?.as_str() {
-            "Critical" => Criticality::Critical,
-            "Standard" => Criticality::Standard,
-            _ => Criticality::Sheddable,
-        }),
+        Some(c) => Some(
+            match c.one_of(&["Critical", "Standard", "Sheddable"])?.as_str() {
+                "Critical" => Criticality::Critical,
+                "Standard" => Criticality::Standard,
+                _ => Criticality::Sheddable,
+            },
+        ),
     };
     let mut targets = Vec::new();
     if let Some(t) = s.get("targetModels") {
@@ -940,7 +958,11 @@ const ARMOR_METADATA: &[&str] = &[
     "sanitizeUserResponse",
     "model_armor_settings",
 ];
-const ARMOR_SETTING: &[&str] = &["model", "model_response_template_id", "user_prompt_template_id"];
+const ARMOR_SETTING: &[&str] = &[
+    "model",
+    "model_response_template_id",
+    "user_prompt_template_id",
+];
 
 fn traffic_extension(at: &At) -> Result<Extension, K8sError> {
     let f = at.fields(&[
@@ -991,10 +1013,7 @@ fn traffic_extension(at: &At) -> Result<Extension, K8sError> {
             }
         }
     }
-    let metadata = match f.get("metadata") {
-        Some(m) => Some(m),
-        None => None,
-    };
+    let metadata = f.get("metadata");
     let mut metadata_keys = Vec::new();
     let mut armor = None;
     if let Some(m) = &metadata {
@@ -1011,7 +1030,11 @@ fn traffic_extension(at: &At) -> Result<Extension, K8sError> {
         field: at.path.clone(),
         google_service,
         backend,
-        fail_open: f.get("failOpen").map(|b| b.bool()).transpose()?.unwrap_or(false),
+        fail_open: f
+            .get("failOpen")
+            .map(|b| b.bool())
+            .transpose()?
+            .unwrap_or(false),
         timeout_ms,
         events,
         armor,
@@ -1032,9 +1055,13 @@ fn flag(at: &At) -> Result<bool, K8sError> {
 fn armor_templates(m: &At) -> Result<ArmorTemplates, K8sError> {
     let f = m.fields(ARMOR_METADATA)?;
     if let Some(settings) = f.get("model_armor_settings") {
-        if let Some(k) = ["extensionPolicy", "sanitizeUserPrompt", "sanitizeUserResponse"]
-            .iter()
-            .find(|k| f.get(k).is_some())
+        if let Some(k) = [
+            "extensionPolicy",
+            "sanitizeUserPrompt",
+            "sanitizeUserResponse",
+        ]
+        .iter()
+        .find(|k| f.get(k).is_some())
         {
             return Err(f.err(
                 k,
@@ -1088,7 +1115,11 @@ fn armor_templates(m: &At) -> Result<ArmorTemplates, K8sError> {
     let template = f.req("extensionPolicy")?.name()?;
     Ok(ArmorTemplates::Policy {
         template,
-        prompt: f.get("sanitizeUserPrompt").map(|v| flag(&v)).transpose()?.unwrap_or(false),
+        prompt: f
+            .get("sanitizeUserPrompt")
+            .map(|v| flag(&v))
+            .transpose()?
+            .unwrap_or(false),
         response: f
             .get("sanitizeUserResponse")
             .map(|v| flag(&v))
@@ -1135,7 +1166,10 @@ fn implied_by_mode(mode: &str) -> Option<&'static str> {
 }
 
 /// Checks one level's backend fields; returns the fields it sets (with implied ones).
-fn backend_fields(f: &Fields, warnings: &mut Vec<String>) -> Result<Vec<(String, String)>, K8sError> {
+fn backend_fields(
+    f: &Fields,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(String, String)>, K8sError> {
     let mut set = Vec::new();
     for key in f.keys().collect::<Vec<_>>() {
         let Some(v) = f.get(key) else { continue };
@@ -1179,11 +1213,16 @@ fn backend_fields(f: &Fields, warnings: &mut Vec<String>) -> Result<Vec<(String,
 fn backend_policy(meta: Meta, spec: &At) -> Result<(BackendPolicy, Vec<String>), K8sError> {
     let mut warnings = Vec::new();
     let s = spec.fields(&["targetRef", "default"])?;
-    let t = s.req("targetRef")?.fields(&["group", "kind", "name", "namespace"])?;
+    let t = s
+        .req("targetRef")?
+        .fields(&["group", "kind", "name", "namespace"])?;
     let target_kind = t.req("kind")?.name()?;
     let target_group = opt_str(&t, "group")?.unwrap_or_default();
     if target_kind == "InferencePool" && target_group != GROUP_V1 && target_group != GROUP_X {
-        return Err(t.err("group", format!("must be {GROUP_V1} or {GROUP_X} for an InferencePool")));
+        return Err(t.err(
+            "group",
+            format!("must be {GROUP_V1} or {GROUP_X} for an InferencePool"),
+        ));
     }
     let mut fields = Vec::new();
     let mut scopes = 0;
@@ -1249,18 +1288,30 @@ mod tests {
     #[test]
     fn pools_in_both_apis() {
         let inv = load_examples(&["inferencepool-v1.yaml", "inferencepool-v1alpha2.yaml"]);
-        let ga = inv.pool("default", GROUP_V1, "vllm-llama3-8b-instruct-ga").unwrap();
+        let ga = inv
+            .pool("default", GROUP_V1, "vllm-llama3-8b-instruct-ga")
+            .unwrap();
         assert_eq!(ga.api, PoolApi::V1);
         assert_eq!(ga.ports, vec![8000]);
         assert_eq!(ga.selector["app"], "vllm-llama3-8b-instruct");
         let picker = ga.picker.as_ref().unwrap();
-        assert_eq!((picker.port, picker.failure_mode.as_str()), (Some(9002), "FailClose"));
-        let pre = inv.pool("default", GROUP_X, "vllm-llama3-8b-instruct-preview").unwrap();
+        assert_eq!(
+            (picker.port, picker.failure_mode.as_str()),
+            (Some(9002), "FailClose")
+        );
+        let pre = inv
+            .pool("default", GROUP_X, "vllm-llama3-8b-instruct-preview")
+            .unwrap();
         assert_eq!(pre.api, PoolApi::V1Alpha2);
         assert_eq!(pre.ports, vec![8000]);
-        assert_eq!(pre.picker.as_ref().unwrap().name, "vllm-llama3-8b-instruct-preview-epp");
+        assert_eq!(
+            pre.picker.as_ref().unwrap().name,
+            "vllm-llama3-8b-instruct-preview-epp"
+        );
         // Same name in the other group is a different pool.
-        assert!(inv.pool("default", GROUP_X, "vllm-llama3-8b-instruct-ga").is_none());
+        assert!(inv
+            .pool("default", GROUP_X, "vllm-llama3-8b-instruct-ga")
+            .is_none());
     }
 
     #[test]
@@ -1271,17 +1322,29 @@ mod tests {
             "inferenceobjectives.yaml",
             "inferencemodel-v1alpha2.yaml",
         ]);
-        let fr = inv.objectives.iter().find(|o| o.meta.name == "food-review").unwrap();
+        let fr = inv
+            .objectives
+            .iter()
+            .find(|o| o.meta.name == "food-review")
+            .unwrap();
         assert_eq!(fr.priority, Some(2));
         assert_eq!(fr.pool_ref.group, GROUP_V1);
         assert_eq!(fr.meta.namespace, "default");
-        let m = inv.models.iter().find(|m| m.meta.name == "food-review").unwrap();
+        let m = inv
+            .models
+            .iter()
+            .find(|m| m.meta.name == "food-review")
+            .unwrap();
         assert_eq!(m.criticality, Some(Criticality::Standard));
         // No group in the example: a v1alpha2 model's pool is a v1alpha2 pool.
         assert_eq!(m.pool_ref.group, GROUP_X);
         assert_eq!(m.targets.len(), 2);
         assert_eq!(m.targets[0].weight, Some(90));
-        let base = inv.models.iter().find(|m| m.meta.name == "base-model").unwrap();
+        let base = inv
+            .models
+            .iter()
+            .find(|m| m.meta.name == "base-model")
+            .unwrap();
         assert_eq!(base.model_name, "meta-llama/Llama-3.1-8B-Instruct");
         assert_eq!(base.criticality, Some(Criticality::Critical));
     }
@@ -1361,16 +1424,47 @@ spec:
             "{ARMOR}        model_armor_settings: '[{{\"modle\": \"m\"}}]'\n"
         ));
         assert_eq!(e, "t.yaml[0] spec.extensionChains[0].extensions[0].metadata.model_armor_settings[0].modle: unknown field: did you mean model?");
-        let e = error_of(&format!("{ARMOR}        model_armor_settings: 'not json'\n"));
-        assert!(e.contains("model_armor_settings: must be a JSON list"), "{e}");
-        let e = error_of(&format!("{ARMOR}        extensionPolicy: t\n        sanitizeUserPromt: 'true'\n"));
-        assert!(e.ends_with("metadata.sanitizeUserPromt: unknown field: did you mean sanitizeUserPrompt?"), "{e}");
-        let e = error_of(&format!("{ARMOR}        extensionPolicy: t\n        sanitizeUserPrompt: 'yes'\n"));
-        assert!(e.ends_with("sanitizeUserPrompt: must be 'true' or 'false'"), "{e}");
-        let e = error_of(&ARMOR.replace("      metadata:\n", "      timeout: 1m\n      metadata: {extensionPolicy: t}\n"));
-        assert!(e.ends_with("timeout: must be a duration such as 1s or 500ms"), "{e}");
-        let e = error_of(&ARMOR.replace("      metadata:\n", "      supportedEvents: [RequestBodies]\n      metadata: {extensionPolicy: t}\n"));
-        assert!(e.ends_with("supportedEvents[0]: 'RequestBodies' is not valid: did you mean RequestBody?"), "{e}");
+        let e = error_of(&format!(
+            "{ARMOR}        model_armor_settings: 'not json'\n"
+        ));
+        assert!(
+            e.contains("model_armor_settings: must be a JSON list"),
+            "{e}"
+        );
+        let e = error_of(&format!(
+            "{ARMOR}        extensionPolicy: t\n        sanitizeUserPromt: 'true'\n"
+        ));
+        assert!(
+            e.ends_with(
+                "metadata.sanitizeUserPromt: unknown field: did you mean sanitizeUserPrompt?"
+            ),
+            "{e}"
+        );
+        let e = error_of(&format!(
+            "{ARMOR}        extensionPolicy: t\n        sanitizeUserPrompt: 'yes'\n"
+        ));
+        assert!(
+            e.ends_with("sanitizeUserPrompt: must be 'true' or 'false'"),
+            "{e}"
+        );
+        let e = error_of(&ARMOR.replace(
+            "      metadata:\n",
+            "      timeout: 1m\n      metadata: {extensionPolicy: t}\n",
+        ));
+        assert!(
+            e.ends_with("timeout: must be a duration such as 1s or 500ms"),
+            "{e}"
+        );
+        let e = error_of(&ARMOR.replace(
+            "      metadata:\n",
+            "      supportedEvents: [RequestBodies]\n      metadata: {extensionPolicy: t}\n",
+        ));
+        assert!(
+            e.ends_with(
+                "supportedEvents[0]: 'RequestBodies' is not valid: did you mean RequestBody?"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1384,30 +1478,49 @@ spec:
         // The documented misspelling is read as meant, and said so.
         assert_eq!(inv.warnings.len(), 1);
         assert!(inv.warnings[0].contains("capacityScalarPercent: read as capacityScalerPercent"));
-        let (_, errors) = crate::k8s::load(&[crate::k8s::testutil::example("backend-policy-invalid.yaml")]);
+        let (_, errors) =
+            crate::k8s::load(&[crate::k8s::testutil::example("backend-policy-invalid.yaml")]);
         assert_eq!(errors.len(), 1, "{errors:?}");
         let e = errors[0].to_string();
         assert!(e.ends_with("backend-policy-invalid.yaml[0] spec.default.scopes[0].maxInFlightPerEndpoint: the default level sets it (balancingMode IN_FLIGHT): a field set at the default level may not also appear in a scope"), "{e}");
         // The same field explicitly at both levels.
         let yaml = "apiVersion: networking.gke.io/v1\nkind: GCPBackendPolicy\nmetadata: {name: p}\nspec:\n  targetRef: {kind: Service, name: s}\n  default:\n    maxRatePerEndpoint: 5\n    scopes:\n    - selector: {env: prod}\n      maxRatePerEndpoint: 10\n";
-        assert!(error_of(yaml).contains("scopes[0].maxRatePerEndpoint: it is set at the default level"));
+        assert!(
+            error_of(yaml).contains("scopes[0].maxRatePerEndpoint: it is set at the default level")
+        );
         // Scopes alone are fine; a selector is required.
         let ok = yaml.replace("    maxRatePerEndpoint: 5\n", "");
         assert!(parse(&ok).1.is_empty());
-        assert!(error_of(&ok.replace("    - selector: {env: prod}\n      max", "    - max")).ends_with("scopes[0].selector: is required"));
+        assert!(
+            error_of(&ok.replace("    - selector: {env: prod}\n      max", "    - max"))
+                .ends_with("scopes[0].selector: is required")
+        );
         // A policy on a missing pool.
         let e = error_of("apiVersion: networking.gke.io/v1\nkind: GCPBackendPolicy\nmetadata: {name: p}\nspec:\n  targetRef: {group: inference.networking.k8s.io, kind: InferencePool, name: nope}\n");
-        assert!(e.contains("spec.targetRef.name: no InferencePool 'nope'"), "{e}");
+        assert!(
+            e.contains("spec.targetRef.name: no InferencePool 'nope'"),
+            "{e}"
+        );
     }
 
     #[test]
     fn misspelt_fields_get_a_suggestion() {
         let e = error_of(&POOL_V1.replace("targetPorts", "targetPort"));
-        assert_eq!(e, "t.yaml[0] spec.targetPort: unknown field: did you mean targetPorts?");
+        assert_eq!(
+            e,
+            "t.yaml[0] spec.targetPort: unknown field: did you mean targetPorts?"
+        );
         let e = error_of(&POOL_X.replace("targetPortNumber", "targetPortNumbr"));
-        assert_eq!(e, "t.yaml[0] spec.targetPortNumbr: unknown field: did you mean targetPortNumber?");
-        let e = error_of(&POOL_V1.replace("metadata: {name: ga}", "metadata: {name: ga, namspace: x}"));
-        assert_eq!(e, "t.yaml[0] metadata.namspace: unknown field: did you mean namespace?");
+        assert_eq!(
+            e,
+            "t.yaml[0] spec.targetPortNumbr: unknown field: did you mean targetPortNumber?"
+        );
+        let e =
+            error_of(&POOL_V1.replace("metadata: {name: ga}", "metadata: {name: ga, namspace: x}"));
+        assert_eq!(
+            e,
+            "t.yaml[0] metadata.namspace: unknown field: did you mean namespace?"
+        );
         let e = error_of(&POOL_V1.replace("spec:", "spec:\n  zzz: 1"));
         assert!(e.starts_with("t.yaml[0] spec.zzz: unknown field (known: selector, targetPorts, endpointPickerRef)"), "{e}");
     }
@@ -1415,18 +1528,36 @@ spec:
     #[test]
     fn wrong_types_and_ranges() {
         let e = error_of(&POOL_V1.replace("[{number: 8000}]", "\"8000\""));
-        assert_eq!(e, "t.yaml[0] spec.targetPorts: must be a list, not a string");
+        assert_eq!(
+            e,
+            "t.yaml[0] spec.targetPorts: must be a list, not a string"
+        );
         let e = error_of(&POOL_V1.replace("{number: 8000}", "{number: 70000}"));
         assert_eq!(e, "t.yaml[0] spec.targetPorts[0].number: must be ≤ 65535");
         let e = error_of(&POOL_V1.replace("{app: vllm}", "{}"));
-        assert_eq!(e, "t.yaml[0] spec.selector.matchLabels: must select at least one label");
+        assert_eq!(
+            e,
+            "t.yaml[0] spec.selector.matchLabels: must select at least one label"
+        );
         let e = error_of(&POOL_V1.replace("{app: vllm}", "{app: 3}"));
-        assert_eq!(e, "t.yaml[0] spec.selector.matchLabels.app: must be a string, not a number");
+        assert_eq!(
+            e,
+            "t.yaml[0] spec.selector.matchLabels.app: must be a string, not a number"
+        );
         let route = format!("{POOL_V1}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: llm-route}}\nspec:\n  rules:\n  - backendRefs:\n    - {{group: inference.networking.k8s.io, kind: InferencePool, name: ga}}\n    - {{group: inference.networking.k8s.io, kind: InferencePool, name: ga, weight: -1}}\n");
-        assert_eq!(error_of(&route), "t.yaml[1] spec.rules[0].backendRefs[1].weight: must be ≥ 0");
+        assert_eq!(
+            error_of(&route),
+            "t.yaml[1] spec.rules[0].backendRefs[1].weight: must be ≥ 0"
+        );
         let e = error_of(&route.replace("weight: -1", "weight: ten"));
-        assert!(e.ends_with("backendRefs[1].weight: must be an integer, not a string"), "{e}");
-        let e = error_of(&route.replace("{group: inference.networking.k8s.io, kind: InferencePool, name: ga, weight: -1}", "{kind: InferencePool, name: ga}"));
+        assert!(
+            e.ends_with("backendRefs[1].weight: must be an integer, not a string"),
+            "{e}"
+        );
+        let e = error_of(&route.replace(
+            "{group: inference.networking.k8s.io, kind: InferencePool, name: ga, weight: -1}",
+            "{kind: InferencePool, name: ga}",
+        ));
         assert!(e.ends_with("backendRefs[1].group: is required for an InferencePool (inference.networking.k8s.io or inference.networking.x-k8s.io)"), "{e}");
     }
 
@@ -1441,9 +1572,20 @@ spec:
         assert_eq!(e, "t.yaml[1] spec.poolRef.name: InferencePool 'ga' exists in group inference.networking.k8s.io, not inference.networking.x-k8s.io: set group: inference.networking.k8s.io");
         let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  rules:\n  - backendRefs:\n    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: preview}\n    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: nope}\n";
         let e = error_of(&format!("{POOL_X}---\n{route}"));
-        assert!(e.starts_with("t.yaml[1] spec.rules[0].backendRefs[1].name: no InferencePool 'nope'"), "{e}");
+        assert!(
+            e.starts_with("t.yaml[1] spec.rules[0].backendRefs[1].name: no InferencePool 'nope'"),
+            "{e}"
+        );
         // Another namespace is another pool.
-        let e = error_of(&format!("{POOL_X}---\n{}", route.replace("{name: r}", "{name: r, namespace: other}").replace("    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: nope}\n", "")));
+        let e = error_of(&format!(
+            "{POOL_X}---\n{}",
+            route
+                .replace("{name: r}", "{name: r, namespace: other}")
+                .replace(
+                "    - {group: inference.networking.x-k8s.io, kind: InferencePool, name: nope}\n",
+                ""
+            )
+        ));
         assert!(e.contains("in namespace other"), "{e}");
     }
 
@@ -1452,10 +1594,23 @@ spec:
         let (inv, errors) = parse("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {x: 1}\n---\ngroups: []\n");
         assert!(errors.is_empty(), "{errors:?}");
         let kinds: Vec<&str> = inv.ignored.iter().map(|i| i.kind.as_str()).collect();
-        assert_eq!(kinds, ["ServiceAccount", "Gateway", "(no apiVersion/kind: not a Kubernetes object)"]);
+        assert_eq!(
+            kinds,
+            [
+                "ServiceAccount",
+                "Gateway",
+                "(no apiVersion/kind: not a Kubernetes object)"
+            ]
+        );
         let e = error_of(&POOL_V1.replace("kind: InferencePool", "kind: InferencePol"));
-        assert_eq!(e, "t.yaml[0] kind: unknown kind: did you mean InferencePool?");
-        let e = error_of(&POOL_V1.replace("inference.networking.k8s.io/v1", "inference.networking.k8s.io/v1beta1"));
+        assert_eq!(
+            e,
+            "t.yaml[0] kind: unknown kind: did you mean InferencePool?"
+        );
+        let e = error_of(&POOL_V1.replace(
+            "inference.networking.k8s.io/v1",
+            "inference.networking.k8s.io/v1beta1",
+        ));
         assert!(e.starts_with("t.yaml[0] apiVersion: InferencePool in 'inference.networking.k8s.io/v1beta1' is not supported"), "{e}");
         assert!(error_of("- a\n- b\n").contains("must be a Kubernetes object"));
     }
@@ -1464,12 +1619,22 @@ spec:
     fn lists_and_streams() {
         let list = format!(
             "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}\n",
-            serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(POOL_V1).unwrap()).unwrap(),
-            serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(&POOL_X.replace("targetPortNumber: 8000", "targetPortNumber: 0")).unwrap()).unwrap(),
+            serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(POOL_V1).unwrap())
+                .unwrap(),
+            serde_json::to_string(
+                &serde_yaml_ng::from_str::<serde_json::Value>(
+                    &POOL_X.replace("targetPortNumber: 8000", "targetPortNumber: 0")
+                )
+                .unwrap()
+            )
+            .unwrap(),
         );
         let (inv, errors) = parse(&list);
         assert_eq!(inv.pools.len(), 1);
-        assert_eq!(errors[0].to_string(), "t.yaml[0] items[1].spec.targetPortNumber: must be ≥ 1");
+        assert_eq!(
+            errors[0].to_string(),
+            "t.yaml[0] items[1].spec.targetPortNumber: must be ≥ 1"
+        );
         let (inv, errors) = parse(&format!("---\n{POOL_V1}---\n---\n{POOL_X}---\n"));
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(inv.pools.len(), 2);
@@ -1480,10 +1645,17 @@ spec:
         let e = error_of(&format!("{POOL_V1}---\n{POOL_V1}"));
         assert!(e.starts_with("t.yaml[1] metadata.name: InferencePool.inference.networking.k8s.io default/ga is also defined at t.yaml[0]"), "{e}");
         // The filter knows pools by name: one name in two namespaces collides.
-        let e = error_of(&format!("{POOL_V1}---\n{}", POOL_V1.replace("{name: ga}", "{name: ga, namespace: b}")));
+        let e = error_of(&format!(
+            "{POOL_V1}---\n{}",
+            POOL_V1.replace("{name: ga}", "{name: ga, namespace: b}")
+        ));
         assert!(e.contains("the gateway knows each pool by name"), "{e}");
         let m = "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModel\nmetadata: {name: NAME}\nspec:\n  modelName: same\n  poolRef: {group: inference.networking.k8s.io, name: ga}\n";
-        let e = error_of(&format!("{POOL_V1}---\n{}---\n{}", m.replace("NAME", "a"), m.replace("NAME", "b")));
+        let e = error_of(&format!(
+            "{POOL_V1}---\n{}---\n{}",
+            m.replace("NAME", "a"),
+            m.replace("NAME", "b")
+        ));
         assert!(e.starts_with("t.yaml[2] spec.modelName: the gateway knows each model by name: 'same' is also used at t.yaml[1]"), "{e}");
     }
 
@@ -1493,7 +1665,10 @@ spec:
         assert_eq!(duration_ms("250ms"), Some(250));
         assert_eq!(duration_ms("0.5s"), Some(500));
         assert_eq!(duration_ms("1m"), None);
-        assert_eq!(model_armor_region("modelarmor.us-central1.rep.googleapis.com"), Some("us-central1"));
+        assert_eq!(
+            model_armor_region("modelarmor.us-central1.rep.googleapis.com"),
+            Some("us-central1")
+        );
         assert_eq!(model_armor_region("modelarmor.googleapis.com"), None);
     }
 }

@@ -151,19 +151,45 @@ mod tests {
         std::fs::create_dir(&input).unwrap();
         let out = dir.path().join("out");
         std::fs::write(input.join("pool.yaml"), POOL).unwrap();
-        let mut w = Watcher::new(vec![input.clone()], out.clone(), Format::Yaml, RenderOptions::default());
-        let Tick::Rendered(files) = w.tick().unwrap() else { panic!() };
-        assert!(files.contains(&"plugin-config.json".to_string()), "{files:?}");
+        let mut w = Watcher::new(
+            vec![input.clone()],
+            out.clone(),
+            Format::Yaml,
+            RenderOptions::default(),
+        );
+        let Tick::Rendered(files) = w.tick().unwrap() else {
+            panic!()
+        };
+        assert!(
+            files.contains(&"plugin-config.json".to_string()),
+            "{files:?}"
+        );
         assert_eq!(w.tick().unwrap(), Tick::Unchanged);
         let before = std::fs::read_to_string(out.join("plugin-config.json")).unwrap();
-        std::fs::write(input.join("pool.yaml"), POOL.replace("targetPorts", "targetPort")).unwrap();
-        let Tick::Invalid(errs) = w.tick().unwrap() else { panic!() };
-        assert!(errs[0].to_string().contains("did you mean targetPorts?"), "{errs:?}");
-        assert_eq!(std::fs::read_to_string(out.join("plugin-config.json")).unwrap(), before);
+        std::fs::write(
+            input.join("pool.yaml"),
+            POOL.replace("targetPorts", "targetPort"),
+        )
+        .unwrap();
+        let Tick::Invalid(errs) = w.tick().unwrap() else {
+            panic!()
+        };
+        assert!(
+            errs[0].to_string().contains("did you mean targetPorts?"),
+            "{errs:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("plugin-config.json")).unwrap(),
+            before
+        );
         std::fs::write(input.join("pool.yaml"), POOL.replace("name: p", "name: q")).unwrap();
-        let Tick::Rendered(files) = w.tick().unwrap() else { panic!() };
+        let Tick::Rendered(files) = w.tick().unwrap() else {
+            panic!()
+        };
         assert!(files.contains(&"plugin-config.json".to_string()));
-        assert!(std::fs::read_to_string(out.join("plugin-config.json")).unwrap().contains("\"q\""));
+        assert!(std::fs::read_to_string(out.join("plugin-config.json"))
+            .unwrap()
+            .contains("\"q\""));
         // No temporary files left behind.
         for e in std::fs::read_dir(&out).unwrap() {
             let name = e.unwrap().file_name().into_string().unwrap();
