@@ -16,6 +16,8 @@ pub mod extproc;
 pub mod gateway;
 pub mod inflight;
 pub mod ingest;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod k8s;
 pub mod membership;
 pub mod observe;
 pub mod openai;

@@ -661,15 +661,47 @@ fn retry_policy_yaml(retries: u32) -> String {
     )
 }
 
-/// The safety service as a STATIC cluster (loopback simulator or a local proxy).
-/// For Google Cloud Model Armor itself use a `STRICT_DNS` cluster on
-/// `modelarmor.<region>.rep.googleapis.com:443` with a TLS transport socket
-/// (see docs/safety.md).
+/// The safety service: a STATIC cluster for an IP (loopback simulator or a local
+/// proxy); for a host name (Google Cloud Model Armor,
+/// `modelarmor.<region>.rep.googleapis.com:443`) a `STRICT_DNS` cluster, with TLS
+/// (SNI = the host) on port 443 (see docs/safety.md).
 fn static_cluster_yaml(address: &str) -> String {
     let (host, port) = match address.rsplit_once(':') {
         Some((h, p)) => (h.trim_matches(['[', ']']), p),
         None => (address, "80"),
     };
+    if host.parse::<std::net::IpAddr>().is_err() {
+        let tls = if port == "443" {
+            format!(
+                r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {host}
+"#,
+                host = scalar(host)
+            )
+        } else {
+            String::new()
+        };
+        return format!(
+            r#"  # The safety service the filter calls (Model Armor's REST API) with
+  # dispatch_http_call; its timeout is the plugin's safety.timeout_ms.
+  - name: {SAFETY_CLUSTER}
+    type: STRICT_DNS
+    connect_timeout: 1s
+    dns_lookup_family: V4_ONLY
+    load_assignment:
+      cluster_name: {SAFETY_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: {host}, port_value: {port}}}
+{tls}"#,
+            host = scalar(host),
+        );
+    }
     format!(
         r#"  # The safety service the filter calls (Model Armor's REST API) with
   # dispatch_http_call; its timeout is the plugin's safety.timeout_ms.
@@ -1145,6 +1177,27 @@ mod tests {
         assert_eq!(scalar("yes"), "\"yes\"");
         assert_eq!(scalar(""), "\"\"");
         assert_eq!(scalar("a: b"), "\"a: b\"");
+    }
+
+    #[test]
+    fn a_named_safety_service_is_a_dns_cluster_with_tls() {
+        let mut s = EnvoySettings::demo();
+        s.safety_address = Some("modelarmor.us-central1.rep.googleapis.com:443".into());
+        let yaml = render(&s);
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        let clusters = v["static_resources"]["clusters"].as_sequence().unwrap();
+        let safety = clusters
+            .iter()
+            .find(|c| c["name"].as_str() == Some(SAFETY_CLUSTER))
+            .unwrap();
+        assert_eq!(safety["type"].as_str(), Some("STRICT_DNS"));
+        assert_eq!(
+            safety["transport_socket"]["typed_config"]["sni"].as_str(),
+            Some("modelarmor.us-central1.rep.googleapis.com")
+        );
+        // An IP stays STATIC and plain (the demo's simulator).
+        assert!(demo_envoy_yaml().contains("type: STATIC"));
+        assert!(!demo_envoy_yaml().contains("STRICT_DNS"));
     }
 
     #[test]
