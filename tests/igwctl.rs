@@ -122,8 +122,6 @@ fn render_writes_outputs_that_their_parsers_accept() {
     let plugin: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("plugin-config.json")).unwrap())
             .unwrap();
-    // Validated without `backends` until main's filter accepts it (see
-    // validate_plugin_config); re-enable the strict check after the merge.
     validate_plugin_config(&plugin).unwrap();
     assert_eq!(plugin["backends"].as_array().unwrap().len(), 2);
     let collector = std::fs::read_to_string(out_dir.join("collector.yaml")).unwrap();

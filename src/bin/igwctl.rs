@@ -39,6 +39,10 @@ struct RenderArgs {
     /// Path of the .wasm module inside the Envoy image.
     #[arg(long, default_value = "/etc/envoy/inference_gateway.wasm")]
     wasm_path: String,
+    /// Where Envoy reads the rendered gateway-filter.json (ECDS): rewriting it
+    /// (watch) reconfigures the running Envoy without a restart.
+    #[arg(long, default_value = render::DEFAULT_ECDS_PATH)]
+    ecds_path: String,
 }
 
 impl RenderArgs {
@@ -48,6 +52,7 @@ impl RenderArgs {
             gcp_project: self.gcp_project.clone(),
             wasm_path: self.wasm_path.clone(),
             allowed_cidrs: self.pod_cidrs.clone(),
+            ecds_path: self.ecds_path.clone(),
         }
     }
 }

@@ -34,6 +34,9 @@ pub struct RenderOptions {
     pub wasm_path: String,
     /// The filter's `allowed_endpoint_cidrs`; empty: its default (private ranges).
     pub allowed_cidrs: Vec<String>,
+    /// Where Envoy reads the gateway filter's configuration (ECDS, the rendered
+    /// `gateway-filter.json`): re-rendering changes the running Envoy, no restart.
+    pub ecds_path: String,
 }
 
 impl Default for RenderOptions {
@@ -43,9 +46,13 @@ impl Default for RenderOptions {
             gcp_project: None,
             wasm_path: "/etc/envoy/inference_gateway.wasm".into(),
             allowed_cidrs: Vec::new(),
+            ecds_path: DEFAULT_ECDS_PATH.into(),
         }
     }
 }
+
+/// Where the Envoy Deployment of docs/kubernetes.md mounts the ECDS file.
+pub const DEFAULT_ECDS_PATH: &str = "/etc/envoy/ecds/gateway-filter.json";
 
 /// What the tool did with the inputs, for people.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,6 +94,8 @@ pub struct Rendered {
     pub control_config: Value,
     pub collector_config: Value,
     pub envoy_yaml: String,
+    /// The gateway filter's configuration as an ECDS discovery response.
+    pub gateway_filter: String,
     pub services: Vec<Value>,
     pub report: Report,
 }
@@ -374,6 +383,7 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
     settings.wasm_path = opts.wasm_path.clone();
     settings.gateway_config = plugin_config.clone();
     settings.control_config = control_config.clone();
+    settings.gateway_ecds_path = Some(opts.ecds_path.clone());
     settings.safety_address = plugin_config
         .get("safety")
         .and_then(|s| s.get("authority"))
@@ -398,33 +408,22 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
     report.summary.push(format!(
         "control listener: ingest token placeholder {INGEST_TOKEN_PLACEHOLDER} (replaced from the Secret by the init container, docs/kubernetes.md); collector reads it from ${INGEST_TOKEN_ENV}"
     ));
+    let gateway_filter = envoy_config::gateway_ecds(&settings);
     Ok(Rendered {
         plugin_config,
         control_config,
         collector_config,
         envoy_yaml,
+        gateway_filter,
         services: pools.iter().map(|p| headless_service(p)).collect(),
         report,
     })
 }
 
-/// `Config::from_json` on the rendered configuration.
-///
-/// TODO(backends): the filter's `backends` field is being added in main; until it
-/// lands, `deny_unknown_fields` refuses it, so a copy without it is validated
-/// (render already checked the backends: weights, one > 0, pools exist). Remove the
-/// fallback after the merge.
+/// `Config::from_json` on the rendered configuration: what is written is what the
+/// filter accepts.
 pub fn validate_plugin_config(v: &Value) -> Result<Config, crate::config::ConfigError> {
-    match Config::from_json(v.to_string().as_bytes()) {
-        Err(e) if e.message.contains("unknown field `backends`") => {
-            let mut copy = v.clone();
-            if let Some(o) = copy.as_object_mut() {
-                o.remove("backends");
-            }
-            Config::from_json(copy.to_string().as_bytes())
-        }
-        r => r,
-    }
+    Config::from_json(v.to_string().as_bytes())
 }
 
 fn insert_model(
@@ -882,10 +881,10 @@ mod tests {
     #[test]
     fn every_example_renders() {
         let r = render_examples(&SET_SPLIT);
-        // The output passes the filter's own parser (without `backends` until
-        // main's filter knows it: see validate_plugin_config).
+        // The output passes the filter's own parser, backends included.
         let c = validate_plugin_config(&r.plugin_config).unwrap();
         assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.backends.len(), 2);
         assert_eq!(c.models.len(), 3);
         assert_eq!(c.objectives.len(), 2);
         assert!(c.safety.is_some());
@@ -1109,7 +1108,12 @@ spec:
             listeners[0]["address"]["socket_address"]["address"].as_str(),
             Some("0.0.0.0")
         );
-        assert!(r.envoy_yaml.contains("\"vllm-llama3-8b-instruct-preview\""));
+        // The gateway filter's configuration is discovered from the ECDS file,
+        // which carries the plugin configuration and the module.
+        assert!(r.envoy_yaml.contains(DEFAULT_ECDS_PATH));
+        assert!(!r.envoy_yaml.contains("\"vllm-llama3-8b-instruct-preview\""));
+        assert!(r.gateway_filter.contains("vllm-llama3-8b-instruct-preview"));
+        assert!(r.gateway_filter.contains("/etc/envoy/inference_gateway.wasm"));
         assert!(r.envoy_yaml.contains(INGEST_TOKEN_PLACEHOLDER));
         assert!(r.envoy_yaml.contains("/etc/envoy/inference_gateway.wasm"));
     }

@@ -58,6 +58,8 @@ pub fn output_files(r: &Rendered, format: Format) -> Vec<(String, String)> {
         ("control-config.json".into(), pretty_json(&r.control_config)),
         (collector_name.into(), collector),
         ("envoy.yaml".into(), r.envoy_yaml.clone()),
+        // Last: Envoy watches it and reloads the filter's configuration live.
+        ("gateway-filter.json".into(), r.gateway_filter.clone()),
         (services_name.into(), services),
         ("report.txt".into(), r.report.text()),
     ]
