@@ -327,11 +327,11 @@ fn the_subset_hint_narrows_the_pick_and_nothing_eligible_is_503() {
         x.on_message(with_subset(headers("/v1/completions", &[], 4), hint));
         let out = x.on_message(body(BODY, true));
         assert_eq!(out.len(), 1);
-        let (status, err, headers) = immediate_of(&out[0]);
+        let (status, err, hdrs) = immediate_of(&out[0]);
         assert_eq!(status, 503);
         assert_eq!(err["error"]["code"], "no_healthy_upstream");
         assert_eq!(err["error"]["type"], "server_error");
-        assert!(headers.contains(&("content-type".into(), "application/json".into())));
+        assert!(hdrs.contains(&("content-type".into(), "application/json".into())));
         assert!(x.holding().is_none());
     }
     assert_eq!(
@@ -361,18 +361,18 @@ fn errors_are_immediate_responses_in_the_openai_shape() {
     let mut x = exchange(&p);
     x.on_message(headers("/v1/completions", &[], 4));
     let out = x.on_message(body(br#"{"model":"m","prompt":"a","priority":-1}"#, true));
-    let (status, err, headers) = immediate_of(&out[0]);
+    let (status, err, hdrs) = immediate_of(&out[0]);
     assert_eq!((status, err["error"]["type"].as_str()), (429, Some("rate_limit_error")));
-    assert!(headers.contains(&("retry-after".into(), "3".into())), "{headers:?}");
+    assert!(hdrs.contains(&("retry-after".into(), "3".into())), "{hdrs:?}");
     // A wrong method is answered on the headers.
     let mut x = exchange(&p);
     let mut h = headers("/v1/completions", &[], 4);
     if let Some(processing_request::Request::RequestHeaders(hh)) = h.request.as_mut() {
         hh.headers.as_mut().unwrap().headers[0] = hv(":method", "GET");
     }
-    let (status, _, headers) = immediate_of(&x.on_message(h)[0]);
+    let (status, _, hdrs) = immediate_of(&x.on_message(h)[0]);
     assert_eq!(status, 405);
-    assert!(headers.iter().any(|(k, _)| k == "allow"));
+    assert!(hdrs.iter().any(|(k, _)| k == "allow"));
     // The error counts, by GIE's codes.
     let all = observe::read_all(p.store());
     let codes: Vec<String> = all.iter().flat_map(|(_, _, s)| s.errors.iter().map(|(c, _)| c.clone())).collect();
