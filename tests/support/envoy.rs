@@ -14,7 +14,7 @@
 
 use super::deploy::docker::{self, ApiVersionShim, IMAGE_NAME};
 use super::deploy::envoy_binary::{self, ENVOY_VERSION};
-use super::deploy::envoy_config::{envoy_args, EnvoySettings};
+use super::deploy::envoy_config::{envoy_args, EnvoySettings, Routing};
 use super::deploy::process::{self, Check, ChildGuard};
 use super::{announce, repo_root};
 use std::future::Future;
@@ -224,18 +224,22 @@ impl Envoy {
             }
             Runtime::Docker { image } => {
                 let (name, tag) = image.split_once(':').unwrap_or((IMAGE_NAME, ENVOY_VERSION));
-                let request = GenericImage::new(name, tag)
+                let mut request = GenericImage::new(name, tag)
                     .with_wait_for(WaitFor::Nothing)
                     .with_network("host")
                     .with_label(CONTAINER_LABEL, std::process::id().to_string())
                     .with_mount(
                         Mount::bind_mount(config_s.clone(), config_s.clone())
                             .with_access_mode(AccessMode::ReadOnly),
-                    )
-                    .with_mount(
+                    );
+                // Only the filter's bootstraps load the module.
+                if uses_wasm(settings) {
+                    request = request.with_mount(
                         Mount::bind_mount(settings.wasm_path.clone(), settings.wasm_path.clone())
                             .with_access_mode(AccessMode::ReadOnly),
-                    )
+                    );
+                }
+                let request = request
                     .with_cmd(args)
                     .with_startup_timeout(Duration::from_secs(60));
                 let container = on_docker_rt(async move { request.start().await })
@@ -273,6 +277,9 @@ impl Envoy {
                 }
                 std::net::TcpStream::connect_timeout(&gateway, Duration::from_millis(500))
                     .map_err(|e| format!("gateway listener: {e}"))?;
+                if !uses_wasm(&self.settings) {
+                    return Ok(()); // no control listener
+                }
                 match process::http_get(&control) {
                     Ok((200, _)) => Ok(()),
                     Ok((s, b)) => Err(format!("control listener: {s} {}", b.trim())),
@@ -331,6 +338,11 @@ impl Envoy {
             Inner::Docker(None) => String::new(),
         }
     }
+}
+
+/// Whether the bootstrap loads the Wasm filter (and has its control listener).
+fn uses_wasm(settings: &EnvoySettings) -> bool {
+    settings.routing == Routing::WasmFilter
 }
 
 impl Drop for Envoy {
