@@ -114,7 +114,10 @@ async fn metrics(client: &reqwest::Client, port: u16, token: Option<&str>) -> (u
         req = req.bearer_auth(t);
     }
     let resp = req.send().await.expect("GET /metrics");
-    (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
 }
 
 fn header(resp: &reqwest::Response, name: &str) -> String {
@@ -146,8 +149,8 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
 
     // Readiness (plain-text probe port) turns SERVING once discovery has produced
     // a snapshot; liveness at once.
-    let health_channel = Channel::from_shared(format!("http://127.0.0.1:{}", picker.health))
-        .unwrap();
+    let health_channel =
+        Channel::from_shared(format!("http://127.0.0.1:{}", picker.health)).unwrap();
     let mut ready = false;
     for _ in 0..150 {
         if let Err(e) = picker.guard.check_running() {
@@ -162,7 +165,11 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(ready, "readiness never SERVING:\n{}", picker.guard.log_tail(8192));
+    assert!(
+        ready,
+        "readiness never SERVING:\n{}",
+        picker.guard.log_tail(8192)
+    );
 
     // The gRPC port itself speaks TLS and answers health for every protocol name.
     let tls = ClientTlsConfig::new()
@@ -189,7 +196,10 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         );
     }
     assert_eq!(
-        check(&mut health, "no.such.Service").await.unwrap_err().code(),
+        check(&mut health, "no.such.Service")
+            .await
+            .unwrap_err()
+            .code(),
         tonic::Code::NotFound
     );
     // Plain text on the TLS port fails: the gateway must use TLS.
@@ -285,14 +295,21 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         let sim = sims.iter().find(|s| s.endpoint() == picked).unwrap();
         let got = sim.requests(&client).await;
         let last = got.last().unwrap();
-        assert_eq!(sim::header(last, "x-gateway-destination-endpoint"), Some(picked.as_str()));
+        assert_eq!(
+            sim::header(last, "x-gateway-destination-endpoint"),
+            Some(picked.as_str())
+        );
         assert_eq!(sim::body_json(last).unwrap()["model"], "m");
     }
 
     // A weighted rewrite travels in the streamed body.
-    let resp = post("/v1/completions", json!({"model": "r", "prompt": "x"}), None)
-        .await
-        .unwrap();
+    let resp = post(
+        "/v1/completions",
+        json!({"model": "r", "prompt": "x"}),
+        None,
+    )
+    .await
+    .unwrap();
     let picked = header(&resp, "x-test-picked-metadata");
     assert_eq!(resp.status().as_u16(), 200);
     let sim = sims.iter().find(|s| s.endpoint() == picked).unwrap();
@@ -314,21 +331,32 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
     assert!(header(&resp, "content-type").starts_with("text/event-stream"));
     let text = resp.text().await.unwrap();
     let events = text.matches("data: ").count();
-    assert!(events >= 3 && text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(
+        events >= 3 && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
 
     // The subset hint: only the hinted endpoint; none eligible is a 503 in the
     // OpenAI shape from the picker.
     let only = endpoints[1].clone();
     for _ in 0..6 {
-        let resp = post("/v1/completions", json!({"model": "m", "prompt": "p"}), Some(only.clone()))
-            .await
-            .unwrap();
+        let resp = post(
+            "/v1/completions",
+            json!({"model": "m", "prompt": "p"}),
+            Some(only.clone()),
+        )
+        .await
+        .unwrap();
         assert_eq!(resp.status().as_u16(), 200, "{}", diagnostics("subset"));
         assert_eq!(header(&resp, "x-test-picked-metadata"), only);
     }
-    let resp = post("/v1/completions", json!({"model": "m", "prompt": "p"}), Some("10.255.0.1:8000".into()))
-        .await
-        .unwrap();
+    let resp = post(
+        "/v1/completions",
+        json!({"model": "m", "prompt": "p"}),
+        Some("10.255.0.1:8000".into()),
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "no_healthy_upstream", "{v}");
@@ -342,10 +370,17 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "invalid_json");
-    let resp = post("/v1/completions", json!({"model": "nope", "prompt": "p"}), None)
-        .await
-        .unwrap();
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_json"
+    );
+    let resp = post(
+        "/v1/completions",
+        json!({"model": "nope", "prompt": "p"}),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
 
     // Metrics: 401 without the token; with it the request metrics, the pool
@@ -362,7 +397,10 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         let counts: Vec<f64> = endpoints
             .iter()
             .filter_map(|e| {
-                sim::sample(&text, &format!("inference_gateway_endpoint_in_flight{{endpoint=\"{e}\"}}"))
+                sim::sample(
+                    &text,
+                    &format!("inference_gateway_endpoint_in_flight{{endpoint=\"{e}\"}}"),
+                )
             })
             .collect();
         last = text;
@@ -374,12 +412,22 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
     }
     assert!(settled, "in-flight counts not back to 0:\n{last}");
     assert!(
-        sim::sample(&last, r#"inference_model_request_total{model_name="m",target_model_name="m"}"#)
-            .is_some_and(|n| n >= 9.0),
+        sim::sample(
+            &last,
+            r#"inference_model_request_total{model_name="m",target_model_name="m"}"#
+        )
+        .is_some_and(|n| n >= 9.0),
         "{last}"
     );
-    assert!(last.contains("inference_model_request_error_total{"), "{last}");
-    assert_eq!(sim::sample(&last, r#"inference_pool_ready_pods{name="pool"}"#), Some(3.0), "{last}");
+    assert!(
+        last.contains("inference_model_request_error_total{"),
+        "{last}"
+    );
+    assert_eq!(
+        sim::sample(&last, r#"inference_pool_ready_pods{name="pool"}"#),
+        Some(3.0),
+        "{last}"
+    );
 
     drop(envoy);
     picker.guard.stop(Duration::from_secs(5));

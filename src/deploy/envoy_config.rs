@@ -811,7 +811,7 @@ fn scalar(s: &str) -> String {
 }
 
 fn duration_ms(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{}s", ms as f64 / 1000.0)

@@ -146,16 +146,19 @@ impl Picker {
         &self,
         r: &RouteRequest<'_>,
         mut draw: impl FnMut() -> u32,
-    ) -> Result<Routed, Unrouted> {
-        let plan = gateway::plan_route(&self.config, r.kind, r.body, r.objective, draw())
-            .map_err(|error| Unrouted {
+    ) -> Result<Routed, Box<Unrouted>> {
+        let plan = gateway::plan_route(&self.config, r.kind, r.body, r.objective, draw()).map_err(
+            |error| Unrouted {
                 labels: None,
                 error,
-            })?;
+            },
+        )?;
         self.forward(&plan, r.subset, r.now_ms, draw())
-            .map_err(|error| Unrouted {
-                labels: Some((plan.model.clone(), plan.target_model.clone())),
-                error,
+            .map_err(|error| {
+                Box::new(Unrouted {
+                    labels: Some((plan.model.clone(), plan.target_model.clone())),
+                    error,
+                })
             })
     }
 

@@ -352,7 +352,14 @@ mod tests {
         let (cfg, store) = (config(), MemoryStore::default());
         // 127.0.0.1:2 is idle and would win; the hint allows 1 and 3 only.
         let snap = snapshot(1_000, [5, 0, 3]);
-        let plan = plan_route(&cfg, ApiKind::Completions, br#"{"model":"m","prompt":"hi"}"#, None, 0).unwrap();
+        let plan = plan_route(
+            &cfg,
+            ApiKind::Completions,
+            br#"{"model":"m","prompt":"hi"}"#,
+            None,
+            0,
+        )
+        .unwrap();
         let members = Membership::new(&cfg, Some(snap));
         let pick = |subset: &[String]| {
             choose(&Inputs {
@@ -368,7 +375,10 @@ mod tests {
         let hint = vec!["127.0.0.1:1".to_string(), " 127.0.0.1:3".to_string()];
         let c = pick(&hint).unwrap();
         assert_eq!(c.endpoint, "127.0.0.1:3");
-        assert_eq!(c.destination, "127.0.0.1:3,127.0.0.1:1", "fallbacks from the subset too");
+        assert_eq!(
+            c.destination, "127.0.0.1:3,127.0.0.1:1",
+            "fallbacks from the subset too"
+        );
         assert_eq!(c.holding, Some(inflight::key("127.0.0.1:3")));
         for hint in [vec![], vec!["10.9.9.9:1".to_string()]] {
             let refused = pick(&hint).unwrap_err();

@@ -18,8 +18,8 @@
 
 use crate::extproc::{Picker, RouteRequest, Unrouted};
 use crate::gateway::{HeadAction, RequestHead};
-use crate::observe::request::{self as obs, RequestObs};
 use crate::observe;
+use crate::observe::request::{self as obs, RequestObs};
 use crate::openai::{ApiError, ApiKind};
 use crate::routing::OBJECTIVE_HEADER;
 use envoy_types::pb::envoy::config::core::v3::{
@@ -316,7 +316,8 @@ impl Exchange {
         );
         let routed = match routed {
             Ok(r) => r,
-            Err(Unrouted { labels, error }) => {
+            Err(unrouted) => {
+                let Unrouted { labels, error } = *unrouted;
                 if let Some((m, t)) = labels {
                     self.series = Some(observe::series_key(&m, &t));
                     self.obs.labels = Some((m, t));
@@ -353,7 +354,7 @@ impl Exchange {
                             set_headers: set,
                             remove_headers: remove,
                         }),
-                        body_mutation: rewritten.then(|| BodyMutation {
+                        body_mutation: rewritten.then_some(BodyMutation {
                             mutation: Some(body_mutation::Mutation::Body(body)),
                         }),
                         ..Default::default()
@@ -566,7 +567,10 @@ fn immediate(
             }),
             body,
             // Details must be a single token for Envoy's %RESPONSE_CODE_DETAILS%.
-            details: format!("endpoint_picker_{}", code.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_")),
+            details: format!(
+                "endpoint_picker_{}",
+                code.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_")
+            ),
             ..Default::default()
         },
     ))

@@ -263,11 +263,12 @@ pub async fn start(cfg: PickerConfig, opts: Options) -> Result<RunningPicker, St
             .tls_config(tls)
             .map_err(|e| format!("TLS configuration: {e}"))?;
     }
-    let router = builder
-        .add_service(health_service.clone())
-        .add_service(ExternalProcessorServer::new(ExtProc {
-            picker: Arc::clone(&picker),
-        }));
+    let router =
+        builder
+            .add_service(health_service.clone())
+            .add_service(ExternalProcessorServer::new(ExtProc {
+                picker: Arc::clone(&picker),
+            }));
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         router
@@ -378,7 +379,10 @@ async fn metrics_handler(State(st): State<MetricsState>, headers: HeaderMap) -> 
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
+            .and_then(|a| {
+                a.strip_prefix("Bearer ")
+                    .or_else(|| a.strip_prefix("bearer "))
+            })
             .map(str::trim);
         if !presented.is_some_and(|t| ingest::token_eq(t, token)) {
             return (
@@ -389,7 +393,10 @@ async fn metrics_handler(State(st): State<MetricsState>, headers: HeaderMap) -> 
                 .into_response();
         }
     }
-    ([(header::CONTENT_TYPE, render::CONTENT_TYPE)], metrics_text(&st.picker, st.collector.as_deref()))
+    (
+        [(header::CONTENT_TYPE, render::CONTENT_TYPE)],
+        metrics_text(&st.picker, st.collector.as_deref()),
+    )
         .into_response()
 }
 
@@ -408,9 +415,10 @@ pub fn metrics_text(picker: &Picker, collector: Option<&RunningCollector>) -> St
             .snapshot
             .as_ref()
             .map(|s| now.saturating_sub(s.generated_at_ms) as f64 / 1e3),
-        snapshot_stale: members.snapshot.as_ref().map(|s| {
-            now.saturating_sub(s.generated_at_ms) > picker.config.snapshot_stale_after_ms
-        }),
+        snapshot_stale: members
+            .snapshot
+            .as_ref()
+            .map(|s| now.saturating_sub(s.generated_at_ms) > picker.config.snapshot_stale_after_ms),
         in_flight,
     };
     let mut text = render::render(&observe::read_all(picker.store()), &state);

@@ -105,7 +105,10 @@ fn body(bytes: &[u8], eos: bool) -> ProcessingRequest {
 fn response_headers(status: &str, served: Option<&str>) -> ProcessingRequest {
     let mut m = msg(processing_request::Request::ResponseHeaders(HttpHeaders {
         headers: Some(HeaderMap {
-            headers: vec![hv(":status", status), hv("content-type", "text/event-stream")],
+            headers: vec![
+                hv(":status", status),
+                hv("content-type", "text/event-stream"),
+            ],
         }),
         ..Default::default()
     }));
@@ -161,7 +164,12 @@ fn mutation(c: &CommonResponse) -> (Vec<(String, String)>, Vec<String>) {
         m.set_headers
             .iter()
             .filter_map(|o| o.header.as_ref())
-            .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.raw_value).into_owned()))
+            .map(|h| {
+                (
+                    h.key.clone(),
+                    String::from_utf8_lossy(&h.raw_value).into_owned(),
+                )
+            })
             .collect(),
         m.remove_headers,
     )
@@ -202,7 +210,12 @@ fn immediate_of(r: &ProcessingResponse) -> (i32, serde_json::Value, Vec<(String,
             h.set_headers
                 .iter()
                 .filter_map(|o| o.header.as_ref())
-                .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.raw_value).into_owned()))
+                .map(|h| {
+                    (
+                        h.key.clone(),
+                        String::from_utf8_lossy(&h.raw_value).into_owned(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -224,17 +237,30 @@ fn full_duplex_holds_the_request_until_the_body_ends_then_streams_it_back() {
     let p = picker("");
     feed(&p, [4, 0, 3]);
     let mut x = exchange(&p);
-    assert!(x.on_message(headers("/v1/completions", &[], 4)).is_empty(), "headers held");
-    assert!(x.on_message(body(&BODY[..10], false)).is_empty(), "chunks held");
+    assert!(
+        x.on_message(headers("/v1/completions", &[], 4)).is_empty(),
+        "headers held"
+    );
+    assert!(
+        x.on_message(body(&BODY[..10], false)).is_empty(),
+        "chunks held"
+    );
     let out = x.on_message(body(&BODY[10..], true));
     assert_eq!(out.len(), 2, "{out:?}");
     let Some(Out::RequestHeaders(h)) = &out[0].response else {
         panic!("the header mutation comes first: {:?}", out[0])
     };
     let (set, remove) = mutation(h.response.as_ref().unwrap());
-    assert_eq!(set, vec![(DESTINATION_HEADER.to_string(), "127.0.0.1:2".to_string())]);
+    assert_eq!(
+        set,
+        vec![(DESTINATION_HEADER.to_string(), "127.0.0.1:2".to_string())]
+    );
     assert!(remove.is_empty());
-    assert_eq!(metadata_destination(&out[0]).as_deref(), Some("127.0.0.1:2"), "same value in envoy.lb");
+    assert_eq!(
+        metadata_destination(&out[0]).as_deref(),
+        Some("127.0.0.1:2"),
+        "same value in envoy.lb"
+    );
     assert_eq!(streamed(&out[1]), (BODY.to_vec(), true));
     assert_eq!(in_flight(&p, "127.0.0.1:2"), 1);
 
@@ -242,10 +268,21 @@ fn full_duplex_holds_the_request_until_the_body_ends_then_streams_it_back() {
     let out = x.on_message(response_headers("200", None));
     assert!(matches!(out[0].response, Some(Out::ResponseHeaders(_))));
     let chunk = b"data: {\"choices\":[{\"text\":\"hi\"}]}\n\n";
-    assert_eq!(streamed(&x.on_message(response_body(chunk, false))[0]), (chunk.to_vec(), false));
-    assert_eq!(in_flight(&p, "127.0.0.1:2"), 1, "held while the response streams");
-    let last = b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}\n\ndata: [DONE]\n\n";
-    assert_eq!(streamed(&x.on_message(response_body(last, true))[0]), (last.to_vec(), true));
+    assert_eq!(
+        streamed(&x.on_message(response_body(chunk, false))[0]),
+        (chunk.to_vec(), false)
+    );
+    assert_eq!(
+        in_flight(&p, "127.0.0.1:2"),
+        1,
+        "held while the response streams"
+    );
+    let last =
+        b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}\n\ndata: [DONE]\n\n";
+    assert_eq!(
+        streamed(&x.on_message(response_body(last, true))[0]),
+        (last.to_vec(), true)
+    );
     assert_eq!(in_flight(&p, "127.0.0.1:2"), 0);
     drop(x);
     assert_eq!(in_flight(&p, "127.0.0.1:2"), 0, "released once");
@@ -278,7 +315,10 @@ fn a_large_body_goes_back_in_bounded_chunks_only_the_last_ending_the_stream() {
     let parts: Vec<(Vec<u8>, bool)> = out[1..].iter().map(streamed).collect();
     assert_eq!(parts.len(), 3);
     assert!(parts.iter().all(|(b, _)| b.len() <= MAX_CHUNK_BYTES));
-    assert_eq!(parts.iter().map(|(_, e)| *e).collect::<Vec<_>>(), [false, false, true]);
+    assert_eq!(
+        parts.iter().map(|(_, e)| *e).collect::<Vec<_>>(),
+        [false, false, true]
+    );
     assert_eq!(parts.concat_bodies(), big);
 }
 
@@ -297,14 +337,20 @@ fn a_body_ending_with_trailers_is_routed_on_the_trailers() {
     let mut x = exchange(&p);
     x.on_message(headers("/v1/completions", &[], 4));
     assert!(x.on_message(body(BODY, false)).is_empty());
-    let out = x.on_message(msg(processing_request::Request::RequestTrailers(HttpTrailers {
-        trailers: Some(HeaderMap {
-            headers: vec![hv("x-checksum", "abc")],
-        }),
-    })));
+    let out = x.on_message(msg(processing_request::Request::RequestTrailers(
+        HttpTrailers {
+            trailers: Some(HeaderMap {
+                headers: vec![hv("x-checksum", "abc")],
+            }),
+        },
+    )));
     assert_eq!(out.len(), 3, "{out:?}");
     assert!(matches!(out[0].response, Some(Out::RequestHeaders(_))));
-    assert_eq!(streamed(&out[1]), (BODY.to_vec(), false), "trailers end the stream, not the body");
+    assert_eq!(
+        streamed(&out[1]),
+        (BODY.to_vec(), false),
+        "trailers end the stream, not the body"
+    );
     assert!(matches!(out[2].response, Some(Out::RequestTrailers(_))));
     assert!(x.holding().is_some());
 }
@@ -315,14 +361,28 @@ fn the_subset_hint_narrows_the_pick_and_nothing_eligible_is_503() {
     // 127.0.0.1:2 is idle and would win without the hint.
     feed(&p, [4, 0, 3]);
     let mut x = exchange(&p);
-    let h = with_subset(headers("/v1/completions", &[], 4), list(&["127.0.0.1:3", "127.0.0.1:1"]));
+    let h = with_subset(
+        headers("/v1/completions", &[], 4),
+        list(&["127.0.0.1:3", "127.0.0.1:1"]),
+    );
     x.on_message(h);
     let out = x.on_message(body(BODY, true));
-    let Some(Out::RequestHeaders(h)) = &out[0].response else { panic!() };
+    let Some(Out::RequestHeaders(h)) = &out[0].response else {
+        panic!()
+    };
     assert_eq!(mutation(h.response.as_ref().unwrap()).0[0].1, "127.0.0.1:3");
-    assert_eq!(metadata_destination(&out[0]).as_deref(), Some("127.0.0.1:3"));
+    assert_eq!(
+        metadata_destination(&out[0]).as_deref(),
+        Some("127.0.0.1:3")
+    );
 
-    for hint in [list(&[]), list(&["10.1.1.1:8000"]), Value { kind: Some(Kind::NumberValue(1.0)) }] {
+    for hint in [
+        list(&[]),
+        list(&["10.1.1.1:8000"]),
+        Value {
+            kind: Some(Kind::NumberValue(1.0)),
+        },
+    ] {
         let mut x = exchange(&p);
         x.on_message(with_subset(headers("/v1/completions", &[], 4), hint));
         let out = x.on_message(body(BODY, true));
@@ -348,22 +408,35 @@ fn errors_are_immediate_responses_in_the_openai_shape() {
     let mut x = exchange(&p);
     x.on_message(headers("/v1/chat/completions", &[], 4));
     let (status, err, _) = immediate_of(&x.on_message(body(b"{not json", true))[0]);
-    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("invalid_json")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
     // Messages after the answer are ignored, not answered twice.
     assert!(x.on_message(body(b"more", true)).is_empty());
     // An unknown model: 404.
     let mut x = exchange(&p);
     x.on_message(headers("/v1/completions", &[], 4));
-    let (status, err, _) = immediate_of(&x.on_message(body(br#"{"model":"nope","prompt":"a"}"#, true))[0]);
-    assert_eq!((status, err["error"]["param"].as_str()), (404, Some("model")));
+    let (status, err, _) =
+        immediate_of(&x.on_message(body(br#"{"model":"nope","prompt":"a"}"#, true))[0]);
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (404, Some("model"))
+    );
     // A sheddable request to a saturated pool: 429 with retry-after.
     feed(&p, [50, 50, 50]);
     let mut x = exchange(&p);
     x.on_message(headers("/v1/completions", &[], 4));
     let out = x.on_message(body(br#"{"model":"m","prompt":"a","priority":-1}"#, true));
     let (status, err, hdrs) = immediate_of(&out[0]);
-    assert_eq!((status, err["error"]["type"].as_str()), (429, Some("rate_limit_error")));
-    assert!(hdrs.contains(&("retry-after".into(), "3".into())), "{hdrs:?}");
+    assert_eq!(
+        (status, err["error"]["type"].as_str()),
+        (429, Some("rate_limit_error"))
+    );
+    assert!(
+        hdrs.contains(&("retry-after".into(), "3".into())),
+        "{hdrs:?}"
+    );
     // A wrong method is answered on the headers.
     let mut x = exchange(&p);
     let mut h = headers("/v1/completions", &[], 4);
@@ -375,7 +448,10 @@ fn errors_are_immediate_responses_in_the_openai_shape() {
     assert!(hdrs.iter().any(|(k, _)| k == "allow"));
     // The error counts, by GIE's codes.
     let all = observe::read_all(p.store());
-    let codes: Vec<String> = all.iter().flat_map(|(_, _, s)| s.errors.iter().map(|(c, _)| c.clone())).collect();
+    let codes: Vec<String> = all
+        .iter()
+        .flat_map(|(_, _, s)| s.errors.iter().map(|(c, _)| c.clone()))
+        .collect();
     for c in ["BadRequest", "InferencePoolResourceExhausted"] {
         assert!(codes.iter().any(|x| x == c), "{codes:?}");
     }
@@ -397,14 +473,28 @@ fn buffered_mode_answers_headers_at_once_and_routes_on_the_body() {
     feed(&p, [0, 4, 4]);
     let mut x = exchange(&p);
     let out = x.on_message(headers("/v1/completions", &[], 2));
-    let Some(Out::RequestHeaders(h)) = &out[0].response else { panic!() };
-    assert_eq!(mutation(h.response.as_ref().unwrap()).1, vec![DESTINATION_HEADER.to_string()], "a client's destination is dropped");
+    let Some(Out::RequestHeaders(h)) = &out[0].response else {
+        panic!()
+    };
+    assert_eq!(
+        mutation(h.response.as_ref().unwrap()).1,
+        vec![DESTINATION_HEADER.to_string()],
+        "a client's destination is dropped"
+    );
     let out = x.on_message(body(BODY, true));
-    let Some(Out::RequestBody(b)) = &out[0].response else { panic!() };
+    let Some(Out::RequestBody(b)) = &out[0].response else {
+        panic!()
+    };
     let c = b.response.as_ref().unwrap();
-    assert_eq!(mutation(c).0, vec![(DESTINATION_HEADER.to_string(), "127.0.0.1:1".to_string())]);
+    assert_eq!(
+        mutation(c).0,
+        vec![(DESTINATION_HEADER.to_string(), "127.0.0.1:1".to_string())]
+    );
     assert!(c.body_mutation.is_none(), "the body is unchanged");
-    assert_eq!(metadata_destination(&out[0]).as_deref(), Some("127.0.0.1:1"));
+    assert_eq!(
+        metadata_destination(&out[0]).as_deref(),
+        Some("127.0.0.1:1")
+    );
 }
 
 #[test]
@@ -413,9 +503,17 @@ fn a_weighted_rewrite_streams_the_new_body_without_the_old_length() {
     let mut x = exchange(&p);
     x.on_message(headers("/v1/completions", &[("content-length", "30")], 4));
     let out = x.on_message(body(br#"{"model":"r","prompt":"x"}"#, true));
-    let Some(Out::RequestHeaders(h)) = &out[0].response else { panic!() };
-    assert_eq!(mutation(h.response.as_ref().unwrap()).1, vec!["content-length".to_string()]);
-    assert_eq!(streamed(&out[1]).0, br#"{"model":"r-lora","prompt":"x"}"#.to_vec());
+    let Some(Out::RequestHeaders(h)) = &out[0].response else {
+        panic!()
+    };
+    assert_eq!(
+        mutation(h.response.as_ref().unwrap()).1,
+        vec!["content-length".to_string()]
+    );
+    assert_eq!(
+        streamed(&out[1]).0,
+        br#"{"model":"r-lora","prompt":"x"}"#.to_vec()
+    );
 }
 
 #[test]
@@ -423,8 +521,13 @@ fn the_objective_header_is_honoured() {
     let p = picker(r#", "objectives": [{"name": "batch", "priority": -1}]"#);
     feed(&p, [50, 50, 50]);
     let mut x = exchange(&p);
-    x.on_message(headers("/v1/completions", &[(OBJECTIVE_HEADER, "batch")], 4));
-    let (status, _, _) = immediate_of(&x.on_message(body(br#"{"model":"m","prompt":"a"}"#, true))[0]);
+    x.on_message(headers(
+        "/v1/completions",
+        &[(OBJECTIVE_HEADER, "batch")],
+        4,
+    ));
+    let (status, _, _) =
+        immediate_of(&x.on_message(body(br#"{"model":"m","prompt":"a"}"#, true))[0]);
     assert_eq!(status, 429, "the objective made it sheddable");
 }
 
@@ -433,10 +536,21 @@ fn other_paths_pass_and_their_bodies_stream_straight_back() {
     let p = picker("");
     let mut x = exchange(&p);
     let out = x.on_message(headers("/healthz", &[], 4));
-    let Some(Out::RequestHeaders(h)) = &out[0].response else { panic!() };
-    assert_eq!(mutation(h.response.as_ref().unwrap()).1, vec![DESTINATION_HEADER.to_string()]);
-    assert_eq!(streamed(&x.on_message(body(b"abc", false))[0]), (b"abc".to_vec(), false));
-    assert_eq!(streamed(&x.on_message(body(b"", true))[0]), (Vec::new(), true));
+    let Some(Out::RequestHeaders(h)) = &out[0].response else {
+        panic!()
+    };
+    assert_eq!(
+        mutation(h.response.as_ref().unwrap()).1,
+        vec![DESTINATION_HEADER.to_string()]
+    );
+    assert_eq!(
+        streamed(&x.on_message(body(b"abc", false))[0]),
+        (b"abc".to_vec(), false)
+    );
+    assert_eq!(
+        streamed(&x.on_message(body(b"", true))[0]),
+        (Vec::new(), true)
+    );
 }
 
 #[test]
@@ -465,7 +579,10 @@ fn the_served_endpoint_takes_over_the_count() {
     assert_eq!(x.holding(), Some("127.0.0.1:1"));
     // A fallback served it: the count moves.
     x.on_message(response_headers("200", Some("127.0.0.1:3")));
-    assert_eq!((in_flight(&p, "127.0.0.1:1"), in_flight(&p, "127.0.0.1:3")), (0, 1));
+    assert_eq!(
+        (in_flight(&p, "127.0.0.1:1"), in_flight(&p, "127.0.0.1:3")),
+        (0, 1)
+    );
     // Outside the pool: ignored.
     x.on_message(response_headers("200", Some("10.9.9.9:1")));
     assert_eq!(x.holding(), Some("127.0.0.1:3"));
@@ -493,7 +610,10 @@ fn unsupported_body_modes_fail_clearly_and_garbage_is_harmless() {
     let mut x = exchange(&p);
     let (status, err, _) = immediate_of(&x.on_message(headers("/v1/completions", &[], 1))[0]);
     assert_eq!(status, 500);
-    assert!(err["error"]["message"].as_str().unwrap().contains("FULL_DUPLEX_STREAMED"));
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("FULL_DUPLEX_STREAMED"));
     // Empty messages, bodies before headers, a second set of headers.
     let mut x = exchange(&p);
     assert!(x.on_message(ProcessingRequest::default()).is_empty());
