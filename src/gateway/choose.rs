@@ -351,7 +351,7 @@ mod tests {
     fn a_subset_hint_narrows_the_pick_and_an_empty_one_is_503() {
         let (cfg, store) = (config(), MemoryStore::default());
         // 127.0.0.1:2 is idle and would win; the hint allows 1 and 3 only.
-        let snap = snapshot(1_000, [5, 0, 3]);
+        let snap = snapshot(1_000, [2, 0, 1]);
         let plan = plan_route(
             &cfg,
             ApiKind::Completions,
