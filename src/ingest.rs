@@ -43,7 +43,7 @@ pub fn check_head(
 
 /// Length-independent-time comparison, so the token cannot be guessed byte by
 /// byte from response timings.
-fn token_eq(presented: &str, expected: &str) -> bool {
+pub fn token_eq(presented: &str, expected: &str) -> bool {
     let (a, b) = (presented.as_bytes(), expected.as_bytes());
     let mut diff = a.len() ^ b.len();
     for (i, x) in a.iter().enumerate() {

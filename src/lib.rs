@@ -21,6 +21,8 @@ pub mod k8s;
 pub mod membership;
 pub mod observe;
 pub mod openai;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod picker;
 pub mod routing;
 pub mod safety;
 #[cfg(not(target_arch = "wasm32"))]

@@ -307,7 +307,7 @@ fn envoy_cpu_table(r: &OverheadResults) -> String {
 }
 
 pub fn human_bytes(b: usize) -> String {
-    if b >= 1024 && b % 1024 == 0 {
+    if b >= 1024 && b.is_multiple_of(1024) {
         format!("{} KB", b / 1024)
     } else {
         format!("{b} B")

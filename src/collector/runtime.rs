@@ -92,6 +92,8 @@ impl Drop for AbortOnDrop {
 pub struct RunningCollector {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
+    /// Each round's snapshot, encoded (for an in-process consumer).
+    snapshots: watch::Receiver<Option<Bytes>>,
     tasks: Vec<AbortOnDrop>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     stop_server: Option<tokio::sync::oneshot::Sender<()>>,
@@ -105,6 +107,11 @@ impl RunningCollector {
 
     pub fn id(&self) -> &str {
         &self.shared.id
+    }
+
+    /// Every round's snapshot, encoded as pushes send it (`None` before the first).
+    pub fn snapshots(&self) -> watch::Receiver<Option<Bytes>> {
+        self.snapshots.clone()
     }
 
     /// The last snapshot a round built.
@@ -169,9 +176,26 @@ pub async fn start(cfg: CollectorConfig) -> Result<RunningCollector, String> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| format!("no local address: {e}"))?;
+    start_with(cfg, Some(listener)).await
+}
+
+/// Discovery, scraping and rounds without the HTTP server (`cfg.listen` is not
+/// bound): the endpoint picker runs the collector inside its own process and
+/// serves the metrics itself ([`RunningCollector::metrics_text`]).
+pub async fn start_embedded(cfg: CollectorConfig) -> Result<RunningCollector, String> {
+    start_with(cfg, None).await
+}
+
+async fn start_with(
+    cfg: CollectorConfig,
+    listener: Option<tokio::net::TcpListener>,
+) -> Result<RunningCollector, String> {
+    let local_addr = match &listener {
+        Some(l) => l
+            .local_addr()
+            .map_err(|e| format!("no local address: {e}"))?,
+        None => cfg.listen,
+    };
     let cfg = Arc::new(cfg);
     let shared = Arc::new(Shared {
         id: random_id(),
@@ -197,6 +221,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<RunningCollector, String> {
 
     let dns = Dns::new(&cfg.dns_servers)?;
     let (tx, rx) = watch::channel::<Option<Bytes>>(None);
+    let snapshots = rx.clone();
     let tasks = vec![
         AbortOnDrop(tokio::spawn(
             Discovery {
@@ -223,12 +248,14 @@ pub async fn start(cfg: CollectorConfig) -> Result<RunningCollector, String> {
         .route("/healthz", get(healthz))
         .with_state(shared.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
+    let server = listener.map(|listener| {
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_rx.await;
+                })
+                .await
+        })
     });
     tracing::info!(
         collector = %shared.id,
@@ -241,8 +268,9 @@ pub async fn start(cfg: CollectorConfig) -> Result<RunningCollector, String> {
     Ok(RunningCollector {
         shared,
         local_addr,
+        snapshots,
         tasks,
-        server: Some(server),
+        server,
         stop_server: Some(stop_tx),
     })
 }

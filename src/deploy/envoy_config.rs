@@ -59,6 +59,11 @@ pub enum Routing {
     /// the buffered body and answers with the destination header, as GIE wires its
     /// EPP. The benchmarks' sidecar-hop comparison.
     ExtProc { grpc: String },
+    /// The `endpoint-picker` at `grpc` (`ip:port`), wired as conformant Gateway API
+    /// inference gateways wire an InferencePool's `endpointPickerRef`: ext_proc
+    /// with FULL_DUPLEX_STREAMED bodies both ways and trailers SEND, over TLS
+    /// without verification, the subset hint and `envoy.lb` metadata forwarded.
+    EndpointPicker { grpc: String },
 }
 
 /// Envoy's load balancers for [`Routing::EnvoyLb`].
@@ -316,6 +321,9 @@ pub fn render(s: &EnvoySettings) -> String {
         Routing::ExtProc { grpc } => format!(
             "#   {gateway}  gateway: ext_proc picker at {grpc} (picks a model server) -> ORIGINAL_DST\n"
         ),
+        Routing::EndpointPicker { grpc } => format!(
+            "#   {gateway}  gateway: endpoint-picker at {grpc} (Endpoint Picker Protocol, TLS) -> ORIGINAL_DST\n"
+        ),
     };
     let (gateway_filter, health_bypass, control_listener) = match &s.routing {
         Routing::WasmFilter => {
@@ -337,6 +345,12 @@ pub fn render(s: &EnvoySettings) -> String {
             model_servers.push_str(&circuit_breakers_yaml(s));
             model_servers.push_str(&extproc_cluster_yaml(grpc));
             (EXTPROC_FILTER.to_string(), "", String::new())
+        }
+        Routing::EndpointPicker { grpc } => {
+            model_servers.push_str(&circuit_breakers_yaml(s));
+            model_servers.push_str(&extproc_cluster_yaml(grpc));
+            model_servers.push_str(PICKER_TLS);
+            (ENDPOINT_PICKER_FILTER.to_string(), "", String::new())
         }
     };
     let safety_cluster = s
@@ -550,6 +564,41 @@ const EXTPROC_FILTER: &str = r#"          - name: envoy.filters.http.ext_proc
                 response_body_mode: NONE
                 request_trailer_mode: SKIP
                 response_trailer_mode: SKIP
+"#;
+
+/// [`Routing::EndpointPicker`]: the Endpoint Picker Protocol's ext_proc settings.
+/// Request headers are held by the picker until the streamed body is whole; the
+/// response streams through it chunk by chunk. `envoy.lb.subset_hint` (set by an
+/// earlier filter, if any) and `envoy.lb` go to the picker; `envoy.lb` comes back.
+pub const ENDPOINT_PICKER_FILTER: &str = r#"          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {cluster_name: extproc_picker}
+              failure_mode_allow: false
+              message_timeout: 10s
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: FULL_DUPLEX_STREAMED
+                response_body_mode: FULL_DUPLEX_STREAMED
+                request_trailer_mode: SEND
+                response_trailer_mode: SEND
+              metadata_options:
+                forwarding_namespaces:
+                  untyped: [envoy.lb.subset_hint, envoy.lb]
+                receiving_namespaces:
+                  untyped: [envoy.lb]
+"#;
+
+/// TLS to the picker without verifying it, as conformant gateways connect (the
+/// picker's certificate is self-signed).
+const PICKER_TLS: &str = r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: [h2]
 "#;
 
 /// The picker's gRPC cluster (HTTP/2).
@@ -863,7 +912,7 @@ fn scalar(s: &str) -> String {
 }
 
 fn duration_ms(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{}s", ms as f64 / 1000.0)

@@ -1,9 +1,9 @@
 //! The endpoint picker as a separate process, the way GIE's EPP runs behind Envoy's
 //! `ext_proc` filter: the same decisions as the Wasm filter (`gateway::plan_route`,
 //! `scheduling::schedule`, the prefix index, in-flight counts), but held in this
-//! process's memory and reached over gRPC for every request. It exists so the
-//! benchmarks can measure what the sidecar hop costs against the in-process filter;
-//! the gRPC glue is `src/bin/extproc-picker.rs`.
+//! process's memory and reached over gRPC for every request. The product is the
+//! `endpoint-picker` binary (`crate::picker`: the Endpoint Picker Protocol); the
+//! benchmarks' BUFFERED-mode glue is `src/bin/extproc-picker.rs`.
 //!
 //! Everything here is host-free: [`Picker::route`] calls the same
 //! `gateway::plan_route` and `gateway::choose` as the filter's `GatewayStream`.
@@ -25,6 +25,30 @@ pub struct Routed {
     pub holding: Option<String>,
     /// A rewritten body (weighted model rewrite), if any.
     pub new_body: Option<Vec<u8>>,
+    /// The metrics labels: the model the client named and the one it is served as.
+    pub model: String,
+    pub target_model: String,
+    pub priority: i32,
+}
+
+/// A request that is not routed: the error the client gets, and the metrics
+/// labels when the body named a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrouted {
+    pub labels: Option<(String, String)>,
+    pub error: ApiError,
+}
+
+/// One routing decision's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub kind: ApiKind,
+    pub body: &'a [u8],
+    /// `x-gateway-inference-objective`.
+    pub objective: Option<&'a str>,
+    /// The Endpoint Picker Protocol's subset hint.
+    pub subset: Option<&'a [String]>,
+    pub now_ms: u64,
 }
 
 /// The picker's state, shared by every gRPC stream.
@@ -48,6 +72,28 @@ impl Picker {
             store,
             encoded: Mutex::new(None),
         }
+    }
+
+    /// Whether a snapshot was stored (the endpoint picker is ready after its first
+    /// discovery round).
+    pub fn has_snapshot(&self) -> bool {
+        self.encoded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The store holding in-flight counts, the prefix index and request metrics.
+    pub fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+
+    /// The current members (for metrics and readiness).
+    pub fn members(&self) -> Arc<Membership> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A pushed snapshot (`POST /v1/snapshot` body): kept if valid and newer.
@@ -80,13 +126,49 @@ impl Picker {
         body: &[u8],
         objective: Option<&str>,
         now_ms: u64,
-        mut draw: impl FnMut() -> u32,
+        draw: impl FnMut() -> u32,
     ) -> Result<Routed, ApiError> {
-        let plan = gateway::plan_route(&self.config, kind, body, objective, draw())?;
-        self.forward(&plan, now_ms, draw())
+        self.route_request(
+            &RouteRequest {
+                kind,
+                body,
+                objective,
+                subset: None,
+                now_ms,
+            },
+            draw,
+        )
+        .map_err(|u| u.error)
     }
 
-    fn forward(&self, plan: &RoutePlan, now_ms: u64, draw: u32) -> Result<Routed, ApiError> {
+    /// [`Picker::route`] with the subset hint, keeping the metrics labels.
+    pub fn route_request(
+        &self,
+        r: &RouteRequest<'_>,
+        mut draw: impl FnMut() -> u32,
+    ) -> Result<Routed, Box<Unrouted>> {
+        let plan = gateway::plan_route(&self.config, r.kind, r.body, r.objective, draw()).map_err(
+            |error| Unrouted {
+                labels: None,
+                error,
+            },
+        )?;
+        self.forward(&plan, r.subset, r.now_ms, draw())
+            .map_err(|error| {
+                Box::new(Unrouted {
+                    labels: Some((plan.model.clone(), plan.target_model.clone())),
+                    error,
+                })
+            })
+    }
+
+    fn forward(
+        &self,
+        plan: &RoutePlan,
+        subset: Option<&[String]>,
+        now_ms: u64,
+        draw: u32,
+    ) -> Result<Routed, ApiError> {
         let members = self
             .members
             .read()
@@ -99,13 +181,23 @@ impl Picker {
             store: &self.store,
             now_ms,
             draw,
+            subset,
         })
         .map_err(|refused| refused.error)?;
         Ok(Routed {
             holding: choice.holding.map(|_| choice.endpoint),
             destination: choice.destination,
             new_body: plan.new_body.clone(),
+            model: plan.model.clone(),
+            target_model: plan.target_model.clone(),
+            priority: plan.priority,
         })
+    }
+
+    /// Takes an in-flight count for `endpoint` (the data plane reported that a
+    /// fallback, not the pick, served the request).
+    pub fn take(&self, endpoint: &str) -> bool {
+        inflight::add(&self.store, inflight::key(endpoint), 1).is_ok()
     }
 
     /// Gives back the in-flight count a [`Routed`] took.

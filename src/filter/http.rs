@@ -125,6 +125,7 @@ impl GatewayStream {
             store: &HostStore,
             now_ms,
             draw: self.rng.u32(..),
+            subset: None,
         });
         let choice = match choice {
             Ok(choice) => choice,

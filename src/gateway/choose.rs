@@ -23,6 +23,9 @@ pub struct Inputs<'a> {
     pub now_ms: u64,
     /// A uniform random `u32` for the picker's tie-break.
     pub draw: u32,
+    /// The Endpoint Picker Protocol's subset hint: when set, only these pool
+    /// members (`ip:port`) may be picked; none of them a member is a 503.
+    pub subset: Option<&'a [String]>,
 }
 
 /// A routed request.
@@ -57,6 +60,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         store,
         now_ms,
         draw,
+        subset,
     } = *inputs;
     let (Some(pool), Some(profile)) = (
         config.pools.get(plan.pool),
@@ -96,9 +100,13 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // position in the membership built once per snapshot.
     let pool_members = members.members(plan.pool);
     let in_flight = members.in_flight(plan.pool, &inflight::table(store));
-    let candidates: Vec<Candidate<'_>> = pool_members
+    // Member positions the request may go to (all, unless a subset hint narrows them).
+    let allowed: Vec<usize> = (0..pool_members.len())
+        .filter(|&i| subset.is_none_or(|s| in_subset(s, members.address(&pool_members[i]))))
+        .collect();
+    let candidates: Vec<Candidate<'_>> = allowed
         .iter()
-        .zip(in_flight)
+        .map(|&i| (&pool_members[i], in_flight.get(i).copied().unwrap_or(0)))
         .map(|(member, in_flight)| {
             let endpoint = members.address(member);
             let metrics = members.metrics(member);
@@ -156,7 +164,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     }
     // Route anyway when the count cannot be taken: a missed count skews balancing
     // a little, a refusal fails the user.
-    let key = pool_members[chosen].key;
+    let key = pool_members[allowed[chosen]].key;
     let holding = match inflight::add(store, key, 1) {
         Ok(_) => Some(key),
         Err(err) => {
@@ -181,6 +189,16 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         endpoint,
         destination,
         holding,
+    })
+}
+
+/// Whether `address` is listed in the subset hint (entries compared as socket
+/// addresses when they parse, so `[::1]:80` and `[0:0::1]:80` match).
+fn in_subset(subset: &[String], address: &str) -> bool {
+    let parsed = address.parse::<std::net::SocketAddr>().ok();
+    subset.iter().any(|s| {
+        let s = s.trim();
+        s == address || (parsed.is_some() && s.parse::<std::net::SocketAddr>().ok() == parsed)
     })
 }
 
@@ -242,6 +260,7 @@ mod tests {
             store,
             now_ms: 1_050,
             draw: 0,
+            subset: None,
         })
     }
 
@@ -326,5 +345,44 @@ mod tests {
         empty.pools[0].endpoints.clear();
         let refused = run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &empty, &store).unwrap_err();
         assert_eq!(refused.error.status, 503);
+    }
+
+    #[test]
+    fn a_subset_hint_narrows_the_pick_and_an_empty_one_is_503() {
+        let (cfg, store) = (config(), MemoryStore::default());
+        // 127.0.0.1:2 is idle and would win; the hint allows 1 and 3 only.
+        let snap = snapshot(1_000, [2, 0, 1]);
+        let plan = plan_route(
+            &cfg,
+            ApiKind::Completions,
+            br#"{"model":"m","prompt":"hi"}"#,
+            None,
+            0,
+        )
+        .unwrap();
+        let members = Membership::new(&cfg, Some(snap));
+        let pick = |subset: &[String]| {
+            choose(&Inputs {
+                config: &cfg,
+                plan: &plan,
+                members: &members,
+                store: &store,
+                now_ms: 1_050,
+                draw: 0,
+                subset: Some(subset),
+            })
+        };
+        let hint = vec!["127.0.0.1:1".to_string(), " 127.0.0.1:3".to_string()];
+        let c = pick(&hint).unwrap();
+        assert_eq!(c.endpoint, "127.0.0.1:3");
+        assert_eq!(
+            c.destination, "127.0.0.1:3,127.0.0.1:1",
+            "fallbacks from the subset too"
+        );
+        assert_eq!(c.holding, Some(inflight::key("127.0.0.1:3")));
+        for hint in [vec![], vec!["10.9.9.9:1".to_string()]] {
+            let refused = pick(&hint).unwrap_err();
+            assert_eq!((refused.shed, refused.error.status), (false, 503));
+        }
     }
 }

@@ -14,7 +14,7 @@
 
 use super::deploy::docker::{self, ApiVersionShim, IMAGE_NAME};
 use super::deploy::envoy_binary::{self, ENVOY_VERSION};
-use super::deploy::envoy_config::{envoy_args, EnvoySettings};
+use super::deploy::envoy_config::{envoy_args, EnvoySettings, Routing};
 use super::deploy::process::{self, Check, ChildGuard};
 use super::{announce, repo_root};
 use std::future::Future;
@@ -231,11 +231,15 @@ impl Envoy {
                     .with_mount(
                         Mount::bind_mount(config_s.clone(), config_s.clone())
                             .with_access_mode(AccessMode::ReadOnly),
-                    )
-                    .with_mount(
+                    );
+                // Only the filter's bootstraps load the module.
+                if uses_wasm(settings) {
+                    request = request.with_mount(
                         Mount::bind_mount(settings.wasm_path.clone(), settings.wasm_path.clone())
                             .with_access_mode(AccessMode::ReadOnly),
-                    )
+                    );
+                }
+                let request = request
                     .with_cmd(args)
                     .with_startup_timeout(Duration::from_secs(60));
                 // ECDS: the directory, so renames into it are seen inside too.
@@ -284,6 +288,9 @@ impl Envoy {
                 }
                 std::net::TcpStream::connect_timeout(&gateway, Duration::from_millis(500))
                     .map_err(|e| format!("gateway listener: {e}"))?;
+                if !uses_wasm(&self.settings) {
+                    return Ok(()); // no control listener
+                }
                 match process::http_get(&control) {
                     Ok((200, _)) => Ok(()),
                     Ok((s, b)) => Err(format!("control listener: {s} {}", b.trim())),
@@ -342,6 +349,11 @@ impl Envoy {
             Inner::Docker(None) => String::new(),
         }
     }
+}
+
+/// Whether the bootstrap loads the Wasm filter (and has its control listener).
+fn uses_wasm(settings: &EnvoySettings) -> bool {
+    settings.routing == Routing::WasmFilter
 }
 
 impl Drop for Envoy {
