@@ -1,9 +1,11 @@
 //! End to end: the GKE migration from a v1alpha2 pool to a v1 pool, played under
-//! steady load on a running Envoy. The gateway filter's configuration comes from
-//! an ECDS file (Envoy's extension config discovery); the test rewrites the
-//! HTTPRoute weights there (`backends`), 100/0 → 50/50 → 0/100, and checks that no
-//! client request fails, that the 50/50 split holds within ±5 % over 2,000
-//! requests, and that after the cut-over the old pool gets nothing.
+//! steady load on a running Envoy. Each phase's configuration is what `igwctl`
+//! renders from the shared examples (the two InferencePools, the InferenceModels,
+//! the InferenceObjectives, then the 50/50 HTTPRoute, then the 100 % v1 one); the
+//! gateway filter reads it through an ECDS file (Envoy's extension config
+//! discovery), which the test rewrites between phases. Checks: no client request
+//! fails, the 50/50 split holds within ±5 % over 2,000 requests, and after the
+//! cut-over the old pool gets nothing.
 
 mod support;
 
@@ -15,20 +17,35 @@ use std::time::{Duration, Instant};
 use support::api::server_id;
 use support::gateway::{Gateway, GatewayOptions};
 
-/// The plugin configuration: two pools (two replicas each) and the route's weights.
-fn config(preview: &[String], ga: &[String], weights: (u32, u32)) -> Value {
-    json!({
-        "pools": [
-            {"name": "vllm-llama3-8b-instruct-preview", "endpoints": preview},
-            {"name": "vllm-llama3-8b-instruct-ga", "endpoints": ga}
-        ],
-        "backends": [
-            {"pool": "vllm-llama3-8b-instruct-preview", "weight": weights.0},
-            {"pool": "vllm-llama3-8b-instruct-ga", "weight": weights.1}
-        ],
-        "models": [{"name": "food-review", "pool": "vllm-llama3-8b-instruct-preview",
-                    "criticality": "Standard"}]
-    })
+const PREVIEW: &str = "vllm-llama3-8b-instruct-preview";
+const GA: &str = "vllm-llama3-8b-instruct-ga";
+
+/// The plugin configuration `igwctl render` makes of the shared examples plus
+/// `route` (none: phase 1), with the replicas as the pools' bootstrap members
+/// (no collector here: in a cluster they come from the pools' headless Services).
+fn rendered(route: Option<&str>, preview: &[String], ga: &[String]) -> Value {
+    use inference_gateway::k8s::render::{render, RenderOptions};
+    let dir = support::repo_root().join("tests/fixtures/k8s-examples");
+    let mut files: Vec<std::path::PathBuf> = [
+        "inferencepool-v1alpha2.yaml",
+        "inferencepool-v1.yaml",
+        "inferencemodel-v1alpha2.yaml",
+        "inferenceobjectives.yaml",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect();
+    files.extend(route.map(|r| dir.join(r)));
+    let (inventory, errors) = inference_gateway::k8s::load(&files);
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut config = render(&inventory, &RenderOptions::default())
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .plugin_config;
+    for pool in config["pools"].as_array_mut().unwrap() {
+        let members = if pool["name"] == PREVIEW { preview } else { ga };
+        pool["endpoints"] = json!(members);
+    }
+    config
 }
 
 /// ECDS reloads the admin interface has counted so far.
@@ -76,7 +93,7 @@ async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
                 .iter()
                 .map(|e| e.as_str().unwrap().to_string())
                 .collect();
-            s.gateway_config = config(&eps[..2], &eps[2..], (100, 0));
+            s.gateway_config = rendered(None, &eps[..2], &eps[2..]);
         }),
         ..GatewayOptions::default()
     })
@@ -169,7 +186,12 @@ async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
     assert_eq!(phase1.get("ga"), None, "{phase1:?}");
 
     // Phase 2: 50/50, applied to the running gateway.
-    let applied = apply(&mut gw, config(&eps[..2], &eps[2..], (50, 50))).await;
+    let split = rendered(Some("httproute-split-50-50.yaml"), &eps[..2], &eps[2..]);
+    assert_eq!(
+        split["backends"],
+        json!([{"pool": PREVIEW, "weight": 50}, {"pool": GA, "weight": 50}])
+    );
+    let applied = apply(&mut gw, split).await;
     let end2 = wait_for(applied, 2_000).await;
     let phase2 = shares(applied, end2);
     let total: usize = phase2.values().sum();
@@ -182,7 +204,8 @@ async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
     assert!((0.45..=0.55).contains(&ga_share), "{phase2:?}");
 
     // Phase 3: 0/100, the preview pool drained.
-    let applied = apply(&mut gw, config(&eps[..2], &eps[2..], (0, 100))).await;
+    let ga_only = rendered(Some("httproute-ga-100.yaml"), &eps[..2], &eps[2..]);
+    let applied = apply(&mut gw, ga_only).await;
     let end3 = wait_for(applied, 500).await;
     let phase3 = shares(applied, end3);
     eprintln!("0/100: {phase3:?}");

@@ -1113,7 +1113,9 @@ spec:
         assert!(r.envoy_yaml.contains(DEFAULT_ECDS_PATH));
         assert!(!r.envoy_yaml.contains("\"vllm-llama3-8b-instruct-preview\""));
         assert!(r.gateway_filter.contains("vllm-llama3-8b-instruct-preview"));
-        assert!(r.gateway_filter.contains("/etc/envoy/inference_gateway.wasm"));
+        assert!(r
+            .gateway_filter
+            .contains("/etc/envoy/inference_gateway.wasm"));
         assert!(r.envoy_yaml.contains(INGEST_TOKEN_PLACEHOLDER));
         assert!(r.envoy_yaml.contains("/etc/envoy/inference_gateway.wasm"));
     }

@@ -420,6 +420,7 @@ pub fn metrics_text(picker: &Picker, collector: Option<&RunningCollector>) -> St
             .as_ref()
             .map(|s| now.saturating_sub(s.generated_at_ms) > picker.config.snapshot_stale_after_ms),
         in_flight,
+        endpoint_names: crate::inflight::names(picker.store(), members.addresses()),
     };
     let mut text = render::render(&observe::read_all(picker.store()), &state);
     if let Some(c) = collector {

@@ -239,7 +239,7 @@ impl Envoy {
                             .with_access_mode(AccessMode::ReadOnly),
                     );
                 }
-                let request = request
+                let mut request = request
                     .with_cmd(args)
                     .with_startup_timeout(Duration::from_secs(60));
                 // ECDS: the directory, so renames into it are seen inside too.

@@ -293,7 +293,10 @@ fn full_duplex_holds_the_request_until_the_body_ends_then_streams_it_back() {
     assert_eq!((s.requests, s.running), (1, 0));
     assert!(s.errors.is_empty());
     assert_eq!(s.hist(observe::Hist::OutputTokens).unwrap().sum, 5.0);
-    assert_eq!(s.picks, vec![("127.0.0.1:2".to_string(), 1)]);
+    assert_eq!(
+        s.picks().collect::<Vec<_>>(),
+        vec![(crate::inflight::key("127.0.0.1:2"), 1)]
+    );
 }
 
 #[test]
