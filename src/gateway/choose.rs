@@ -100,30 +100,36 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // position in the membership built once per snapshot.
     let pool_members = members.members(plan.pool);
     let in_flight = members.in_flight(plan.pool, &inflight::table(store));
-    // Member positions the request may go to (all, unless a subset hint narrows them).
-    let allowed: Vec<usize> = (0..pool_members.len())
-        .filter(|&i| subset.is_none_or(|s| in_subset(s, members.address(&pool_members[i]))))
-        .collect();
-    let candidates: Vec<Candidate<'_>> = allowed
-        .iter()
-        .map(|&i| (&pool_members[i], in_flight.get(i).copied().unwrap_or(0)))
-        .map(|(member, in_flight)| {
-            let endpoint = members.address(member);
-            let metrics = members.metrics(member);
-            Candidate {
-                endpoint,
-                in_flight,
-                metrics,
-                fresh: match (&members.snapshot, metrics) {
-                    (Some(s), Some(m)) => {
-                        s.endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
-                    }
-                    _ => false,
-                },
-                prefix_blocks: matches.get(endpoint).unwrap_or(0),
-            }
-        })
-        .collect();
+    let candidate = |member: &'_ crate::membership::Member, in_flight: u64| {
+        let endpoint = members.address(member);
+        let metrics = members.metrics(member);
+        Candidate {
+            endpoint,
+            in_flight,
+            metrics,
+            fresh: match (&members.snapshot, metrics) {
+                (Some(s), Some(m)) => {
+                    s.endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
+                }
+                _ => false,
+            },
+            prefix_blocks: matches.get(endpoint).unwrap_or(0),
+        }
+    };
+    // Member positions the request may go to: all, unless a subset hint narrows
+    // them (a list of positions only then: it costs per candidate).
+    let allowed: Option<Vec<usize>> = subset.map(|s| subset_positions(s, members, pool_members));
+    let candidates: Vec<Candidate<'_>> = match &allowed {
+        None => pool_members
+            .iter()
+            .zip(&in_flight)
+            .map(|(m, &n)| candidate(m, n))
+            .collect(),
+        Some(positions) => positions
+            .iter()
+            .map(|&i| candidate(&pool_members[i], in_flight.get(i).copied().unwrap_or(0)))
+            .collect(),
+    };
     // A model the config does not mark is an adapter when a fresh replica says so.
     let adapter = plan.adapter.unwrap_or_else(|| {
         candidates
@@ -164,7 +170,8 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     }
     // Route anyway when the count cannot be taken: a missed count skews balancing
     // a little, a refusal fails the user.
-    let key = pool_members[allowed[chosen]].key;
+    let position = allowed.as_ref().map_or(chosen, |p| p[chosen]);
+    let key = pool_members[position].key;
     let holding = match inflight::add(store, key, 1) {
         Ok(_) => Some(key),
         Err(err) => {
@@ -190,6 +197,19 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         destination,
         holding,
     })
+}
+
+/// The positions of the pool's members the subset hint lists. Out of line: the
+/// filter never has a hint, and its per-request path stays as tight as before.
+#[inline(never)]
+fn subset_positions(
+    subset: &[String],
+    members: &Membership,
+    pool_members: &[crate::membership::Member],
+) -> Vec<usize> {
+    (0..pool_members.len())
+        .filter(|&i| in_subset(subset, members.address(&pool_members[i])))
+        .collect()
 }
 
 /// Whether `address` is listed in the subset hint (entries compared as socket
