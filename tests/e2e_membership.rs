@@ -9,68 +9,17 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::api::{openai_error, server_id};
 use support::collector::Collector;
 use support::deploy::envoy_config::DEMO_POOL;
 use support::gateway::{Gateway, GatewayOptions};
 use support::sim::SimOptions;
+use support::traffic::{failures, Traffic};
 
 const TOKEN: &str = "membership-test-token";
 const SCRAPE_MS: u64 = 50;
 const FILE_POLL_MS: u64 = 100;
-
-/// What the steady traffic saw: (sent at, replica or error).
-type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
-
-/// Two clients sending short chat completions back to back until `stop`.
-fn steady_traffic(
-    gw: &Gateway,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> (Log, Vec<tokio::task::JoinHandle<()>>) {
-    let log: Log = Arc::default();
-    let url = gw.url("/v1/chat/completions");
-    let tasks = (0..2)
-        .map(|i| {
-            let (log, url, stop) = (log.clone(), url.clone(), stop.clone());
-            tokio::spawn(async move {
-                let client = support::http_client();
-                let body = json!({"model": "chat", "max_tokens": 2,
-                                  "messages": [{"role": "user", "content": format!("client {i}")}]});
-                // Bounded: the test stops it long before.
-                for _ in 0..20_000 {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let sent = Instant::now();
-                    let outcome = match client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.to_string())
-                        .send()
-                        .await
-                    {
-                        Ok(resp) if resp.status() == 200 => {
-                            let id = server_id(&resp);
-                            match resp.bytes().await {
-                                Ok(_) => Ok(id),
-                                Err(e) => Err(format!("body from {id}: {e}")),
-                            }
-                        }
-                        Ok(resp) => {
-                            let status = resp.status();
-                            Err(format!("{status}: {}", resp.text().await.unwrap_or_default()))
-                        }
-                        Err(e) => Err(e.to_string()),
-                    };
-                    log.lock().unwrap().push((sent, outcome));
-                }
-            })
-        })
-        .collect();
-    (log, tasks)
-}
 
 /// The members of the demo pool in the filter's stored snapshot.
 async fn snapshot_members(gw: &Gateway) -> Option<Vec<String>> {
@@ -160,31 +109,16 @@ async fn replicas_join_and_leave_through_the_endpoints_file_under_traffic() {
         tokio::task::block_in_place(|| Collector::start(dir.path(), "collector", &config, TOKEN));
     wait_members(&gw, &eps[..2], Duration::from_secs(15)).await;
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (log, tasks) = steady_traffic(&gw, stop.clone());
+    let traffic = Traffic::start(gw.url("/v1/chat/completions"), 2, "chat", 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Join: replica 2 was never in the plugin configuration.
     let joined = Instant::now();
     write_members(&members_file, &eps);
     let newcomer = ids[&eps[2]].clone();
-    let deadline = joined + Duration::from_secs(10);
-    let first = loop {
-        let hit = log
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(sent, r)| *sent >= joined && r.as_ref().is_ok_and(|id| *id == newcomer))
-            .map(|(sent, _)| *sent);
-        if let Some(t) = hit {
-            break t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{newcomer} got no traffic within 10 s of joining"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let first = traffic
+        .wait_first_on(&newcomer, joined, Duration::from_secs(10))
+        .await;
     let join_ms = first.duration_since(joined).as_millis();
     // The bound: the file is seen within one poll, scraped within one interval
     // (plus its timeout-free first answer), pushed with the next round.
@@ -236,12 +170,8 @@ async fn replicas_join_and_leave_through_the_endpoints_file_under_traffic() {
         "the stream on {leaving} was cut: {text}"
     );
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let log = std::mem::take(&mut *log.lock().unwrap());
-    let failures: Vec<_> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let log = traffic.stop().await;
+    let failures = failures(&log);
     assert!(failures.is_empty(), "client requests failed: {failures:?}");
     let late: Vec<_> = log
         .iter()

@@ -10,8 +10,6 @@ mod support;
 
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::api::server_id;
 use support::collector::Collector;
@@ -20,6 +18,7 @@ use support::deploy::process;
 use support::dns::DnsServer;
 use support::gateway::{Gateway, GatewayOptions};
 use support::sim::{Sim, SimOptions};
+use support::traffic::{failures, Traffic};
 
 const TOKEN: &str = "membership-dns-token";
 const SCRAPE_MS: u64 = 50;
@@ -105,53 +104,6 @@ async fn wait_members(gw: &Gateway, want: &[String], timeout: Duration) -> Insta
     }
 }
 
-type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
-
-/// Two clients sending short chat completions back to back until `stop`.
-fn steady_traffic(url: String, stop: Arc<AtomicBool>) -> (Log, Vec<tokio::task::JoinHandle<()>>) {
-    let log: Log = Arc::default();
-    let tasks = (0..2)
-        .map(|i| {
-            let (log, url, stop) = (log.clone(), url.clone(), stop.clone());
-            tokio::spawn(async move {
-                let client = support::http_client();
-                let body = json!({"model": "chat", "max_tokens": 2,
-                                  "messages": [{"role": "user", "content": format!("client {i}")}]});
-                for _ in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let sent = Instant::now();
-                    let outcome = match client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.to_string())
-                        .send()
-                        .await
-                    {
-                        Ok(resp) if resp.status() == 200 => {
-                            let id = server_id(&resp);
-                            resp.bytes().await.map(|_| id).map_err(|e| e.to_string())
-                        }
-                        Ok(resp) => Err(format!("{}: {}", resp.status(), resp.text().await.unwrap_or_default())),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    log.lock().unwrap().push((sent, outcome));
-                }
-            })
-        })
-        .collect();
-    (log, tasks)
-}
-
-fn first_on(log: &Log, id: &str, after: Instant) -> Option<Instant> {
-    log.lock()
-        .unwrap()
-        .iter()
-        .find(|(sent, r)| *sent >= after && r.as_ref().is_ok_and(|x| x == id))
-        .map(|(sent, _)| *sent)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_follows_its_dns_name_under_traffic() {
     let dns = DnsServer::start("igw.test").await;
@@ -187,24 +139,15 @@ async fn a_pool_follows_its_dns_name_under_traffic() {
     let ep = |i: u8| format!("127.0.0.{i}:{port}");
     wait_members(&gw, &[ep(1), ep(2)], Duration::from_secs(15)).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (log, tasks) = steady_traffic(gw.url("/v1/chat/completions"), stop.clone());
+    let traffic = Traffic::start(gw.url("/v1/chat/completions"), 2, "chat", 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Scale up: a third pod becomes ready and its record appears.
     let joined = Instant::now();
     dns.set_a("vllm.igw.test", vec![ip(1), ip(2), ip(3)]).await;
-    let deadline = joined + Duration::from_secs(10);
-    let first = loop {
-        if let Some(t) = first_on(&log, "pod-3", joined) {
-            break t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pod-3 got no traffic within 10 s of its record"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let first = traffic
+        .wait_first_on("pod-3", joined, Duration::from_secs(10))
+        .await;
     let join_ms = first.duration_since(joined).as_millis();
     let bound_ms = u128::from(DNS_REFRESH_MS + 2 * SCRAPE_MS) + 500;
     eprintln!(
@@ -216,12 +159,8 @@ async fn a_pool_follows_its_dns_name_under_traffic() {
     dns.set_a("vllm.igw.test", vec![ip(2), ip(3)]).await;
     let gone = wait_members(&gw, &[ep(2), ep(3)], Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let log = std::mem::take(&mut *log.lock().unwrap());
-    let failures: Vec<_> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let log = traffic.stop().await;
+    let failures = failures(&log);
     assert!(failures.is_empty(), "client requests failed: {failures:?}");
     let after = log.iter().filter(|(sent, _)| *sent > gone).count();
     let late = log

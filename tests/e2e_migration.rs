@@ -11,11 +11,9 @@ mod support;
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::api::server_id;
 use support::gateway::{Gateway, GatewayOptions};
+use support::traffic::{failures, Traffic};
 
 const PREVIEW: &str = "vllm-llama3-8b-instruct-preview";
 const GA: &str = "vllm-llama3-8b-instruct-ga";
@@ -80,8 +78,6 @@ async fn apply(gw: &mut Gateway, config: Value) -> Instant {
     Instant::now()
 }
 
-type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
     let mut gw = Gateway::start_ecds(GatewayOptions {
@@ -104,79 +100,23 @@ async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
     let ga: Vec<String> = eps[2..].iter().map(|e| ids[e].clone()).collect();
 
     // Steady load: four clients, back to back, until stopped.
-    let log: Log = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..4)
-        .map(|i| {
-            let (log, stop, url) = (log.clone(), stop.clone(), gw.url("/v1/chat/completions"));
-            tokio::spawn(async move {
-                let client = support::http_client();
-                let body = json!({"model": "food-review", "max_tokens": 1,
-                                  "messages": [{"role": "user", "content": format!("review {i}")}]});
-                for _ in 0..50_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let sent = Instant::now();
-                    let outcome = match client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.to_string())
-                        .send()
-                        .await
-                    {
-                        Ok(r) if r.status() == 200 => {
-                            let id = server_id(&r);
-                            r.bytes().await.map(|_| id).map_err(|e| e.to_string())
-                        }
-                        Ok(r) => Err(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    log.lock().unwrap().push((sent, outcome));
-                }
-            })
-        })
-        .collect();
+    let traffic = Traffic::start(gw.url("/v1/chat/completions"), 4, "food-review", 1);
     // Per pool, of the successful requests sent in [from, to).
     let shares = |from: Instant, to: Instant| {
-        let log = log.lock().unwrap();
         let mut per: BTreeMap<&str, usize> = BTreeMap::new();
-        for (_, r) in log.iter().filter(|(t, _)| *t >= from && *t < to) {
-            if let Ok(id) = r {
-                let pool = if preview.contains(id) {
-                    "preview"
-                } else if ga.contains(id) {
-                    "ga"
-                } else {
-                    "?"
-                };
-                *per.entry(pool).or_default() += 1;
-            }
+        for id in traffic.since(from, to).into_iter().flatten() {
+            let pool = if preview.contains(&id) {
+                "preview"
+            } else if ga.contains(&id) {
+                "ga"
+            } else {
+                "?"
+            };
+            *per.entry(pool).or_default() += 1;
         }
         per
     };
-    let wait_for = |from: Instant, n: usize| {
-        let log = log.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let count = log
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|(t, _)| *t >= from)
-                    .count();
-                if count >= n {
-                    return Instant::now();
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "only {count} of {n} requests within 60 s"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let wait_for = |from: Instant, n: usize| traffic.wait_count(from, n, Duration::from_secs(60));
 
     // Phase 1: everything on the preview pool.
     let start = Instant::now();
@@ -211,12 +151,8 @@ async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
     eprintln!("0/100: {phase3:?}");
     assert_eq!(phase3.get("preview"), None, "{phase3:?}");
 
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let log = std::mem::take(&mut *log.lock().unwrap());
-    let failures: Vec<_> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let log = traffic.stop().await;
+    let failures = failures(&log);
     eprintln!("{} requests in all, {} failed", log.len(), failures.len());
     assert!(
         failures.is_empty(),

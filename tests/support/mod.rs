@@ -11,6 +11,7 @@ pub mod envoy;
 pub mod gateway;
 pub mod safety;
 pub mod sim;
+pub mod traffic;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -117,7 +117,10 @@ async fn send(client: &reqwest::Client, url: &str, body: &Value) -> Result<Strin
         .map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         let status = resp.status();
-        return Err(format!("{status}: {}", resp.text().await.unwrap_or_default()));
+        return Err(format!(
+            "{status}: {}",
+            resp.text().await.unwrap_or_default()
+        ));
     }
     let id = server_id(&resp);
     resp.bytes()
