@@ -21,41 +21,6 @@ const TOKEN: &str = "membership-test-token";
 const SCRAPE_MS: u64 = 50;
 const FILE_POLL_MS: u64 = 100;
 
-/// The members of the demo pool in the filter's stored snapshot.
-async fn snapshot_members(gw: &Gateway) -> Option<Vec<String>> {
-    let state = gw.debug_state().await;
-    let pools = state["snapshot"]["snapshot"]["pools"]
-        .as_array()
-        .or(state["snapshot"]["pools"].as_array())?
-        .clone();
-    let pool = pools.iter().find(|p| p["name"] == DEMO_POOL)?;
-    let mut eps: Vec<String> = pool["endpoints"]
-        .as_array()?
-        .iter()
-        .filter_map(|e| e["address"].as_str().map(str::to_string))
-        .collect();
-    eps.sort();
-    Some(eps)
-}
-
-/// Polls until the stored snapshot's members are `want` (sorted); returns when.
-async fn wait_members(gw: &Gateway, want: &[String], timeout: Duration) -> Instant {
-    let mut want = want.to_vec();
-    want.sort();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = snapshot_members(gw).await;
-        if got.as_deref() == Some(want.as_slice()) {
-            return Instant::now();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for members {want:?}; the snapshot has {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn write_members(path: &std::path::Path, members: &[String]) {
     let yaml: String = members.iter().map(|m| format!("- \"{m}\"\n")).collect();
     // Written whole and renamed, as a ConfigMap update swaps the file.
@@ -107,7 +72,8 @@ async fn replicas_join_and_leave_through_the_endpoints_file_under_traffic() {
     );
     let collector =
         tokio::task::block_in_place(|| Collector::start(dir.path(), "collector", &config, TOKEN));
-    wait_members(&gw, &eps[..2], Duration::from_secs(15)).await;
+    gw.wait_members(DEMO_POOL, &eps[..2], Duration::from_secs(15))
+        .await;
 
     let traffic = Traffic::start(gw.url("/v1/chat/completions"), 2, "chat", 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -156,7 +122,9 @@ async fn replicas_join_and_leave_through_the_endpoints_file_under_traffic() {
         .clone();
     let staying: Vec<String> = eps.iter().filter(|e| **e != leaving_ep).cloned().collect();
     write_members(&members_file, &staying);
-    let gone = wait_members(&gw, &staying, Duration::from_secs(10)).await;
+    let gone = gw
+        .wait_members(DEMO_POOL, &staying, Duration::from_secs(10))
+        .await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let counts = gw.in_flight().await;
     assert!(

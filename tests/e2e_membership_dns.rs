@@ -62,46 +62,7 @@ async fn gateway(control: Option<(&str, u16)>) -> Gateway {
 /// The snapshot sequence a gateway holds (0: none yet).
 async fn sequence(gw: &Gateway) -> u64 {
     let state = gw.debug_state().await;
-    state["snapshot"]["snapshot"]["sequence"]
-        .as_u64()
-        .or(state["snapshot"]["sequence"].as_u64())
-        .unwrap_or(0)
-}
-
-async fn members(gw: &Gateway) -> Vec<String> {
-    let state = gw.debug_state().await;
-    let snap = if state["snapshot"]["snapshot"].is_object() {
-        &state["snapshot"]["snapshot"]
-    } else {
-        &state["snapshot"]
-    };
-    let mut out: Vec<String> = snap["pools"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"] == DEMO_POOL)
-        .flat_map(|p| p["endpoints"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e["address"].as_str().map(str::to_string))
-        .collect();
-    out.sort();
-    out
-}
-
-async fn wait_members(gw: &Gateway, want: &[String], timeout: Duration) -> Instant {
-    let mut want = want.to_vec();
-    want.sort();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = members(gw).await;
-        if got == want {
-            return Instant::now();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {want:?}; the snapshot has {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    state["snapshot"]["sequence"].as_u64().unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +98,8 @@ async fn a_pool_follows_its_dns_name_under_traffic() {
     let collector =
         tokio::task::block_in_place(|| Collector::start(dir.path(), "collector", &config, TOKEN));
     let ep = |i: u8| format!("127.0.0.{i}:{port}");
-    wait_members(&gw, &[ep(1), ep(2)], Duration::from_secs(15)).await;
+    gw.wait_members(DEMO_POOL, &[ep(1), ep(2)], Duration::from_secs(15))
+        .await;
 
     let traffic = Traffic::start(gw.url("/v1/chat/completions"), 2, "chat", 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -157,7 +119,9 @@ async fn a_pool_follows_its_dns_name_under_traffic() {
 
     // Scale down: pod-1's record goes (the pod is no longer ready).
     dns.set_a("vllm.igw.test", vec![ip(2), ip(3)]).await;
-    let gone = wait_members(&gw, &[ep(2), ep(3)], Duration::from_secs(10)).await;
+    let gone = gw
+        .wait_members(DEMO_POOL, &[ep(2), ep(3)], Duration::from_secs(10))
+        .await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let log = traffic.stop().await;
     let failures = failures(&log);
@@ -208,7 +172,8 @@ async fn every_gateway_replica_is_fed_through_one_discovered_name() {
     let collector =
         tokio::task::block_in_place(|| Collector::start(dir.path(), "collector", &config, TOKEN));
     for gw in [&a, &b] {
-        wait_members(gw, &[sim.endpoint()], Duration::from_secs(15)).await;
+        gw.wait_members(DEMO_POOL, &[sim.endpoint()], Duration::from_secs(15))
+            .await;
         // Neither plugin configuration lists the replica: the snapshot does.
         let resp = gw
             .post_json("/v1/chat/completions", &support::api::chat("chat", "hi"))

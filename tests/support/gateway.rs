@@ -176,6 +176,45 @@ impl Gateway {
         resp.json().await.expect("/debug/state is JSON")
     }
 
+    /// The members (sorted) the stored snapshot lists for `pool`; empty when it
+    /// lists no such pool or there is no snapshot.
+    pub async fn snapshot_members(&self, pool: &str) -> Vec<String> {
+        let state = self.debug_state().await;
+        let mut out: Vec<String> = state["snapshot"]["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == pool)
+            .flat_map(|p| p["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["address"].as_str().map(str::to_string))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Polls until the snapshot's members of `pool` are `want`; returns when.
+    pub async fn wait_members(
+        &self,
+        pool: &str,
+        want: &[String],
+        timeout: Duration,
+    ) -> std::time::Instant {
+        let mut want = want.to_vec();
+        want.sort();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let got = self.snapshot_members(pool).await;
+            if got == want {
+                return std::time::Instant::now();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for members {want:?} of {pool}; the snapshot has {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The in-flight counts by endpoint.
     pub async fn in_flight(&self) -> BTreeMap<String, u64> {
         let state = self.debug_state().await;
