@@ -81,6 +81,10 @@ pub struct RawConfig {
     /// Snapshot push endpoint (control role only).
     #[serde(default)]
     pub ingest: Option<RawIngest>,
+    /// Control role: `GET /metrics` requires `authorization: Bearer <token>`
+    /// (what the GKE metrics-scraping guide's ClusterPodMonitoring sends).
+    #[serde(default)]
+    pub metrics_token: Option<String>,
     /// A snapshot older than this is stale: routing falls back to in-flight counts only.
     #[serde(default = "default_snapshot_stale_after_ms")]
     pub snapshot_stale_after_ms: u64,
@@ -244,6 +248,8 @@ pub struct Config {
     /// Weighted pools every request is split across (empty: by model).
     pub backends: Vec<Backend>,
     pub ingest: Option<IngestConfig>,
+    /// Bearer token `GET /metrics` on the control listener requires, if set.
+    pub metrics_token: Option<String>,
     pub snapshot_stale_after_ms: u64,
     pub scheduling: Scheduling,
     pub destination_list: bool,
@@ -532,6 +538,20 @@ impl RawConfig {
                 })
             }
         };
+        if let Some(t) = &self.metrics_token {
+            if self.role != Role::Control {
+                return Err(err(
+                    "metrics_token",
+                    "only the control listener serves /metrics; set role to \"control\"",
+                ));
+            }
+            if t.len() < 8 || !t.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(err(
+                    "metrics_token",
+                    "must be at least 8 visible ASCII characters, without spaces",
+                ));
+            }
+        }
         if self.snapshot_stale_after_ms == 0 {
             return Err(err("snapshot_stale_after_ms", "must be greater than 0"));
         }
@@ -572,6 +592,7 @@ impl RawConfig {
             default_pool,
             backends,
             ingest,
+            metrics_token: self.metrics_token.clone(),
             snapshot_stale_after_ms: self.snapshot_stale_after_ms,
             scheduling,
             destination_list: self.destination_list,
@@ -696,6 +717,15 @@ mod tests {
         assert_eq!(
             field_of(r#"{"pools": [{"name": "p"}], "allowed_endpoint_cidrs": []}"#),
             "allowed_endpoint_cidrs"
+        );
+        assert_eq!(
+            field_of(r#"{"role": "control", "metrics_token": "short"}"#),
+            "metrics_token"
+        );
+        assert_eq!(
+            field_of(r#"{"pools": [{"name": "p"}], "metrics_token": "long-enough-token"}"#),
+            "metrics_token",
+            "only the control listener serves /metrics"
         );
         // A pool may start empty: its members come from the snapshots.
         let c = parse(r#"{"pools": [{"name": "p"}], "allowed_endpoint_cidrs": ["8.8.8.0/24"]}"#)

@@ -18,20 +18,8 @@ pub fn check_head(
     if !method.eq_ignore_ascii_case("POST") {
         return Err(ApiError::method_not_allowed(method, "POST"));
     }
-    let presented = authorization
-        .and_then(|a| {
-            a.strip_prefix("Bearer ")
-                .or_else(|| a.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    if !presented.is_some_and(|t| token_eq(t, &cfg.token)) {
-        return Err(ApiError::new(
-            401,
-            "authentication_error",
-            "invalid_token",
-            "A valid bearer token is required to push snapshots.".into(),
-        )
-        .with_header("www-authenticate", "Bearer"));
+    if !bearer_ok(authorization, &cfg.token) {
+        return Err(unauthorized("push snapshots"));
     }
     if let Some(len) = content_length.and_then(|l| l.trim().parse::<usize>().ok()) {
         if len > cfg.max_snapshot_bytes {
@@ -39,6 +27,28 @@ pub fn check_head(
         }
     }
     Ok(())
+}
+
+/// Whether an `authorization` header carries `Bearer <token>`.
+pub fn bearer_ok(authorization: Option<&str>, token: &str) -> bool {
+    authorization
+        .and_then(|a| {
+            a.strip_prefix("Bearer ")
+                .or_else(|| a.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .is_some_and(|t| token_eq(t, token))
+}
+
+/// The 401 for a request without the right bearer token, to do `what`.
+pub fn unauthorized(what: &str) -> ApiError {
+    ApiError::new(
+        401,
+        "authentication_error",
+        "invalid_token",
+        format!("A valid bearer token is required to {what}."),
+    )
+    .with_header("www-authenticate", "Bearer")
 }
 
 /// Length-independent-time comparison, so the token cannot be guessed byte by

@@ -1200,3 +1200,51 @@ fn churn_keeps_shared_data_bounded_and_in_flight_counts_exact() {
         w.assert_alive();
     }
 }
+
+/// With `metrics_token`, the control listener's `/metrics` answers only a scraper
+/// that presents it (the GKE metrics-scraping guide's bearer auth); ingest keeps
+/// its own token.
+#[test]
+fn metrics_need_the_bearer_token_when_one_is_configured() {
+    let host = Host::new();
+    let mut c = host.vm();
+    c.configure(
+        &json!({"role": "control", "ingest": {"token": TOKEN}, "metrics_token": "scrape-token-1"})
+            .to_string(),
+    )
+    .expect("valid control config");
+    let get = |c: &mut Vm, auth: Option<&str>| {
+        let s = c.stream();
+        let mut headers = vec![(":method", "GET"), (":path", "/metrics")];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        c.request_headers(s, &headers, true);
+        let r = c.local_response(s).expect("a local answer");
+        c.end(s);
+        r
+    };
+    for auth in [
+        None,
+        Some("Bearer wrong-token"),
+        Some(TOKEN),
+        Some("scrape-token-1"),
+    ] {
+        let r = get(&mut c, auth);
+        assert_eq!(r.status, 401, "{auth:?}");
+        assert_eq!(r.json()["error"]["code"], "invalid_token");
+    }
+    let r = get(&mut c, Some("Bearer scrape-token-1"));
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8(r.body)
+        .unwrap()
+        .contains("inference_model_request_total"));
+    // A token on a gateway (not control) configuration is refused, naming the field.
+    let err = host
+        .vm()
+        .configure(
+            &json!({"pools": [{"name": "p"}], "metrics_token": "scrape-token-1"}).to_string(),
+        )
+        .unwrap_err();
+    assert!(err.contains("metrics_token"), "{err}");
+}

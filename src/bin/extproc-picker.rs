@@ -249,36 +249,6 @@ impl ExternalProcessor for Service {
     }
 }
 
-#[derive(Clone)]
-struct IngestState {
-    picker: Arc<Picker>,
-    cfg: Arc<IngestConfig>,
-}
-
-async fn ingest_snapshot(
-    State(st): State<IngestState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> (StatusCode, String) {
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let result = ingest::check_head(&st.cfg, "POST", auth, None)
-        .and_then(|()| {
-            if body.len() > st.cfg.max_snapshot_bytes {
-                Err(ApiError::body_too_large(st.cfg.max_snapshot_bytes))
-            } else {
-                Ok(())
-            }
-        })
-        .and_then(|()| st.picker.ingest(&body));
-    match result {
-        Ok(()) => (StatusCode::NO_CONTENT, String::new()),
-        Err(e) => (
-            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
-            String::from_utf8_lossy(&e.body()).into_owned(),
-        ),
-    }
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -317,16 +287,7 @@ fn main() -> ExitCode {
         }
     };
     let result: Result<(), String> = rt.block_on(async move {
-        let state = IngestState {
-            picker: Arc::clone(&picker),
-            cfg: Arc::new(IngestConfig {
-                token,
-                max_snapshot_bytes: 8 << 20,
-            }),
-        };
-        let app = axum::Router::new()
-            .route(ingest::INGEST_PATH, post(ingest_snapshot))
-            .with_state(state);
+        let app = inference_gateway::picker::server::ingest_router(Arc::clone(&picker), token);
         let listener = tokio::net::TcpListener::bind(args.ingest)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.ingest))?;

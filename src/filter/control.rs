@@ -132,6 +132,13 @@ impl HttpContext for ControlStream {
                 );
             }
             (_, STATE_PATH) => reply(self, &ApiError::method_not_allowed(&method, "GET")),
+            ("GET", METRICS_PATH)
+                if self.config.metrics_token.as_deref().is_some_and(|t| {
+                    !ingest::bearer_ok(host::request_header("authorization").as_deref(), t)
+                }) =>
+            {
+                reply(self, &ingest::unauthorized("read the metrics"))
+            }
             ("GET", METRICS_PATH) => {
                 let body = self.metrics();
                 self.send_http_response(

@@ -320,16 +320,7 @@ pub async fn start(cfg: PickerConfig, opts: Options) -> Result<RunningPicker, St
     let ingest = match (opts.ingest, opts.ingest_token) {
         (Some(addr), Some(token)) => {
             let (l, local) = bind(addr, "ingest").await?;
-            let state = IngestState {
-                picker: Arc::clone(&picker),
-                cfg: Arc::new(IngestConfig {
-                    token,
-                    max_snapshot_bytes: 8 << 20,
-                }),
-            };
-            let app = axum::Router::new()
-                .route(ingest::INGEST_PATH, axum::routing::post(ingest_snapshot))
-                .with_state(state);
+            let app = ingest_router(Arc::clone(&picker), token);
             let rx = stop_rx.clone();
             servers.push(tokio::spawn(async move {
                 axum::serve(l, app)
@@ -427,6 +418,22 @@ pub fn metrics_text(picker: &Picker, collector: Option<&RunningCollector>) -> St
         text.push_str(&c.metrics_text());
     }
     text
+}
+
+/// `POST /v1/snapshot` into `picker`, with the filter's ingest checks (bearer
+/// `token`, 8 MiB at most): the endpoint picker's optional push path, and the
+/// benchmarks' `extproc-picker`.
+pub fn ingest_router(picker: Arc<Picker>, token: String) -> axum::Router {
+    let state = IngestState {
+        picker,
+        cfg: Arc::new(IngestConfig {
+            token,
+            max_snapshot_bytes: 8 << 20,
+        }),
+    };
+    axum::Router::new()
+        .route(ingest::INGEST_PATH, axum::routing::post(ingest_snapshot))
+        .with_state(state)
 }
 
 #[derive(Clone)]
