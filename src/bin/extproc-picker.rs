@@ -13,9 +13,6 @@
 //! response headers for that. Snapshots are pushed to
 //! `POST /v1/snapshot` on the ingest listener, in the collector's format.
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
 use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
@@ -28,11 +25,10 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingRequest, ProcessingResponse,
 };
 use futures_util::{Stream, StreamExt};
-use inference_gateway::config::{Config, IngestConfig};
+use inference_gateway::config::Config;
 use inference_gateway::deploy::process::shutdown_signal;
 use inference_gateway::extproc::Picker;
 use inference_gateway::gateway::{HeadAction, RequestHead};
-use inference_gateway::ingest;
 use inference_gateway::openai::{ApiError, ApiKind};
 use std::net::SocketAddr;
 use std::path::PathBuf;
