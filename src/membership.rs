@@ -69,6 +69,10 @@ impl Membership {
             let mut members = Vec::new();
             match (snapshot.as_ref(), listed) {
                 (Some(s), Some(p)) => {
+                    // Keys seen in this pool: a linear check per member would make
+                    // every snapshot quadratic in the pool size, in every worker.
+                    let mut seen =
+                        std::collections::HashSet::with_capacity(s.pools[p].endpoints.len());
                     for (e, ep) in s.pools[p].endpoints.iter().enumerate() {
                         if !acceptable(config, &ep.address) {
                             refused.push(ep.address.clone());
@@ -76,7 +80,7 @@ impl Membership {
                         }
                         let key = inflight::key(&ep.address);
                         // A member listed twice is one member.
-                        if members.iter().any(|m: &Member| m.key == key) {
+                        if !seen.insert(key) {
                             continue;
                         }
                         let at = (p as u32, e as u32);
