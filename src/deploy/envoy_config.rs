@@ -719,28 +719,32 @@ fn static_cluster_yaml(address: &str) -> String {
         Some((h, p)) => (h.trim_matches(['[', ']']), p),
         None => (address, "80"),
     };
-    if host.parse::<std::net::IpAddr>().is_err() {
-        let tls = if port == "443" {
-            format!(
-                r#"    transport_socket:
+    let by_name = host.parse::<std::net::IpAddr>().is_err();
+    let (kind, dns) = if by_name {
+        ("STRICT_DNS", "    dns_lookup_family: V4_ONLY\n")
+    } else {
+        ("STATIC", "")
+    };
+    let tls = if by_name && port == "443" {
+        format!(
+            r#"    transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         sni: {host}
 "#,
-                host = scalar(host)
-            )
-        } else {
-            String::new()
-        };
-        return format!(
-            r#"  # The safety service the filter calls (Model Armor's REST API) with
+            host = scalar(host)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"  # The safety service the filter calls (Model Armor's REST API) with
   # dispatch_http_call; its timeout is the plugin's safety.timeout_ms.
   - name: {SAFETY_CLUSTER}
-    type: STRICT_DNS
+    type: {kind}
     connect_timeout: 1s
-    dns_lookup_family: V4_ONLY
-    load_assignment:
+{dns}    load_assignment:
       cluster_name: {SAFETY_CLUSTER}
       endpoints:
       - lb_endpoints:
@@ -748,23 +752,6 @@ fn static_cluster_yaml(address: &str) -> String {
             address:
               socket_address: {{address: {host}, port_value: {port}}}
 {tls}"#,
-            host = scalar(host),
-        );
-    }
-    format!(
-        r#"  # The safety service the filter calls (Model Armor's REST API) with
-  # dispatch_http_call; its timeout is the plugin's safety.timeout_ms.
-  - name: {SAFETY_CLUSTER}
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: {SAFETY_CLUSTER}
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{address: {host}, port_value: {port}}}
-"#,
         host = scalar(host),
     )
 }
