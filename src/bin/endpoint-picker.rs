@@ -94,13 +94,7 @@ fn options(args: &Args) -> Result<Options, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    inference_gateway::deploy::process::init_logging();
     let cfg = match PickerConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -246,12 +246,7 @@ impl ExternalProcessor for Service {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    inference_gateway::deploy::process::init_logging();
     let args = Args::parse();
     let config = match std::fs::read(&args.config)
         .map_err(|e| e.to_string())

@@ -32,13 +32,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    inference_gateway::deploy::process::init_logging();
     let mut raw = match RawCollectorConfig::load(&args.config) {
         Ok(r) => r,
         Err(e) => return config_error(&args, &e),

@@ -84,12 +84,7 @@ enum PolicyArg {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    inference_gateway::deploy::process::init_logging();
     let args = Args::parse();
     let addr = SocketAddr::new(args.host, args.port);
     let models: Vec<String> = args

@@ -353,6 +353,18 @@ pub async fn serve_until_signal(
     }
 }
 
+/// Logging for the native binaries: `tracing` to stderr, level from `RUST_LOG`
+/// (default `info`), colours only on a terminal (not in log files).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
