@@ -147,19 +147,35 @@ impl Picker {
         r: &RouteRequest<'_>,
         mut draw: impl FnMut() -> u32,
     ) -> Result<Routed, Box<Unrouted>> {
-        let plan = gateway::plan_route(&self.config, r.kind, r.body, r.objective, draw()).map_err(
-            |error| Unrouted {
+        let plan = self.plan(r, draw())?;
+        self.pick(&plan, r.subset, r.now_ms, draw())
+    }
+
+    /// The first half of [`Picker::route_request`]: what the body asks for (model,
+    /// pool, priority, prompt text). A prompt check runs between the halves.
+    pub fn plan(&self, r: &RouteRequest<'_>, draw: u32) -> Result<RoutePlan, Box<Unrouted>> {
+        gateway::plan_route(&self.config, r.kind, r.body, r.objective, draw).map_err(|error| {
+            Box::new(Unrouted {
                 labels: None,
                 error,
-            },
-        )?;
-        self.forward(&plan, r.subset, r.now_ms, draw())
-            .map_err(|error| {
-                Box::new(Unrouted {
-                    labels: Some((plan.model.clone(), plan.target_model.clone())),
-                    error,
-                })
             })
+        })
+    }
+
+    /// The second half: the pick for a planned request.
+    pub fn pick(
+        &self,
+        plan: &RoutePlan,
+        subset: Option<&[String]>,
+        now_ms: u64,
+        draw: u32,
+    ) -> Result<Routed, Box<Unrouted>> {
+        self.forward(plan, subset, now_ms, draw).map_err(|error| {
+            Box::new(Unrouted {
+                labels: Some((plan.model.clone(), plan.target_model.clone())),
+                error,
+            })
+        })
     }
 
     fn forward(

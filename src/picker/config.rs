@@ -15,6 +15,11 @@
 //! A `discovery` pool feeds the `plugin` pool of the same name; without
 //! `discovery` the plugin's static `endpoints` are the members and carry no
 //! metrics (snapshots may still be pushed to the optional ingest listener).
+//!
+//! With `plugin.safety` (prompt and response screening, `docs/safety.md`) the
+//! picker calls the safety service itself: `safety_url` is its base URL
+//! (`http://host:port`; the filter names an Envoy cluster instead, which a
+//! separate process does not have). `plugin.safety.cluster` is then unused.
 
 use crate::collector::config::{CollectorConfig, RawCollectorConfig};
 use crate::config::Config;
@@ -27,12 +32,17 @@ struct RawPickerConfig {
     plugin: serde_json::Value,
     #[serde(default)]
     discovery: Option<RawCollectorConfig>,
+    #[serde(default)]
+    safety_url: Option<String>,
 }
 
 /// The validated configuration.
 pub struct PickerConfig {
     pub plugin: Config,
     pub discovery: Option<CollectorConfig>,
+    /// The safety service's base URL (no trailing slash), set exactly when
+    /// `plugin.safety` is.
+    pub safety_url: Option<String>,
 }
 
 impl PickerConfig {
@@ -66,7 +76,22 @@ impl PickerConfig {
                 }
             }
         }
-        Ok(PickerConfig { plugin, discovery })
+        let safety_url = match (&plugin.safety, raw.safety_url) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err("safety_url: set, but plugin.safety is not (nothing to screen)".into())
+            }
+            (Some(_), None) => return Err(
+                "safety_url: required with plugin.safety (the safety service's http://host:port)"
+                    .into(),
+            ),
+            (Some(_), Some(url)) => Some(check_safety_url(&url)?),
+        };
+        Ok(PickerConfig {
+            plugin,
+            discovery,
+            safety_url,
+        })
     }
 
     pub fn load(path: &Path) -> Result<PickerConfig, String> {
@@ -76,6 +101,24 @@ impl PickerConfig {
             std::env::var(k).ok().filter(|v| !v.is_empty())
         })
     }
+}
+
+/// `http://host[:port][/prefix]`: plain HTTP to a service in the cluster (the
+/// picker's client has no TLS; Google's Model Armor itself is reached through
+/// its own GCPTrafficExtension, see docs/gke.md).
+fn check_safety_url(url: &str) -> Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("safety_url: '{url}': {e}"))?;
+    if parsed.scheme() != "http" {
+        return Err(format!(
+            "safety_url: '{url}': only http:// is supported (the picker's client has no TLS)"
+        ));
+    }
+    if parsed.host_str().is_none() || parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!(
+            "safety_url: '{url}': must be http://host[:port][/prefix]"
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_string())
 }
 
 #[cfg(test)]
@@ -127,5 +170,33 @@ discovery:
         )
         .unwrap();
         assert!(c.discovery.is_none());
+    }
+
+    #[test]
+    fn safety_needs_a_url_and_a_url_needs_safety() {
+        let plugin = r#"pools: [{name: p, endpoints: ["127.0.0.1:1"]}]
+  models: [{name: m, pool: p}]"#;
+        let safety = r#"
+  safety: {cluster: unused, default: {user_prompt_template_id: projects/p/locations/l/templates/t}}"#;
+        let with = |extra: &str, url: &str| {
+            PickerConfig::parse(&format!("plugin:\n  {plugin}{extra}\n{url}"), false, |_| {
+                None
+            })
+        };
+        let c = with(safety, "safety_url: http://127.0.0.1:8090/").unwrap();
+        assert_eq!(c.safety_url.as_deref(), Some("http://127.0.0.1:8090"));
+        for (extra, url, field) in [
+            (safety, "", "safety_url: required"),
+            (
+                "",
+                "safety_url: http://127.0.0.1:8090",
+                "plugin.safety is not",
+            ),
+            (safety, "safety_url: https://x:443", "only http://"),
+            (safety, "safety_url: 'not a url'", "safety_url"),
+        ] {
+            let e = with(extra, url).err().unwrap();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

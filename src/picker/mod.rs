@@ -7,11 +7,15 @@
 //!   destination header and metadata, subset hint, served endpoint, errors).
 //! - [`config`]: the picker's file: the filter's plugin configuration plus the
 //!   collector's discovery section.
-//! - [`server`]: gRPC (TLS), health, the embedded collector, metrics, ingest.
+//! - [`safety`]: prompt and response screening inside the exchange (the filter's
+//!   semantics; the server sends the calls).
+//! - [`server`]: gRPC (TLS), health, the embedded collector, metrics, ingest,
+//!   the safety calls.
 //!
 //! The decisions are `crate::extproc::Picker`'s, the same `gateway::plan_route`
 //! and `gateway::choose` as the Wasm filter. Documented in `docs/gke.md`.
 
 pub mod config;
 pub mod protocol;
+pub mod safety;
 pub mod server;

@@ -16,6 +16,7 @@
 //! The in-flight count the pick took is released when the response ends, or when
 //! the [`Exchange`] is dropped (the stream closed, was reset or failed).
 
+use super::safety::{PendingPrompt, Screening};
 use crate::extproc::{Picker, RouteRequest, Unrouted};
 use crate::gateway::{HeadAction, RequestHead};
 use crate::observe;
@@ -84,11 +85,13 @@ impl BodyMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     /// Waiting for the request headers.
     Start,
     /// An inference request: body chunks are being held.
     Collecting(ApiKind),
+    /// The body is whole and its prompt is being screened.
+    Screening,
     /// Routed, or not an inference request: request messages pass through.
     Forwarded,
     /// An ImmediateResponse was sent: Envoy ignores anything more.
@@ -117,17 +120,19 @@ impl Env {
 
 /// One ext_proc stream: one HTTP request and its response.
 pub struct Exchange {
-    picker: Arc<Picker>,
-    env: Env,
+    pub(super) picker: Arc<Picker>,
+    pub(super) env: Env,
     request_mode: BodyMode,
-    response_mode: BodyMode,
-    phase: Phase,
+    pub(super) response_mode: BodyMode,
+    pub(super) phase: Phase,
     objective: Option<String>,
     subset: Option<Vec<String>>,
     held: Vec<u8>,
     /// The endpoint whose in-flight count this request holds.
     holding: Option<String>,
-    obs: RequestObs,
+    pub(super) obs: RequestObs,
+    /// Prompt and response checks (`super::safety`).
+    pub(super) screening: Screening,
     /// The series key the request's metrics go to, once the model is known.
     series: Option<String>,
     response_ended: bool,
@@ -148,6 +153,7 @@ impl Exchange {
             obs: RequestObs::default(),
             series: None,
             response_ended: false,
+            screening: Screening::default(),
         }
     }
 
@@ -182,9 +188,11 @@ impl Exchange {
             R::ResponseBody(b) => self.response_body(b),
             R::ResponseTrailers(_) => {
                 self.end_response();
-                vec![respond(processing_response::Response::ResponseTrailers(
-                    TrailersResponse::default(),
-                ))]
+                self.screen_response_trailers().unwrap_or_else(|| {
+                    vec![respond(processing_response::Response::ResponseTrailers(
+                        TrailersResponse::default(),
+                    ))]
+                })
             }
         }
     }
@@ -259,10 +267,10 @@ impl Exchange {
                 self.held.extend_from_slice(&b.body);
                 if self.request_mode == BodyMode::Buffered {
                     // The whole body in one message (trailers may still follow).
-                    return self.route(kind, false);
+                    return self.route(kind, false, false);
                 }
                 if b.end_of_stream {
-                    self.route(kind, true)
+                    self.route(kind, true, false)
                 } else {
                     Vec::new()
                 }
@@ -274,7 +282,8 @@ impl Exchange {
                 ))],
             },
             Phase::Start => vec![self.fail(ApiError::internal("a request body before headers"))],
-            Phase::Answered => Vec::new(),
+            // The body ended already; nothing more can come.
+            Phase::Screening | Phase::Answered => Vec::new(),
         }
     }
 
@@ -283,47 +292,81 @@ impl Exchange {
             TrailersResponse::default(),
         ));
         match self.phase {
-            // The body ended with trailers: it is whole now.
-            Phase::Collecting(kind) => {
-                let mut out = self.route(kind, false);
-                if self.phase == Phase::Forwarded {
-                    out.push(trailers);
-                }
-                out
-            }
+            // The body ended with trailers: it is whole now (the trailers are
+            // answered after the pick).
+            Phase::Collecting(kind) => self.route(kind, false, true),
             Phase::Forwarded => vec![trailers],
             Phase::Start => vec![self.fail(ApiError::internal("request trailers before headers"))],
-            Phase::Answered => Vec::new(),
+            Phase::Screening | Phase::Answered => Vec::new(),
         }
     }
 
-    /// The body is whole: pick, then answer as the body mode requires.
-    /// `ends_stream`: no trailers follow (the last chunk sent back ends the body).
-    fn route(&mut self, kind: ApiKind, ends_stream: bool) -> Vec<ProcessingResponse> {
-        let now_ns = self.now_ns();
+    /// The body is whole: plan, screen the prompt if the model asks for it, pick,
+    /// then answer as the body mode requires. `ends_stream`: no trailers follow
+    /// (the last chunk sent back ends the body); `trailers`: the request's
+    /// trailers are answered after the pick.
+    fn route(
+        &mut self,
+        kind: ApiKind,
+        ends_stream: bool,
+        trailers: bool,
+    ) -> Vec<ProcessingResponse> {
         let body = std::mem::take(&mut self.held);
         self.obs.request_bytes = body.len() as u64;
-        let rng = &mut self.env.rng;
-        let routed = self.picker.route_request(
-            &RouteRequest {
-                kind,
-                body: &body,
-                objective: self.objective.as_deref(),
-                subset: self.subset.as_deref(),
-                now_ms: now_ns / 1_000_000,
-            },
-            || rng.u32(..),
-        );
-        let routed = match routed {
+        let request = RouteRequest {
+            kind,
+            body: &body,
+            objective: self.objective.as_deref(),
+            subset: None,
+            now_ms: 0,
+        };
+        let plan = match self.picker.plan(&request, self.env.rng.u32(..)) {
+            Ok(plan) => plan,
+            Err(unrouted) => return self.unrouted(*unrouted),
+        };
+        // Blocked or failed requests count against the model they named.
+        self.series = Some(observe::series_key(&plan.model, &plan.target_model));
+        self.obs.labels = Some((plan.model.clone(), plan.target_model.clone()));
+        let safety = self.picker.config.safety.as_ref();
+        self.screening.response_template = safety
+            .and_then(|s| s.response_template(&plan.model))
+            .map(str::to_string);
+        let prompt_template = safety
+            .and_then(|s| s.prompt_template(&plan.model))
+            .map(str::to_string);
+        let pending = PendingPrompt::new(plan, body, ends_stream, trailers);
+        match prompt_template {
+            Some(t) => self.check_prompt(&t, pending),
+            None => self.forward(pending),
+        }
+    }
+
+    fn unrouted(&mut self, unrouted: Unrouted) -> Vec<ProcessingResponse> {
+        let Unrouted { labels, error } = unrouted;
+        if let Some((m, t)) = labels {
+            self.series = Some(observe::series_key(&m, &t));
+            self.obs.labels = Some((m, t));
+        }
+        vec![self.fail(error)]
+    }
+
+    /// Picks for a planned (and screened) request and lets it go on.
+    pub(super) fn forward(&mut self, p: PendingPrompt) -> Vec<ProcessingResponse> {
+        let PendingPrompt {
+            plan,
+            body,
+            ends_stream,
+            trailers,
+            ..
+        } = p;
+        let now_ms = self.now_ns() / 1_000_000;
+        let draw = self.env.rng.u32(..);
+        let routed = match self
+            .picker
+            .pick(&plan, self.subset.as_deref(), now_ms, draw)
+        {
             Ok(r) => r,
-            Err(unrouted) => {
-                let Unrouted { labels, error } = *unrouted;
-                if let Some((m, t)) = labels {
-                    self.series = Some(observe::series_key(&m, &t));
-                    self.obs.labels = Some((m, t));
-                }
-                return vec![self.fail(error)];
-            }
+            Err(unrouted) => return self.unrouted(*unrouted),
         };
         self.phase = Phase::Forwarded;
         self.holding = routed.holding.clone();
@@ -343,7 +386,7 @@ impl Exchange {
         let mut set = vec![set_header(DESTINATION_HEADER, &routed.destination)];
         let mut remove = Vec::new();
         let metadata = Some(destination_metadata(&routed.destination));
-        match self.request_mode {
+        let mut out = match self.request_mode {
             BodyMode::Buffered => {
                 if rewritten {
                     set.push(set_header("content-length", &body.len().to_string()));
@@ -375,7 +418,13 @@ impl Exchange {
                 out.extend(chunks(body, ends_stream));
                 out
             }
+        };
+        if trailers {
+            out.push(respond(processing_response::Response::RequestTrailers(
+                TrailersResponse::default(),
+            )));
         }
+        out
     }
 
     fn response_headers(
@@ -395,9 +444,9 @@ impl Exchange {
         if h.end_of_stream {
             self.end_response();
         }
-        vec![respond(processing_response::Response::ResponseHeaders(
-            HeadersResponse::default(),
-        ))]
+        let ok = status.is_some_and(|s| (200..300).contains(&s));
+        self.screen_response_headers(ok, h.end_of_stream)
+            .unwrap_or_else(|| vec![response_headers_response(Vec::new())])
     }
 
     /// The data plane reports which endpoint served (a fallback, after a retry):
@@ -427,20 +476,24 @@ impl Exchange {
         let now = self.now_ns();
         self.obs.response_bytes(&b.body, now);
         let end = b.end_of_stream;
-        let out = match self.response_mode {
-            BodyMode::FullDuplex => streamed_body(false, b.body, end),
-            _ => respond(processing_response::Response::ResponseBody(
-                BodyResponse::default(),
-            )),
+        let out = if self.screening_response() {
+            self.screen_response_body(b.body, end)
+        } else {
+            vec![match self.response_mode {
+                BodyMode::FullDuplex => streamed_body(false, b.body, end),
+                _ => respond(processing_response::Response::ResponseBody(
+                    BodyResponse::default(),
+                )),
+            }]
         };
         if end {
             self.end_response();
         }
-        vec![out]
+        out
     }
 
     /// Answers with the error now (an ImmediateResponse in the OpenAI shape).
-    fn fail(&mut self, e: ApiError) -> ProcessingResponse {
+    pub(super) fn fail(&mut self, e: ApiError) -> ProcessingResponse {
         self.phase = Phase::Answered;
         self.held = Vec::new();
         self.obs.fail(obs::error_code(e.status, e.code));
@@ -450,7 +503,7 @@ impl Exchange {
     }
 
     /// The response is over (or never comes): counts and metrics are final.
-    fn end_response(&mut self) {
+    pub(super) fn end_response(&mut self) {
         if self.response_ended {
             return;
         }
@@ -480,7 +533,7 @@ impl Drop for Exchange {
     }
 }
 
-fn respond(r: processing_response::Response) -> ProcessingResponse {
+pub(super) fn respond(r: processing_response::Response) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(r),
         ..Default::default()
@@ -501,7 +554,11 @@ fn headers_response(set: Vec<HeaderValueOption>, remove: Vec<String>) -> Process
     ))
 }
 
-fn streamed_body(request: bool, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+pub(super) fn streamed_body(
+    request: bool,
+    body: Vec<u8>,
+    end_of_stream: bool,
+) -> ProcessingResponse {
     let b = BodyResponse {
         response: Some(CommonResponse {
             body_mutation: Some(BodyMutation {
@@ -523,16 +580,41 @@ fn streamed_body(request: bool, body: Vec<u8>, end_of_stream: bool) -> Processin
     })
 }
 
-/// The held body sent back in chunks; the last ends the stream when `ends_stream`.
+/// The held request body sent back in chunks; the last ends the stream when
+/// `ends_stream`.
 fn chunks(body: Vec<u8>, ends_stream: bool) -> Vec<ProcessingResponse> {
+    body_chunks(true, body, ends_stream)
+}
+
+/// The same for a held response body.
+pub(super) fn response_chunks(body: Vec<u8>, ends_stream: bool) -> Vec<ProcessingResponse> {
+    body_chunks(false, body, ends_stream)
+}
+
+fn body_chunks(request: bool, body: Vec<u8>, ends_stream: bool) -> Vec<ProcessingResponse> {
     if body.is_empty() {
-        return vec![streamed_body(true, Vec::new(), ends_stream)];
+        return vec![streamed_body(request, Vec::new(), ends_stream)];
     }
     let n = body.len().div_ceil(MAX_CHUNK_BYTES);
     body.chunks(MAX_CHUNK_BYTES)
         .enumerate()
-        .map(|(i, c)| streamed_body(true, c.to_vec(), ends_stream && i + 1 == n))
+        .map(|(i, c)| streamed_body(request, c.to_vec(), ends_stream && i + 1 == n))
         .collect()
+}
+
+/// The answer to the response headers, removing `remove`.
+pub(super) fn response_headers_response(remove: Vec<String>) -> ProcessingResponse {
+    respond(processing_response::Response::ResponseHeaders(
+        HeadersResponse {
+            response: (!remove.is_empty()).then(|| CommonResponse {
+                header_mutation: Some(HeaderMutation {
+                    set_headers: Vec::new(),
+                    remove_headers: remove,
+                }),
+                ..Default::default()
+            }),
+        },
+    ))
 }
 
 fn set_header(key: &str, value: &str) -> HeaderValueOption {

@@ -1,9 +1,11 @@
 //! The endpoint picker's I/O: the ext_proc gRPC service (one [`Exchange`] per
 //! stream), gRPC health, TLS, the embedded collector feeding snapshots to the
-//! [`Picker`], the metrics listener and the optional snapshot ingest.
+//! [`Picker`], the metrics listener, the optional snapshot ingest, and the
+//! safety calls the exchanges ask for.
 
 use super::config::PickerConfig;
 use super::protocol::{Env, Exchange};
+use super::safety::SafetyCall;
 use crate::collector::runtime::{self as collector, RunningCollector};
 use crate::config::IngestConfig;
 use crate::extproc::Picker;
@@ -69,6 +71,62 @@ static STREAMS: AtomicU64 = AtomicU64::new(0);
 
 struct ExtProc {
     picker: Arc<Picker>,
+    safety: Option<Arc<SafetyClient>>,
+}
+
+/// Sends the exchanges' safety calls to `safety_url`.
+struct SafetyClient {
+    http: reqwest::Client,
+    base: String,
+    headers: Vec<(String, String)>,
+    timeout: Duration,
+}
+
+/// How often a held stream's hold window is looked at.
+const TICK: Duration = Duration::from_millis(10);
+
+impl SafetyClient {
+    fn new(base: String, safety: &crate::safety::Safety) -> SafetyClient {
+        SafetyClient {
+            http: reqwest::Client::new(),
+            base,
+            headers: safety.headers.clone(),
+            timeout: Duration::from_millis(safety.timeout_ms),
+        }
+    }
+
+    /// The call's id, the answer's status and body; no status when the call
+    /// failed or timed out (the exchange applies `fail_open`).
+    async fn call(self: Arc<Self>, c: SafetyCall) -> (u32, Option<u16>, Vec<u8>) {
+        let mut request = self
+            .http
+            .post(format!("{}{}", self.base, c.path))
+            .timeout(self.timeout)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(c.body);
+        for (k, v) in &self.headers {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        let answer = async {
+            let r = request.send().await?;
+            let status = r.status().as_u16();
+            Ok::<_, reqwest::Error>((status, r.bytes().await?))
+        };
+        match answer.await {
+            Ok((status, body)) => (c.id, Some(status), body.to_vec()),
+            Err(e) => {
+                tracing::debug!("safety call failed: {e}");
+                (c.id, None, Vec::new())
+            }
+        }
+    }
+}
+
+/// What woke a stream's loop.
+enum Event {
+    Message(Option<Result<ProcessingRequest, Status>>),
+    Verdict((u32, Option<u16>, Vec<u8>)),
+    Tick,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
@@ -87,11 +145,30 @@ impl ExternalProcessor for ExtProc {
                 .fetch_add(1, Ordering::Relaxed)
                 .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let mut exchange = Exchange::new(Arc::clone(&self.picker), Env::system(seed));
+        let safety = self.safety.clone();
         let out = async_stream::stream! {
-            while let Some(msg) = inbound.next().await {
-                let Ok(msg) = msg else { break };
-                for r in exchange.on_message(msg) {
+            let mut calls = futures_util::stream::FuturesUnordered::new();
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                let event = tokio::select! {
+                    m = inbound.next() => Event::Message(m),
+                    Some(v) = calls.next(), if !calls.is_empty() => Event::Verdict(v),
+                    _ = tick.tick(), if exchange.wants_tick() => Event::Tick,
+                };
+                let replies = match event {
+                    Event::Message(Some(Ok(msg))) => exchange.on_message(msg),
+                    Event::Message(_) => break,
+                    Event::Verdict((id, status, body)) => exchange.on_verdict(id, status, &body),
+                    Event::Tick => exchange.on_tick(),
+                };
+                for r in replies {
                     yield Ok(r);
+                }
+                if let Some(client) = &safety {
+                    for c in exchange.take_calls() {
+                        calls.push(Arc::clone(client).call(c));
+                    }
                 }
             }
             // Dropping the exchange (here, or with the stream when Envoy resets
@@ -263,11 +340,16 @@ pub async fn start(cfg: PickerConfig, opts: Options) -> Result<RunningPicker, St
             .tls_config(tls)
             .map_err(|e| format!("TLS configuration: {e}"))?;
     }
+    let safety = match (&picker.config.safety, cfg.safety_url) {
+        (Some(s), Some(url)) => Some(Arc::new(SafetyClient::new(url, s))),
+        _ => None,
+    };
     let router =
         builder
             .add_service(health_service.clone())
             .add_service(ExternalProcessorServer::new(ExtProc {
                 picker: Arc::clone(&picker),
+                safety,
             }));
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
