@@ -3,6 +3,7 @@
 use super::*;
 use crate::config::Config;
 use crate::inflight;
+use crate::picker::safety::SafetyCall;
 use crate::snapshot::{EndpointMetrics, PoolSnapshot, Snapshot};
 use envoy_types::pb::envoy::service::ext_proc::v3::ProtocolConfiguration;
 use processing_response::Response as Out;
@@ -654,3 +655,5 @@ fn subset_hints_parse_lists_and_strings() {
     );
     assert_eq!(subset_hint(md(Value { kind: None }).as_ref()), Some(vec![]));
 }
+
+mod screening;
