@@ -9,6 +9,7 @@ pub mod collector;
 pub mod dns;
 pub mod envoy;
 pub mod gateway;
+pub mod picker;
 pub mod safety;
 pub mod sim;
 pub mod traffic;

@@ -1,0 +1,93 @@
+//! The `endpoint-picker` binary as a child process on free loopback ports, ready
+//! (gRPC health `readiness` SERVING on its plain-text probe port) before
+//! [`PickerProcess::start`] returns.
+
+use super::deploy::process::{self, ChildGuard};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub fn picker_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_endpoint-picker"))
+}
+
+pub struct PickerProcess {
+    pub guard: ChildGuard,
+    pub grpc: u16,
+    pub health: u16,
+    pub metrics: u16,
+}
+
+impl PickerProcess {
+    /// Starts the picker on `config` (written to `dir/picker.json`) with TLS
+    /// from a certificate made at start (`--cert/--key` from `tls`, if given),
+    /// `extra` arguments and environment, and waits until it is ready.
+    pub async fn start(
+        dir: &Path,
+        config: &Value,
+        tls: Option<(&Path, &Path)>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> PickerProcess {
+        let path = dir.join("picker.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let port = || process::free_port().expect("free port");
+        let (grpc, health, metrics) = (port(), port(), port());
+        let mut cmd = Command::new(picker_binary());
+        cmd.arg("--config")
+            .arg(&path)
+            .args(["--grpc", &format!("127.0.0.1:{grpc}")])
+            .args(["--grpc-health", &format!("127.0.0.1:{health}")])
+            .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+            .args(extra)
+            .env("RUST_LOG", "info");
+        if let Some((cert, key)) = tls {
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let guard = ChildGuard::spawn("endpoint-picker", &mut cmd, Some(&dir.join("picker.log")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut p = PickerProcess {
+            guard,
+            grpc,
+            health,
+            metrics,
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    /// Waits (15 s at most) for `readiness` SERVING on the probe port.
+    pub async fn wait_ready(&mut self) {
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", self.health)).unwrap();
+        for _ in 0..150 {
+            if let Err(e) = self.guard.check_running() {
+                panic!("the picker exited: {e}\n{}", self.guard.log_tail(8192));
+            }
+            if let Ok(ch) = channel.clone().connect().await {
+                let status = HealthClient::new(ch)
+                    .check(HealthCheckRequest {
+                        service: "readiness".into(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().status);
+                if status.ok() == Some(ServingStatus::Serving as i32) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("readiness never SERVING:\n{}", self.guard.log_tail(8192));
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.guard.log_tail(8192)
+    }
+}
