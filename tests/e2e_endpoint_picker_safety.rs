@@ -187,6 +187,27 @@ print("ok")
         }
     }
 
+    // The picker counts as the filter does (its /metrics, no token configured).
+    let metrics = client
+        .get(format!("http://127.0.0.1:{}/metrics", picker.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let blocks = |check: &str, filter: &str| {
+        sim::sample(
+            &metrics,
+            &format!(
+                r#"inference_gateway_safety_blocks_total{{check="{check}",filter="{filter}"}}"#
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(blocks("prompt", "pi_and_jailbreak") >= 1.0, "{metrics}");
+    assert!(blocks("response", "sdp") >= 1.0, "{metrics}");
+
     // The safety service gone: 503 within the timeout, nothing reaches a model.
     safety.kill();
     for s in &sims {

@@ -14,6 +14,7 @@ use crate::inflight::{self, memory::MemoryStore};
 use crate::ingest;
 use crate::membership::Membership;
 use crate::openai::{ApiError, ApiKind};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Where a routed request goes.
@@ -59,6 +60,9 @@ pub struct Picker {
     members: RwLock<Arc<Membership>>,
     /// The stored snapshot, encoded, for `ingest::accept`'s newer-than check.
     encoded: Mutex<Option<Vec<u8>>>,
+    /// Counters the filter keeps as Envoy metrics (the safety checks'), by
+    /// Prometheus series (`name{label="value"}`).
+    counters: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Picker {
@@ -71,7 +75,35 @@ impl Picker {
             config: Arc::new(config),
             store,
             encoded: Mutex::new(None),
+            counters: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Adds `by` to the counter `series` (`name{label="value",…}`).
+    pub fn count(&self, series: &str, by: u64) {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        match c.get_mut(series) {
+            Some(v) => *v += by,
+            None => {
+                c.insert(series.to_string(), by);
+            }
+        }
+    }
+
+    /// The counters in Prometheus' text format.
+    pub fn counters_text(&self) -> String {
+        let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        let mut last = "";
+        for (series, v) in c.iter() {
+            let name = series.split('{').next().unwrap_or(series);
+            if name != last {
+                out.push_str(&format!("# TYPE {name} counter\n"));
+                last = name;
+            }
+            out.push_str(&format!("{series} {v}\n"));
+        }
+        out
     }
 
     /// Whether a snapshot was stored (the endpoint picker is ready after its first

@@ -119,7 +119,13 @@ impl Exchange {
         matches!(&self.screening.response, Some(ResponseCheck { mode: Mode::Stream(st), .. }) if !st.finished && !st.eos)
     }
 
+    fn count(&self, name: &str, check: Check, by: u64) {
+        self.picker
+            .count(&format!("{name}{{check=\"{}\"}}", check.label()), by);
+    }
+
     fn queue(&mut self, check: Check, template: &str, text: &str) -> u32 {
+        self.count("inference_gateway_safety_checks_total", check, 1);
         let id = self.screening.next_id;
         self.screening.next_id = id.wrapping_add(1);
         let (path, body) = safety::request(check, template, text);
@@ -138,6 +144,14 @@ impl Exchange {
         };
         let plan = &pending.plan;
         self.obs.media_parts = plan.media_parts;
+        if plan.media_parts > 0 {
+            // Passed, not screened: counted.
+            self.count(
+                "inference_gateway_safety_unscreened_media_total",
+                Check::Prompt,
+                u64::from(plan.media_parts),
+            );
+        }
         let pieces = match safety::prompt_calls(
             &safety,
             &plan.prompt,
@@ -262,11 +276,26 @@ impl Exchange {
             Ok(Verdict::Pass) => Ok(()),
             Ok(Verdict::Block(filters)) => {
                 verdict(self, "blocked");
+                for f in filters
+                    .iter()
+                    .map(String::as_str)
+                    .chain(filters.is_empty().then_some("unknown"))
+                {
+                    self.picker.count(
+                        &format!(
+                            "inference_gateway_safety_blocks_total{{check=\"{}\",filter=\"{}\"}}",
+                            check.label(),
+                            crate::observe::render::esc(f)
+                        ),
+                        1,
+                    );
+                }
                 // The filters' names, never the text.
                 tracing::info!(check = check.label(), filters = ?filters, "blocked by safety filters");
                 Err(safety::blocked_error(check, &filters, block_status))
             }
             Err(failure) => {
+                self.count("inference_gateway_safety_failures_total", check, 1);
                 tracing::warn!(
                     check = check.label(),
                     fail_open,
@@ -274,6 +303,7 @@ impl Exchange {
                 );
                 if fail_open {
                     verdict(self, "fail_open");
+                    self.count("inference_gateway_safety_fail_open_total", check, 1);
                     Ok(())
                 } else {
                     verdict(self, "unavailable");

@@ -496,6 +496,7 @@ pub fn metrics_text(picker: &Picker, collector: Option<&RunningCollector>) -> St
         endpoint_names: crate::inflight::names(picker.store(), members.addresses()),
     };
     let mut text = render::render(&observe::read_all(picker.store()), &state);
+    text.push_str(&picker.counters_text());
     if let Some(c) = collector {
         text.push_str(&c.metrics_text());
     }

@@ -117,6 +117,15 @@ fn a_blocked_prompt_or_an_unavailable_service_never_reaches_a_model_server() {
             (503, Some("safety_check_unavailable"))
         );
     }
+    let counters = p.counters_text();
+    for line in [
+        "# TYPE inference_gateway_safety_blocks_total counter",
+        r#"inference_gateway_safety_blocks_total{check="prompt",filter="sdp"} 1"#,
+        r#"inference_gateway_safety_checks_total{check="prompt"} 4"#,
+        r#"inference_gateway_safety_failures_total{check="prompt"} 3"#,
+    ] {
+        assert!(counters.lines().any(|l| l == line), "{line}\n{counters}");
+    }
     let open = guarded(r#", "fail_open": true"#);
     let mut x = exchange(&open);
     x.on_message(headers("/v1/completions", &[], 4));
@@ -127,6 +136,9 @@ fn a_blocked_prompt_or_an_unavailable_service_never_reaches_a_model_server() {
         metadata_destination(&out[0]).as_deref(),
         Some("127.0.0.1:2")
     );
+    assert!(open
+        .counters_text()
+        .contains(r#"inference_gateway_safety_fail_open_total{check="prompt"} 1"#));
 }
 
 #[test]
