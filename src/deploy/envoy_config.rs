@@ -98,7 +98,9 @@ pub enum FailureMode {
     /// "Forward the request to an endpoint of its picking": ext_proc
     /// `failure_mode_allow: true`. Only [`PickerLb::OverrideHost`] has an endpoint
     /// of its own to pick (its fallback policy); an `ORIGINAL_DST` cluster has
-    /// no address without the picker and answers 503.
+    /// no address without the picker and answers 503. Holds from the moment the
+    /// picker's health check fails (within about a second of its death), see
+    /// [`PICKER_HEALTH_CHECK`].
     FailOpen,
 }
 
@@ -667,7 +669,16 @@ const PICKER_TLS: &str = r#"    transport_socket:
 /// gRPC health checks on the ext_proc service name, as conformant gateways probe
 /// the picker: a dead picker is out within a second, a restarted one back within
 /// one interval. (Appended to the picker's cluster.)
-const PICKER_HEALTH_CHECK: &str = r#"    health_checks:
+///
+/// No panic routing: with the picker marked down, the ext_proc stream fails as it
+/// opens, before any body chunk went out, which is the only point where Envoy
+/// 1.40 can still fail open in FULL_DUPLEX_STREAMED mode (a stream that fails
+/// after the first chunk answers 500 even with `failure_mode_allow`). So
+/// `FailOpen` holds once the health check has seen the picker down; in the
+/// second before that, requests still get a 500.
+const PICKER_HEALTH_CHECK: &str = r#"    common_lb_config:
+      healthy_panic_threshold: {value: 0}
+    health_checks:
     - timeout: 1s
       interval: 1s
       no_traffic_interval: 1s
@@ -818,7 +829,8 @@ fn pool_endpoints(gateway_config: &Value) -> Vec<String> {
 fn retry_policy_yaml(retries: u32) -> String {
     format!(
         r#"                  retry_policy:
-                    retry_on: connect-failure,refused-stream,reset-before-request,503
+                    retry_on: connect-failure,refused-stream,reset-before-request,retriable-status-codes
+                    retriable_status_codes: [503]
                     num_retries: {retries}
 "#
     )
