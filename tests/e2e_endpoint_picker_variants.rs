@@ -18,7 +18,7 @@
 
 mod support;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -574,6 +574,41 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
             "{base}: the dead replica was never listed first"
         );
     }
+    support::announce(&format!(
+        "picker variants: FailOpen served {open_ok}/{N} over {open_served:?}; FailClose 5xx \
+         {foreign_5xx}/{N} (foreign), {orig_5xx}/{N} (ORIGINAL_DST); 3 fallbacks each past {dead}"
+    ));
+
+    // Every in-flight count the picker took is released, also for the requests a
+    // fallback served (the served endpoint comes back in `envoy.lb`).
+    let metrics = format!("http://127.0.0.1:{}/metrics", pickers[0].1.metrics);
+    let mut last = String::new();
+    let mut settled = false;
+    for _ in 0..50 {
+        last = client
+            .get(&metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counts: Vec<f64> = endpoints
+            .iter()
+            .filter_map(|e| {
+                support::sim::sample(
+                    &last,
+                    &format!("inference_gateway_endpoint_in_flight{{endpoint=\"{e}\"}}"),
+                )
+            })
+            .collect();
+        if counts.len() == endpoints.len() && counts.iter().all(|&n| n == 0.0) {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "in-flight counts not back to 0:\n{last}");
 
     drop((over, foreign, orig));
     for (_, _, guard) in &mut pickers {
