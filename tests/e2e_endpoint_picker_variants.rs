@@ -10,7 +10,10 @@
 //!   (Envoy Gateway / Istio / kgateway: `request_attributes`, `allow_mode_override`,
 //!   `max_message_timeout`, `mutation_rules`, the per-route `ExtProcPerRoute`
 //!   switch, TLS with an empty validation context), `FailClose`;
-//! - `original`: [`PickerLb::OriginalDst`] + `FailClose`, rendered.
+//! - `original`: [`PickerLb::OriginalDst`] + `FailClose`, rendered;
+//! - `buffered`: `foreign` with the processing mode of GIE's own test Envoy and
+//!   of gateways that buffer (request body BUFFERED, responses not processed,
+//!   trailers SKIP), `FailClose`.
 //!
 //! The picker routes over static pool endpoints (no discovery), so it keeps
 //! listing a killed replica first now and then: that is what exercises the
@@ -176,6 +179,20 @@ static_resources:
       - lb_endpoints:
         - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: @PICKER@}}}
 "#;
+
+/// `FOREIGN_STYLE`'s processing mode, and the buffering one that replaces it.
+const FULL_DUPLEX: &str = "request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: FULL_DUPLEX_STREAMED
+                response_body_mode: FULL_DUPLEX_STREAMED
+                request_trailer_mode: SEND
+                response_trailer_mode: SEND";
+const BUFFERED: &str = "request_header_mode: SEND
+                response_header_mode: SKIP
+                request_body_mode: BUFFERED
+                response_body_mode: NONE
+                request_trailer_mode: SKIP
+                response_trailer_mode: SKIP";
 
 fn picker_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_endpoint-picker"))
@@ -400,19 +417,30 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
 
     // The foreign-style bootstrap: only its ports come from the settings.
     let foreign_s = rendered(PickerLb::OverrideHost, FailureMode::FailClose, list_grpc);
-    let foreign_yaml = FOREIGN_STYLE
-        .replace("@ADMIN@", &foreign_s.admin_port.to_string())
-        .replace("@GATEWAY@", &foreign_s.gateway_port.to_string())
-        .replace("@PICKER@", &list_grpc.to_string())
-        .replace("@MEMBERS@", &members_yaml(&endpoints))
-        .replace("@ECHO@", ECHO);
+    let foreign_style = |s: &EnvoySettings, mode: &str| {
+        FOREIGN_STYLE
+            .replace("@ADMIN@", &s.admin_port.to_string())
+            .replace("@GATEWAY@", &s.gateway_port.to_string())
+            .replace("@PICKER@", &list_grpc.to_string())
+            .replace("@MEMBERS@", &members_yaml(&endpoints))
+            .replace("@ECHO@", ECHO)
+            .replace(FULL_DUPLEX, mode)
+    };
+    let foreign_yaml = foreign_style(&foreign_s, FULL_DUPLEX);
     let foreign = start_envoy(&foreign_s, &foreign_yaml, d, "foreign").await;
+    let buffered_s = rendered(PickerLb::OverrideHost, FailureMode::FailClose, list_grpc);
+    let buffered_yaml = foreign_style(&buffered_s, BUFFERED);
+    assert!(buffered_yaml.contains("request_body_mode: BUFFERED"));
+    let buffered = start_envoy(&buffered_s, &buffered_yaml, d, "buffered").await;
 
     let bases = [
         over_s.gateway_url(),
         foreign_s.gateway_url(),
         orig_s.gateway_url(),
+        buffered_s.gateway_url(),
     ];
+    // The gateways whose cluster is the pool with the override-host policy.
+    let listing = [0, 1, 3];
     let client = support::http_client();
     let diagnostics = |pickers: &[(&str, PickerPorts, ChildGuard)]| {
         let logs: String = pickers
@@ -420,10 +448,11 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
             .map(|(n, _, g)| format!("--- {n} ---\n{}\n", g.log_tail(4096)))
             .collect();
         format!(
-            "{logs}--- override ---\n{}\n--- foreign ---\n{}\n--- original ---\n{}",
+            "{logs}--- override ---\n{}\n--- foreign ---\n{}\n--- original ---\n{}\n--- buffered ---\n{}",
             over.logs(),
             foreign.logs(),
-            orig.logs()
+            orig.logs(),
+            buffered.logs()
         )
     };
 
@@ -437,7 +466,7 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
 
     // The picker routes in every variant: a list of all members (pick first), and
     // the override-host policy connected to the first and says so in `envoy.lb`.
-    for base in &bases[..2] {
+    for base in listing.map(|i| &bases[i]) {
         for _ in 0..6 {
             let o = complete(&client, base, None).await;
             assert_eq!(o.status, 200, "{base}: {o:?}\n{}", diagnostics(&pickers));
@@ -493,7 +522,7 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
     assert!(down, "the picker's health check never failed");
     const N: usize = 12;
     let mut open_served: BTreeMap<String, usize> = BTreeMap::new();
-    let (mut open_ok, mut foreign_5xx, mut orig_5xx) = (0, 0, 0);
+    let (mut open_ok, mut foreign_5xx, mut orig_5xx, mut buffered_5xx) = (0, 0, 0, 0);
     let mut open_failed = Vec::new();
     for _ in 0..N {
         let o = complete(&client, &bases[0], None).await;
@@ -507,6 +536,8 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
         foreign_5xx += usize::from((500..600).contains(&o.status));
         let o = complete(&client, &bases[2], None).await;
         orig_5xx += usize::from((500..600).contains(&o.status));
+        let o = complete(&client, &bases[3], None).await;
+        buffered_5xx += usize::from((500..600).contains(&o.status));
     }
     assert_eq!(
         open_ok,
@@ -521,13 +552,14 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
     );
     assert_eq!(foreign_5xx, N, "FailClose drops every request");
     assert_eq!(orig_5xx, N, "FailClose drops every request");
+    assert_eq!(buffered_5xx, N, "FailClose drops every request");
 
     // 4. The picker back (same ports): routing by the picker again, within the
     // health-check interval.
     for (name, ports, guard) in &mut pickers {
         *guard = spawn_picker(d, name, ports, 1);
     }
-    let mut back = [false; 3];
+    let mut back = [false; 4];
     for _ in 0..100 {
         for (i, base) in bases.iter().enumerate() {
             if !back[i] {
@@ -542,7 +574,7 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
     }
     assert_eq!(
         back,
-        [true; 3],
+        [true; 4],
         "picker routing resumed\n{}",
         diagnostics(&pickers)
     );
@@ -551,7 +583,7 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
     // scraping), so whenever it is first, the retry goes to the next listed host.
     let dead = endpoints[0].clone();
     sims[0].kill();
-    for base in &bases[..2] {
+    for base in listing.map(|i| &bases[i]) {
         let mut fell_back = 0;
         for _ in 0..60 {
             let o = complete(&client, base, None).await;
@@ -576,7 +608,8 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
     }
     support::announce(&format!(
         "picker variants: FailOpen served {open_ok}/{N} over {open_served:?}; FailClose 5xx \
-         {foreign_5xx}/{N} (foreign), {orig_5xx}/{N} (ORIGINAL_DST); 3 fallbacks each past {dead}"
+         {foreign_5xx}/{N} (foreign), {orig_5xx}/{N} (ORIGINAL_DST), {buffered_5xx}/{N} (buffered); \
+         3 fallbacks each past {dead}"
     ));
 
     // Every in-flight count the picker took is released, also for the requests a
@@ -610,7 +643,7 @@ async fn the_picker_behind_envoy_in_the_conformant_variants_with_failure_modes_a
     }
     assert!(settled, "in-flight counts not back to 0:\n{last}");
 
-    drop((over, foreign, orig));
+    drop((over, foreign, orig, buffered));
     for (_, _, guard) in &mut pickers {
         guard.stop(Duration::from_secs(5));
     }
