@@ -2,20 +2,24 @@
 //! the wirings conformant Gateway API inference gateways use for an
 //! InferencePool's `endpointPickerRef`, with the official `openai` client.
 //!
-//! Three Envoys share one picker:
+//! Four Envoys, two pickers (one writes destination lists for the override-host
+//! clusters, one a single address for the ORIGINAL_DST cluster):
 //! - `override`: [`PickerLb::OverrideHost`] + `FailOpen`, rendered by envoy_config
 //!   (the override-host policy on `envoy.lb` metadata, retries to the next listed
 //!   host), plus a Lua filter that turns `x-test-subset` into the subset hint;
-//! - `foreign`: a bootstrap written by hand in the style other projects generate
-//!   (Envoy Gateway / Istio / kgateway: `request_attributes`, `allow_mode_override`,
-//!   `max_message_timeout`, `mutation_rules`, the per-route `ExtProcPerRoute`
-//!   switch, TLS with an empty validation context), `FailClose`;
+//! - `foreign`: a bootstrap written by hand in the shape other projects generate
+//!   (Istio's InferencePool translation: ext_proc FULL_DUPLEX_STREAMED with
+//!   `envoy.lb` received and an override-host pool cluster with a round-robin
+//!   fallback; GIE's test Envoy: TLS with an empty validation context, HTTP/2
+//!   window settings; plus the ext_proc fields gateways set: `request_attributes`,
+//!   `allow_mode_override`, `max_message_timeout`, `mutation_rules`, a per-route
+//!   `ExtProcPerRoute` switch), `FailClose`;
 //! - `original`: [`PickerLb::OriginalDst`] + `FailClose`, rendered;
 //! - `buffered`: `foreign` with the processing mode of GIE's own test Envoy and
 //!   of gateways that buffer (request body BUFFERED, responses not processed,
 //!   trailers SKIP), `FailClose`.
 //!
-//! The picker routes over static pool endpoints (no discovery), so it keeps
+//! The pickers route over static pool endpoints (no discovery), so they keep
 //! listing a killed replica first now and then: that is what exercises the
 //! fallbacks deterministically.
 
