@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::deploy::envoy_config::{self, EnvoySettings, Routing};
+use support::deploy::envoy_config::{self, EnvoySettings, FailureMode, PickerLb, Routing};
 use support::deploy::process::{self, ChildGuard};
 use support::envoy::Envoy;
 use support::sim::{self, Sim, SimOptions};
@@ -225,6 +225,8 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         log_flush_interval_ms: 100,
         routing: Routing::EndpointPicker {
             grpc: format!("127.0.0.1:{}", picker.grpc),
+            lb: PickerLb::OriginalDst,
+            failure_mode: FailureMode::FailClose,
         },
         ..EnvoySettings::demo()
     };

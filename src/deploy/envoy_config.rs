@@ -62,8 +62,46 @@ pub enum Routing {
     /// The `endpoint-picker` at `grpc` (`ip:port`), wired as conformant Gateway API
     /// inference gateways wire an InferencePool's `endpointPickerRef`: ext_proc
     /// with FULL_DUPLEX_STREAMED bodies both ways and trailers SEND, over TLS
-    /// without verification, the subset hint and `envoy.lb` metadata forwarded.
-    EndpointPicker { grpc: String },
+    /// without verification (gRPC health-checked on the ext_proc service name),
+    /// the subset hint and `envoy.lb` metadata forwarded.
+    EndpointPicker {
+        grpc: String,
+        lb: PickerLb,
+        failure_mode: FailureMode,
+    },
+}
+
+/// How Envoy reaches the endpoint the picker named ([`Routing::EndpointPicker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PickerLb {
+    /// An `ORIGINAL_DST` cluster on `x-gateway-destination-endpoint`: any address,
+    /// one per request, no fallbacks, nothing to fall back on without a picker.
+    #[default]
+    OriginalDst,
+    /// The override-host load-balancing policy (Envoy >= 1.34) reading the
+    /// `envoy.lb` metadata key `x-gateway-destination-endpoint` (a list: the pick,
+    /// then fallbacks tried on retries), over a cluster of the pool's endpoints
+    /// (the plugin configuration's), round robin when the metadata is absent.
+    /// The endpoint that served is written back to `envoy.lb`
+    /// `x-gateway-destination-endpoint-served` for the picker's response path.
+    OverrideHost,
+}
+
+/// The InferencePool's `endpointPickerRef.failureMode`: what the gateway does
+/// when the picker is unreachable or fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// "The parent should drop the request" (GIE v1; the default): ext_proc
+    /// `failure_mode_allow: false`, Envoy answers 5xx.
+    #[default]
+    FailClose,
+    /// "Forward the request to an endpoint of its picking": ext_proc
+    /// `failure_mode_allow: true`. Only [`PickerLb::OverrideHost`] has an endpoint
+    /// of its own to pick (its fallback policy); an `ORIGINAL_DST` cluster has
+    /// no address without the picker and answers 503. Holds from the moment the
+    /// picker's health check fails (within about a second of its death), see
+    /// [`PICKER_HEALTH_CHECK`].
+    FailOpen,
 }
 
 /// Envoy's load balancers for [`Routing::EnvoyLb`].
@@ -321,8 +359,16 @@ pub fn render(s: &EnvoySettings) -> String {
         Routing::ExtProc { grpc } => format!(
             "#   {gateway}  gateway: ext_proc picker at {grpc} (picks a model server) -> ORIGINAL_DST\n"
         ),
-        Routing::EndpointPicker { grpc } => format!(
-            "#   {gateway}  gateway: endpoint-picker at {grpc} (Endpoint Picker Protocol, TLS) -> ORIGINAL_DST\n"
+        Routing::EndpointPicker {
+            grpc,
+            lb,
+            failure_mode,
+        } => format!(
+            "#   {gateway}  gateway: endpoint-picker at {grpc} (Endpoint Picker Protocol, TLS, {failure_mode:?}) -> {}\n",
+            match lb {
+                PickerLb::OriginalDst => "ORIGINAL_DST",
+                PickerLb::OverrideHost => "override-host over the pool",
+            }
         ),
     };
     let (gateway_filter, health_bypass, control_listener) = match &s.routing {
@@ -346,11 +392,20 @@ pub fn render(s: &EnvoySettings) -> String {
             model_servers.push_str(&extproc_cluster_yaml(grpc));
             (EXTPROC_FILTER.to_string(), "", String::new())
         }
-        Routing::EndpointPicker { grpc } => {
+        Routing::EndpointPicker {
+            grpc,
+            lb,
+            failure_mode,
+        } => {
+            if *lb == PickerLb::OverrideHost {
+                model_servers = picker_override_host_cluster(s);
+                retry_policy = retry_policy_yaml(s.fallback_retries);
+            }
             model_servers.push_str(&circuit_breakers_yaml(s));
             model_servers.push_str(&extproc_cluster_yaml(grpc));
             model_servers.push_str(PICKER_TLS);
-            (ENDPOINT_PICKER_FILTER.to_string(), "", String::new())
+            model_servers.push_str(PICKER_HEALTH_CHECK);
+            (endpoint_picker_filter(*failure_mode), "", String::new())
         }
     };
     let safety_cluster = s
@@ -570,12 +625,22 @@ const EXTPROC_FILTER: &str = r#"          - name: envoy.filters.http.ext_proc
 /// Request headers are held by the picker until the streamed body is whole; the
 /// response streams through it chunk by chunk. `envoy.lb.subset_hint` (set by an
 /// earlier filter, if any) and `envoy.lb` go to the picker; `envoy.lb` comes back.
-pub const ENDPOINT_PICKER_FILTER: &str = r#"          - name: envoy.filters.http.ext_proc
+pub fn endpoint_picker_filter(failure_mode: FailureMode) -> String {
+    ENDPOINT_PICKER_FILTER.replace(
+        "{FAILURE_MODE_ALLOW}",
+        match failure_mode {
+            FailureMode::FailClose => "false",
+            FailureMode::FailOpen => "true",
+        },
+    )
+}
+
+const ENDPOINT_PICKER_FILTER: &str = r#"          - name: envoy.filters.http.ext_proc
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
               grpc_service:
                 envoy_grpc: {cluster_name: extproc_picker}
-              failure_mode_allow: false
+              failure_mode_allow: {FAILURE_MODE_ALLOW}
               message_timeout: 10s
               processing_mode:
                 request_header_mode: SEND
@@ -599,6 +664,28 @@ const PICKER_TLS: &str = r#"    transport_socket:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
           alpn_protocols: [h2]
+"#;
+
+/// gRPC health checks on the ext_proc service name, as conformant gateways probe
+/// the picker: a dead picker is out within a second, a restarted one back within
+/// one interval. (Appended to the picker's cluster.)
+///
+/// No panic routing: with the picker marked down, the ext_proc stream fails as it
+/// opens, before any body chunk went out, which is the only point where Envoy
+/// 1.40 can still fail open in FULL_DUPLEX_STREAMED mode (a stream that fails
+/// after the first chunk answers 500 even with `failure_mode_allow`). So
+/// `FailOpen` holds once the health check has seen the picker down; in the
+/// second before that, requests still get a 500.
+const PICKER_HEALTH_CHECK: &str = r#"    common_lb_config:
+      healthy_panic_threshold: {value: 0}
+    health_checks:
+    - timeout: 1s
+      interval: 1s
+      no_traffic_interval: 1s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      grpc_health_check:
+        service_name: envoy.service.ext_proc.v3.ExternalProcessor
 "#;
 
 /// The picker's gRPC cluster (HTTP/2).
@@ -674,6 +761,44 @@ fn override_host_cluster(s: &EnvoySettings) -> String {
     )
 }
 
+/// [`PickerLb::OverrideHost`]: the pool's endpoints as members; the picker's list
+/// (pick, then fallbacks) from `envoy.lb` metadata, the next one on each retry;
+/// round robin over the members without it (no picker: `FailOpen`) or once the
+/// list is used up. The endpoint that served goes back to `envoy.lb`.
+fn picker_override_host_cluster(s: &EnvoySettings) -> String {
+    let hosts = lb_endpoints(&pool_endpoints(&s.gateway_config));
+    format!(
+        r#"  - name: {MODEL_SERVERS_CLUSTER}
+    type: STATIC
+    connect_timeout: {connect_timeout}
+    load_assignment:
+      cluster_name: {MODEL_SERVERS_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+{hosts}    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources:
+            - metadata:
+                key: envoy.lb
+                path: [{{key: {DESTINATION_HEADER}}}]
+            selected_host_key:
+              key: envoy.lb
+              path: [{{key: {DESTINATION_HEADER}-served}}]
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
+"#,
+        connect_timeout = duration_ms(s.connect_timeout_ms),
+    )
+}
+
 /// Every endpoint of every pool in the plugin configuration, once.
 fn pool_endpoints(gateway_config: &Value) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -704,7 +829,8 @@ fn pool_endpoints(gateway_config: &Value) -> Vec<String> {
 fn retry_policy_yaml(retries: u32) -> String {
     format!(
         r#"                  retry_policy:
-                    retry_on: connect-failure,refused-stream,reset-before-request,503
+                    retry_on: connect-failure,refused-stream,reset-before-request,retriable-status-codes
+                    retriable_status_codes: [503]
                     num_retries: {retries}
 "#
     )
@@ -1166,6 +1292,39 @@ mod tests {
                 yaml.contains(&format!("address: {host}, port_value: {port}}}")),
                 "{endpoint} is a host of the cluster"
             );
+        }
+    }
+
+    #[test]
+    fn the_endpoint_picker_variants_render_as_conformant_gateways_wire_them() {
+        let picker = |lb, failure_mode| EnvoySettings {
+            routing: Routing::EndpointPicker {
+                grpc: "127.0.0.1:9002".into(),
+                lb,
+                failure_mode,
+            },
+            fallback_retries: 2,
+            ..EnvoySettings::demo()
+        };
+        let yaml = render(&picker(PickerLb::OriginalDst, FailureMode::FailClose));
+        assert!(yaml.contains("type: ORIGINAL_DST") && !yaml.contains("retry_policy"));
+        assert!(yaml.contains("failure_mode_allow: false"));
+        assert!(yaml.contains("request_body_mode: FULL_DUPLEX_STREAMED"));
+        assert!(yaml.contains("response_trailer_mode: SEND"));
+        assert!(yaml.contains("service_name: envoy.service.ext_proc.v3.ExternalProcessor"));
+        assert!(yaml.contains("UpstreamTlsContext"));
+
+        let yaml = render(&picker(PickerLb::OverrideHost, FailureMode::FailOpen));
+        assert!(!yaml.contains("type: ORIGINAL_DST"));
+        assert!(yaml.contains("failure_mode_allow: true"));
+        assert!(yaml.contains("envoy.load_balancing_policies.override_host"));
+        assert!(yaml.contains("path: [{key: x-gateway-destination-endpoint}]"));
+        assert!(yaml.contains("path: [{key: x-gateway-destination-endpoint-served}]"));
+        assert!(yaml.contains("envoy.load_balancing_policies.round_robin"));
+        assert!(yaml.contains("num_retries: 2"));
+        for endpoint in DEMO_ENDPOINTS {
+            let (host, port) = endpoint.split_once(':').unwrap();
+            assert!(yaml.contains(&format!("address: {host}, port_value: {port}}}")));
         }
     }
 
