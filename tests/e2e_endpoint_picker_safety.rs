@@ -9,7 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::api::openai_error;
-use support::deploy::envoy_config::{self, EnvoySettings, Routing};
+use support::deploy::envoy_config::{self, EnvoySettings, FailureMode, PickerLb, Routing};
 use support::deploy::process;
 use support::envoy::Envoy;
 use support::picker::PickerProcess;
@@ -64,6 +64,8 @@ async fn the_picker_screens_prompts_and_responses_like_the_filter() {
         log_flush_interval_ms: 100,
         routing: Routing::EndpointPicker {
             grpc: format!("127.0.0.1:{}", picker.grpc),
+            lb: PickerLb::OriginalDst,
+            failure_mode: FailureMode::FailClose,
         },
         ..EnvoySettings::demo()
     };
