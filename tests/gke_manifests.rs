@@ -358,24 +358,22 @@ fn manifests_parse_and_agree() {
     assert_eq!(dports, pool_ports);
     assert_eq!(discovery.pools.len(), 1);
 
-    // igwctl reads the same resources: its discovery for the pool is the ConfigMap's.
+    // igwctl reads the same resources: the ConfigMap is what `igwctl picker`
+    // renders from them (with the ConfigMap's pod range).
     let (inv, errors) = inference_gateway::k8s::load(&[repo().join(DIR)]);
     assert!(errors.is_empty(), "{errors:?}");
-    let rendered = inference_gateway::k8s::render::render(&inv, &Default::default())
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    let igw_pool = rendered.collector_config["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == pool_name)
-        .expect("igwctl renders the pool")
-        .clone();
-    assert_eq!(igw_pool["endpoints"], serde_json::json!([fqdn]));
-    assert_eq!(igw_pool["target_ports"], serde_json::json!(pool_ports));
-    assert_eq!(
-        igw_pool["server_type"].as_str(),
-        dpool["server_type"].as_str()
-    );
+    let opts = inference_gateway::k8s::render::RenderOptions {
+        allowed_cidrs: seq(&raw["plugin"]["allowed_endpoint_cidrs"])
+            .iter()
+            .map(|c| s(c).to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let rendered =
+        inference_gateway::k8s::render::render(&inv, &opts).unwrap_or_else(|e| panic!("{e:?}"));
+    let (igw, _) = inference_gateway::k8s::render::picker_config(&rendered).unwrap();
+    let cm: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(cm, igw, "the ConfigMap is not what igwctl picker renders");
     let picker_ref = inv.pools[0].picker.as_ref().expect("endpointPickerRef");
     assert_eq!(picker_ref.port, Some(port_of(&svc_port["port"])));
     assert_eq!(picker_ref.name, s(&svc["metadata"]["name"]));
@@ -436,13 +434,15 @@ fn manifests_parse_and_agree() {
     let ext = m.one("GCPTrafficExtension");
     assert_eq!(s(&seq(&ext["spec"]["targetRefs"])[0]["name"]), gw);
     let armor = &seq(&seq(&ext["spec"]["extensionChains"])[0]["extensions"])[0];
+    // Every model Model Armor has templates for is routed by the picker.
     let settings: serde_json::Value =
         serde_json::from_str(s(&armor["metadata"]["model_armor_settings"])).unwrap();
     for entry in settings.as_array().unwrap() {
         let model = entry["model"].as_str().unwrap();
         assert!(
-            cfg.plugin.models.iter().any(|(name, _)| name == model),
-            "Model Armor settings for {model}, which the picker does not serve"
+            cfg.plugin.models.iter().any(|(name, _)| name == model)
+                || raw["plugin"]["default_pool"].as_str() == Some(pool_name),
+            "Model Armor settings for {model}, which the picker does not route"
         );
     }
 }
