@@ -87,6 +87,14 @@ enum Command {
         #[command(flatten)]
         render: RenderArgs,
     },
+    /// Print the endpoint picker's configuration (plugin + discovery, YAML) for
+    /// the resources: the ConfigMap of deploy/gke/ (docs/gke.md).
+    Picker {
+        #[command(flatten)]
+        inputs: Inputs,
+        #[command(flatten)]
+        render: RenderArgs,
+    },
     /// Check the resources and print a summary; no output files. Exit 2 on error.
     Check {
         #[command(flatten)]
@@ -197,6 +205,26 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Command::Picker { inputs, render: r } => {
+            let inv = match load(&inputs) {
+                Ok(i) => i,
+                Err(c) => return c,
+            };
+            let rendered = match render::render(&inv, &r.options()) {
+                Ok(x) => x,
+                Err(e) => return print_errors(&e),
+            };
+            match render::picker_config(&rendered) {
+                Ok((cfg, notes)) => {
+                    for n in notes {
+                        eprintln!("note: {n}");
+                    }
+                    print!("{}", serde_yaml_ng::to_string(&cfg).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => print_errors(&[e]),
+            }
         }
         Command::Check { inputs, render: r } => {
             let inv = match load(&inputs) {

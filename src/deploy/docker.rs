@@ -24,6 +24,11 @@ pub const BUILD_SCRIPT: &str = "envoy/docker/build-image.sh";
 /// Where the image's Envoy looks for its configuration by default.
 pub const IMAGE_CONFIG_PATH: &str = "/etc/envoy/envoy.yaml";
 
+/// The endpoint picker's image (`deploy/gke/40-picker-deployment.yaml` runs it).
+pub const PICKER_IMAGE: &str = "inference-gateway-endpoint-picker:local";
+/// Builds every local image; `--only picker` just the picker's.
+pub const IMAGES_SCRIPT: &str = "envoy/docker/build-images.sh";
+
 /// `inference-gateway-envoy:1.40.0`.
 pub fn image_ref() -> String {
     format!("{IMAGE_NAME}:{ENVOY_VERSION}")
@@ -134,6 +139,30 @@ pub fn build_image(repo: &Path, elf: &Path, image: &str, force: bool) -> Result<
     }
     cmd.arg(elf).current_dir(repo);
     let (ok, out, err) = run_with_timeout(&mut cmd, Duration::from_secs(15 * 60))?;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(format!(
+            "{} failed:\n{}\n{}",
+            script.display(),
+            out.trim(),
+            err.trim()
+        )))
+    }
+}
+
+/// Builds the endpoint picker's image `tag` from `bin_dir/endpoint-picker` (a
+/// debug or release build) with [`IMAGES_SCRIPT`] `--only picker`: FROM scratch,
+/// the binary and the libraries it links, user 65532. Always rebuilds (an
+/// unchanged binary is a cache hit).
+pub fn build_picker_image(repo: &Path, bin_dir: &Path, tag: &str) -> Result<()> {
+    let script = repo.join(IMAGES_SCRIPT);
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
+        .args(["--only", "picker", "--picker-tag", tag, "--bin-dir"])
+        .arg(bin_dir)
+        .current_dir(repo);
+    let (ok, out, err) = run_with_timeout(&mut cmd, Duration::from_secs(10 * 60))?;
     if ok {
         Ok(())
     } else {

@@ -420,6 +420,34 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
     })
 }
 
+/// The endpoint picker's configuration file (`endpoint-picker --config`,
+/// docs/gke.md) for rendered resources: `plugin` is the gateway filter's
+/// configuration without `safety` (the picker screens nothing: on GKE Model
+/// Armor is the Gateway's GCPTrafficExtension), `discovery` the collector's
+/// without what only a separate collector needs (`listen`, `push_targets`, the
+/// ingest token). Checked with `PickerConfig::parse`; what was dropped is said in
+/// the returned notes.
+pub fn picker_config(r: &Rendered) -> Result<(Value, Vec<String>), K8sError> {
+    let mut notes = Vec::new();
+    let mut plugin = r.plugin_config.clone();
+    if let Some(safety) = plugin.as_object_mut().and_then(|p| p.remove("safety")) {
+        notes.push(format!(
+            "safety ({}) left out: the picker does not screen; keep the GCPTrafficExtension on the Gateway",
+            safety["authority"].as_str().unwrap_or("callout")
+        ));
+    }
+    let mut discovery = r.collector_config.clone();
+    if let Some(d) = discovery.as_object_mut() {
+        for k in ["listen", "push_targets", "token_env", "token"] {
+            d.remove(k);
+        }
+    }
+    let cfg = json!({"plugin": plugin, "discovery": discovery});
+    crate::picker::config::PickerConfig::parse(&cfg.to_string(), true, |_| None)
+        .map_err(|e| output_err("picker configuration", e))?;
+    Ok((cfg, notes))
+}
+
 /// `Config::from_json` on the rendered configuration: what is written is what the
 /// filter accepts.
 pub fn validate_plugin_config(v: &Value) -> Result<Config, crate::config::ConfigError> {
@@ -1144,5 +1172,21 @@ spec:
             .not_honoured
             .iter()
             .any(|l| l.contains("spec.targetModels[0]: weight 0")));
+    }
+
+    #[test]
+    fn picker_config_drops_safety_and_the_push_side() {
+        let mut names = BOTH_POOLS.to_vec();
+        names.push("model-armor-extension-settings.yaml");
+        let r = render_examples(&names);
+        assert!(r.plugin_config.get("safety").is_some());
+        let (cfg, notes) = picker_config(&r).unwrap();
+        assert!(cfg["plugin"].get("safety").is_none());
+        assert!(notes[0].contains("modelarmor"), "{notes:?}");
+        for k in ["listen", "push_targets", "token_env"] {
+            assert!(cfg["discovery"].get(k).is_none(), "{k}");
+        }
+        assert_eq!(cfg["discovery"]["pools"], r.collector_config["pools"]);
+        assert_eq!(cfg["plugin"]["pools"], r.plugin_config["pools"]);
     }
 }
