@@ -4,6 +4,7 @@
 //! field it is about, e.g. `models[1].target_models[0].weight: must be at least 1`.
 //! The reference for every field is `docs/configuration.md`.
 
+use crate::auth::{Auth, RawAuth};
 use crate::safety::config::{RawSafety, Safety};
 use crate::scheduling::config::{RawScheduling, Scheduling};
 use serde::Deserialize;
@@ -104,6 +105,10 @@ pub struct RawConfig {
     /// ORIGINAL_DST cluster anywhere else.
     #[serde(default = "default_allowed_endpoint_cidrs")]
     pub allowed_endpoint_cidrs: Vec<String>,
+    /// API keys, their models, objectives and limits (docs/auth.md); absent:
+    /// no key is asked for.
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
 }
 
 /// Loopback and the private ranges: where pods and local model servers live.
@@ -255,6 +260,7 @@ pub struct Config {
     pub destination_list: bool,
     pub safety: Option<Safety>,
     pub allowed_endpoints: AllowedNetworks,
+    pub auth: Option<Auth>,
 }
 
 /// The networks members may be in (`allowed_endpoint_cidrs`).
@@ -581,6 +587,10 @@ impl RawConfig {
             ));
         }
 
+        let auth = match &self.auth {
+            Some(a) => Some(a.validate(&objectives)?),
+            None => None,
+        };
         Ok(Config {
             role: self.role,
             max_request_body_bytes: self.max_request_body_bytes,
@@ -601,6 +611,7 @@ impl RawConfig {
                 None => None,
             },
             allowed_endpoints: allowed,
+            auth,
         })
     }
 }

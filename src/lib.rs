@@ -4,6 +4,7 @@
 //! Host-free logic lives in the public modules (unit-tested natively); the
 //! proxy-wasm glue is `filter`, compiled only for `wasm32`.
 
+pub mod auth;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 #[cfg(not(target_arch = "wasm32"))]
