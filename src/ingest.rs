@@ -6,6 +6,12 @@ use crate::config::IngestConfig;
 use crate::openai::ApiError;
 use crate::snapshot::Snapshot;
 
+/// Header of a snapshot push carrying how many gateway replicas the collector
+/// feeds (each enforces its share of an API key's limits, `auth::quota`).
+pub const REPLICAS_HEADER: &str = "x-gateway-replicas";
+/// More replicas than this in the header is not believed.
+pub const MAX_REPLICAS: u32 = 1024;
+
 pub const INGEST_PATH: &str = "/v1/snapshot";
 
 /// Checks a push's headers: method, bearer token, declared size.

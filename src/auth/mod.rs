@@ -10,7 +10,9 @@
 
 pub mod quota;
 
-use crate::config::{ConfigError, Objective};
+use crate::config::{Config, ConfigError, Objective};
+use crate::gateway::RoutePlan;
+use crate::inflight::SharedStore;
 use crate::openai::ApiError;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -230,6 +232,65 @@ impl ApiKey {
             .with_param("model")),
             _ => Ok(()),
         }
+    }
+}
+
+/// Shared-data key of the gateway replica count the collector pushes with its
+/// snapshots (`x-gateway-replicas`); each replica enforces its share of a limit.
+pub const REPLICAS_KEY: &str = "igw.replicas";
+
+/// The replica count stored in shared data (1 when none was pushed).
+pub fn replicas(store: &dyn SharedStore) -> u32 {
+    store
+        .get(REPLICAS_KEY)
+        .0
+        .and_then(|b| {
+            b.get(..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        })
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
+}
+
+/// A request's key once its body is planned: the model must be one the key may
+/// use, the key's objective replaces whatever priority the request asked for,
+/// and its limits admit it (or answer 429). `None`: the key has no limits.
+pub fn admit_planned(
+    cfg: &Config,
+    key: &ApiKey,
+    plan: &mut RoutePlan,
+    store: &dyn SharedStore,
+    now_ms: u64,
+) -> Result<Option<quota::Admitted>, ApiError> {
+    key.check_model(&plan.model)?;
+    if let Some(o) = key.objective.as_deref().and_then(|o| cfg.objectives.get(o)) {
+        plan.priority = o.priority;
+        if let Some(p) = o.profile {
+            plan.profile = p;
+        }
+    }
+    if !key.limits.is_limited() {
+        return Ok(None);
+    }
+    let limits = key.limits.share(replicas(store));
+    let estimate = quota::estimate_tokens(&plan.prompt);
+    quota::admit(store, &key.id, &limits, now_ms, estimate).map(Some)
+}
+
+/// The tokens a finished request is charged: its `usage` when the response had
+/// one; a streamed response without it (the client did not ask for
+/// `include_usage`): the input estimate plus one token per event; a request
+/// that failed before a model answered: nothing.
+pub fn charged_tokens(
+    usage: Option<(u64, u64)>,
+    reserved: u64,
+    streamed_events: u64,
+    answered: bool,
+) -> u64 {
+    match usage {
+        Some((input, output)) => input.saturating_add(output),
+        None if !answered => 0,
+        None => reserved.saturating_add(streamed_events),
     }
 }
 

@@ -77,6 +77,9 @@ struct Shared {
     last_round: Mutex<Option<Instant>>,
     /// `/healthz` fails when no round finished within this long.
     healthz_max_age: Duration,
+    /// Push addresses now (gateway replicas fed): sent with every push, each
+    /// replica enforces that share of an API key's limits.
+    push_targets: std::sync::atomic::AtomicU32,
 }
 
 /// Aborts the task when dropped, so dropping a map of these stops every task.
@@ -204,6 +207,7 @@ async fn start_with(
         telemetry: Mutex::new(Telemetry::default()),
         last: Mutex::new(Arc::new(Snapshot::default())),
         last_round: Mutex::new(None),
+        push_targets: std::sync::atomic::AtomicU32::new(0),
         healthz_max_age: (cfg.scrape_interval * 10).max(Duration::from_secs(1)),
     });
     // Loopback and cluster addresses only: never through a proxy from the environment.
@@ -725,6 +729,10 @@ impl Discovery {
             ));
             self.pushers.insert(t.url.clone(), (t, AbortOnDrop(task)));
         }
+        shared.push_targets.store(
+            u32::try_from(self.pushers.len()).unwrap_or(u32::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if removed {
             let keep: HashSet<(String, String)> = self
                 .pushers
@@ -884,9 +892,14 @@ async fn pusher(
         let Some(body) = rx.borrow_and_update().clone() else {
             continue;
         };
+        let replicas = shared
+            .push_targets
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
         let sent = client
             .post(&target.url)
             .header(header::AUTHORIZATION, &auth)
+            .header(crate::ingest::REPLICAS_HEADER, replicas.to_string())
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .timeout(cfg.push_timeout)
             .body(body)

@@ -4,7 +4,7 @@
 use super::host;
 use super::store::{self, HostStore};
 use crate::config::Config;
-use crate::inflight;
+use crate::inflight::{self, SharedStore};
 use crate::ingest::{self, INGEST_PATH};
 use crate::observe;
 use crate::openai::ApiError;
@@ -23,6 +23,8 @@ pub struct ControlStream {
     config: Rc<Config>,
     /// Set while a snapshot push's body is being buffered.
     ingesting: bool,
+    /// The push's `x-gateway-replicas`: stored with the snapshot it came with.
+    replicas: Option<u32>,
 }
 
 impl ControlStream {
@@ -30,6 +32,7 @@ impl ControlStream {
         ControlStream {
             config,
             ingesting: false,
+            replicas: None,
         }
     }
 
@@ -56,6 +59,7 @@ impl ControlStream {
         let now_ms = super::now_ms(self);
         let snapshot = store::stored_snapshot();
         let state = State {
+            api_keys: api_keys(now_ms),
             in_flight: inflight::by_endpoint(
                 &HostStore,
                 &endpoint_names(&self.config, snapshot.as_ref()),
@@ -99,8 +103,34 @@ fn endpoint_names(
     inflight::names(&HostStore, listed.chain(configured))
 }
 
+/// Each configured API key's limits and use now (the gateway listener lists
+/// the keys in shared data; ids only, never digests).
+fn api_keys(now_ms: u64) -> Vec<serde_json::Value> {
+    let Some(bytes) = HostStore.get(super::auth::KEYS_KEY).0 else {
+        return Vec::new();
+    };
+    let keys: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let replicas = crate::auth::replicas(&HostStore);
+    keys.into_iter()
+        .map(|mut k| {
+            let id = k["id"].as_str().unwrap_or_default().to_string();
+            let u = crate::auth::quota::read(&HostStore, &id, now_ms);
+            k["replicas"] = replicas.into();
+            k["used"] = serde_json::json!({
+                "requests_this_minute": u.requests,
+                "concurrent": u.concurrent,
+                "tokens_this_minute": u.tokens_minute,
+                "tokens_today": u.tokens_day,
+            });
+            k
+        })
+        .collect()
+}
+
 #[derive(Serialize)]
 struct State {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    api_keys: Vec<serde_json::Value>,
     in_flight: BTreeMap<String, u64>,
     snapshot: Option<SnapshotView>,
 }
@@ -165,6 +195,9 @@ impl HttpContext for ControlStream {
                     );
                 } else {
                     self.ingesting = true;
+                    self.replicas = host::request_header(ingest::REPLICAS_HEADER)
+                        .and_then(|v| v.trim().parse::<u32>().ok())
+                        .filter(|n| (1..=ingest::MAX_REPLICAS).contains(n));
                 }
             }
             _ => reply(self, &ApiError::not_found(route)),
@@ -198,6 +231,9 @@ impl HttpContext for ControlStream {
                     s.endpoint_count(),
                     body.len()
                 );
+                if let Some(n) = self.replicas {
+                    let _ = HostStore.set(crate::auth::REPLICAS_KEY, &n.to_le_bytes(), None);
+                }
                 self.send_http_response(204, vec![], None);
             }
             Err(e) => {

@@ -1,5 +1,6 @@
 //! The gateway's HTTP stream: hold the headers, buffer the body, route, release.
 
+use super::auth::Consumer;
 use super::control::reply;
 use super::host;
 use super::safety::{PendingPrompt, ResponseCheck};
@@ -44,6 +45,8 @@ pub struct GatewayStream {
     request_id: String,
     /// What the request metrics and the access log record.
     pub(super) obs: RequestObs,
+    /// The API key the request presented (`auth`), once identified.
+    pub(super) consumer: Option<Consumer>,
 }
 
 impl GatewayStream {
@@ -61,6 +64,7 @@ impl GatewayStream {
             response_check: None,
             request_id: String::from("-"),
             obs: RequestObs::default(),
+            consumer: None,
         }
     }
 
@@ -85,7 +89,7 @@ impl GatewayStream {
     /// A complete body: plan the route, screen the prompt if configured, forward.
     fn route(&mut self, kind: ApiKind, body: &[u8], body_size: usize) -> Action {
         let objective = host::request_header(OBJECTIVE_HEADER);
-        let plan = match gateway::plan_route(
+        let mut plan = match gateway::plan_route(
             &self.config,
             kind,
             body,
@@ -95,6 +99,10 @@ impl GatewayStream {
             Ok(plan) => plan,
             Err(e) => return self.reject(&e),
         };
+        if let Err(e) = self.admit(&mut plan) {
+            self.obs.labels = Some((plan.model.clone(), plan.target_model.clone()));
+            return self.reject(&e);
+        }
         self.obs.labels = Some((plan.model.clone(), plan.target_model.clone()));
         self.obs.request_bytes = body_size as u64;
         self.obs.streamed = plan.stream;
@@ -229,6 +237,7 @@ impl Context for GatewayStream {
 
     fn on_done(&mut self) -> bool {
         self.release();
+        self.settle_consumer();
         true
     }
 }
@@ -241,6 +250,9 @@ impl HttpContext for GatewayStream {
         // Only the filter picks upstreams: a destination sent by the client must
         // never steer the ORIGINAL_DST cluster, on any path.
         self.set_http_request_header(DESTINATION_HEADER, None);
+        if let Err(e) = self.identify() {
+            return self.reject(&e);
+        }
         let method = host::request_header(":method").unwrap_or_default();
         let path = host::request_header(":path").unwrap_or_default();
         if ApiKind::from_path(&path).is_some_and(|k| k != ApiKind::Models) {
@@ -314,6 +326,7 @@ impl HttpContext for GatewayStream {
         if let Some(text) = self.explanation.take() {
             self.set_http_response_header(EXPLAIN_HEADER, Some(&text));
         }
+        self.rate_limit_headers();
         self.response_headers_safety(end_of_stream)
     }
 
@@ -341,6 +354,7 @@ impl HttpContext for GatewayStream {
 
     fn on_log(&mut self) {
         self.release();
+        self.settle_consumer();
         self.record_finished();
     }
 }

@@ -1,6 +1,7 @@
 //! proxy-wasm glue: reads from the host, asks the pure modules what to do, and
 //! carries it out. Decisions live in `gateway`, `routing` and `scheduling`.
 
+mod auth;
 mod control;
 mod host;
 mod http;
@@ -46,6 +47,7 @@ impl RootContext for Root {
             self.snapshot = Rc::default();
             store::register_series(&config);
             define_counters(&config);
+            auth::configure(&config);
         }
         log::info!(
             "inference-gateway: configured as {:?} with {} pool(s), {} model(s)",

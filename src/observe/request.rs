@@ -65,6 +65,14 @@ pub struct RequestObs {
     pub safety_response: Option<&'static str>,
     /// Media parts passed without a text check.
     pub media_parts: u32,
+    /// The API key's id (`auth`), for the access log.
+    pub consumer: Option<String>,
+    /// Count SSE `data:` events (a consumer's streamed response without `usage`
+    /// is charged by them); off unless a key's tokens are counted.
+    pub count_events: bool,
+    pub events: u64,
+    /// Whether the last byte fed ended a line (an event line starts after it).
+    mid_line: bool,
 }
 
 impl RequestObs {
@@ -91,6 +99,28 @@ impl RequestObs {
         }
         self.response_bytes = self.response_bytes.saturating_add(bytes.len() as u64);
         self.usage.feed(bytes);
+        if self.count_events {
+            self.count_event_lines(bytes);
+        }
+    }
+
+    fn count_event_lines(&mut self, bytes: &[u8]) {
+        let mut rest = bytes;
+        loop {
+            if !self.mid_line && rest.starts_with(b"data:") && !rest.starts_with(b"data: [DONE]") {
+                self.events += 1;
+            }
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.mid_line = false;
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    self.mid_line = !rest.is_empty();
+                    return;
+                }
+            }
+        }
     }
 
     pub fn final_usage(&self) -> Option<Usage> {
@@ -131,7 +161,7 @@ pub fn access_log_fields(o: &RequestObs, now_ns: u64) -> String {
     let usage = o.final_usage();
     format!(
         "model={model} target_model={target} endpoint={} priority={} safety_prompt={} safety_response={} \
-         media_parts={} input_tokens={} output_tokens={} ttft_ms={} duration_ms={} error={}",
+         media_parts={} input_tokens={} output_tokens={} ttft_ms={} duration_ms={} error={} consumer={}",
         o.endpoint.as_deref().map_or_else(|| "-".into(), field),
         o.priority.map_or_else(|| "-".to_string(), |p| p.to_string()),
         o.safety_prompt.unwrap_or("-"),
@@ -142,6 +172,7 @@ pub fn access_log_fields(o: &RequestObs, now_ns: u64) -> String {
         if o.streamed { ms(o.started_ns, o.first_byte_ns) } else { "-".into() },
         ms(o.started_ns, Some(now_ns)),
         o.error.unwrap_or("-"),
+        o.consumer.as_deref().map_or_else(|| "-".into(), field),
     )
 }
 
@@ -296,7 +327,7 @@ mod tests {
             access_log_fields(&o, 1_500_000_000),
             "model=food_review target_model=t_x endpoint=10.0.0.1:8000 priority=-1 \
              safety_prompt=pass safety_response=- media_parts=0 input_tokens=3 output_tokens=4 \
-             ttft_ms=20.0 duration_ms=500.0 error=-"
+             ttft_ms=20.0 duration_ms=500.0 error=- consumer=-"
         );
         let none = RequestObs::default();
         assert!(access_log_fields(&none, 0).starts_with("model=- target_model=- endpoint=-"));
