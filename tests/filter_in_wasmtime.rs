@@ -877,7 +877,7 @@ fn requests_feed_shared_data_metrics_that_the_control_vm_renders() {
     let fields = vm.property(s, "igw").expect("access-log fields");
     assert!(
         fields.starts_with(&format!(
-            "model=food-review target_model=food-review endpoint={dest} priority=0 safety_prompt=- safety_response=- media_parts=0 input_tokens=7 output_tokens=3 ttft_ms=40.0 duration_ms=250.0 error=-"
+            "model=food-review target_model=food-review endpoint={dest} priority=0 safety_prompt=- safety_response=- media_parts=0 input_tokens=7 output_tokens=3 ttft_ms=40.0 duration_ms=250.0 error=- consumer=-"
         )),
         "{fields}"
     );

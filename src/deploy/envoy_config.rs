@@ -898,12 +898,14 @@ const ACCESS_LOG: &str = r#"          access_log:
 pub const ACCESS_LOG_FILTER_STATE: &str = "wasm.igw";
 
 /// Labels of the filter's metrics (`.label.value` in the name).
-const STAT_LABELS: [&str; 5] = [
+const STAT_LABELS: [&str; 7] = [
     "model_name",
     "target_model_name",
     "error_code",
     "check",
     "filter",
+    "consumer",
+    "token_type",
 ];
 
 fn stats_tags() -> String {

@@ -71,8 +71,30 @@ pub struct RequestObs {
     /// is charged by them); off unless a key's tokens are counted.
     pub count_events: bool,
     pub events: u64,
-    /// Whether the last byte fed ended a line (an event line starts after it).
-    mid_line: bool,
+    /// The start of the current line (enough to tell `data: [DONE]`), and
+    /// whether it was classified already.
+    pub line_head: LineHead,
+}
+
+/// The first bytes of an SSE line, which may arrive split across chunks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LineHead {
+    bytes: [u8; 12],
+    len: u8,
+    done: bool,
+}
+
+impl LineHead {
+    /// Classifies the line once: an event carrying data (not `[DONE]`).
+    fn is_event(&mut self) -> bool {
+        if self.done {
+            return false;
+        }
+        self.done = true;
+        let head = &self.bytes[..usize::from(self.len)];
+        head.strip_prefix(b"data:")
+            .is_some_and(|rest| !rest.trim_ascii_start().starts_with(b"[DONE"))
+    }
 }
 
 impl RequestObs {
@@ -107,18 +129,24 @@ impl RequestObs {
     fn count_event_lines(&mut self, bytes: &[u8]) {
         let mut rest = bytes;
         loop {
-            if !self.mid_line && rest.starts_with(b"data:") && !rest.starts_with(b"data: [DONE]") {
-                self.events += 1;
+            let end = rest.iter().position(|&b| b == b'\n');
+            let line = &rest[..end.unwrap_or(rest.len())];
+            let h = &mut self.line_head;
+            let take = line.len().min(h.bytes.len() - usize::from(h.len));
+            let at = usize::from(h.len);
+            h.bytes[at..at + take].copy_from_slice(&line[..take]);
+            h.len += take as u8;
+            if usize::from(h.len) == h.bytes.len() || end.is_some() {
+                if h.is_event() {
+                    self.events += 1;
+                }
             }
-            match rest.iter().position(|&b| b == b'\n') {
+            match end {
                 Some(i) => {
-                    self.mid_line = false;
+                    self.line_head = LineHead::default();
                     rest = &rest[i + 1..];
                 }
-                None => {
-                    self.mid_line = !rest.is_empty();
-                    return;
-                }
+                None => return,
             }
         }
     }
@@ -340,5 +368,27 @@ mod tests {
         o.held = 10;
         assert_eq!(o.unseen(25), (10, 15));
         assert_eq!(o.unseen(5), (5, 0));
+    }
+
+    #[test]
+    fn streamed_events_are_counted_across_chunks_when_asked() {
+        let mut o = RequestObs {
+            count_events: true,
+            ..Default::default()
+        };
+        for chunk in [
+            &b"data: {\"a\":1}\n\nda"[..],
+            b"ta: {\"b\":2}\n\n",
+            b"data: {\"c\":\"data: not an event\"}\n",
+            b"\ndata: [DONE]\n\n",
+        ] {
+            o.response_bytes(chunk, 1);
+        }
+        // A line split across chunks is counted once, [DONE] never; "data:"
+        // inside a line is not a new event.
+        assert_eq!(o.events, 3);
+        let mut off = RequestObs::default();
+        off.response_bytes(b"data: {}\n\n", 1);
+        assert_eq!(off.events, 0);
     }
 }
