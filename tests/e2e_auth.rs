@@ -508,3 +508,46 @@ async fn a_batch_keys_requests_are_shed_before_a_standard_keys() {
         h.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_without_a_restart_through_ecds() {
+    let (old, new) = ("sk-old-0123456789", "sk-new-0123456789");
+    let with_keys = |base: &Value, keys: &[(&str, &str, Value)]| {
+        let mut c = base.clone();
+        c["auth"] = auth_config(keys);
+        c
+    };
+    let mut gw = Gateway::start_ecds(GatewayOptions {
+        replicas: 1,
+        configure: Box::new(move |s| {
+            s.gateway_config["auth"] =
+                auth_config(&[("app", old, json!({"requests_per_minute": 1000}))]);
+        }),
+        ..GatewayOptions::default()
+    })
+    .await;
+    assert_eq!((status(&gw, old).await, status(&gw, new).await), (200, 401));
+    // Both keys while clients move (the same id: one consumer, one budget)...
+    let base = gw.settings.gateway_config.clone();
+    gw.apply_gateway_config_and_wait(with_keys(
+        &base,
+        &[
+            ("app", old, json!({"requests_per_minute": 1000})),
+            ("app-next", new, json!({"requests_per_minute": 1000})),
+        ],
+    ))
+    .await;
+    assert_eq!((status(&gw, old).await, status(&gw, new).await), (200, 200));
+    // ...then only the new one: the old key is refused at once.
+    gw.apply_gateway_config_and_wait(with_keys(&base, &[("app-next", new, json!({}))]))
+        .await;
+    assert_eq!((status(&gw, old).await, status(&gw, new).await), (401, 200));
+    gw.check_envoy_alive().expect("the same Envoy throughout");
+}
+
+async fn status(gw: &Gateway, key: &str) -> u16 {
+    post(gw, Some(("x-api-key", key)), &chat("hi", 1))
+        .await
+        .status()
+        .as_u16()
+}

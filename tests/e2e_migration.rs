@@ -46,38 +46,6 @@ fn rendered(route: Option<&str>, preview: &[String], ga: &[String]) -> Value {
     config
 }
 
-/// ECDS reloads the admin interface has counted so far.
-async fn reloads(gw: &Gateway) -> u64 {
-    let text = gw
-        .client
-        .get(gw.admin_url("/stats?filter=extension_config_discovery"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.contains("envoy.filters.http.wasm.config_reload:"))
-        .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
-        .sum()
-}
-
-/// Applies `config` and waits until Envoy has loaded it.
-async fn apply(gw: &mut Gateway, config: Value) -> Instant {
-    let before = reloads(gw).await;
-    gw.apply_gateway_config(config);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reloads(gw).await <= before {
-        assert!(
-            Instant::now() < deadline,
-            "Envoy did not reload the ECDS file within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Instant::now()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
     let mut gw = Gateway::start_ecds(GatewayOptions {
@@ -131,7 +99,7 @@ async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
         split["backends"],
         json!([{"pool": PREVIEW, "weight": 50}, {"pool": GA, "weight": 50}])
     );
-    let applied = apply(&mut gw, split).await;
+    let applied = gw.apply_gateway_config_and_wait(split).await;
     let end2 = wait_for(applied, 2_000).await;
     let phase2 = shares(applied, end2);
     let total: usize = phase2.values().sum();
@@ -145,7 +113,7 @@ async fn migration_from_the_preview_pool_to_the_ga_pool_under_load() {
 
     // Phase 3: 0/100, the preview pool drained.
     let ga_only = rendered(Some("httproute-ga-100.yaml"), &eps[..2], &eps[2..]);
-    let applied = apply(&mut gw, ga_only).await;
+    let applied = gw.apply_gateway_config_and_wait(ga_only).await;
     let end3 = wait_for(applied, 500).await;
     let phase3 = shares(applied, end3);
     eprintln!("0/100: {phase3:?}");

@@ -289,6 +289,39 @@ impl Gateway {
         std::fs::rename(&tmp, &path).expect("rename ECDS");
     }
 
+    /// ECDS reloads of the gateway filter Envoy has done so far.
+    pub async fn ecds_reloads(&self) -> u64 {
+        let text = self
+            .client
+            .get(self.admin_url("/stats?filter=extension_config_discovery"))
+            .send()
+            .await
+            .expect("admin stats")
+            .text()
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("envoy.filters.http.wasm.config_reload:"))
+            .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
+            .sum()
+    }
+
+    /// [`Gateway::apply_gateway_config`], then waits (10 s at most) until Envoy
+    /// has loaded it; returns when it had.
+    pub async fn apply_gateway_config_and_wait(&mut self, config: Value) -> std::time::Instant {
+        let before = self.ecds_reloads().await;
+        self.apply_gateway_config(config);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.ecds_reloads().await <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Envoy did not reload the ECDS file within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::time::Instant::now()
+    }
+
     pub fn temp_dir(&self) -> &std::path::Path {
         self.dir.path()
     }
