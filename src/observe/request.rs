@@ -136,10 +136,8 @@ impl RequestObs {
             let at = usize::from(h.len);
             h.bytes[at..at + take].copy_from_slice(&line[..take]);
             h.len += take as u8;
-            if usize::from(h.len) == h.bytes.len() || end.is_some() {
-                if h.is_event() {
-                    self.events += 1;
-                }
+            if (usize::from(h.len) == h.bytes.len() || end.is_some()) && h.is_event() {
+                self.events += 1;
             }
             match end {
                 Some(i) => {

@@ -328,9 +328,7 @@ impl Exchange {
         let sse = self.obs.streamed;
         let mode = match self.response_mode {
             BodyMode::FullDuplex if sse => {
-                let Some(safety) = self.safety() else {
-                    return None;
-                };
+                let safety = self.safety()?;
                 Mode::Stream(Box::new(StreamState {
                     screen: StreamScreen::new(safety.stream),
                     calls: Vec::new(),

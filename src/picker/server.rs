@@ -124,7 +124,7 @@ impl SafetyClient {
 
 /// What woke a stream's loop.
 enum Event {
-    Message(Option<Result<ProcessingRequest, Status>>),
+    Message(Option<Result<Box<ProcessingRequest>, Status>>),
     Verdict((u32, Option<u16>, Vec<u8>)),
     Tick,
 }
@@ -152,12 +152,12 @@ impl ExternalProcessor for ExtProc {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 let event = tokio::select! {
-                    m = inbound.next() => Event::Message(m),
+                    m = inbound.next() => Event::Message(m.map(|r| r.map(Box::new))),
                     Some(v) = calls.next(), if !calls.is_empty() => Event::Verdict(v),
                     _ = tick.tick(), if exchange.wants_tick() => Event::Tick,
                 };
                 let replies = match event {
-                    Event::Message(Some(Ok(msg))) => exchange.on_message(msg),
+                    Event::Message(Some(Ok(msg))) => exchange.on_message(*msg),
                     Event::Message(_) => break,
                     Event::Verdict((id, status, body)) => exchange.on_verdict(id, status, &body),
                     Event::Tick => exchange.on_tick(),
