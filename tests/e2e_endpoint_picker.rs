@@ -431,6 +431,59 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         "{last}"
     );
 
+    // A real Prometheus scrapes it as the GKE guide's ClusterPodMonitoring does:
+    // with the bearer token the target is up and has the series; without, the
+    // scrape fails (401).
+    if let Some(_prom) = inference_gateway::deploy::prometheus::find_prometheus() {
+        use inference_gateway::deploy::prometheus::{start_prometheus, Target};
+        let address = format!("127.0.0.1:{}", picker.metrics);
+        let prom = start_prometheus(
+            &dir.path().join("prometheus"),
+            &[
+                Target::new("picker", &address).bearer(METRICS_TOKEN),
+                Target::new("picker-no-token", &address),
+            ],
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let prom = std::sync::Arc::new(prom);
+        let p = std::sync::Arc::clone(&prom);
+        let (samples, health) = tokio::task::spawn_blocking(move || {
+            let samples = p
+                .wait_for(
+                    r#"inference_pool_ready_pods{job="picker",name="pool"}"#,
+                    Duration::from_secs(30),
+                    |s| s.iter().any(|s| s.value == 3.0),
+                )
+                .unwrap_or_else(|e| panic!("{e}\n{}", p.log_tail(3000)));
+            let mut health = Vec::new();
+            for _ in 0..60 {
+                health = p.target_health().unwrap_or_default();
+                if health
+                    .iter()
+                    .any(|(j, h)| j == "picker-no-token" && h != "unknown")
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            (samples, health)
+        })
+        .await
+        .unwrap();
+        assert!(!samples.is_empty());
+        assert!(
+            health.contains(&("picker".to_string(), "up".to_string())),
+            "{health:?}"
+        );
+        assert!(
+            health.contains(&("picker-no-token".to_string(), "down".to_string())),
+            "{health:?}"
+        );
+    } else {
+        support::announce("SKIPPED the picker's Prometheus scrape: no prometheus binary");
+    }
+
     drop(envoy);
     picker.guard.stop(Duration::from_secs(5));
 }

@@ -41,12 +41,15 @@ pub fn alert_rules_path() -> PathBuf {
     super::repo_root().join(ALERT_RULES_PATH)
 }
 
-/// One scrape job: `job` label, `ip:port`, metrics path (default `/metrics`).
+/// One scrape job: `job` label, `ip:port`, metrics path (default `/metrics`),
+/// and an optional bearer token (`authorization: Bearer`, as the GKE
+/// metrics-scraping guide's ClusterPodMonitoring sends it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub job: String,
     pub address: String,
     pub metrics_path: String,
+    pub bearer: Option<String>,
 }
 
 impl Target {
@@ -55,7 +58,13 @@ impl Target {
             job: job.into(),
             address: address.into(),
             metrics_path: "/metrics".into(),
+            bearer: None,
         }
+    }
+
+    pub fn bearer(mut self, token: &str) -> Self {
+        self.bearer = Some(token.into());
+        self
     }
 
     pub fn path(mut self, metrics_path: &str) -> Self {
@@ -114,6 +123,13 @@ pub fn render_config(targets: &[Target], rules: &[PathBuf], interval: Duration) 
             yaml_str(&t.metrics_path),
             yaml_str(&t.address)
         );
+        if let Some(token) = &t.bearer {
+            let _ = write!(
+                out,
+                "    authorization:\n      type: Bearer\n      credentials: {}\n",
+                yaml_str(token)
+            );
+        }
     }
     out
 }
@@ -360,7 +376,7 @@ mod tests {
         let yaml = render_config(
             &[
                 Target::new("envoy", "127.0.0.1:9901").path("/stats/prometheus"),
-                Target::new("collector", "127.0.0.1:9090"),
+                Target::new("collector", "127.0.0.1:9090").bearer("t0ken"),
             ],
             &[PathBuf::from("/x/alerts.yaml")],
             Duration::from_secs(1),
@@ -377,6 +393,12 @@ mod tests {
             v["scrape_configs"][1]["static_configs"][0]["targets"][0].as_str(),
             Some("127.0.0.1:9090")
         );
+        let auth = &v["scrape_configs"][1]["authorization"];
+        assert_eq!(
+            (auth["type"].as_str(), auth["credentials"].as_str()),
+            (Some("Bearer"), Some("t0ken"))
+        );
+        assert!(v["scrape_configs"][0].get("authorization").is_none());
     }
 
     #[test]
