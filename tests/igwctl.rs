@@ -370,6 +370,7 @@ fn an_api_key_secret_renders_auth_with_digests_only() {
     let out = igwctl(&["check", "-f", dir.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(!text(&out.stdout).contains(KEY_TEAM));
+    assert!(text(&out.stdout).contains(" 2 API keys, "));
     let out = igwctl(&["picker", "-f", dir.to_str().unwrap()]);
     let picker = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
