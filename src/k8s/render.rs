@@ -447,9 +447,9 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
 /// The endpoint picker's configuration file (`endpoint-picker --config`,
 /// docs/gke.md) for rendered resources: `plugin` is the gateway filter's
 /// configuration without `safety` (the picker screens nothing: on GKE Model
-/// Armor is the Gateway's GCPTrafficExtension) and without `auth`, `discovery` the collector's
-/// without what only a separate collector needs (`listen`, `push_targets`, the
-/// ingest token). Checked with `PickerConfig::parse`; what was dropped is said in
+/// Armor is the Gateway's GCPTrafficExtension) and without `auth` (it checks no
+/// keys), `discovery` the collector's without what only a separate collector
+/// needs (`listen`, `push_targets`, the ingest token). Checked with `PickerConfig::parse`; what was dropped is said in
 /// the returned notes.
 pub fn picker_config(r: &Rendered) -> Result<(Value, Vec<String>), K8sError> {
     let mut notes = Vec::new();
