@@ -275,3 +275,125 @@ fn watch_renders_once_per_change() {
     );
     assert!(out_dir.join("envoy.yaml").exists());
 }
+
+const KEY_TEAM: &str = "sk-team-a-7f3e9c1d2b";
+const KEY_BATCH: &str = "sk-batch-0a9b8c7d6e";
+
+/// An API-key Secret (one key in plaintext, one as its digest), an unrelated
+/// Secret, a v1 pool and the objectives, in a temporary directory.
+fn keys_dir(tmp: &Path, keys_yaml: &str) -> PathBuf {
+    let dir = tmp.join("in");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["inferencepool-v1.yaml", "inferenceobjectives.yaml"] {
+        std::fs::copy(examples().join(f), dir.join(f)).unwrap();
+    }
+    let body: String = keys_yaml.lines().map(|l| format!("    {l}\n")).collect();
+    std::fs::write(
+        dir.join("api-keys.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: gateway-api-keys\n  labels:\n    inference-gateway.io/api-keys: \"true\"\ntype: Opaque\nstringData:\n  keys.yaml: |\n{body}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("hf-token.yaml"),
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: hf-token}\nstringData: {token: hf_not_for_the_gateway}\n",
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn an_api_key_secret_renders_auth_with_digests_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = format!(
+        "- id: team-a\n  key: {KEY_TEAM}\n  models: [meta-llama/Llama-3.1-8B-Instruct]\n  requests_per_minute: 120\n  tokens_per_day: 2000000\n- id: batch\n  sha256: {}\n  objective: base-model\n  concurrent_requests: 2\n  tokens_per_minute: 50000\n",
+        inference_gateway::auth::digest_hex(KEY_BATCH)
+    );
+    let dir = keys_dir(tmp.path(), &keys);
+    let out_dir = tmp.path().join("out");
+    let out = igwctl(&[
+        "render",
+        "-f",
+        dir.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let printed = text(&out.stdout) + &text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{printed}");
+    assert!(
+        printed.contains("api keys from Secret default/gateway-api-keys: team-a, batch"),
+        "{printed}"
+    );
+    assert!(!printed.contains(KEY_TEAM));
+    // The unrelated Secret is listed as ignored, and not read.
+    assert!(printed.contains("v1 Secret hf-token"), "{printed}");
+
+    let digest = inference_gateway::auth::digest_hex(KEY_TEAM);
+    for f in std::fs::read_dir(&out_dir).unwrap() {
+        let f = f.unwrap();
+        let t = std::fs::read_to_string(f.path()).unwrap();
+        assert!(
+            !t.contains(KEY_TEAM),
+            "plaintext key in {:?}",
+            f.file_name()
+        );
+        assert!(!t.contains("hf_not_for_the_gateway"), "{:?}", f.file_name());
+        let name = f.file_name().into_string().unwrap();
+        if name == "plugin-config.json" || name == "gateway-filter.json" {
+            assert!(t.contains(&digest), "{name} has no digest");
+        }
+    }
+
+    let plugin: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("plugin-config.json")).unwrap())
+            .unwrap();
+    let cfg = validate_plugin_config(&plugin).unwrap();
+    let auth = cfg.auth.expect("auth");
+    let team = &auth.keys[auth.identify(Some(KEY_TEAM)).unwrap()];
+    assert_eq!(team.id, "team-a");
+    assert_eq!(team.limits.requests_per_minute, Some(120));
+    assert_eq!(team.limits.tokens_per_day, Some(2_000_000));
+    assert_eq!(team.limits.concurrent_requests, None);
+    assert!(team
+        .models
+        .as_ref()
+        .unwrap()
+        .contains("meta-llama/Llama-3.1-8B-Instruct"));
+    let batch = &auth.keys[auth.identify(Some(KEY_BATCH)).unwrap()];
+    assert_eq!(batch.objective.as_deref(), Some("base-model"));
+    assert_eq!(batch.limits.concurrent_requests, Some(2));
+    assert_eq!(batch.limits.tokens_per_minute, Some(50_000));
+    assert!(batch.models.is_none());
+
+    // check agrees; the picker's configuration has no auth.
+    let out = igwctl(&["check", "-f", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(KEY_TEAM));
+    assert!(text(&out.stdout).contains(" 2 API keys, "));
+    let out = igwctl(&["picker", "-f", dir.to_str().unwrap()]);
+    let picker = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !picker.contains(&digest) && !picker.contains("auth"),
+        "{picker}"
+    );
+    assert!(text(&out.stderr).contains("auth (2 API keys) left out"));
+}
+
+#[test]
+fn a_bad_api_key_entry_names_the_field_not_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = keys_dir(
+        tmp.path(),
+        &format!("- id: team-a\n  key: {KEY_TEAM}\n  objective: base-modle\n"),
+    );
+    let out = igwctl(&["check", "-f", dir.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("api-keys.yaml[0] stringData[\"keys.yaml\"][0].objective: no InferenceObjective 'base-modle' among the inputs: did you mean base-model?"),
+        "{err}"
+    );
+    assert!(!err.contains(KEY_TEAM) && !text(&out.stdout).contains(KEY_TEAM));
+}

@@ -235,13 +235,14 @@ fn main() -> ExitCode {
                 Ok(x) => {
                     print!("{}", x.report.text());
                     println!(
-                        "ok: {} pools, {} objectives, {} models, {} routes, {} traffic extensions, {} backend policies, {} ignored",
+                        "ok: {} pools, {} objectives, {} models, {} routes, {} traffic extensions, {} backend policies, {} API keys, {} ignored",
                         inv.pools.len(),
                         inv.objectives.len(),
                         inv.models.len(),
                         inv.routes.len(),
                         inv.extensions.len(),
                         inv.policies.len(),
+                        inv.api_keys.iter().map(|s| s.consumers.len()).sum::<usize>(),
                         inv.ignored.len()
                     );
                     ExitCode::SUCCESS

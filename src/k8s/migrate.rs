@@ -429,6 +429,13 @@ pub fn migrate(inv: &Inventory, opts: &MigrateOptions) -> Result<Migration, Vec<
         return Err(errors);
     }
 
+    // The inventory keeps no API-key Secret (they hold plaintext keys).
+    for s in &inv.api_keys {
+        out.notes.push(format!(
+            "{}: the API-key Secret {}/{} is left out of migrated.yaml (it holds keys): keep it as it is and pass it to render with another -f",
+            s.meta.loc, s.meta.namespace, s.meta.name
+        ));
+    }
     for d in &inv.documents {
         match replaced.get(&d.loc.to_string()) {
             Some(Some(v)) => out.migrated.push(v.clone()),

@@ -5,6 +5,7 @@
 //! migrating v1alpha2 resources to v1 ([`migrate`]) and re-rendering on change
 //! ([`watch`]). The binary `igwctl` is a thin command line around these.
 
+pub mod apikeys;
 pub mod load;
 pub mod migrate;
 pub mod node;

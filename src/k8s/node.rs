@@ -301,7 +301,7 @@ pub struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    fn child(&self, key: &str, value: &'a Value) -> At<'a> {
+    pub fn child(&self, key: &str, value: &'a Value) -> At<'a> {
         At {
             value,
             loc: self.loc,

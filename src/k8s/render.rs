@@ -328,6 +328,24 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
         plugin.insert("safety".into(), safety);
     }
 
+    // API keys: digests only (the Secret's plaintext keys were hashed when read).
+    let auth = super::apikeys::auth_section(&inv.api_keys);
+    if let Some((section, _)) = &auth {
+        plugin.insert("auth".into(), section.clone());
+        for s in &inv.api_keys {
+            report.summary.push(format!(
+                "api keys from Secret {}/{}: {} (the filter's auth section, as SHA-256 digests)",
+                s.meta.namespace,
+                s.meta.name,
+                s.consumers
+                    .iter()
+                    .map(|c| c.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+
     for p in &inv.policies {
         report.summary.push(format!(
             "GCPBackendPolicy {}/{} on {} {} checked ({}{}): not applied by this gateway",
@@ -362,7 +380,13 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
 
     let plugin_config = Value::Object(plugin);
     if let Err(e) = validate_plugin_config(&plugin_config) {
-        return Err(vec![output_err("plugin configuration", e)]);
+        // An auth error is the Secret's: name its entry, not the rendered index.
+        let at_secret = auth
+            .as_ref()
+            .and_then(|(_, origin)| super::apikeys::locate(&e, origin));
+        return Err(vec![
+            at_secret.unwrap_or_else(|| output_err("plugin configuration", e))
+        ]);
     }
     let control_config = json!({"role": "control", "ingest": {"token": INGEST_TOKEN_PLACEHOLDER}});
     if let Err(e) = Config::from_json(control_config.to_string().as_bytes()) {
@@ -423,9 +447,9 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
 /// The endpoint picker's configuration file (`endpoint-picker --config`,
 /// docs/gke.md) for rendered resources: `plugin` is the gateway filter's
 /// configuration without `safety` (the picker screens nothing: on GKE Model
-/// Armor is the Gateway's GCPTrafficExtension), `discovery` the collector's
-/// without what only a separate collector needs (`listen`, `push_targets`, the
-/// ingest token). Checked with `PickerConfig::parse`; what was dropped is said in
+/// Armor is the Gateway's GCPTrafficExtension) and without `auth` (it checks no
+/// keys), `discovery` the collector's without what only a separate collector
+/// needs (`listen`, `push_targets`, the ingest token). Checked with `PickerConfig::parse`; what was dropped is said in
 /// the returned notes.
 pub fn picker_config(r: &Rendered) -> Result<(Value, Vec<String>), K8sError> {
     let mut notes = Vec::new();
@@ -434,6 +458,13 @@ pub fn picker_config(r: &Rendered) -> Result<(Value, Vec<String>), K8sError> {
         notes.push(format!(
             "safety ({}) left out: the picker does not screen; keep the GCPTrafficExtension on the Gateway",
             safety["authority"].as_str().unwrap_or("callout")
+        ));
+    }
+    // The picker does not enforce API keys (the gateway filter does).
+    if let Some(auth) = plugin.as_object_mut().and_then(|p| p.remove("auth")) {
+        notes.push(format!(
+            "auth ({} API keys) left out: the picker does not check keys",
+            auth["keys"].as_array().map_or(0, Vec::len)
         ));
     }
     let mut discovery = r.collector_config.clone();

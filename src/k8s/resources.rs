@@ -1,8 +1,10 @@
 //! The resources the tool understands, parsed from YAML with every field checked:
 //! InferencePool (v1 and v1alpha2), InferenceObjective, InferenceModel, HTTPRoute,
-//! GCPTrafficExtension (Model Armor) and GCPBackendPolicy. Everything else is
-//! listed as ignored. Errors name file, document and field.
+//! GCPTrafficExtension (Model Armor), GCPBackendPolicy and Secrets labelled as
+//! API keys (`apikeys`). Everything else is listed as ignored (and not read).
+//! Errors name file, document and field.
 
+use super::apikeys::{self, is_key_secret, KeySecret};
 use super::load::Document;
 use super::node::{suggest, At, Fields, K8sError, Location};
 use crate::config::Criticality;
@@ -275,10 +277,13 @@ pub struct Inventory {
     pub routes: Vec<Route>,
     pub extensions: Vec<TrafficExtension>,
     pub policies: Vec<BackendPolicy>,
+    /// Secrets labelled as API keys (digests only).
+    pub api_keys: Vec<KeySecret>,
     pub ignored: Vec<Ignored>,
     /// Accepted, but worth a look (e.g. a documented misspelling read as meant).
     pub warnings: Vec<String>,
-    /// The documents as read, for `migrate` to pass through untouched.
+    /// The documents as read, for `migrate` to pass through untouched (except
+    /// API-key Secrets).
     pub documents: Vec<Document>,
 }
 
@@ -292,7 +297,12 @@ impl Inventory {
                 errors.push(e);
             }
         }
-        inv.documents = docs;
+        // Not kept: the labelled Secrets hold plaintext keys, and these documents
+        // are printed (`migrate`) and Debug-formatted.
+        inv.documents = docs
+            .into_iter()
+            .filter(|d| !is_key_secret(&d.value))
+            .collect();
         errors.extend(inv.check_references());
         errors.sort();
         errors.dedup();
@@ -317,6 +327,12 @@ impl Inventory {
             }
             return Err(root.err("must be a Kubernetes object (a map with apiVersion and kind)"));
         };
+        if is_key_secret(&d.value) {
+            let top = root.fields(apikeys::SECRET_FIELDS)?;
+            let meta = meta(&top, &d.loc)?;
+            self.api_keys.push(apikeys::secret(meta, &top)?);
+            return Ok(());
+        }
         let group = api.split_once('/').map(|(g, _)| g).unwrap_or("");
         let known = KNOWN_KINDS.iter().find(|(k, _)| *k == kind);
         match known {
@@ -498,6 +514,10 @@ impl Inventory {
         }
         for p in &self.policies {
             dup("GCPBackendPolicy", &p.meta, &mut errors);
+        }
+        errors.extend(apikeys::check(&self.api_keys, &self.objectives));
+        for s in &self.api_keys {
+            dup("Secret", &s.meta, &mut errors);
         }
         // Global names in the filter's configuration.
         let mut global: BTreeMap<(&str, &str), &Meta> = BTreeMap::new();

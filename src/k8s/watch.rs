@@ -198,4 +198,44 @@ mod tests {
             assert!(!name.starts_with('.'), "{name}");
         }
     }
+
+    #[test]
+    fn rotating_a_key_rewrites_the_ecds_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir(&input).unwrap();
+        let out = dir.path().join("out");
+        std::fs::write(input.join("pool.yaml"), POOL).unwrap();
+        let secret = |key: &str| {
+            format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: keys\n  labels: {{inference-gateway.io/api-keys: \"true\"}}\nstringData:\n  keys.yaml: |\n    - id: team-a\n      key: {key}\n")
+        };
+        std::fs::write(input.join("keys.yaml"), secret("sk-old-key-1")).unwrap();
+        let mut w = Watcher::new(
+            vec![input.clone()],
+            out.clone(),
+            Format::Yaml,
+            RenderOptions::default(),
+        );
+        assert!(matches!(w.tick().unwrap(), Tick::Rendered(_)));
+        let ecds = || std::fs::read_to_string(out.join("gateway-filter.json")).unwrap();
+        assert!(ecds().contains(&crate::auth::digest_hex("sk-old-key-1")));
+
+        std::fs::write(input.join("keys.yaml"), secret("sk-new-key-2")).unwrap();
+        let Tick::Rendered(files) = w.tick().unwrap() else {
+            panic!()
+        };
+        // Envoy picks the new filter configuration up from this file, no restart.
+        assert!(
+            files.contains(&"gateway-filter.json".to_string()),
+            "{files:?}"
+        );
+        assert!(ecds().contains(&crate::auth::digest_hex("sk-new-key-2")));
+        assert!(!ecds().contains(&crate::auth::digest_hex("sk-old-key-1")));
+        for (_, text) in output_files(
+            &render(&super::super::load(&[input]).0, &RenderOptions::default()).unwrap(),
+            Format::Yaml,
+        ) {
+            assert!(!text.contains("sk-new-key-2"));
+        }
+    }
 }
