@@ -242,7 +242,7 @@ fn count_ties(scored: &[Scored]) -> usize {
     let best = scored
         .iter()
         .map(|s| s.total)
-        .fold(f64::NEG_INFINITY, f64::max);
+        .fold(f64::NEG_INFINITY, greater);
     scored.iter().filter(|s| best - s.total <= TIE).count()
 }
 
@@ -297,7 +297,7 @@ impl Ranges {
             .filter_map(|&j| cands[j].fresh_metrics().map(|m| f64::from(m.waiting)));
         let (min, max) = min_max(fresh_waiting);
         Ranges {
-            waiting: (min, (max - min).max(f64::from(queue_depth))),
+            waiting: (min, greater(max - min, f64::from(queue_depth))),
             in_flight: min_max(pool.iter().map(|&j| cands[j].in_flight as f64)),
         }
     }
@@ -328,7 +328,7 @@ fn score(
                 if req.prompt_blocks == 0 {
                     0.0
                 } else {
-                    (c.prefix_blocks as f64 / req.prompt_blocks as f64).min(1.0)
+                    lesser(1.0, c.prefix_blocks as f64 / req.prompt_blocks as f64)
                 }
             }
             ScorerKind::LoraAffinity => lora_score(req, c),
@@ -361,8 +361,29 @@ fn lora_score(req: &Request<'_>, c: &Candidate<'_>) -> f64 {
 
 fn min_max(values: impl Iterator<Item = f64>) -> (f64, f64) {
     values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(v), hi.max(v))
+        (lesser(lo, v), greater(hi, v))
     })
+}
+
+/// `a.min(b)` by one comparison: in Wasm `f64::min` is a call to `fmin` (its NaN
+/// rule is not `f64.min`'s), tens of instructions, several per candidate. Same
+/// result: a NaN `b` is ignored as `fmin` ignores it (`a`, the accumulator or a
+/// constant here, is never NaN), and no value here is a signed zero.
+fn lesser(a: f64, b: f64) -> f64 {
+    if b < a {
+        b
+    } else {
+        a
+    }
+}
+
+/// `a.max(b)` by one comparison (see [`lesser`]).
+fn greater(a: f64, b: f64) -> f64 {
+    if b > a {
+        b
+    } else {
+        a
+    }
 }
 
 /// Scales a uniform `u32` into `0..n`.
