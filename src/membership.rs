@@ -177,6 +177,21 @@ impl Membership {
         }
     }
 
+    /// [`Membership::address`] and [`Membership::metrics`] at once: a member listed
+    /// by the snapshot is one lookup for both (a request reads every candidate's).
+    pub fn address_and_metrics(&self, m: &Member) -> (&str, Option<&EndpointMetrics>) {
+        if let (Source::Snapshot { pool, endpoint }, Some(s)) = (m.source, &self.snapshot) {
+            if m.metrics == Some((pool, endpoint)) {
+                let ep = s
+                    .pools
+                    .get(pool as usize)
+                    .and_then(|p| p.endpoints.get(endpoint as usize));
+                return (ep.map_or("", |e| e.address.as_str()), ep);
+            }
+        }
+        (self.address(m), self.metrics(m))
+    }
+
     /// The member's metrics in the snapshot, if it reports them.
     pub fn metrics(&self, m: &Member) -> Option<&EndpointMetrics> {
         metrics_at(self.snapshot.as_ref()?, m)
@@ -273,7 +288,11 @@ mod tests {
     }
 
     fn addresses(m: &Membership, pool: usize) -> Vec<&str> {
-        m.members(pool).iter().map(|x| m.address(x)).collect()
+        let listed: Vec<&str> = m.members(pool).iter().map(|x| m.address(x)).collect();
+        for x in m.members(pool) {
+            assert_eq!(m.address_and_metrics(x), (m.address(x), m.metrics(x)));
+        }
+        listed
     }
 
     #[test]

@@ -107,8 +107,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         .as_ref()
         .is_some_and(|s| !s.is_stale(now_ms, stale_after));
     let candidate = |member: &'_ crate::membership::Member, in_flight: u64| {
-        let endpoint = members.address(member);
-        let metrics = members.metrics(member);
+        let (endpoint, metrics) = members.address_and_metrics(member);
         Candidate {
             endpoint,
             in_flight,
