@@ -38,6 +38,8 @@ struct PoolMembers {
     /// `(key, member index)`, sorted by key.
     by_key: Vec<(u64, u32)>,
     from_snapshot: bool,
+    /// Some member's metrics list a running or waiting LoRA adapter.
+    reports_adapters: bool,
 }
 
 /// Every configured pool's members under one snapshot (or none).
@@ -124,10 +126,18 @@ impl Membership {
                 .map(|(i, m)| (m.key, i as u32))
                 .collect();
             by_key.sort_unstable();
+            let reports_adapters = snapshot.as_ref().is_some_and(|s| {
+                members.iter().any(|m| {
+                    metrics_at(s, m).is_some_and(|x| {
+                        !x.running_adapters.is_empty() || !x.waiting_adapters.is_empty()
+                    })
+                })
+            });
             pools.push(PoolMembers {
                 members,
                 by_key,
                 from_snapshot: listed.is_some(),
+                reports_adapters,
             });
         }
         refused.sort();
@@ -167,15 +177,31 @@ impl Membership {
         }
     }
 
+    /// [`Membership::address`] and [`Membership::metrics`] at once: a member listed
+    /// by the snapshot is one lookup for both (a request reads every candidate's).
+    pub fn address_and_metrics(&self, m: &Member) -> (&str, Option<&EndpointMetrics>) {
+        if let (Source::Snapshot { pool, endpoint }, Some(s)) = (m.source, &self.snapshot) {
+            if m.metrics == Some((pool, endpoint)) {
+                let ep = s
+                    .pools
+                    .get(pool as usize)
+                    .and_then(|p| p.endpoints.get(endpoint as usize));
+                return (ep.map_or("", |e| e.address.as_str()), ep);
+            }
+        }
+        (self.address(m), self.metrics(m))
+    }
+
     /// The member's metrics in the snapshot, if it reports them.
     pub fn metrics(&self, m: &Member) -> Option<&EndpointMetrics> {
-        let (p, e) = m.metrics?;
-        self.snapshot
-            .as_ref()?
-            .pools
-            .get(p as usize)?
-            .endpoints
-            .get(e as usize)
+        metrics_at(self.snapshot.as_ref()?, m)
+    }
+
+    /// Whether any member of `pool` reports a LoRA adapter (running or waiting),
+    /// fresh or not: when none does, a request's model is no adapter without a
+    /// look at every candidate.
+    pub fn reports_adapters(&self, pool: usize) -> bool {
+        self.pools.get(pool).is_some_and(|p| p.reports_adapters)
     }
 
     /// Each member's in-flight count, read from the in-flight table (`table`, as
@@ -201,6 +227,11 @@ impl Membership {
             .flat_map(|p| p.members.iter())
             .map(|m| self.address(m))
     }
+}
+
+fn metrics_at<'s>(s: &'s Snapshot, m: &Member) -> Option<&'s EndpointMetrics> {
+    let (p, e) = m.metrics?;
+    s.pools.get(p as usize)?.endpoints.get(e as usize)
 }
 
 /// A pushed member the gateway may route to: the canonical `ip:port` (what
@@ -257,7 +288,11 @@ mod tests {
     }
 
     fn addresses(m: &Membership, pool: usize) -> Vec<&str> {
-        m.members(pool).iter().map(|x| m.address(x)).collect()
+        let listed: Vec<&str> = m.members(pool).iter().map(|x| m.address(x)).collect();
+        for x in m.members(pool) {
+            assert_eq!(m.address_and_metrics(x), (m.address(x), m.metrics(x)));
+        }
+        listed
     }
 
     #[test]
@@ -278,6 +313,14 @@ mod tests {
         assert_eq!(addresses(&m, 1), ["10.0.0.7:8000", "127.0.0.1:2"]);
         assert!(m.from_snapshot(1));
         assert_eq!(m.metrics(&m.members(1)[0]).unwrap().running, 13);
+        assert!(!m.reports_adapters(0) && !m.reports_adapters(1));
+
+        // Adapters reported by a member of b only.
+        let mut s = snapshot(&[("b", &["10.0.0.7:8000", "127.0.0.1:2"])]);
+        s.pools[0].endpoints[0].waiting_adapters = vec!["lora-1".into()];
+        let m = Membership::new(&cfg, Some(s));
+        assert!(!m.reports_adapters(0) && m.reports_adapters(1));
+        assert!(!m.reports_adapters(7));
     }
 
     #[test]

@@ -998,7 +998,7 @@ fn metrics_survive_garbage_in_shared_data() {
     // Another writer (or an older layout) left garbage in a series and the index.
     let mut junk = host.vm();
     junk.configure(&config().to_string()).unwrap();
-    host.set_shared("igw.m1.food-review\u{1f}food-review", b"\xff\xfe garbage");
+    host.set_shared("igw.m2.food-review\u{1f}food-review", b"\xff\xfe garbage");
     let (s, a) = chat(&mut vm, &chat_body("food-review"));
     assert_eq!(a, Action::Continue);
     vm.response_headers(s, &[(":status", "200")], false);
@@ -1009,7 +1009,7 @@ fn metrics_survive_garbage_in_shared_data() {
         m[r#"inference_model_request_total{model_name="food-review",target_model_name="food-review"}"#],
         1.0
     );
-    host.set_shared("igw.m1.index", b"\x01\x02\x03");
+    host.set_shared("igw.m2.index", b"\x01\x02\x03");
     let s = c.stream();
     c.request_headers(s, &[(":method", "GET"), (":path", "/metrics")], true);
     assert_eq!(c.local_response(s).unwrap().status, 200);
@@ -1047,7 +1047,7 @@ fn per_request_cost_with_metrics() {
     }
     let per_request = started.elapsed() / n;
     let series = host
-        .shared("igw.m1.food-review\u{1f}food-review")
+        .shared("igw.m2.food-review\u{1f}food-review")
         .expect("series");
     eprintln!(
         "per streamed request through the filter in wasmtime: {per_request:?} (all of routing, \

@@ -33,18 +33,20 @@ pub struct OverheadRep {
     pub saturation_rps: f64,
     /// Envoy user+system CPU per request in the saturation run, µs.
     pub envoy_cpu_us: f64,
-    /// The ext_proc picker's CPU per request, µs (0 for the other variants).
+    /// The ext_proc picker's CPU per request, µs (0 for the variants without one).
     pub picker_cpu_us: f64,
 }
 
 /// The overhead suite's variants, in the order it runs and reports them.
-pub const OVERHEAD_VARIANTS: [&str; 4] = ["plain", "floor", "filter", "ext_proc"];
+pub const OVERHEAD_VARIANTS: [&str; 5] = ["plain", "floor", "filter", "ext_proc", "ext_proc_fd"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct OverheadRow {
     /// One of [`OVERHEAD_VARIANTS`]: `plain` (Envoy's round robin), `floor` (the
-    /// minimal body-based router in Wasm, `bench-floor-filter/`), `filter` or
-    /// `ext_proc`.
+    /// minimal body-based router in Wasm, `bench-floor-filter/`), `filter`,
+    /// `ext_proc` (the `endpoint-picker`, BUFFERED request bodies) or `ext_proc_fd`
+    /// (the same picker in FULL_DUPLEX_STREAMED, as the Endpoint Picker Protocol
+    /// wires it).
     pub variant: String,
     /// Endpoints in the pool and snapshot (0 for plain and floor: they route over
     /// the two live simulators and have no pool or snapshot).
@@ -520,6 +522,7 @@ mod tests {
                 cpu_row("filter", 10, 1024, &[250.0]),
                 cpu_row("filter", 100, 1024, &[300.0]),
                 cpu_row("ext_proc", 10, 1024, &[200.0]),
+                cpu_row("ext_proc_fd", 10, 1024, &[260.0]),
                 cpu_row("filter", 10, 16384, &[400.0]), // no plain at 16 KB
             ],
             ..Default::default()
@@ -535,13 +538,17 @@ mod tests {
         assert!(md.contains("| 1000 | 250 | 2.50× | – |"), "{md}");
         assert!(md.contains("| 1000 | 100 (90–110) | – | – |"), "{md}");
         assert!(md.contains("| 1000 | 400 | – | – |"), "{md}");
-        // Side by side, in the suite's order.
+        // Side by side, in the suite's order: the filter and both picker wirings.
         assert!(
-            md.contains("| body | plain | floor | filter 10 | filter 100 | ext_proc 10 |"),
+            md.contains(
+                "| body | plain | floor | filter 10 | filter 100 | ext_proc 10 | ext_proc_fd 10 |"
+            ),
             "{md}"
         );
         assert!(
-            md.contains("| 1 KB | 100 | 150 (1.50×) | 250 (2.50×) | 300 (3.00×) | 200 (2.00×) |\n"),
+            md.contains(
+                "| 1 KB | 100 | 150 (1.50×) | 250 (2.50×) | 300 (3.00×) | 200 (2.00×) | 260 (2.60×) |\n"
+            ),
             "{md}"
         );
         // No side-by-side line without a plain row to compare with.
@@ -770,8 +777,14 @@ robin over the two simulators, no filter), **floor** (a minimal proxy-wasm filte
 `bench-floor-filter/`, in the filter's place with the same Envoy wiring: it holds the \
 request headers, copies the whole body into the VM and sets \
 `x-gateway-destination-endpoint` round robin over the two simulators, nothing else), \
-**filter** (the inference-gateway filter, per pool size) and **ext_proc** (the same \
-scheduler as an ext_proc picker, per pool size). The floor is the least any body-based \
+**filter** (the inference-gateway filter, per pool size), **ext_proc** (the same \
+scheduler out of process: the `endpoint-picker` over plain-text gRPC, Envoy's ext_proc with \
+the headers and the BUFFERED body sent and responses skipped, per pool size) and \
+**ext_proc_fd** (the same picker wired as the Endpoint Picker Protocol wires it: request and \
+response bodies FULL_DUPLEX_STREAMED through the picker, response headers and trailers sent; \
+plain-text gRPC, not TLS, per pool size). Results measured before `ext_proc_fd` existed ran \
+`ext_proc` with the former `extproc-picker` binary (the same scheduler, its own BUFFERED-only \
+ext_proc loop). The floor is the least any body-based \
 router in Wasm costs Envoy: the filter's cost above it is the filter's own work (parsing, \
 scheduling, metrics), the part optimising the filter can remove; the floor's cost above \
 plain Envoy (holding the request, the body copy, the calls into the VM) is the price of \

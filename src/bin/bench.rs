@@ -18,7 +18,9 @@ use inference_gateway::bench::report::{
 use inference_gateway::bench::stats::Quantiles;
 use inference_gateway::bench::workload::{self, Costs, Kind, Planned, Spec};
 use inference_gateway::deploy::envoy_binary;
-use inference_gateway::deploy::envoy_config::{self, EnvoySettings, LbPolicy, Routing};
+use inference_gateway::deploy::envoy_config::{
+    self, EnvoySettings, FailureMode, LbPolicy, PickerLb, Routing,
+};
 use inference_gateway::deploy::process::{self, Check, ChildGuard};
 use inference_gateway::snapshot::{EndpointMetrics, PoolSnapshot, Snapshot};
 use serde_json::{json, Value};
@@ -378,6 +380,8 @@ fn bench_settings(
         concurrency: Some(2),
         buffer_limit_bytes: Some(8 << 20),
         routing,
+        // The picker runs with --insecure: the hop is compared, not TLS.
+        picker_tls: false,
         ..EnvoySettings::demo()
     }
 }
@@ -647,6 +651,9 @@ fn overhead(c: &Common) -> Res<()> {
     for &n in &plan.endpoints {
         configs.push(("ext_proc", n));
     }
+    for &n in &plan.endpoints {
+        configs.push(("ext_proc_fd", n));
+    }
     let mut rows = Vec::new();
     for (variant, n) in configs {
         let (gw, control, admin) = ports()?;
@@ -674,10 +681,21 @@ fn overhead(c: &Common) -> Res<()> {
                 Some(format!("http://127.0.0.1:{control}/v1/snapshot")),
             ),
             _ => {
+                // The endpoint-picker either way; Envoy's ext_proc settings pick the
+                // body mode: BUFFERED (headers and the whole body, the destination
+                // header back; responses skipped) or the Endpoint Picker Protocol's
+                // FULL_DUPLEX_STREAMED (bodies streamed both ways, responses too).
                 let grpc = process::free_port().map_err(|e| e.to_string())?;
                 picker = Some(start_picker(&gateway_config, grpc, control, &tmp)?);
-                let routing = Routing::ExtProc {
-                    grpc: format!("127.0.0.1:{grpc}"),
+                let grpc = format!("127.0.0.1:{grpc}");
+                let routing = if variant == "ext_proc_fd" {
+                    Routing::EndpointPicker {
+                        grpc,
+                        lb: PickerLb::OriginalDst,
+                        failure_mode: FailureMode::FailClose,
+                    }
+                } else {
+                    Routing::ExtProc { grpc }
                 };
                 (
                     envoy_yaml(routing, gateway_config.clone(), gw, control, admin),
@@ -729,7 +747,7 @@ fn overhead(c: &Common) -> Res<()> {
                     picker_cpu_us: (p1 - p0) / done * 1e6,
                 };
                 println!(
-                    "{variant:8} n={n:4} body={size:6} rep={rep}: p50 {:.3} ms p99 {:.3} ms, {:.0} req/s, envoy {:.0} µs/req, picker {:.0} µs/req, failed {}",
+                    "{variant:11} n={n:4} body={size:6} rep={rep}: p50 {:.3} ms p99 {:.3} ms, {:.0} req/s, envoy {:.0} µs/req, picker {:.0} µs/req, failed {}",
                     r.p50_ms, r.p99_ms, r.saturation_rps, r.envoy_cpu_us, r.picker_cpu_us, r.failed
                 );
                 if r.failed > 0 {
@@ -764,29 +782,40 @@ fn overhead(c: &Common) -> Res<()> {
     finish(c, &out)
 }
 
+/// The `endpoint-picker` with the plugin configuration only (static members, no
+/// discovery), plain-text gRPC, snapshots pushed to its ingest listener as to the
+/// filter's control listener; no health or metrics listeners.
 fn start_picker(gateway_config: &Value, grpc: u16, ingest: u16, dir: &Path) -> Res<ChildGuard> {
     let cfg = dir.join(format!("picker-{grpc}.json"));
-    std::fs::write(&cfg, gateway_config.to_string()).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(sibling("extproc-picker")?);
+    std::fs::write(&cfg, json!({"plugin": gateway_config}).to_string())
+        .map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(sibling("endpoint-picker")?);
     cmd.args([
         "--grpc",
         &format!("127.0.0.1:{grpc}"),
         "--ingest",
         &format!("127.0.0.1:{ingest}"),
+        "--grpc-health",
+        "",
+        "--metrics",
+        "",
+        "--insecure",
     ])
     .arg("--config")
     .arg(&cfg)
     .env("IGW_INGEST_TOKEN", TOKEN)
     .env("RUST_LOG", "warn");
     let mut g = ChildGuard::spawn(
-        "extproc-picker",
+        "endpoint-picker",
         &mut cmd,
         Some(&dir.join(format!("picker-{grpc}.log"))),
     )
     .map_err(|e| e.to_string())?;
-    let addr = format!("127.0.0.1:{grpc}").parse().map_err(|_| "addr")?;
-    process::wait_for_tcp(addr, Duration::from_secs(10))
-        .map_err(|e| format!("{e}; picker log: {}", g.log_tail(2000)))?;
+    for port in [grpc, ingest] {
+        let addr = format!("127.0.0.1:{port}").parse().map_err(|_| "addr")?;
+        process::wait_for_tcp(addr, Duration::from_secs(10))
+            .map_err(|e| format!("{e}; picker log: {}", g.log_tail(2000)))?;
+    }
     g.check_running().map_err(|e| e.to_string())?;
     Ok(g)
 }

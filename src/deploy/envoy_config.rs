@@ -174,6 +174,10 @@ pub struct EnvoySettings {
     /// directory) reconfigures the running Envoy without a restart or a dropped
     /// request. `None`: inline in the bootstrap.
     pub gateway_ecds_path: Option<String>,
+    /// [`Routing::EndpointPicker`] reaches its picker over TLS (as conformant
+    /// gateways do); `false`: plain-text gRPC, for a picker run with `--insecure`
+    /// (the overhead benchmark, which compares the hop, not the TLS handshake).
+    pub picker_tls: bool,
 }
 
 impl Default for EnvoySettings {
@@ -213,6 +217,7 @@ impl EnvoySettings {
             fallback_retries: 2,
             routing: Routing::WasmFilter,
             gateway_ecds_path: None,
+            picker_tls: true,
         }
     }
 
@@ -364,7 +369,8 @@ pub fn render(s: &EnvoySettings) -> String {
             lb,
             failure_mode,
         } => format!(
-            "#   {gateway}  gateway: endpoint-picker at {grpc} (Endpoint Picker Protocol, TLS, {failure_mode:?}) -> {}\n",
+            "#   {gateway}  gateway: endpoint-picker at {grpc} (Endpoint Picker Protocol, {}, {failure_mode:?}) -> {}\n",
+            if s.picker_tls { "TLS" } else { "plain text" },
             match lb {
                 PickerLb::OriginalDst => "ORIGINAL_DST",
                 PickerLb::OverrideHost => "override-host over the pool",
@@ -403,7 +409,9 @@ pub fn render(s: &EnvoySettings) -> String {
             }
             model_servers.push_str(&circuit_breakers_yaml(s));
             model_servers.push_str(&extproc_cluster_yaml(grpc));
-            model_servers.push_str(PICKER_TLS);
+            if s.picker_tls {
+                model_servers.push_str(PICKER_TLS);
+            }
             model_servers.push_str(PICKER_HEALTH_CHECK);
             (endpoint_picker_filter(*failure_mode), "", String::new())
         }
@@ -1275,6 +1283,29 @@ mod tests {
         assert!(yaml.contains("http2_protocol_options: {}"));
         assert!(yaml.contains("address: 127.0.0.1, port_value: 9002}"));
         assert!(!yaml.contains("envoy.filters.http.wasm"));
+    }
+
+    #[test]
+    fn the_endpoint_picker_is_reached_over_tls_unless_switched_off() {
+        let s = EnvoySettings {
+            routing: Routing::EndpointPicker {
+                grpc: "127.0.0.1:9002".into(),
+                lb: PickerLb::OriginalDst,
+                failure_mode: FailureMode::FailClose,
+            },
+            ..EnvoySettings::demo()
+        };
+        let tls = render(&s);
+        assert!(tls.contains("request_body_mode: FULL_DUPLEX_STREAMED"));
+        assert!(tls.contains("UpstreamTlsContext"));
+        let plain = render(&EnvoySettings {
+            picker_tls: false,
+            ..s
+        });
+        assert!(plain.contains("request_body_mode: FULL_DUPLEX_STREAMED"));
+        assert!(plain.contains(&format!("- name: {EXTPROC_CLUSTER}")));
+        assert!(plain.contains("(Endpoint Picker Protocol, plain text)"));
+        assert!(!plain.contains("UpstreamTlsContext"), "{plain}");
     }
 
     #[test]

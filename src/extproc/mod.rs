@@ -2,8 +2,8 @@
 //! `ext_proc` filter: the same decisions as the Wasm filter (`gateway::plan_route`,
 //! `scheduling::schedule`, the prefix index, in-flight counts), but held in this
 //! process's memory and reached over gRPC for every request. The product is the
-//! `endpoint-picker` binary (`crate::picker`: the Endpoint Picker Protocol); the
-//! benchmarks' BUFFERED-mode glue is `src/bin/extproc-picker.rs`.
+//! `endpoint-picker` binary (`crate::picker`: the Endpoint Picker Protocol, in
+//! FULL_DUPLEX_STREAMED or BUFFERED body mode).
 //!
 //! Everything here is host-free: [`Picker::route`] calls the same
 //! `gateway::plan_route` and `gateway::choose` as the filter's `GatewayStream`.

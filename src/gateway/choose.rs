@@ -100,19 +100,22 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // position in the membership built once per snapshot.
     let pool_members = members.members(plan.pool);
     let in_flight = members.in_flight(plan.pool, &inflight::table(store));
+    // `Snapshot::endpoint_is_fresh`, with the snapshot's own age checked once.
+    let stale_after = config.snapshot_stale_after_ms;
+    let snapshot_fresh = members
+        .snapshot
+        .as_ref()
+        .is_some_and(|s| !s.is_stale(now_ms, stale_after));
     let candidate = |member: &'_ crate::membership::Member, in_flight: u64| {
-        let endpoint = members.address(member);
-        let metrics = members.metrics(member);
+        let (endpoint, metrics) = members.address_and_metrics(member);
         Candidate {
             endpoint,
             in_flight,
             metrics,
-            fresh: match (&members.snapshot, metrics) {
-                (Some(s), Some(m)) => {
-                    s.endpoint_is_fresh(m, now_ms, config.snapshot_stale_after_ms)
-                }
-                _ => false,
-            },
+            fresh: snapshot_fresh
+                && metrics.is_some_and(|m| {
+                    m.scraped_at_ms != 0 && now_ms.saturating_sub(m.scraped_at_ms) <= stale_after
+                }),
             prefix_blocks: matches.get(endpoint).unwrap_or(0),
         }
     };
@@ -130,16 +133,18 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             .map(|&i| candidate(&pool_members[i], in_flight.get(i).copied().unwrap_or(0)))
             .collect(),
     };
-    // A model the config does not mark is an adapter when a fresh replica says so.
+    // A model the config does not mark is an adapter when a fresh replica says so
+    // (no candidate is looked at when no member reports any adapter).
     let adapter = plan.adapter.unwrap_or_else(|| {
-        candidates
-            .iter()
-            .filter(|c| c.fresh)
-            .filter_map(|c| c.metrics)
-            .any(|m| {
-                m.running_adapters.contains(&plan.target_model)
-                    || m.waiting_adapters.contains(&plan.target_model)
-            })
+        members.reports_adapters(plan.pool)
+            && candidates
+                .iter()
+                .filter(|c| c.fresh)
+                .filter_map(|c| c.metrics)
+                .any(|m| {
+                    m.running_adapters.contains(&plan.target_model)
+                        || m.waiting_adapters.contains(&plan.target_model)
+                })
     });
     let request = Request {
         model: &plan.target_model,

@@ -3,7 +3,7 @@
 //! ends (everything else).
 
 use super::usage::{Usage, UsageScanner};
-use super::{Hist, Series};
+use super::{Hist, Record};
 
 /// GIE's `error_code` values (its `pkg/epp/util/error`), plus two for safety.
 pub const BAD_REQUEST: &str = "BadRequest";
@@ -154,67 +154,105 @@ impl RequestObs {
     }
 }
 
-/// A value for a space-separated `key=value` line: no spaces, quotes or controls.
-fn field(v: &str) -> String {
+/// Appends a value for a space-separated `key=value` line: no spaces, quotes or
+/// controls (each becomes `_`); `-` when empty.
+fn push_field(out: &mut String, v: &str) {
     let v = super::clip(v);
     if v.is_empty() {
-        return "-".into();
-    }
-    v.chars()
-        .map(|c| {
+        out.push('-');
+    } else if v
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        // Model names and addresses: copied as they are.
+        out.push_str(v);
+    } else {
+        out.extend(v.chars().map(|c| {
             if c.is_whitespace() || c.is_control() || c == '"' || c == '\\' {
                 '_'
             } else {
                 c
             }
-        })
-        .collect()
+        }));
+    }
 }
 
 /// The access-log fields (logfmt), as the filter sets them in the `igw` property
-/// for `%FILTER_STATE(wasm.igw:PLAIN)%`. `-` marks what is unknown.
+/// for `%FILTER_STATE(wasm.igw:PLAIN)%`. `-` marks what is unknown. Written into
+/// one string with integer arithmetic (float formatting cost thousands of
+/// instructions per request).
 pub fn access_log_fields(o: &RequestObs, now_ns: u64) -> String {
+    use std::fmt::Write as _;
+    fn opt(out: &mut String, v: Option<impl std::fmt::Display>) {
+        match v {
+            Some(v) => {
+                let _ = write!(out, "{v}");
+            }
+            None => out.push('-'),
+        }
+    }
+    /// Milliseconds with one decimal, rounded half up.
+    fn ms(out: &mut String, from: Option<u64>, to: Option<u64>) {
+        match (from, to) {
+            (Some(a), Some(b)) => {
+                let tenths = b.saturating_sub(a).saturating_add(50_000) / 100_000;
+                let _ = write!(out, "{}.{}", tenths / 10, tenths % 10);
+            }
+            _ => out.push('-'),
+        }
+    }
+    let mut out = String::with_capacity(256);
     let (model, target) = o
         .labels
         .as_ref()
-        .map(|(m, t)| (field(m), field(t)))
-        .unwrap_or_else(|| ("-".into(), "-".into()));
-    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |n| n.to_string());
-    let ms = |from: Option<u64>, to: Option<u64>| match (from, to) {
-        (Some(a), Some(b)) => format!("{:.1}", b.saturating_sub(a) as f64 / 1e6),
-        _ => "-".into(),
-    };
+        .map_or(("", ""), |(m, t)| (m.as_str(), t.as_str()));
+    out.push_str("model=");
+    push_field(&mut out, model);
+    out.push_str(" target_model=");
+    push_field(&mut out, target);
+    out.push_str(" endpoint=");
+    push_field(&mut out, o.endpoint.as_deref().unwrap_or(""));
+    out.push_str(" priority=");
+    opt(&mut out, o.priority);
+    out.push_str(" safety_prompt=");
+    out.push_str(o.safety_prompt.unwrap_or("-"));
+    out.push_str(" safety_response=");
+    out.push_str(o.safety_response.unwrap_or("-"));
+    out.push_str(" media_parts=");
+    opt(&mut out, Some(o.media_parts));
     let usage = o.final_usage();
-    format!(
-        "model={model} target_model={target} endpoint={} priority={} safety_prompt={} safety_response={} \
-         media_parts={} input_tokens={} output_tokens={} ttft_ms={} duration_ms={} error={} consumer={}",
-        o.endpoint.as_deref().map_or_else(|| "-".into(), field),
-        o.priority.map_or_else(|| "-".to_string(), |p| p.to_string()),
-        o.safety_prompt.unwrap_or("-"),
-        o.safety_response.unwrap_or("-"),
-        o.media_parts,
-        opt(usage.map(|u| u.prompt_tokens)),
-        opt(usage.map(|u| u.completion_tokens)),
-        if o.streamed { ms(o.started_ns, o.first_byte_ns) } else { "-".into() },
-        ms(o.started_ns, Some(now_ns)),
-        o.error.unwrap_or("-"),
-        o.consumer.as_deref().map_or_else(|| "-".into(), field),
-    )
+    out.push_str(" input_tokens=");
+    opt(&mut out, usage.map(|u| u.prompt_tokens));
+    out.push_str(" output_tokens=");
+    opt(&mut out, usage.map(|u| u.completion_tokens));
+    out.push_str(" ttft_ms=");
+    if o.streamed {
+        ms(&mut out, o.started_ns, o.first_byte_ns);
+    } else {
+        out.push('-');
+    }
+    out.push_str(" duration_ms=");
+    ms(&mut out, o.started_ns, Some(now_ns));
+    out.push_str(" error=");
+    out.push_str(o.error.unwrap_or("-"));
+    out.push_str(" consumer=");
+    push_field(&mut out, o.consumer.as_deref().unwrap_or(""));
+    out
 }
 
 /// The update when a request is routed to `endpoint`.
-pub fn apply_routed(series: &mut Series, endpoint: &str) {
-    series.running = series.running.saturating_add(1);
+pub fn apply_routed(series: &mut (impl Record + ?Sized), endpoint: &str) {
+    series.add_running(true);
     series.add_pick(endpoint);
 }
 
 /// The update when a request ends at host time `now_ns`.
-pub fn apply_finished(series: &mut Series, obs: &RequestObs, now_ns: u64) {
+pub fn apply_finished(series: &mut (impl Record + ?Sized), obs: &RequestObs, now_ns: u64) {
     let Some(started) = obs.started_ns else {
         return;
     };
     if obs.running {
-        series.running = series.running.saturating_sub(1);
+        series.add_running(false);
     }
     if let Some(code) = obs.error {
         series.add_error(code);
@@ -223,7 +261,7 @@ pub fn apply_finished(series: &mut Series, obs: &RequestObs, now_ns: u64) {
     if obs.labels.is_none() {
         return;
     }
-    series.requests = series.requests.saturating_add(1);
+    series.add_request();
     series.observe(Hist::RequestSize, obs.request_bytes as f64);
     if obs.error.is_some() {
         return; // latency, sizes and tokens of served responses only
@@ -251,6 +289,7 @@ pub fn apply_finished(series: &mut Series, obs: &RequestObs, now_ns: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe::Series;
 
     #[test]
     fn error_codes() {
@@ -354,6 +393,19 @@ mod tests {
             "model=food_review target_model=t_x endpoint=10.0.0.1:8000 priority=-1 \
              safety_prompt=pass safety_response=- media_parts=0 input_tokens=3 output_tokens=4 \
              ttft_ms=20.0 duration_ms=500.0 error=- consumer=-"
+        );
+        // Non-ASCII kept, its whitespace replaced; durations to a tenth of a ms.
+        o.labels = Some(("crème\u{a0}brûlée".into(), "t".into()));
+        o.streamed = false;
+        o.error = Some(BAD_REQUEST);
+        let line = access_log_fields(&o, 1_001_250_000);
+        assert!(
+            line.starts_with("model=crème_brûlée target_model=t "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(" ttft_ms=- duration_ms=1.3 error=BadRequest consumer=-"),
+            "{line}"
         );
         let none = RequestObs::default();
         assert!(access_log_fields(&none, 0).starts_with("model=- target_model=- endpoint=-"));

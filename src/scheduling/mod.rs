@@ -242,7 +242,7 @@ fn count_ties(scored: &[Scored]) -> usize {
     let best = scored
         .iter()
         .map(|s| s.total)
-        .fold(f64::NEG_INFINITY, f64::max);
+        .fold(f64::NEG_INFINITY, greater);
     scored.iter().filter(|s| best - s.total <= TIE).count()
 }
 
@@ -292,13 +292,19 @@ struct Ranges {
 
 impl Ranges {
     fn of(cands: &[Candidate<'_>], pool: &[usize], queue_depth: u32) -> Ranges {
-        let fresh_waiting = pool
-            .iter()
-            .filter_map(|&j| cands[j].fresh_metrics().map(|m| f64::from(m.waiting)));
-        let (min, max) = min_max(fresh_waiting);
+        // One pass for both (each range folds in pool order, as two passes would).
+        let (mut waiting, mut in_flight) = (EMPTY_RANGE, EMPTY_RANGE);
+        for &j in pool {
+            let c = &cands[j];
+            if let Some(m) = c.fresh_metrics() {
+                waiting = widen(waiting, f64::from(m.waiting));
+            }
+            in_flight = widen(in_flight, c.in_flight as f64);
+        }
+        let (min, max) = waiting;
         Ranges {
-            waiting: (min, (max - min).max(f64::from(queue_depth))),
-            in_flight: min_max(pool.iter().map(|&j| cands[j].in_flight as f64)),
+            waiting: (min, greater(max - min, f64::from(queue_depth))),
+            in_flight,
         }
     }
 }
@@ -315,12 +321,13 @@ fn score(
 
     let mut parts = Vec::with_capacity(if explain { profile.scorers.len() } else { 0 });
     let (mut sum, mut weights) = (0.0, 0.0);
+    let fresh = c.fresh_metrics();
     for &(kind, weight) in &profile.scorers {
         let s = match kind {
-            ScorerKind::Queue => c.fresh_metrics().map_or(UNKNOWN, |m| {
+            ScorerKind::Queue => fresh.map_or(UNKNOWN, |m| {
                 queue_score(f64::from(m.waiting), ranges.waiting)
             }),
-            ScorerKind::KvCache => c.fresh_metrics().map_or(UNKNOWN, |m| {
+            ScorerKind::KvCache => fresh.map_or(UNKNOWN, |m| {
                 (1.0 - f64::from(m.kv_cache_utilization)).clamp(0.0, 1.0)
             }),
             ScorerKind::InFlight => lower_is_better(c.in_flight as f64, fmin, fmax),
@@ -328,7 +335,7 @@ fn score(
                 if req.prompt_blocks == 0 {
                     0.0
                 } else {
-                    (c.prefix_blocks as f64 / req.prompt_blocks as f64).min(1.0)
+                    lesser(1.0, c.prefix_blocks as f64 / req.prompt_blocks as f64)
                 }
             }
             ScorerKind::LoraAffinity => lora_score(req, c),
@@ -359,10 +366,32 @@ fn lora_score(req: &Request<'_>, c: &Candidate<'_>) -> f64 {
     }
 }
 
-fn min_max(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(v), hi.max(v))
-    })
+/// The `(min, max)` of no values.
+const EMPTY_RANGE: (f64, f64) = (f64::INFINITY, f64::NEG_INFINITY);
+
+fn widen((lo, hi): (f64, f64), v: f64) -> (f64, f64) {
+    (lesser(lo, v), greater(hi, v))
+}
+
+/// `a.min(b)` by one comparison: in Wasm `f64::min` is a call to `fmin` (its NaN
+/// rule is not `f64.min`'s), tens of instructions, several per candidate. Same
+/// result: a NaN `b` is ignored as `fmin` ignores it (`a`, the accumulator or a
+/// constant here, is never NaN), and no value here is a signed zero.
+fn lesser(a: f64, b: f64) -> f64 {
+    if b < a {
+        b
+    } else {
+        a
+    }
+}
+
+/// `a.max(b)` by one comparison (see [`lesser`]).
+fn greater(a: f64, b: f64) -> f64 {
+    if b > a {
+        b
+    } else {
+        a
+    }
 }
 
 /// Scales a uniform `u32` into `0..n`.
