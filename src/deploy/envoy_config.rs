@@ -1304,7 +1304,7 @@ mod tests {
         });
         assert!(plain.contains("request_body_mode: FULL_DUPLEX_STREAMED"));
         assert!(plain.contains(&format!("- name: {EXTPROC_CLUSTER}")));
-        assert!(plain.contains("(Endpoint Picker Protocol, plain text)"));
+        assert!(plain.contains("(Endpoint Picker Protocol, plain text, FailClose)"));
         assert!(!plain.contains("UpstreamTlsContext"), "{plain}");
     }
 
