@@ -504,8 +504,8 @@ pub fn metrics_text(picker: &Picker, collector: Option<&RunningCollector>) -> St
 }
 
 /// `POST /v1/snapshot` into `picker`, with the filter's ingest checks (bearer
-/// `token`, 8 MiB at most): the endpoint picker's optional push path, and the
-/// benchmarks' `extproc-picker`.
+/// `token`, 8 MiB at most): the endpoint picker's optional push path (the
+/// overhead benchmark feeds its pickers through it).
 pub fn ingest_router(picker: Arc<Picker>, token: String) -> axum::Router {
     let state = IngestState {
         picker,
