@@ -10,12 +10,11 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use support::deploy::envoy_config::{self, EnvoySettings, FailureMode, PickerLb, Routing};
-use support::deploy::process::{self, ChildGuard};
+use support::deploy::process;
 use support::envoy::Envoy;
+use support::picker::{PickerProcess, SUBSET_LUA};
 use support::sim::{self, Sim, SimOptions};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -24,21 +23,6 @@ use tonic_health::pb::HealthCheckRequest;
 
 const METRICS_TOKEN: &str = "picker-metrics-token-1234";
 
-const SUBSET_LUA: &str = r#"          - name: envoy.filters.http.lua
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-              default_source_code:
-                inline_string: |
-                  function envoy_on_request(h)
-                    local s = h:headers():get("x-test-subset")
-                    if s ~= nil then
-                      local list = {}
-                      for e in string.gmatch(s, "[^,]+") do table.insert(list, e) end
-                      h:streamInfo():dynamicMetadata():set("envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset", list)
-                    end
-                  end
-"#;
-
 /// The route echoes what the picker decided, for the assertions: the
 /// `envoy.lb` metadata value and the upstream Envoy connected to.
 const ECHO_PICK: &str = r#"                response_headers_to_add:
@@ -46,20 +30,9 @@ const ECHO_PICK: &str = r#"                response_headers_to_add:
                 - header: {key: x-test-upstream, value: "%UPSTREAM_REMOTE_ADDRESS%"}
 "#;
 
-fn picker_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_endpoint-picker"))
-}
-
-struct Picker {
-    guard: ChildGuard,
-    grpc: u16,
-    health: u16,
-    metrics: u16,
-}
-
-fn start_picker(dir: &Path, sims: &[Sim], cert: &Path, key: &Path) -> Picker {
+fn picker_config(sims: &[Sim]) -> Value {
     let endpoints: Vec<String> = sims.iter().map(Sim::endpoint).collect();
-    let cfg = json!({
+    json!({
         "plugin": {
             "pools": [{"name": "pool", "endpoints": []}],
             "models": [
@@ -71,32 +44,7 @@ fn start_picker(dir: &Path, sims: &[Sim], cert: &Path, key: &Path) -> Picker {
             "scrape_interval_ms": 50,
             "pools": [{"name": "pool", "endpoints": endpoints}]
         }
-    });
-    let path = dir.join("picker.json");
-    std::fs::write(&path, cfg.to_string()).unwrap();
-    let port = || process::free_port().expect("free port");
-    let (grpc, health, metrics) = (port(), port(), port());
-    let mut cmd = Command::new(picker_binary());
-    cmd.arg("--config")
-        .arg(&path)
-        .args(["--grpc", &format!("127.0.0.1:{grpc}")])
-        .args(["--grpc-health", &format!("127.0.0.1:{health}")])
-        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
-        .args(["--metrics-token-env", "PICKER_METRICS_TOKEN"])
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .env("PICKER_METRICS_TOKEN", METRICS_TOKEN)
-        .env("RUST_LOG", "info");
-    let guard = ChildGuard::spawn("endpoint-picker", &mut cmd, Some(&dir.join("picker.log")))
-        .unwrap_or_else(|e| panic!("{e}"));
-    Picker {
-        guard,
-        grpc,
-        health,
-        metrics,
-    }
+    })
 }
 
 async fn check(client: &mut HealthClient<Channel>, service: &str) -> Result<i32, tonic::Status> {
@@ -145,31 +93,16 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, &cert_pem).unwrap();
     std::fs::write(&key, &key_pem).unwrap();
-    let mut picker = start_picker(dir.path(), &sims, &cert, &key);
-
-    // Readiness (plain-text probe port) turns SERVING once discovery has produced
-    // a snapshot; liveness at once.
-    let health_channel =
-        Channel::from_shared(format!("http://127.0.0.1:{}", picker.health)).unwrap();
-    let mut ready = false;
-    for _ in 0..150 {
-        if let Err(e) = picker.guard.check_running() {
-            panic!("the picker exited: {e}\n{}", picker.guard.log_tail(8192));
-        }
-        if let Ok(ch) = health_channel.clone().connect().await {
-            let mut c = HealthClient::new(ch);
-            if check(&mut c, "readiness").await.ok() == Some(ServingStatus::Serving as i32) {
-                ready = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        ready,
-        "readiness never SERVING:\n{}",
-        picker.guard.log_tail(8192)
-    );
+    // Ready once discovery has produced a snapshot (readiness on the plain-text
+    // probe port); liveness at once.
+    let mut picker = PickerProcess::start(
+        dir.path(),
+        &picker_config(&sims),
+        Some((&cert, &key)),
+        &["--metrics-token-env", "PICKER_METRICS_TOKEN"],
+        &[("PICKER_METRICS_TOKEN", METRICS_TOKEN)],
+    )
+    .await;
 
     // The gRPC port itself speaks TLS and answers health for every protocol name.
     let tls = ClientTlsConfig::new()

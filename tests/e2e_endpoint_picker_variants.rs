@@ -27,28 +27,14 @@ mod support;
 
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use support::deploy::envoy_config::{self, EnvoySettings, FailureMode, PickerLb, Routing};
 use support::deploy::process::{self, ChildGuard};
 use support::envoy::Envoy;
+use support::picker::{picker_binary, SUBSET_LUA};
 use support::sim::{Sim, SimOptions};
-
-const SUBSET_LUA: &str = r#"          - name: envoy.filters.http.lua
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-              default_source_code:
-                inline_string: |
-                  function envoy_on_request(h)
-                    local s = h:headers():get("x-test-subset")
-                    if s ~= nil then
-                      local list = {}
-                      for e in string.gmatch(s, "[^,]+") do table.insert(list, e) end
-                      h:streamInfo():dynamicMetadata():set("envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset", list)
-                    end
-                  end
-"#;
 
 /// What the route echoes for the assertions: the picker's list (`envoy.lb`), the
 /// endpoint the override-host policy reports as served, and where Envoy
@@ -197,10 +183,6 @@ const BUFFERED: &str = "request_header_mode: SEND
                 response_body_mode: NONE
                 request_trailer_mode: SKIP
                 response_trailer_mode: SKIP";
-
-fn picker_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_endpoint-picker"))
-}
 
 /// The picker on fixed ports, so a restarted one is where Envoy expects it.
 struct PickerPorts {

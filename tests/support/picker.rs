@@ -12,6 +12,24 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+/// A Lua filter (placed before ext_proc) turning the test header `x-test-subset`
+/// (comma-separated `ip:port`) into the protocol's subset hint
+/// (`envoy.lb.subset_hint`), as a data plane would set it.
+pub const SUBSET_LUA: &str = r#"          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+                  function envoy_on_request(h)
+                    local s = h:headers():get("x-test-subset")
+                    if s ~= nil then
+                      local list = {}
+                      for e in string.gmatch(s, "[^,]+") do table.insert(list, e) end
+                      h:streamInfo():dynamicMetadata():set("envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset", list)
+                    end
+                  end
+"#;
+
 pub fn picker_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_endpoint-picker"))
 }
