@@ -215,15 +215,7 @@ print("ok")
 
     // Usage per consumer: counters by key id and model (never the key), the id in
     // the access log, the keys in /debug/state.
-    let stats = gw
-        .client
-        .get(gw.admin_url("/stats/prometheus"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let stats = support::get_text(&gw.client, &gw.admin_url("/stats/prometheus")).await;
     let requests = |id: &str| {
         sim::sample(
             &stats,

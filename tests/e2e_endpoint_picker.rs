@@ -83,12 +83,7 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
         .prefix("e2e-picker-")
         .tempdir()
         .unwrap();
-    let sims: Vec<Sim> = (0..3)
-        .map(|i| {
-            Sim::start(&format!("sim-{i}"), &SimOptions::default(), dir.path())
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let sims = sim::start_n(3, &SimOptions::default(), dir.path());
     let (cert_pem, key_pem) = inference_gateway::picker::server::self_signed().unwrap();
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, &cert_pem).unwrap();

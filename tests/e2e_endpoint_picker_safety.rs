@@ -26,12 +26,7 @@ async fn the_picker_screens_prompts_and_responses_like_the_filter() {
         .prefix("e2e-picker-safety-")
         .tempdir()
         .unwrap();
-    let sims: Vec<Sim> = (0..2)
-        .map(|i| {
-            Sim::start(&format!("sim-{i}"), &SimOptions::default(), dir.path())
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let sims = sim::start_n(2, &SimOptions::default(), dir.path());
     let mut safety = SafetySim::start(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
     let endpoints: Vec<String> = sims.iter().map(Sim::endpoint).collect();
     let mut plugin_safety = envoy_config::demo_safety_config();
@@ -190,14 +185,11 @@ print("ok")
     }
 
     // The picker counts as the filter does (its /metrics, no token configured).
-    let metrics = client
-        .get(format!("http://127.0.0.1:{}/metrics", picker.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::get_text(
+        &client,
+        &format!("http://127.0.0.1:{}/metrics", picker.metrics),
+    )
+    .await;
     let blocks = |check: &str, filter: &str| {
         sim::sample(
             &metrics,

@@ -43,3 +43,16 @@ pub fn http_client() -> reqwest::Client {
         .build()
         .expect("reqwest client")
 }
+
+/// `GET url`'s body (panics when the request fails: tests fetch their own
+/// loopback services).
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_default()
+}

@@ -191,6 +191,15 @@ impl Sim {
     }
 }
 
+/// `n` simulators `sim-0`… with the same options, logging into `log_dir`.
+pub fn start_n(n: usize, options: &SimOptions, log_dir: &Path) -> Vec<Sim> {
+    (0..n)
+        .map(|i| {
+            Sim::start(&format!("sim-{i}"), options, log_dir).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect()
+}
+
 /// The value of one series in Prometheus text, e.g.
 /// `sample(text, r#"vllm:num_requests_running{model_name="m"}"#)`.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
