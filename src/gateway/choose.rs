@@ -148,19 +148,39 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         prompt_blocks: hashes.len(),
     };
 
-    let decision = match scheduling::schedule(sched, profile, &request, &candidates, draw) {
-        Outcome::Route(d) => d,
-        Outcome::Shed => {
-            return Err(Refused {
-                shed: true,
-                error: ApiError::shed(&pool.name, sched.retry_after_seconds),
-            })
-        }
-        Outcome::NoEndpoint => {
-            return Err(Refused {
-                shed: false,
-                error: ApiError::no_endpoint(&pool.name),
-            })
+    // A pool with a backend policy: caps, preference and an admission that is
+    // atomic with the pick (gateway::capped). Without one, nothing below changes.
+    let mut taken = None;
+    let decision = if let Some(policy) = config.policy(plan.pool) {
+        let key = |i: usize| pool_members[allowed.as_ref().map_or(i, |p| p[i])].key;
+        let admitted = super::capped::schedule(
+            config,
+            &pool.name,
+            policy,
+            profile,
+            &request,
+            &candidates,
+            &key,
+            store,
+            draw,
+        )?;
+        taken = Some(admitted.holding);
+        admitted.decision
+    } else {
+        match scheduling::schedule(sched, profile, &request, &candidates, draw) {
+            Outcome::Route(d) => d,
+            Outcome::Shed => {
+                return Err(Refused {
+                    shed: true,
+                    error: ApiError::shed(&pool.name, sched.retry_after_seconds),
+                })
+            }
+            Outcome::NoEndpoint => {
+                return Err(Refused {
+                    shed: false,
+                    error: ApiError::no_endpoint(&pool.name),
+                })
+            }
         }
     };
     let chosen = decision.chosen();
@@ -172,12 +192,15 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // a little, a refusal fails the user.
     let position = allowed.as_ref().map_or(chosen, |p| p[chosen]);
     let key = pool_members[position].key;
-    let holding = match inflight::add(store, key, 1) {
-        Ok(_) => Some(key),
-        Err(err) => {
-            log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
-            None
-        }
+    let holding = match taken {
+        Some(held) => held,
+        None => match inflight::add(store, key, 1) {
+            Ok(_) => Some(key),
+            Err(err) => {
+                log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
+                None
+            }
+        },
     };
     let destination = if config.destination_list {
         decision
