@@ -1,0 +1,277 @@
+//! End to end: backend policies (docs/backend-policy.md) with the real Envoy and
+//! filter, the metrics-collector and four simulator replicas labelled in two
+//! zones (sim-0, sim-1: zone a; sim-2, sim-3: zone b). The replicas report how
+//! many generation requests they ever ran at once (`/sim/state`), so the caps
+//! are checked from the servers' side.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use support::api::streamed_completion;
+use support::collector::Collector;
+use support::deploy::envoy_config::DEMO_POOL;
+use support::gateway::{Gateway, GatewayOptions};
+use support::sim::SimOptions;
+use support::traffic::{failures, Traffic};
+
+const TOKEN: &str = "backend-policy-test-token";
+
+struct Stack {
+    gw: Gateway,
+    _collector: Collector,
+    _dir: tempfile::TempDir,
+}
+
+fn zone(i: usize) -> &'static str {
+    if i < 2 {
+        "a"
+    } else {
+        "b"
+    }
+}
+
+/// Four replicas (10 ms a token), Envoy with `policy` as the pool's backend
+/// policy (through ECDS, so it can be replaced), and a collector pushing the
+/// replicas with their `zone` label every 50 ms. Returns once the filter holds a
+/// fresh snapshot of every replica.
+async fn start(policy: Value) -> Stack {
+    let gw = Gateway::start_ecds(GatewayOptions {
+        replicas: 4,
+        sim: SimOptions {
+            per_token_ms: 10,
+            ..SimOptions::default()
+        },
+        configure: Box::new(move |s| {
+            s.control_config = json!({"role": "control", "ingest": {"token": TOKEN}});
+            s.gateway_config["backend_policies"] = json!([policy]);
+        }),
+    })
+    .await;
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-backend-policy-")
+        .tempdir()
+        .expect("temp dir");
+    let control = format!("127.0.0.1:{}", gw.settings.control_port);
+    let mut config = format!(
+        "scrape_interval_ms: 50\nscrape_timeout_ms: 500\npush_targets: [\"{control}\"]\npools:\n  - name: {DEMO_POOL}\n    endpoints:\n"
+    );
+    for (i, s) in gw.sims.iter().enumerate() {
+        config.push_str(&format!(
+            "      - {{address: \"{}\", labels: {{zone: {}}}}}\n",
+            s.endpoint(),
+            zone(i)
+        ));
+    }
+    let collector =
+        tokio::task::block_in_place(|| Collector::start(dir.path(), "collector", &config, TOKEN));
+    let endpoints: Vec<String> = gw.sims.iter().map(|s| s.endpoint()).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let state = gw.debug_state().await;
+        if endpoints
+            .iter()
+            .all(|e| state["snapshot"]["endpoints"][e] == true)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fresh snapshot of every replica: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Stack {
+        gw,
+        _collector: collector,
+        _dir: dir,
+    }
+}
+
+/// Each replica's `/sim/state`, by id.
+async fn sim_states(gw: &Gateway) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for s in &gw.sims {
+        let v: Value = gw
+            .client
+            .get(s.url("/sim/state"))
+            .send()
+            .await
+            .expect("sim state")
+            .json()
+            .await
+            .expect("sim state json");
+        out.insert(s.id.clone(), v);
+    }
+    out
+}
+
+fn zone_of(gw: &Gateway, id: &str) -> &'static str {
+    zone(gw.sims.iter().position(|s| s.id == id).expect("a replica"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_per_endpoint_is_never_exceeded_under_64_concurrent_streams() {
+    let stack =
+        start(json!({"pool": DEMO_POOL, "default": {"max_in_flight_per_endpoint": 2}})).await;
+    let gw = &stack.gw;
+    let url = gw.url("/v1/completions");
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (client, url) = (gw.client.clone(), url.clone());
+        let body = streamed_completion("chat", &format!("stream {i}"), 30);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .expect("a response");
+            let status = resp.status().as_u16();
+            let retry_after = resp.headers().contains_key("retry-after");
+            let _ = resp.bytes().await;
+            (status, retry_after)
+        }));
+    }
+    let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    for t in tasks {
+        let (status, retry_after) = t.await.expect("a request task");
+        if status != 200 {
+            assert!(retry_after, "a {status} refusal without retry-after");
+        }
+        *statuses.entry(status).or_default() += 1;
+    }
+    let states = sim_states(gw).await;
+    let peaks: BTreeMap<&String, u64> = states
+        .iter()
+        .map(|(id, s)| (id, s["max_concurrent_requests"].as_u64().unwrap_or(99)))
+        .collect();
+    assert!(
+        peaks.values().all(|&p| p <= 2),
+        "a replica ran more than 2 at once: {peaks:?}"
+    );
+    assert!(
+        peaks.values().any(|&p| p == 2),
+        "the load never reached the cap: {peaks:?}"
+    );
+    // 8 slots for 64 simultaneous streams: the rest are refused (503, not sheddable).
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) >= 8,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(statuses.get(&503).copied().unwrap_or(0) > 0, "{statuses:?}");
+    let left = gw.wait_all_released(Duration::from_secs(5)).await;
+    assert!(left.values().all(|&n| n == 0), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_zone_takes_load_below_capacity_spills_the_excess_and_gets_it_back() {
+    let stack = start(json!({
+        "pool": DEMO_POOL,
+        "default": {"max_in_flight_per_endpoint": 2},
+        "scopes": [{"selector": {"zone": "a"}, "backend_preference": "PREFERRED"}]
+    }))
+    .await;
+    let gw = &stack.gw;
+    let url = gw.url("/v1/chat/completions");
+    let zones_of = |log: &[(Instant, Result<String, String>)]| {
+        let mut by: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for (_, r) in log {
+            if let Ok(id) = r {
+                *by.entry(zone_of(gw, id)).or_default() += 1;
+            }
+        }
+        by
+    };
+
+    // Below capacity (3 clients, zone a holds 4): zone a only.
+    let below = Traffic::start(url.clone(), 3, "chat", 10);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let log = below.stop().await;
+    assert!(failures(&log).is_empty(), "{:?}", failures(&log));
+    let z = zones_of(&log);
+    assert_eq!(z.get("b"), None, "below capacity: {z:?}");
+    assert!(z.get("a").copied().unwrap_or(0) >= 10, "{z:?}");
+
+    // Above capacity (6 clients): zone a full, the excess (2) to zone b.
+    let above = Traffic::start(url.clone(), 6, "chat", 10);
+    let until = Instant::now() + Duration::from_millis(2_000);
+    let (mut max_a, mut max_b) = (0, 0);
+    while Instant::now() < until {
+        let states = sim_states(gw).await;
+        let sum = |z: &str| -> u64 {
+            states
+                .iter()
+                .filter(|(id, _)| zone_of(gw, id) == z)
+                .map(|(_, s)| s["concurrent_requests"].as_u64().unwrap_or(0))
+                .sum()
+        };
+        max_a = max_a.max(sum("a"));
+        max_b = max_b.max(sum("b"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = above.stop().await;
+    assert!(failures(&log).is_empty(), "{:?}", failures(&log));
+    let z = zones_of(&log);
+    assert!(
+        z.get("b").copied().unwrap_or(0) > 0,
+        "above capacity: {z:?}"
+    );
+    assert!(max_a <= 4, "zone a over its capacity: {max_a}");
+    assert!(max_b <= 2, "zone b got more than the excess: {max_b}");
+    let states = sim_states(gw).await;
+    for (id, s) in &states {
+        assert!(
+            s["max_concurrent_requests"].as_u64() <= Some(2),
+            "{id}: {s}"
+        );
+    }
+
+    // Load falls back below capacity: zone a only again.
+    let again = Traffic::start(url, 3, "chat", 10);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let log = again.stop().await;
+    assert!(failures(&log).is_empty(), "{:?}", failures(&log));
+    let z = zones_of(&log);
+    assert_eq!(z.get("b"), None, "back below capacity: {z:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_capacity_scaler_drains_a_zone_under_load_with_no_failed_request() {
+    let policy = |b_scaler: u32| {
+        json!([{
+            "pool": DEMO_POOL,
+            "scopes": [{"selector": {"zone": "b"}, "capacity_scaler_percent": b_scaler}]
+        }])
+    };
+    let mut stack = start(policy(100)[0].clone()).await;
+    let url = stack.gw.url("/v1/chat/completions");
+    let traffic = Traffic::start(url, 4, "chat", 10);
+    let t0 = Instant::now();
+    for id in ["sim-2", "sim-3"] {
+        traffic.wait_first_on(id, t0, Duration::from_secs(10)).await;
+    }
+    let mut config = stack.gw.settings.gateway_config.clone();
+    config["backend_policies"] = policy(0);
+    let applied = stack.gw.apply_gateway_config_and_wait(config).await;
+    // Requests sent a little after the reload (every worker has it) go to zone a.
+    let settled = applied + Duration::from_millis(300);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = traffic.since(settled, Instant::now());
+    let log = traffic.stop().await;
+    assert!(
+        failures(&log).is_empty(),
+        "failed while draining: {:?}",
+        failures(&log)
+    );
+    assert!(after.len() >= 10, "{after:?}");
+    for r in &after {
+        let id = r.as_ref().expect("no failure");
+        assert_eq!(zone_of(&stack.gw, id), "a", "drained zone b served {id}");
+    }
+}
