@@ -275,3 +275,90 @@ async fn a_zero_capacity_scaler_drains_a_zone_under_load_with_no_failed_request(
         assert_eq!(zone_of(&stack.gw, id), "a", "drained zone b served {id}");
     }
 }
+
+/// Access-log lines Envoy wrote for `POST /v1/completions` with `status`.
+fn logged(gw: &Gateway, status: u16) -> usize {
+    let needle = format!("\"POST /v1/completions HTTP/1.1\" {status} ");
+    gw.envoy_all_logs()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+/// Sends `n` completions of `model` through the gateway, 16 at a time; returns
+/// the statuses.
+async fn send_many(gw: &Gateway, n: usize, model: &str) -> BTreeMap<u16, usize> {
+    let url = gw.url("/v1/completions");
+    let body = json!({"model": model, "prompt": "hi", "max_tokens": 1});
+    let mut statuses = BTreeMap::new();
+    let mut sent = 0;
+    while sent < n {
+        let batch = (n - sent).min(16);
+        let tasks: Vec<_> = (0..batch)
+            .map(|_| {
+                let (client, url, body) = (gw.client.clone(), url.clone(), body.clone());
+                tokio::spawn(async move {
+                    let r = client
+                        .post(&url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("response");
+                    let status = r.status().as_u16();
+                    let _ = r.bytes().await;
+                    status
+                })
+            })
+            .collect();
+        for t in tasks {
+            *statuses.entry(t.await.expect("task")).or_default() += 1;
+        }
+        sent += batch;
+    }
+    statuses
+}
+
+/// Polls (10 s at most) until the access log holds `want` lines of `status`,
+/// then waits a little longer for stragglers and returns the count.
+async fn settled_count(gw: &Gateway, status: u16, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while logged(gw, status) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    logged(gw, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_sampling_per_pool_logs_about_half_and_always_the_errors() {
+    let mut stack = start(json!({
+        "pool": DEMO_POOL,
+        "logging": {"enabled": true, "sample_rate": 500000}
+    }))
+    .await;
+    let gw = &stack.gw;
+    let ok = send_many(gw, 2_000, "chat").await;
+    assert_eq!(ok.get(&200), Some(&2_000), "{ok:?}");
+    let errors = send_many(gw, 20, "no-such-model").await;
+    assert_eq!(errors.get(&404), Some(&20), "{errors:?}");
+    // Every error is logged; successes with probability 1/2: mean 1000, sd 22.4,
+    // so [888, 1112] is ±5 sd.
+    assert_eq!(settled_count(gw, 404, 20).await, 20);
+    let half = logged(gw, 200);
+    assert!((888..=1_112).contains(&half), "{half} of 2000 logged");
+
+    // Disabled: no success line, the errors still.
+    let mut config = stack.gw.settings.gateway_config.clone();
+    config["backend_policies"][0]["logging"] = json!({"enabled": false});
+    stack.gw.apply_gateway_config_and_wait(config).await;
+    let gw = &stack.gw;
+    let ok = send_many(gw, 200, "chat").await;
+    assert_eq!(ok.get(&200), Some(&200), "{ok:?}");
+    send_many(gw, 20, "no-such-model").await;
+    assert_eq!(settled_count(gw, 404, 40).await, 40);
+    assert_eq!(
+        logged(gw, 200),
+        half,
+        "a success was logged with logging disabled"
+    );
+}

@@ -884,6 +884,15 @@ fn static_cluster_yaml(address: &str) -> String {
 
 const ACCESS_LOG: &str = r#"          access_log:
           - name: envoy.access_loggers.stdout
+            filter:
+              or_filter:
+                filters:
+                - status_code_filter:
+                    comparison:
+                      op: GE
+                      value: {default_value: 400, runtime_key: access_log.always_from_status}
+                - header_filter:
+                    header: {name: x-gateway-access-log, present_match: true, invert_match: true}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
               log_format:

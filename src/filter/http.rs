@@ -172,6 +172,14 @@ impl GatewayStream {
             }
         }
         self.set_http_request_header(DESTINATION_HEADER, Some(&choice.destination));
+        if let Some(logging) = config.policy(plan.pool).and_then(|p| p.logging.as_ref()) {
+            if !crate::policy::log_sampled(Some(logging), self.rng.u32(..)) {
+                self.set_http_request_header(
+                    crate::policy::ACCESS_LOG_SKIP_HEADER,
+                    Some(crate::policy::ACCESS_LOG_SKIP),
+                );
+            }
+        }
         Ok(())
     }
 

@@ -294,6 +294,25 @@ impl PoolPolicy {
     }
 }
 
+/// The request header a host sets on a routed request the access log should
+/// skip (a sampled-out success); Envoy's access-log filter logs a request when
+/// the header is absent or the status is 400 or above (docs/backend-policy.md).
+pub const ACCESS_LOG_SKIP_HEADER: &str = "x-gateway-access-log";
+/// Its value.
+pub const ACCESS_LOG_SKIP: &str = "skip";
+
+/// Whether a routed request of a pool with `logging` is logged, from a uniform
+/// random `draw`: always without a `logging` block, never when disabled (errors
+/// are logged anyway, by Envoy's filter), else with probability
+/// `sample_rate / 1_000_000`.
+pub fn log_sampled(logging: Option<&Logging>, draw: u32) -> bool {
+    match logging {
+        None => true,
+        Some(l) if !l.enabled => false,
+        Some(l) => (u64::from(draw) * 1_000_000) >> 32 < u64::from(l.sample_rate),
+    }
+}
+
 /// `value × percent / 100`, rounded down, but at least 1 unless the result is
 /// exactly a drain (`percent` 0 or `value` 0).
 pub fn scaled(value: u32, percent: u32) -> u64 {
@@ -409,6 +428,40 @@ mod tests {
         let e = parse(r#"{"pool": "p", "logging": {"sample_rate": 1000001}}"#).unwrap_err();
         assert_eq!(e.field, "logging.sample_rate");
         assert!(parse(r#"{"pool": "p", "default": {"max_inflight": 1}}"#).is_err());
+    }
+
+    #[test]
+    fn access_log_sampling_follows_the_rate() {
+        assert!(log_sampled(None, 0));
+        let off = Logging {
+            enabled: false,
+            sample_rate: 1_000_000,
+        };
+        assert!(!log_sampled(Some(&off), 0));
+        let half = Logging {
+            enabled: true,
+            sample_rate: 500_000,
+        };
+        let all = Logging {
+            enabled: true,
+            sample_rate: 1_000_000,
+        };
+        let none = Logging {
+            enabled: true,
+            sample_rate: 0,
+        };
+        let mut x = 0x1234_5678u32;
+        let mut logged = 0;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            logged += usize::from(log_sampled(Some(&half), x));
+            assert!(log_sampled(Some(&all), x));
+            assert!(!log_sampled(Some(&none), x));
+        }
+        assert!((4_700..5_300).contains(&logged), "{logged}");
+        assert!(log_sampled(Some(&all), u32::MAX));
     }
 
     #[test]
