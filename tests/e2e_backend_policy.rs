@@ -362,3 +362,81 @@ async fn access_log_sampling_per_pool_logs_about_half_and_always_the_errors() {
         "a success was logged with logging disabled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_per_endpoint_holds_over_every_one_second_window_at_each_replica() {
+    let rate = 20u64;
+    let stack = start(json!({"pool": DEMO_POOL, "default": {"max_rate_per_endpoint": rate}})).await;
+    let gw = &stack.gw;
+    for s in &gw.sims {
+        gw.client
+            .delete(s.url("/sim/requests"))
+            .send()
+            .await
+            .expect("clear");
+    }
+    // Eight clients, a request every 10 ms each: several times 4 × 20 a second.
+    let until = Instant::now() + Duration::from_millis(2_500);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (client, url) = (gw.client.clone(), gw.url("/v1/completions"));
+            let body = json!({"model": "chat", "prompt": format!("c{i}"), "max_tokens": 1});
+            tokio::spawn(async move {
+                let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+                while Instant::now() < until {
+                    let r = client
+                        .post(&url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("response");
+                    *statuses.entry(r.status().as_u16()).or_default() += 1;
+                    let _ = r.bytes().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    for t in tasks {
+        for (s, n) in t.await.expect("client") {
+            *statuses.entry(s).or_default() += n;
+        }
+    }
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(statuses.get(&503).copied().unwrap_or(0) > 0, "{statuses:?}");
+    // Each replica's own log: at most rate + burst (2) in any one-second window,
+    // plus one for the delay between the gateway's admission and the arrival.
+    let limit = rate + inference_gateway::policy::rate::burst(rate) + 1;
+    let mut busiest = 0;
+    for s in &gw.sims {
+        let recs: Vec<Value> = gw
+            .client
+            .get(s.url("/sim/requests"))
+            .send()
+            .await
+            .expect("requests")
+            .json()
+            .await
+            .expect("json");
+        let mut at: Vec<u64> = recs
+            .iter()
+            .filter(|r| r["path"] == "/v1/completions")
+            .filter_map(|r| r["received_at_ms"].as_u64())
+            .collect();
+        at.sort_unstable();
+        for (i, &t) in at.iter().enumerate() {
+            let n = at[i..].iter().take_while(|&&u| u < t + 1_000).count() as u64;
+            assert!(n <= limit, "{}: {n} requests in the second from {t}", s.id);
+            busiest = busiest.max(n);
+        }
+    }
+    assert!(
+        busiest >= rate - 2,
+        "the load never reached the rate: {busiest}"
+    );
+}

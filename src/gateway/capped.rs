@@ -42,6 +42,7 @@ pub(super) fn schedule(
     candidates: &[Candidate<'_>],
     key: &dyn Fn(usize) -> u64,
     store: &dyn SharedStore,
+    now_ms: u64,
     draw: u32,
 ) -> Result<Admitted, Refused> {
     let sched = &config.scheduling;
@@ -104,6 +105,21 @@ pub(super) fn schedule(
                 }
             },
         };
+        // The rate cap after the in-flight one: a request refused here gives its
+        // count back (a token taken for a request the in-flight cap refused
+        // would be lost).
+        if let Some(rate) = applied[chosen].rate_cap(replicas) {
+            if !matches!(
+                crate::policy::rate::take_shared(store, k, now_ms, rate),
+                Ok(true)
+            ) {
+                if holding.is_some() {
+                    let _ = inflight::add(store, k, -1);
+                }
+                dropped[chosen] = true;
+                continue;
+            }
+        }
         // Only the chosen endpoint: a fallback Envoy retries on would bypass
         // the admission.
         decision.order = vec![chosen];
@@ -295,6 +311,28 @@ mod tests {
         let members = Membership::new(&cfg, Some(snap));
         let c = pick(&cfg, &members, &store, REQ).unwrap();
         assert_eq!(zone(&c), "b");
+    }
+
+    #[test]
+    fn a_rate_cap_spills_when_the_preferred_buckets_are_empty() {
+        let cfg = config(
+            r#"{"pool": "p", "default": {"max_rate_per_endpoint": 10},
+                "scopes": [{"selector": {"gke.io/zone": "a"}, "backend_preference": "PREFERRED"}]}"#,
+        );
+        let members = Membership::new(&cfg, Some(snapshot()));
+        let store = MemoryStore::default();
+        inflight::init(&store).unwrap();
+        // A burst of 1 per endpoint at one instant: a, a, then b, b, then none.
+        let mut zones = Vec::new();
+        for _ in 0..4 {
+            let c = pick(&cfg, &members, &store, REQ).unwrap();
+            zones.push(zone(&c));
+            inflight::add(&store, c.holding.unwrap(), -1).unwrap();
+        }
+        assert_eq!(zones, ["a", "a", "b", "b"]);
+        let r = pick(&cfg, &members, &store, REQ).unwrap_err();
+        assert_eq!(r.error.status, 503);
+        assert!(inflight::table(&store).is_empty(), "refusals hold nothing");
     }
 
     #[test]

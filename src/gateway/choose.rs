@@ -162,6 +162,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             &candidates,
             &key,
             store,
+            now_ms,
             draw,
         )?;
         taken = Some(admitted.holding);

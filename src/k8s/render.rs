@@ -357,24 +357,10 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
                 o.insert("pool".into(), json!(pool.meta.name));
             }
             policies.push(entry);
-            let rate = p.plugin.to_string().contains("max_rate_per_endpoint");
             report.summary.push(format!(
-                "GCPBackendPolicy {}/{} applied to pool {} (docs/backend-policy.md){}",
-                p.meta.namespace,
-                p.meta.name,
-                pool.meta.name,
-                if rate {
-                    "; maxRatePerEndpoint is not enforced yet (capacity for spill-over only)"
-                } else {
-                    ""
-                }
+                "GCPBackendPolicy {}/{} applied to pool {} (docs/backend-policy.md)",
+                p.meta.namespace, p.meta.name, pool.meta.name,
             ));
-            if p.plugin.get("logging").is_some() {
-                report.not_honoured.push(format!(
-                    "{} spec.default.logging: access-log sampling is not implemented yet",
-                    p.meta.loc
-                ));
-            }
             continue;
         }
         report.summary.push(format!(

@@ -3,6 +3,8 @@
 //! caps. Pure: parsed and validated once at configuration load, then asked per
 //! endpoint what applies to it and what its capacity is.
 
+pub mod rate;
+
 use crate::snapshot::EndpointMetrics;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -335,6 +337,15 @@ impl Applied {
     /// No new requests at all.
     pub fn drained(&self) -> bool {
         self.scaler_percent == 0
+    }
+
+    /// This replica's rate cap in requests a second (`None`: no rate cap).
+    pub fn rate_cap(&self, replicas: u32) -> Option<u64> {
+        if self.drained() {
+            return Some(0);
+        }
+        self.max_rate
+            .map(|r| share(scaled(r, self.scaler_percent), replicas))
     }
 
     /// This replica's in-flight cap (`None`: uncapped; `Some(0)`: drained).
