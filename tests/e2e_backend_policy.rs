@@ -107,6 +107,34 @@ async fn sim_states(gw: &Gateway) -> BTreeMap<String, Value> {
     out
 }
 
+/// The filter's counter `name` for the demo pool, from Envoy's Prometheus stats.
+async fn pool_counter(gw: &Gateway, name: &str) -> u64 {
+    let text = gw
+        .client
+        .get(gw.admin_url("/stats/prometheus"))
+        .send()
+        .await
+        .expect("admin stats")
+        .text()
+        .await
+        .unwrap_or_default();
+    let label = format!("pool_name=\"{DEMO_POOL}\"");
+    let found: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+        .collect();
+    assert!(
+        !found.is_empty(),
+        "no {name} for {DEMO_POOL}: {}",
+        text.lines()
+            .filter(|l| l.contains("inference_pool"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    found.iter().sum()
+}
+
 fn zone_of(gw: &Gateway, id: &str) -> &'static str {
     zone(gw.sims.iter().position(|s| s.id == id).expect("a replica"))
 }
@@ -164,7 +192,19 @@ async fn max_in_flight_per_endpoint_is_never_exceeded_under_64_concurrent_stream
         statuses.keys().all(|s| *s == 200 || *s == 503),
         "{statuses:?}"
     );
-    assert!(statuses.get(&503).copied().unwrap_or(0) > 0, "{statuses:?}");
+    let refused = statuses.get(&503).copied().unwrap_or(0);
+    assert!(refused > 0, "{statuses:?}");
+    assert_eq!(
+        pool_counter(gw, "inference_pool_capacity_refused_total").await,
+        refused as u64
+    );
+    // /debug/state: the applied scope and this replica's cap per endpoint.
+    let state = gw.debug_state().await;
+    for s in &gw.sims {
+        let e = &state["backend_policy"][s.endpoint()];
+        assert_eq!(e["scope"], "default", "{state}");
+        assert_eq!(e["in_flight_cap"], 2, "{state}");
+    }
     let left = gw.wait_all_released(Duration::from_secs(5)).await;
     assert!(left.values().all(|&n| n == 0), "{left:?}");
 }
@@ -222,6 +262,17 @@ async fn preferred_zone_takes_load_below_capacity_spills_the_excess_and_gets_it_
         z.get("b").copied().unwrap_or(0) > 0,
         "above capacity: {z:?}"
     );
+    assert_eq!(
+        pool_counter(gw, "inference_pool_spill_total").await,
+        z["b"] as u64,
+        "every zone-b request counted as a spill-over"
+    );
+    let state = gw.debug_state().await;
+    let report = |i: usize, f: &str| state["backend_policy"][gw.sims[i].endpoint()][f].clone();
+    assert_eq!(report(0, "preference"), "PREFERRED", "{state}");
+    assert_eq!(report(0, "scope"), "scopes[0]");
+    assert_eq!(report(2, "preference"), "DEFAULT");
+    assert_eq!(report(2, "scope"), "default");
     assert!(max_a <= 4, "zone a over its capacity: {max_a}");
     assert!(max_b <= 2, "zone b got more than the excess: {max_b}");
     let states = sim_states(gw).await;

@@ -907,8 +907,9 @@ const ACCESS_LOG: &str = r#"          access_log:
 pub const ACCESS_LOG_FILTER_STATE: &str = "wasm.igw";
 
 /// Labels of the filter's metrics (`.label.value` in the name).
-const STAT_LABELS: [&str; 7] = [
+const STAT_LABELS: [&str; 8] = [
     "model_name",
+    "pool_name",
     "target_model_name",
     "error_code",
     "check",

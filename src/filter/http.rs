@@ -143,6 +143,13 @@ impl GatewayStream {
                         "inference_gateway_shed_total.model_name.{}",
                         super::metrics::label(&plan.model)
                     ));
+                } else if refused.error.code == "capacity_exhausted" {
+                    if let Some(pool) = config.pools.get(plan.pool) {
+                        super::metrics::inc(&format!(
+                            "inference_pool_capacity_refused_total.pool_name.{}",
+                            super::metrics::label(&pool.name)
+                        ));
+                    }
                 }
                 return Err(refused.error);
             }
@@ -160,6 +167,14 @@ impl GatewayStream {
                     .map_or("", |p| p.name.as_str()),
                 choice.endpoint,
             );
+        }
+        if choice.spilled {
+            if let Some(pool) = config.pools.get(plan.pool) {
+                super::metrics::inc(&format!(
+                    "inference_pool_spill_total.pool_name.{}",
+                    super::metrics::label(&pool.name)
+                ));
+            }
         }
         self.explanation = choice.explanation;
         self.holding = choice.holding;

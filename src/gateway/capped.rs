@@ -16,6 +16,9 @@ use crate::scheduling::{self, Candidate, Decision, Outcome, Profile, Request, Sa
 pub(super) struct Admitted {
     pub decision: Decision,
     pub holding: Option<u64>,
+    /// Routed to a DEFAULT endpoint while the policy has PREFERRED ones (all
+    /// of them full): a spill-over.
+    pub spilled: bool,
 }
 
 /// Whether a PREFERRED endpoint without an in-flight cap counts as full: fresh
@@ -52,6 +55,7 @@ pub(super) fn schedule(
         .map(|c| policy.applied_to(c.metrics))
         .collect();
     let caps: Vec<Option<u64>> = applied.iter().map(|a| a.in_flight_cap(replicas)).collect();
+    let any_preferred = applied.iter().any(|a| a.preferred);
     let mut dropped = vec![false; candidates.len()];
     for _ in 0..=candidates.len() {
         let room =
@@ -64,6 +68,7 @@ pub(super) fn schedule(
                         || !full_by_metrics(&candidates[i], &applied[i], &sched.saturation))
             })
             .collect();
+        let spilled = preferred.is_empty() && any_preferred;
         let tier: Vec<usize> = if preferred.is_empty() {
             (0..candidates.len())
                 .filter(|&i| !applied[i].preferred && room(i))
@@ -126,7 +131,11 @@ pub(super) fn schedule(
         for s in &mut decision.scored {
             s.index = tier[s.index];
         }
-        return Ok(Admitted { decision, holding });
+        return Ok(Admitted {
+            decision,
+            holding,
+            spilled,
+        });
     }
     Err(all_capped(config, pool_name, request.priority))
 }
@@ -246,8 +255,10 @@ mod tests {
         for _ in 0..4 {
             let c = pick(&cfg, &members, &store, REQ).unwrap();
             assert_eq!(zone(&c), "b");
+            assert!(c.spilled);
             held.push(c);
         }
+        assert!(held.iter().take(4).all(|c| !c.spilled));
         // Everything capped: 503 with retry-after, or 429 when sheddable.
         let r = pick(&cfg, &members, &store, REQ).unwrap_err();
         assert_eq!((r.shed, r.error.status), (false, 503));

@@ -40,6 +40,9 @@ pub struct Choice {
     pub holding: Option<u64>,
     /// The scored candidates, when `scheduling.explain` is on.
     pub explanation: Option<String>,
+    /// A backend policy's PREFERRED endpoints were all full: this went to a
+    /// DEFAULT one.
+    pub spilled: bool,
 }
 
 /// A request that is not routed, with the error the client gets.
@@ -150,7 +153,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
 
     // A pool with a backend policy: caps, preference and an admission that is
     // atomic with the pick (gateway::capped). Without one, nothing below changes.
-    let mut taken = None;
+    let (mut taken, mut spilled) = (None, false);
     let decision = if let Some(policy) = config.policy(plan.pool) {
         let key = |i: usize| pool_members[allowed.as_ref().map_or(i, |p| p[i])].key;
         let admitted = super::capped::schedule(
@@ -166,6 +169,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             draw,
         )?;
         taken = Some(admitted.holding);
+        spilled = admitted.spilled;
         admitted.decision
     } else {
         match scheduling::schedule(sched, profile, &request, &candidates, draw) {
@@ -220,6 +224,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         endpoint,
         destination,
         holding,
+        spilled,
     })
 }
 

@@ -6,11 +6,11 @@
 pub mod rate;
 
 use crate::snapshot::EndpointMetrics;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// `balancing_mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BalancingMode {
     #[serde(rename = "IN_FLIGHT")]
     InFlight,
@@ -23,7 +23,7 @@ pub enum BalancingMode {
 }
 
 /// `backend_preference`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Preference {
     #[default]
     #[serde(rename = "DEFAULT")]
@@ -33,7 +33,7 @@ pub enum Preference {
 }
 
 /// The backend-level fields, as set at one level (default or a scope).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Level {
     #[serde(default)]
@@ -54,7 +54,7 @@ pub struct Level {
     pub selector: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Logging {
     #[serde(default = "yes")]
@@ -84,14 +84,14 @@ pub struct RawBackendPolicy {
 }
 
 /// A scope: its selector (sorted label pairs) and its fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scope {
     pub selector: Vec<(String, String)>,
     pub level: Level,
 }
 
 /// A validated policy of one pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolPolicy {
     pub default: Level,
     pub scopes: Vec<Scope>,
@@ -315,6 +315,44 @@ pub fn log_sampled(logging: Option<&Logging>, draw: u32) -> bool {
     }
 }
 
+/// Shared-data key where the gateway listener publishes its pools' policies
+/// (`[[pool name, policy], …]` as JSON) for the control listener's report.
+pub const POLICIES_KEY: &str = "igw.backend_policies";
+
+/// What `GET /debug/state` shows per endpoint of a pool with a policy: the
+/// applied scope (`"default"` or `"scopes[i]"`), preference, this replica's
+/// caps and the gateway's in-flight count.
+pub fn endpoint_report(
+    policies: &[(String, PoolPolicy)],
+    snapshot: &crate::snapshot::Snapshot,
+    replicas: u32,
+    in_flight: &BTreeMap<String, u64>,
+) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    for (pool, policy) in policies {
+        let Some(p) = snapshot.pool(pool) else {
+            continue;
+        };
+        for e in &p.endpoints {
+            let a = policy.applied(&e.labels);
+            out.insert(
+                e.address.clone(),
+                serde_json::json!({
+                    "pool": pool,
+                    "scope": a.scope.map_or_else(|| "default".to_string(), |i| format!("scopes[{i}]")),
+                    "preference": if a.preferred { "PREFERRED" } else { "DEFAULT" },
+                    "capacity_scaler_percent": a.scaler_percent,
+                    "drained": a.drained(),
+                    "in_flight_cap": a.in_flight_cap(replicas),
+                    "rate_cap_per_second": a.rate_cap(replicas),
+                    "in_flight": in_flight.get(&e.address).copied().unwrap_or(0),
+                }),
+            );
+        }
+    }
+    out
+}
+
 /// `value × percent / 100`, rounded down, but at least 1 unless the result is
 /// exactly a drain (`percent` 0 or `value` 0).
 pub fn scaled(value: u32, percent: u32) -> u64 {
@@ -473,6 +511,47 @@ mod tests {
         }
         assert!((4_700..5_300).contains(&logged), "{logged}");
         assert!(log_sampled(Some(&all), u32::MAX));
+    }
+
+    #[test]
+    fn the_report_names_each_endpoints_scope_and_caps() {
+        let p = parse(
+            r#"{"pool": "p", "default": {"max_in_flight_per_endpoint": 4},
+                "scopes": [{"selector": {"zone": "b"}, "capacity_scaler_percent": 0},
+                           {"selector": {"zone": "a"}, "backend_preference": "PREFERRED"}]}"#,
+        )
+        .unwrap();
+        // Round trip through the shared-data encoding.
+        let stored = serde_json::to_vec(&vec![("p".to_string(), p)]).unwrap();
+        let policies: Vec<(String, PoolPolicy)> = serde_json::from_slice(&stored).unwrap();
+        let ep = |a: &str, z: &str| crate::snapshot::EndpointMetrics {
+            address: a.into(),
+            labels: labels(&[("zone", z)]),
+            ..Default::default()
+        };
+        let snap = crate::snapshot::Snapshot {
+            pools: vec![crate::snapshot::PoolSnapshot {
+                name: "p".into(),
+                endpoints: vec![
+                    ep("10.0.0.1:80", "a"),
+                    ep("10.0.0.2:80", "b"),
+                    ep("10.0.0.3:80", "c"),
+                ],
+            }],
+            ..Default::default()
+        };
+        let in_flight = BTreeMap::from([("10.0.0.1:80".to_string(), 2)]);
+        let r = endpoint_report(&policies, &snap, 2, &in_flight);
+        assert_eq!(r["10.0.0.1:80"]["scope"], "scopes[1]");
+        assert_eq!(r["10.0.0.1:80"]["preference"], "PREFERRED");
+        assert_eq!(
+            r["10.0.0.1:80"]["in_flight_cap"], 2,
+            "4 shared by 2 replicas"
+        );
+        assert_eq!(r["10.0.0.1:80"]["in_flight"], 2);
+        assert_eq!(r["10.0.0.2:80"]["drained"], true);
+        assert_eq!(r["10.0.0.2:80"]["in_flight_cap"], 0);
+        assert_eq!(r["10.0.0.3:80"]["scope"], "default");
     }
 
     #[test]
