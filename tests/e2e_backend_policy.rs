@@ -1,6 +1,6 @@
 //! End to end: backend policies (docs/backend-policy.md) with the real Envoy and
 //! filter, the metrics-collector and four simulator replicas labelled in two
-//! zones (sim-0, sim-1: zone a; sim-2, sim-3: zone b). The replicas report how
+//! zones (`gke.io/zone`; sim-0, sim-1: zone a; sim-2, sim-3: zone b). The replicas report how
 //! many generation requests they ever ran at once (`/sim/state`), so the caps
 //! are checked from the servers' side.
 
@@ -59,7 +59,7 @@ async fn start(policy: Value) -> Stack {
     );
     for (i, s) in gw.sims.iter().enumerate() {
         config.push_str(&format!(
-            "      - {{address: \"{}\", labels: {{zone: {}}}}}\n",
+            "      - {{address: \"{}\", labels: {{gke.io/zone: {}, gke.io/cluster-name: local}}}}\n",
             s.endpoint(),
             zone(i)
         ));
@@ -214,7 +214,7 @@ async fn preferred_zone_takes_load_below_capacity_spills_the_excess_and_gets_it_
     let stack = start(json!({
         "pool": DEMO_POOL,
         "default": {"max_in_flight_per_endpoint": 2},
-        "scopes": [{"selector": {"zone": "a"}, "backend_preference": "PREFERRED"}]
+        "scopes": [{"selector": {"gke.io/zone": "a", "gke.io/cluster-name": "local"}, "backend_preference": "PREFERRED"}]
     }))
     .await;
     let gw = &stack.gw;
@@ -297,7 +297,7 @@ async fn a_zero_capacity_scaler_drains_a_zone_under_load_with_no_failed_request(
     let policy = |b_scaler: u32| {
         json!([{
             "pool": DEMO_POOL,
-            "scopes": [{"selector": {"zone": "b"}, "capacity_scaler_percent": b_scaler}]
+            "scopes": [{"selector": {"gke.io/zone": "b"}, "capacity_scaler_percent": b_scaler}]
         }])
     };
     let mut stack = start(policy(100)[0].clone()).await;
