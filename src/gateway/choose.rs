@@ -152,40 +152,42 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     };
 
     // A pool with a backend policy: caps, preference and an admission that is
-    // atomic with the pick (gateway::capped). Without one, nothing below changes.
+    // atomic with the pick (gateway::capped). Without one, nothing changes.
     let (mut taken, mut spilled) = (None, false);
-    let decision = if let Some(policy) = config.policy(plan.pool) {
-        let key = |i: usize| pool_members[allowed.as_ref().map_or(i, |p| p[i])].key;
-        let admitted = super::capped::schedule(
-            config,
-            &pool.name,
-            policy,
-            profile,
-            &request,
-            &candidates,
-            &key,
-            store,
-            now_ms,
-            draw,
-        )?;
-        taken = Some(admitted.holding);
-        spilled = admitted.spilled;
-        admitted.decision
-    } else {
-        match scheduling::schedule(sched, profile, &request, &candidates, draw) {
-            Outcome::Route(d) => d,
-            Outcome::Shed => {
-                return Err(Refused {
-                    shed: true,
-                    error: ApiError::shed(&pool.name, sched.retry_after_seconds),
-                })
-            }
-            Outcome::NoEndpoint => {
-                return Err(Refused {
-                    shed: false,
-                    error: ApiError::no_endpoint(&pool.name),
-                })
-            }
+    let outcome = match config.policy(plan.pool) {
+        None => scheduling::schedule(sched, profile, &request, &candidates, draw),
+        Some(policy) => {
+            let key = |i: usize| pool_members[allowed.as_ref().map_or(i, |p| p[i])].key;
+            let admitted = super::capped::schedule(
+                config,
+                &pool.name,
+                policy,
+                profile,
+                &request,
+                &candidates,
+                &key,
+                store,
+                now_ms,
+                draw,
+            )?;
+            taken = Some(admitted.holding);
+            spilled = admitted.spilled;
+            Outcome::Route(admitted.decision)
+        }
+    };
+    let decision = match outcome {
+        Outcome::Route(d) => d,
+        Outcome::Shed => {
+            return Err(Refused {
+                shed: true,
+                error: ApiError::shed(&pool.name, sched.retry_after_seconds),
+            })
+        }
+        Outcome::NoEndpoint => {
+            return Err(Refused {
+                shed: false,
+                error: ApiError::no_endpoint(&pool.name),
+            })
         }
     };
     let chosen = decision.chosen();
