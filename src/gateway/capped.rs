@@ -31,6 +31,12 @@ fn full_by_metrics(c: &Candidate<'_>, a: &Applied, s: &Saturation) -> bool {
     })
 }
 
+/// Fresh metrics say the endpoint is down: a PREFERRED one then counts as full
+/// (requests spill rather than fall back to it).
+fn known_down(c: &Candidate<'_>) -> bool {
+    c.metrics.filter(|_| c.fresh).is_some_and(|m| !m.healthy)
+}
+
 /// Schedules among `candidates` under `policy` and takes the chosen endpoint's
 /// count. `key(i)` is candidate `i`'s in-flight key. Tries each candidate at most
 /// once: one refused by the cap (another worker took the last slot) is dropped
@@ -64,18 +70,25 @@ pub(super) fn schedule(
             .filter(|&i| {
                 applied[i].preferred
                     && room(i)
+                    && !known_down(&candidates[i])
                     && (caps[i].is_some()
                         || !full_by_metrics(&candidates[i], &applied[i], &sched.saturation))
             })
             .collect();
         let spilled = preferred.is_empty() && any_preferred;
-        let tier: Vec<usize> = if preferred.is_empty() {
+        let mut tier: Vec<usize> = if preferred.is_empty() {
             (0..candidates.len())
                 .filter(|&i| !applied[i].preferred && room(i))
                 .collect()
         } else {
             preferred
         };
+        if tier.is_empty() {
+            // No DEFAULT endpoint either: PREFERRED ones under their caps that
+            // were full only by metrics or health, as the scheduler's own
+            // fallbacks would take them without a policy.
+            tier = (0..candidates.len()).filter(|&i| room(i)).collect();
+        }
         if tier.is_empty() {
             return Err(all_capped(config, pool_name, request.priority));
         }
@@ -344,6 +357,38 @@ mod tests {
         let r = pick(&cfg, &members, &store, REQ).unwrap_err();
         assert_eq!(r.error.status, 503);
         assert!(inflight::table(&store).is_empty(), "refusals hold nothing");
+    }
+
+    #[test]
+    fn unhealthy_preferred_endpoints_count_as_full() {
+        let cfg = config(PREFER_A);
+        let mut snap = snapshot();
+        for e in &mut snap.pools[0].endpoints[..2] {
+            e.healthy = false;
+        }
+        let members = Membership::new(&cfg, Some(snap));
+        let store = MemoryStore::default();
+        let c = pick(&cfg, &members, &store, REQ).unwrap();
+        assert_eq!(zone(&c), "b");
+        assert!(c.spilled);
+        // Every endpoint PREFERRED and down: still routed (within the caps), as
+        // without a policy.
+        let cfg = config(
+            r#"{"pool": "p", "default": {"backend_preference": "PREFERRED", "max_in_flight_per_endpoint": 1}}"#,
+        );
+        let mut snap = snapshot();
+        for e in &mut snap.pools[0].endpoints {
+            e.healthy = false;
+        }
+        let members = Membership::new(&cfg, Some(snap));
+        let store = MemoryStore::default();
+        for _ in 0..4 {
+            pick(&cfg, &members, &store, REQ).unwrap();
+        }
+        assert_eq!(
+            pick(&cfg, &members, &store, REQ).unwrap_err().error.status,
+            503
+        );
     }
 
     #[test]
