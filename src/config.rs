@@ -5,6 +5,7 @@
 //! The reference for every field is `docs/configuration.md`.
 
 use crate::auth::{Auth, RawAuth};
+use crate::policy::{PoolPolicy, RawBackendPolicy};
 use crate::safety::config::{RawSafety, Safety};
 use crate::scheduling::config::{RawScheduling, Scheduling};
 use serde::Deserialize;
@@ -109,6 +110,9 @@ pub struct RawConfig {
     /// no key is asked for.
     #[serde(default)]
     pub auth: Option<RawAuth>,
+    /// Per-pool backend policies (docs/backend-policy.md).
+    #[serde(default)]
+    pub backend_policies: Vec<RawBackendPolicy>,
 }
 
 /// Loopback and the private ranges: where pods and local model servers live.
@@ -261,6 +265,8 @@ pub struct Config {
     pub safety: Option<Safety>,
     pub allowed_endpoints: AllowedNetworks,
     pub auth: Option<Auth>,
+    /// Backend policy by pool index (`None`: the pool has none and pays nothing).
+    pub policies: Vec<Option<PoolPolicy>>,
 }
 
 /// The networks members may be in (`allowed_endpoint_cidrs`).
@@ -351,6 +357,11 @@ impl Config {
             err(field, e.into_inner().to_string())
         })?;
         raw.validate()
+    }
+
+    /// The backend policy of pool `pool`, if it has one.
+    pub fn policy(&self, pool: usize) -> Option<&PoolPolicy> {
+        self.policies.get(pool).and_then(Option::as_ref)
     }
 
     pub fn pool_by_name(&self, name: &str) -> Option<usize> {
@@ -591,6 +602,21 @@ impl RawConfig {
             Some(a) => Some(a.validate(&objectives)?),
             None => None,
         };
+        let mut policies: Vec<Option<PoolPolicy>> = vec![None; pools.len()];
+        for (i, bp) in self.backend_policies.iter().enumerate() {
+            let at = format!("backend_policies[{i}]");
+            let pool = pool_index(&bp.pool, format!("{at}.pool"))?;
+            if policies[pool].is_some() {
+                return Err(err(
+                    format!("{at}.pool"),
+                    format!("pool '{}' already has a backend policy", bp.pool),
+                ));
+            }
+            let policy = bp
+                .validate()
+                .map_err(|e| err(format!("{at}.{}", e.field), e.message))?;
+            policies[pool] = Some(policy);
+        }
         Ok(Config {
             role: self.role,
             max_request_body_bytes: self.max_request_body_bytes,
@@ -612,6 +638,7 @@ impl RawConfig {
             },
             allowed_endpoints: allowed,
             auth,
+            policies,
         })
     }
 }
@@ -641,6 +668,35 @@ mod tests {
             {"name": "c", "pool": "p"}
         ]
     }"#;
+
+    #[test]
+    fn backend_policies_are_validated_per_pool_naming_the_field() {
+        let with = |policies: &str| {
+            parse(&GOOD.replacen(
+                "\"pools\"",
+                &format!("\"backend_policies\": {policies}, \"pools\""),
+                1,
+            ))
+        };
+        let c = with(
+            r#"[{"pool": "p", "scopes": [{"selector": {"zone": "a"}, "backend_preference": "PREFERRED", "max_in_flight_per_endpoint": 2}]}]"#,
+        )
+        .unwrap();
+        let p = c.policy(0).unwrap();
+        assert_eq!(p.scopes.len(), 1);
+        assert!(parse(GOOD).unwrap().policy(0).is_none());
+        let e = with(r#"[{"pool": "p", "default": {"balancing_mode": "IN_FLIGHT"}, "scopes": [{"selector": {"z": "a"}, "max_in_flight_per_endpoint": 1}]}]"#).unwrap_err();
+        assert_eq!(
+            e.field,
+            "backend_policies[0].scopes[0].max_in_flight_per_endpoint"
+        );
+        let e = with(r#"[{"pool": "nope"}]"#).unwrap_err();
+        assert_eq!(e.field, "backend_policies[0].pool");
+        let e = with(r#"[{"pool": "p"}, {"pool": "p"}]"#).unwrap_err();
+        assert_eq!(e.field, "backend_policies[1].pool");
+        let e = with(r#"[{"pool": "p", "default": {"capacity_scaler": 5}}]"#).unwrap_err();
+        assert!(e.field.starts_with("backend_policies[0].default"), "{e}");
+    }
 
     #[test]
     fn accepts_a_full_config() {

@@ -94,6 +94,29 @@ pub fn init(store: &dyn SharedStore) -> Result<(), StoreError> {
 /// first free one, else appends; a release of an endpoint without an entry changes
 /// nothing. Trailing free entries are dropped, so the table shrinks as load falls.
 pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreError> {
+    update(store, k, delta, None).map(|n| n.unwrap_or(0))
+}
+
+/// Takes one count of the endpoint with key `k` unless it already holds `cap`
+/// (or more): `Ok(Some(new count))`, or `Ok(None)` when refused at the cap. The
+/// check and the increment are one compare-and-swap, so the cap holds across
+/// every worker sharing the store: a writer that raced in first makes this one
+/// re-read and see the cap.
+pub fn add_capped(store: &dyn SharedStore, k: u64, cap: u64) -> Result<Option<u64>, StoreError> {
+    if cap == 0 {
+        return Ok(None);
+    }
+    update(store, k, 1, Some(cap))
+}
+
+/// [`add`], refusing (`Ok(None)`) an increment from a count at or above `cap`.
+#[inline(always)]
+fn update(
+    store: &dyn SharedStore,
+    k: u64,
+    delta: i64,
+    cap: Option<u64>,
+) -> Result<Option<u64>, StoreError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (value, cas) = store.get(COUNTS_KEY);
         let mut bytes = value.unwrap_or_default();
@@ -109,9 +132,14 @@ pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreErro
                 free = Some(i);
             }
         }
+        if let Some(cap) = cap {
+            if own.map_or(0, |(_, n)| u64::from(n)) >= cap {
+                return Ok(None);
+            }
+        }
         let (at, current) = match (own, free) {
             (Some((i, n)), _) => (i, n),
-            (None, _) if delta <= 0 => return Ok(0),
+            (None, _) if delta <= 0 => return Ok(Some(0)),
             (None, Some(i)) => (i, 0),
             (None, None) if bytes.len() / ENTRY_BYTES >= MAX_ENTRIES => {
                 return Err(StoreError::Full)
@@ -131,7 +159,7 @@ pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreErro
             bytes.truncate(bytes.len() - ENTRY_BYTES);
         }
         match store.set(COUNTS_KEY, &bytes, cas) {
-            Ok(()) => return Ok(next),
+            Ok(()) => return Ok(Some(next)),
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(e),
         }
@@ -395,6 +423,51 @@ mod tests {
         let all = by_endpoint(s.as_ref(), &names(s.as_ref(), ["e", "f"]));
         assert_eq!(all.get("e"), Some(&4_000));
         assert_eq!(all.get("f"), Some(&4_000));
+    }
+
+    #[test]
+    fn a_capped_add_refuses_at_the_cap_and_never_overshoots_across_threads() {
+        let s = MemoryStore::default();
+        init(&s).unwrap();
+        let k = key("a:1");
+        assert_eq!(add_capped(&s, k, 0).unwrap(), None, "cap 0: drained");
+        assert_eq!(add_capped(&s, k, 2).unwrap(), Some(1));
+        assert_eq!(add_capped(&s, k, 2).unwrap(), Some(2));
+        assert_eq!(add_capped(&s, k, 2).unwrap(), None);
+        assert_eq!(count(&table(&s), k), 2, "a refusal changes nothing");
+        add(&s, k, -1).unwrap();
+        assert_eq!(add_capped(&s, k, 2).unwrap(), Some(2), "room again");
+
+        // Threads race for 3 slots; each holds what it got, briefly, and counts
+        // the most ever held at once.
+        let s = Arc::new(MemoryStore::default());
+        init(s.as_ref()).unwrap();
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let (s, peak, held) = (Arc::clone(&s), Arc::clone(&peak), Arc::clone(&held));
+                std::thread::spawn(move || {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let mut admitted = 0;
+                    for _ in 0..2_000 {
+                        if let Ok(Some(n)) = add_capped(s.as_ref(), k, 3) {
+                            assert!(n <= 3, "count {n} over the cap");
+                            let now = held.fetch_add(1, SeqCst) + 1;
+                            peak.fetch_max(now, SeqCst);
+                            admitted += 1;
+                            held.fetch_sub(1, SeqCst);
+                            while add(s.as_ref(), k, -1).is_err() {}
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let admitted: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(admitted > 0);
+        assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+        assert_eq!(count(&table(s.as_ref()), k), 0);
     }
 
     struct Refusing;

@@ -24,6 +24,7 @@ pub mod observe;
 pub mod openai;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod picker;
+pub mod policy;
 pub mod routing;
 pub mod safety;
 #[cfg(not(target_arch = "wasm32"))]

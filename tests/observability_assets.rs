@@ -131,6 +131,8 @@ fn exported_names() -> BTreeSet<String> {
         "inference_gateway_safety_failures_total",
         "inference_gateway_safety_fail_open_total",
         "inference_gateway_safety_blocks_total",
+        "inference_pool_spill_total",
+        "inference_pool_capacity_refused_total",
     ] {
         names.insert(c.into());
     }

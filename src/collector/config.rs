@@ -636,16 +636,45 @@ impl RawCollectorConfig {
     }
 }
 
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name
+/// of at most 63 characters, alphanumeric at both ends with `-`, `_`, `.`
+/// between (`zone`, `env`, `gke.io/zone`, `gke.io/cluster-name`): what backend
+/// policy selectors match on (docs/backend-policy.md).
+pub fn is_label_key(k: &str) -> bool {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let alnum_ends = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && alnum_ends(name)
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && alnum_ends(part)
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    name_ok && prefix_ok
+}
+
 fn check_labels(labels: &BTreeMap<String, String>, at: &str) -> Result<(), ConfigError> {
     for k in labels.keys() {
-        let ok = k
-            .chars()
-            .enumerate()
-            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
-        if k.is_empty() || !ok {
+        if !is_label_key(k) {
             return Err(err(
                 format!("{at}.{k}"),
-                "label names are [a-zA-Z_][a-zA-Z0-9_]*",
+                "label keys are Kubernetes label keys: [prefix/]name, e.g. zone or gke.io/zone",
             ));
         }
     }
@@ -801,6 +830,38 @@ impl PushEntry {
 }
 
 #[cfg(test)]
+mod label_key_tests {
+    use super::is_label_key;
+
+    #[test]
+    fn kubernetes_label_keys_are_accepted() {
+        for ok in [
+            "zone",
+            "env",
+            "gke.io/zone",
+            "gke.io/cluster-name",
+            "a_b.c-d",
+            "x9",
+        ] {
+            assert!(is_label_key(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "bad key",
+            "-a",
+            "a-",
+            "/a",
+            "gke.io/",
+            "Gke.io/a",
+            "a/b/c",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_label_key(bad), "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -941,8 +1002,8 @@ pools:
                 "pools[0].endpoints[0].colour",
             ),
             (
-                "pools: [{name: a, endpoints: [{address: '127.0.0.1:1', labels: {'bad-key': x}}]}]",
-                "pools[0].endpoints[0].labels.bad-key",
+                "pools: [{name: a, endpoints: [{address: '127.0.0.1:1', labels: {'bad key': x}}]}]",
+                "pools[0].endpoints[0].labels.bad key",
             ),
             (
                 "pools: [{name: a, server_type: tgi, endpoints: ['127.0.0.1:1']}, {name: b, endpoints: ['127.0.0.1:1']}]",

@@ -96,7 +96,7 @@ pub fn parse_endpoints_file(
         };
         if let Some(bad) = e.labels.keys().find(|k| !is_label_name(k)) {
             out.refused.push(refuse(format!(
-                "label name '{bad}' is not [a-zA-Z_][a-zA-Z0-9_]*"
+                "label name '{bad}' is not a Kubernetes label key ([prefix/]name, e.g. gke.io/zone)"
             )));
             continue;
         }
@@ -120,10 +120,7 @@ pub fn parse_endpoints_file(
 }
 
 fn is_label_name(k: &str) -> bool {
-    !k.is_empty()
-        && k.chars()
-            .enumerate()
-            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+    super::config::is_label_key(k)
 }
 
 /// A push target file: a YAML (or JSON) list of strings, each like a
@@ -289,7 +286,7 @@ mod tests {
 - "vllm.default.svc:8000"
 - "vllm.default.svc"
 - "10.0.0.4:0"
-- {address: "10.0.0.5:1", labels: {"bad-name": x}}
+- {address: "10.0.0.5:1", labels: {"bad name": x}}
 - "10.0.0.1:9000"
 "#;
         let f = parse_endpoints_file(text, false, &p).unwrap();
@@ -318,7 +315,7 @@ mod tests {
         assert!(f.refused[0].starts_with("entry [5] 'vllm.default.svc:8000': a DNS name"));
         assert!(f.refused[1].starts_with("entry [6] 'vllm.default.svc'"));
         assert!(f.refused[2].contains("entry [7]") && f.refused[2].contains("port 0"));
-        assert!(f.refused[3].contains("entry [8]") && f.refused[3].contains("bad-name"));
+        assert!(f.refused[3].contains("entry [8]") && f.refused[3].contains("bad name"));
 
         // Without target ports a port-less IP is refused, naming the entry.
         let q = pool("{name: q, endpoints_file: /x}");

@@ -892,6 +892,15 @@ fn static_cluster_yaml(address: &str) -> String {
 
 const ACCESS_LOG: &str = r#"          access_log:
           - name: envoy.access_loggers.stdout
+            filter:
+              or_filter:
+                filters:
+                - status_code_filter:
+                    comparison:
+                      op: GE
+                      value: {default_value: 400, runtime_key: access_log.always_from_status}
+                - header_filter:
+                    header: {name: x-gateway-access-log, present_match: true, invert_match: true}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
               log_format:
@@ -906,8 +915,9 @@ const ACCESS_LOG: &str = r#"          access_log:
 pub const ACCESS_LOG_FILTER_STATE: &str = "wasm.igw";
 
 /// Labels of the filter's metrics (`.label.value` in the name).
-const STAT_LABELS: [&str; 7] = [
+const STAT_LABELS: [&str; 8] = [
     "model_name",
+    "pool_name",
     "target_model_name",
     "error_code",
     "check",

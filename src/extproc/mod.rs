@@ -30,6 +30,9 @@ pub struct Routed {
     pub model: String,
     pub target_model: String,
     pub priority: i32,
+    /// The pool's backend policy samples this request out of the access log
+    /// (set `x-gateway-access-log: skip`; errors are logged anyway).
+    pub log_skipped: bool,
 }
 
 /// A request that is not routed: the error the client gets, and the metrics
@@ -232,7 +235,17 @@ impl Picker {
             subset,
         })
         .map_err(|refused| refused.error)?;
+        let log_skipped = self
+            .config
+            .policy(plan.pool)
+            .and_then(|p| p.logging.as_ref())
+            // The pick's draw, mixed: the sampling must not follow the tie-break.
+            .is_some_and(|l| {
+                let mixed = (xxhash_rust::xxh3::xxh3_64(&draw.to_le_bytes()) >> 32) as u32;
+                !crate::policy::log_sampled(Some(l), mixed)
+            });
         Ok(Routed {
+            log_skipped,
             holding: choice.holding.map(|_| choice.endpoint),
             destination: choice.destination,
             new_body: plan.new_body.clone(),
@@ -293,6 +306,47 @@ mod tests {
     }
 
     const BODY: &[u8] = br#"{"model":"m","prompt":"hello"}"#;
+
+    #[test]
+    fn the_pools_backend_policy_caps_and_samples_the_access_log() {
+        let with = |policy: &str| {
+            Picker::new(
+                Config::from_json(
+                    format!(
+                        r#"{{"pools": [{{"name": "p", "endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}],
+                             "models": [{{"name": "m", "pool": "p"}}],
+                             "backend_policies": [{policy}]}}"#
+                    )
+                    .as_bytes(),
+                )
+                .unwrap(),
+            )
+        };
+        let route =
+            |p: &Picker, draw: u32| p.route(ApiKind::Completions, BODY, None, 1_100, || draw);
+        assert!(
+            !route(&picker(), 0).unwrap().log_skipped,
+            "no policy: logged"
+        );
+        let off = with(r#"{"pool": "p", "logging": {"enabled": false}}"#);
+        assert!(route(&off, 0).unwrap().log_skipped);
+        let half = with(r#"{"pool": "p", "logging": {"sample_rate": 500000}}"#);
+        let skipped = (0..1_000u32)
+            .filter(|i| {
+                route(&half, i.wrapping_mul(0x9e37_79b9))
+                    .unwrap()
+                    .log_skipped
+            })
+            .count();
+        assert!((400..600).contains(&skipped), "{skipped}");
+        // One in flight per endpoint: the third request is refused (503).
+        let capped = with(r#"{"pool": "p", "default": {"max_in_flight_per_endpoint": 1}}"#);
+        assert!(route(&capped, 0).is_ok());
+        assert!(route(&capped, 0).is_ok());
+        assert_eq!(route(&capped, 0).unwrap_err().status, 503);
+        capped.release("127.0.0.1:1");
+        assert_eq!(route(&capped, 0).unwrap().destination, "127.0.0.1:1");
+    }
 
     #[test]
     fn routes_by_the_snapshot_and_counts_in_flight() {

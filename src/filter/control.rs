@@ -58,12 +58,26 @@ impl ControlStream {
     fn state(&self) -> Vec<u8> {
         let now_ms = super::now_ms(self);
         let snapshot = store::stored_snapshot();
+        let in_flight =
+            inflight::by_endpoint(&HostStore, &endpoint_names(&self.config, snapshot.as_ref()));
+        let policies: Vec<(String, crate::policy::PoolPolicy)> = HostStore
+            .get(crate::policy::POLICIES_KEY)
+            .0
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let backend_policy = match &snapshot {
+            Some(s) if !policies.is_empty() => crate::policy::endpoint_report(
+                &policies,
+                s,
+                crate::auth::replicas(&HostStore),
+                &in_flight,
+            ),
+            _ => BTreeMap::new(),
+        };
         let state = State {
             api_keys: api_keys(now_ms),
-            in_flight: inflight::by_endpoint(
-                &HostStore,
-                &endpoint_names(&self.config, snapshot.as_ref()),
-            ),
+            in_flight,
+            backend_policy,
             snapshot: snapshot.map(|s| SnapshotView {
                 age_ms: now_ms.saturating_sub(s.generated_at_ms),
                 stale: s.is_stale(now_ms, self.config.snapshot_stale_after_ms),
@@ -132,6 +146,10 @@ struct State {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     api_keys: Vec<serde_json::Value>,
     in_flight: BTreeMap<String, u64>,
+    /// Per endpoint of a pool with a backend policy: the applied scope, this
+    /// replica's caps and use (docs/backend-policy.md).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    backend_policy: BTreeMap<String, serde_json::Value>,
     snapshot: Option<SnapshotView>,
 }
 

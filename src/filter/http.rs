@@ -143,6 +143,13 @@ impl GatewayStream {
                         "inference_gateway_shed_total.model_name.{}",
                         super::metrics::label(&plan.model)
                     ));
+                } else if refused.error.code == "capacity_exhausted" {
+                    if let Some(pool) = config.pools.get(plan.pool) {
+                        super::metrics::inc(&format!(
+                            "inference_pool_capacity_refused_total.pool_name.{}",
+                            super::metrics::label(&pool.name)
+                        ));
+                    }
                 }
                 return Err(refused.error);
             }
@@ -161,6 +168,14 @@ impl GatewayStream {
                 choice.endpoint,
             );
         }
+        if choice.spilled {
+            if let Some(pool) = config.pools.get(plan.pool) {
+                super::metrics::inc(&format!(
+                    "inference_pool_spill_total.pool_name.{}",
+                    super::metrics::label(&pool.name)
+                ));
+            }
+        }
         self.explanation = choice.explanation;
         self.holding = choice.holding;
         self.record_routed(&plan.model, &plan.target_model, &choice.endpoint);
@@ -172,6 +187,14 @@ impl GatewayStream {
             }
         }
         self.set_http_request_header(DESTINATION_HEADER, Some(&choice.destination));
+        if let Some(logging) = config.policy(plan.pool).and_then(|p| p.logging.as_ref()) {
+            if !crate::policy::log_sampled(Some(logging), self.rng.u32(..)) {
+                self.set_http_request_header(
+                    crate::policy::ACCESS_LOG_SKIP_HEADER,
+                    Some(crate::policy::ACCESS_LOG_SKIP),
+                );
+            }
+        }
         Ok(())
     }
 

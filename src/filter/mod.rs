@@ -46,6 +46,7 @@ impl RootContext for Root {
             // The cached membership is the old configuration's pools.
             self.snapshot = Rc::default();
             store::register_series(&config);
+            store::publish_policies(&config);
             define_counters(&config);
             auth::configure(&config);
         }
@@ -85,6 +86,16 @@ fn define_counters(config: &Config) {
             "inference_gateway_shed_total.model_name.{}",
             metrics::label(name)
         ));
+    }
+    for (i, pool) in config.pools.iter().enumerate() {
+        if config.policy(i).is_some() {
+            for counter in ["spill", "capacity_refused"] {
+                metrics::define(&format!(
+                    "inference_pool_{counter}_total.pool_name.{}",
+                    metrics::label(&pool.name)
+                ));
+            }
+        }
     }
     if config.safety.is_some() {
         metrics::define("inference_gateway_safety_unscreened_media_total.check.prompt");

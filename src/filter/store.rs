@@ -32,6 +32,21 @@ pub fn init_in_flight(config: &crate::config::Config) {
     }
 }
 
+/// Publishes the pools' backend policies for the control listener's
+/// `/debug/state` (an empty list when none: a replaced configuration clears them).
+pub fn publish_policies(config: &crate::config::Config) {
+    let policies: Vec<(&str, &crate::policy::PoolPolicy)> = config
+        .pools
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((p.name.as_str(), config.policy(i)?)))
+        .collect();
+    let bytes = serde_json::to_vec(&policies).unwrap_or_default();
+    if let Err(err) = HostStore.set(crate::policy::POLICIES_KEY, &bytes, None) {
+        log::warn!("inference-gateway: backend policies not published: {err:?}");
+    }
+}
+
 /// Creates the request-metric series of every configured model (and the one for
 /// errors before a model is known), so that traffic only ever updates existing
 /// keys, which the host's compare-and-swap guards.

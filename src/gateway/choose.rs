@@ -40,6 +40,9 @@ pub struct Choice {
     pub holding: Option<u64>,
     /// The scored candidates, when `scheduling.explain` is on.
     pub explanation: Option<String>,
+    /// A backend policy's PREFERRED endpoints were all full: this went to a
+    /// DEFAULT one.
+    pub spilled: bool,
 }
 
 /// A request that is not routed, with the error the client gets.
@@ -153,7 +156,31 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         prompt_blocks: hashes.len(),
     };
 
-    let decision = match scheduling::schedule(sched, profile, &request, &candidates, draw) {
+    // A pool with a backend policy: caps, preference and an admission that is
+    // atomic with the pick (gateway::capped). Without one, nothing changes.
+    let (mut taken, mut spilled) = (None, false);
+    let outcome = match config.policy(plan.pool) {
+        None => scheduling::schedule(sched, profile, &request, &candidates, draw),
+        Some(policy) => {
+            let key = |i: usize| pool_members[allowed.as_ref().map_or(i, |p| p[i])].key;
+            let admitted = super::capped::schedule(
+                config,
+                &pool.name,
+                policy,
+                profile,
+                &request,
+                &candidates,
+                &key,
+                store,
+                now_ms,
+                draw,
+            )?;
+            taken = Some(admitted.holding);
+            spilled = admitted.spilled;
+            Outcome::Route(admitted.decision)
+        }
+    };
+    let decision = match outcome {
         Outcome::Route(d) => d,
         Outcome::Shed => {
             return Err(Refused {
@@ -177,12 +204,15 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // a little, a refusal fails the user.
     let position = allowed.as_ref().map_or(chosen, |p| p[chosen]);
     let key = pool_members[position].key;
-    let holding = match inflight::add(store, key, 1) {
-        Ok(_) => Some(key),
-        Err(err) => {
-            log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
-            None
-        }
+    let holding = match taken {
+        Some(held) => held,
+        None => match inflight::add(store, key, 1) {
+            Ok(_) => Some(key),
+            Err(err) => {
+                log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
+                None
+            }
+        },
     };
     let destination = if config.destination_list {
         decision
@@ -201,6 +231,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         endpoint,
         destination,
         holding,
+        spilled,
     })
 }
 

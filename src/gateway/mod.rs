@@ -2,6 +2,7 @@
 //! request head, then with the whole body, and carries out the answer. Nothing here
 //! touches the host, so every decision is unit-tested natively.
 
+mod capped;
 mod choose;
 
 pub use choose::{choose, Choice, Inputs, Refused};

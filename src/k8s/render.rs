@@ -346,7 +346,41 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
         }
     }
 
+    let mut policies = Vec::new();
     for p in &inv.policies {
+        let pool = (p.target_kind == "InferencePool")
+            .then(|| {
+                pools.iter().find(|q| {
+                    q.meta.name == p.target_name
+                        && q.meta.namespace == p.meta.namespace
+                        && q.api.group() == p.target_group
+                })
+            })
+            .flatten();
+        if let Some(pool) = pool {
+            if p.plugin["default"].get("custom_metrics").is_some()
+                || p.plugin["scopes"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|l| l.get("custom_metrics").is_some()))
+            {
+                errors.push(err_at(
+                    &p.meta.loc,
+                    "spec.default",
+                    "balancingMode CUSTOM_METRICS / customMetrics is not supported by this gateway (docs/backend-policy.md)",
+                ));
+                continue;
+            }
+            let mut entry = p.plugin.clone();
+            if let Some(o) = entry.as_object_mut() {
+                o.insert("pool".into(), json!(pool.meta.name));
+            }
+            policies.push(entry);
+            report.summary.push(format!(
+                "GCPBackendPolicy {}/{} applied to pool {} (docs/backend-policy.md)",
+                p.meta.namespace, p.meta.name, pool.meta.name,
+            ));
+            continue;
+        }
         report.summary.push(format!(
             "GCPBackendPolicy {}/{} on {} {} checked ({}{}): not applied by this gateway",
             p.meta.namespace,
@@ -364,6 +398,9 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
                 String::new()
             }
         ));
+    }
+    if !policies.is_empty() {
+        plugin.insert("backend_policies".into(), Value::Array(policies));
     }
     for i in &inv.ignored {
         report.ignored.push(if i.api_version.is_empty() {
@@ -907,6 +944,54 @@ mod tests {
         let (inv, errors) = parse(yaml);
         assert!(errors.is_empty(), "{errors:#?}");
         render(&inv, &RenderOptions::default()).unwrap_or_else(|e| panic!("{e:#?}"))
+    }
+
+    #[test]
+    fn a_backend_policy_on_a_pool_is_rendered_for_the_filter() {
+        let policy = "apiVersion: networking.gke.io/v1
+kind: GCPBackendPolicy
+metadata: {name: bp}
+spec:
+  targetRef: {group: inference.networking.k8s.io, kind: InferencePool, name: ga}
+  default:
+    logging: {enabled: true, sampleRate: 500000}
+    scopes:
+    - selector: {gke.io/zone: zone-b}
+      capacityScalarPercent: 0
+    - selector: {gke.io/zone: zone-a}
+      backendPreference: PREFERRED
+      maxInFlightPerEndpoint: 2
+";
+        let r = render_yaml(&format!("{POOL_V1}---\n{policy}"));
+        assert_eq!(
+            r.plugin_config["backend_policies"],
+            json!([{
+                "pool": "ga",
+                "default": {},
+                "logging": {"enabled": true, "sample_rate": 500000},
+                "scopes": [
+                    {"selector": {"gke.io/zone": "zone-b"}, "capacity_scaler_percent": 0},
+                    {"selector": {"gke.io/zone": "zone-a"}, "backend_preference": "PREFERRED",
+                     "max_in_flight_per_endpoint": 2}
+                ]
+            }])
+        );
+        let cfg = Config::from_json(r.plugin_config.to_string().as_bytes()).unwrap();
+        let p = cfg.policy(0).unwrap();
+        assert_eq!(p.scopes[1].level.max_in_flight_per_endpoint, Some(2));
+        // CUSTOM_METRICS is refused, naming the policy.
+        let (inv, errors) = parse(&format!(
+            "{POOL_V1}---\n{}",
+            policy
+                .replace(
+                    "    logging:",
+                    "    balancingMode: CUSTOM_METRICS\n    customMetrics: []\n    logging:"
+                )
+                .replace("      maxInFlightPerEndpoint: 2\n", "")
+        ));
+        assert!(errors.is_empty(), "{errors:#?}");
+        let e = render(&inv, &RenderOptions::default()).unwrap_err();
+        assert!(e[0].to_string().contains("CUSTOM_METRICS"), "{e:?}");
     }
 
     /// Every valid example, in the two sets that do not define the same object

@@ -257,6 +257,9 @@ pub struct BackendPolicy {
     pub target_name: String,
     pub fields: Vec<String>,
     pub scopes: usize,
+    /// The policy as the filter's `backend_policies[]` entry reads it, without
+    /// `pool` (docs/backend-policy.md).
+    pub plugin: serde_json::Value,
 }
 
 /// A document the tool does not read, and why.
@@ -1189,6 +1192,7 @@ fn implied_by_mode(mode: &str) -> Option<&'static str> {
 fn backend_fields(
     f: &Fields,
     warnings: &mut Vec<String>,
+    plugin: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<Vec<(String, String)>, K8sError> {
     let mut set = Vec::new();
     for key in f.keys().collect::<Vec<_>>() {
@@ -1211,18 +1215,28 @@ fn backend_fields(
                 if let Some(implied) = implied_by_mode(&mode) {
                     set.push((implied.to_string(), format!("balancingMode {mode}")));
                 }
+                plugin.insert("balancing_mode".into(), mode.into());
             }
             "maxRatePerEndpoint" | "maxInFlightPerEndpoint" => {
-                v.int_in(0, 1_000_000_000)?;
+                let n = v.int_in(0, 1_000_000_000)?;
+                let name = if canonical == "maxRatePerEndpoint" {
+                    "max_rate_per_endpoint"
+                } else {
+                    "max_in_flight_per_endpoint"
+                };
+                plugin.insert(name.into(), n.into());
             }
             "capacityScalerPercent" => {
-                v.int_in(0, 100)?;
+                let n = v.int_in(0, 100)?;
+                plugin.insert("capacity_scaler_percent".into(), n.into());
             }
             "backendPreference" => {
-                v.one_of(&["DEFAULT", "PREFERRED"])?;
+                let p = v.one_of(&["DEFAULT", "PREFERRED"])?;
+                plugin.insert("backend_preference".into(), p.into());
             }
             _ => {
                 v.seq()?;
+                plugin.insert("custom_metrics".into(), serde_json::Value::Bool(true));
             }
         }
         set.push((canonical.to_string(), key.to_string()));
@@ -1246,30 +1260,42 @@ fn backend_policy(meta: Meta, spec: &At) -> Result<(BackendPolicy, Vec<String>),
     }
     let mut fields = Vec::new();
     let mut scopes = 0;
+    let mut plugin = serde_json::Map::new();
     if let Some(d) = s.get("default") {
         let df = d.fields(&[POLICY_DEFAULT, &[SCALER_ALIAS]].concat())?;
         fields = df.keys().map(String::from).collect();
         if let Some(l) = df.get("logging") {
             let lf = l.fields(&["enabled", "sampleRate", "optionalMode", "optionalFields"])?;
+            let mut logging = serde_json::Map::new();
             if let Some(e) = lf.get("enabled") {
-                e.bool()?;
+                logging.insert("enabled".into(), e.bool()?.into());
             }
             if let Some(r) = lf.get("sampleRate") {
-                r.int_in(0, 1_000_000)?;
+                logging.insert("sample_rate".into(), r.int_in(0, 1_000_000)?.into());
             }
+            plugin.insert("logging".into(), logging.into());
         }
         if let Some(t) = df.get("timeoutSec") {
             t.int_in(1, 86_400)?;
         }
-        let at_default = backend_fields(&df, &mut warnings)?;
+        let mut level = serde_json::Map::new();
+        let at_default = backend_fields(&df, &mut warnings, &mut level)?;
+        plugin.insert("default".into(), level.into());
+        let mut rendered_scopes = Vec::new();
         if let Some(sc) = df.get("scopes") {
             let scope_known = [BACKEND_FIELDS, &["selector", SCALER_ALIAS]].concat();
             for item in sc.seq()? {
                 scopes += 1;
                 let f = item.fields(&scope_known)?;
                 let sel = f.req("selector")?;
-                selector_map(&sel)?;
-                for (field, written) in backend_fields(&f, &mut warnings)? {
+                let mut level = serde_json::Map::new();
+                level.insert(
+                    "selector".into(),
+                    serde_json::to_value(selector_map(&sel)?).unwrap_or_default(),
+                );
+                let set = backend_fields(&f, &mut warnings, &mut level)?;
+                rendered_scopes.push(serde_json::Value::Object(level));
+                for (field, written) in set {
                     if let Some((_, why)) = at_default.iter().find(|(d, _)| *d == field) {
                         let why = if why == &field {
                             "it is set at the default level".to_string()
@@ -1286,6 +1312,7 @@ fn backend_policy(meta: Meta, spec: &At) -> Result<(BackendPolicy, Vec<String>),
                 }
             }
         }
+        plugin.insert("scopes".into(), rendered_scopes.into());
     }
     Ok((
         BackendPolicy {
@@ -1295,6 +1322,7 @@ fn backend_policy(meta: Meta, spec: &At) -> Result<(BackendPolicy, Vec<String>),
             target_name: t.req("name")?.name()?,
             fields,
             scopes,
+            plugin: plugin.into(),
         },
         warnings,
     ))

@@ -117,6 +117,20 @@ impl ApiError {
         .with_header("retry-after", retry_after_seconds.to_string())
     }
 
+    /// Every endpoint of the pool is drained or at its backend policy's cap and
+    /// the request is not sheddable (docs/backend-policy.md).
+    pub fn capacity_exhausted(pool: &str, retry_after_seconds: u32) -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "capacity_exhausted",
+            format!(
+                "Every model server in pool '{pool}' is at its configured capacity; retry later."
+            ),
+        )
+        .with_header("retry-after", retry_after_seconds.to_string())
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "server_error", "internal_error", message.into())
     }

@@ -384,6 +384,12 @@ impl Exchange {
         let rewritten = routed.new_body.is_some();
         let body = routed.new_body.unwrap_or(body);
         let mut set = vec![set_header(DESTINATION_HEADER, &routed.destination)];
+        if routed.log_skipped {
+            set.push(set_header(
+                crate::policy::ACCESS_LOG_SKIP_HEADER,
+                crate::policy::ACCESS_LOG_SKIP,
+            ));
+        }
         let mut remove = Vec::new();
         let metadata = Some(destination_metadata(&routed.destination));
         let mut out = match self.request_mode {

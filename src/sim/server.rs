@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,6 +23,30 @@ struct App {
     config: SimConfig,
     driver: Driver,
     recorder: Recorder,
+    /// Generation requests in progress (accepted, response not yet finished or
+    /// dropped), and the most ever at once: `/sim/state` reports both, so a
+    /// test can check a gateway's per-endpoint concurrency cap from the
+    /// server's side.
+    concurrent: AtomicU64,
+    max_concurrent: AtomicU64,
+}
+
+/// One generation request in progress; counted down when dropped (the response
+/// finished, or the client went away).
+struct InProgress(Arc<App>);
+
+impl InProgress {
+    fn new(app: &Arc<App>) -> InProgress {
+        let now = app.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+        app.max_concurrent.fetch_max(now, Ordering::SeqCst);
+        InProgress(Arc::clone(app))
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.concurrent.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Serves the simulator on `listener` until `shutdown` completes.
@@ -42,6 +67,8 @@ pub fn router(config: SimConfig) -> Router {
         driver: Driver::start(config.build_engine()),
         recorder: Recorder::new(config.record_capacity),
         config,
+        concurrent: AtomicU64::new(0),
+        max_concurrent: AtomicU64::new(0),
     });
     Router::new()
         .route("/v1/completions", post(completions))
@@ -165,6 +192,7 @@ async fn generate(
         Ok(r) => r,
         Err(res) => return res,
     };
+    let in_progress = InProgress::new(&app);
     let prompt = req.prompt_text();
     let prompt_tokens = tokens::count(&prompt);
     let scripted: Option<Vec<String>> = req
@@ -240,6 +268,7 @@ async fn generate(
 
     let include_usage = req.include_usage();
     let body = async_stream::stream! {
+        let _in_progress = in_progress;
         let mut stream = stream;
         if let Some(prompt) = &echo {
             let c = openai::chunk(ep, &id, created, &model, Some(prompt), true, None);
@@ -345,6 +374,8 @@ async fn state(State(app): State<Arc<App>>) -> Response {
             "preemptions": s.preemptions,
             "prompt_tokens": s.prompt_tokens,
             "generation_tokens": s.generation_tokens,
+            "concurrent_requests": app.concurrent.load(Ordering::SeqCst),
+            "max_concurrent_requests": app.max_concurrent.load(Ordering::SeqCst),
         })
     });
     Json(v).into_response()

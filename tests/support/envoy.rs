@@ -330,12 +330,21 @@ impl Envoy {
 
     /// Envoy's output so far (its log file, or the container's stdout and stderr).
     pub fn logs(&self) -> String {
+        self.logs_up_to(64 * 1024, "400")
+    }
+
+    /// Everything Envoy wrote so far (tests that count access-log lines).
+    pub fn all_logs(&self) -> String {
+        self.logs_up_to(256 * 1024 * 1024, "all")
+    }
+
+    fn logs_up_to(&self, bytes: usize, lines: &str) -> String {
         match &self.inner {
-            Inner::Native(child) => child.log_tail(64 * 1024),
+            Inner::Native(child) => child.log_tail(bytes),
             Inner::Docker(Some(c)) => {
                 let id = c.id().to_string();
                 let out = Command::new("docker")
-                    .args(["logs", "--tail", "400", &id])
+                    .args(["logs", "--tail", lines, &id])
                     .output();
                 match out {
                     Ok(o) => format!(

@@ -130,6 +130,11 @@ impl Gateway {
         self.envoy.logs()
     }
 
+    /// Everything Envoy wrote so far, not only the tail.
+    pub fn envoy_all_logs(&self) -> String {
+        self.envoy.all_logs()
+    }
+
     /// `POST path` with a JSON body.
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
         self.client
