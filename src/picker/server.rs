@@ -354,7 +354,13 @@ pub async fn start(cfg: PickerConfig, opts: Options) -> Result<RunningPicker, St
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         router
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopped(rx))
+            // serve_with_incoming ignores the builder's tcp_nodelay: without it
+            // Nagle holds the small streamed-body frames for the peer's delayed
+            // ACK (40 ms stalls measured in the overhead benchmark).
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                stopped(rx),
+            )
             .await
             .map_err(|e| format!("gRPC server: {e}"))
     }));
@@ -367,7 +373,10 @@ pub async fn start(cfg: PickerConfig, opts: Options) -> Result<RunningPicker, St
             servers.push(tokio::spawn(async move {
                 Server::builder()
                     .add_service(svc)
-                    .serve_with_incoming_shutdown(TcpIncoming::from(l), stopped(rx))
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(l).with_nodelay(Some(true)),
+                        stopped(rx),
+                    )
                     .await
                     .map_err(|e| format!("gRPC health server: {e}"))
             }));
