@@ -415,3 +415,99 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
     drop(envoy);
     picker.guard.stop(Duration::from_secs(5));
 }
+
+/// A BUFFERED request body at the plugin's default limit (4 MiB) is one gRPC
+/// message of more than 4 MiB: the picker reads it and routes (tonic's default
+/// message limit refused it, and the request failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_body_at_the_default_limit_is_routed() {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        external_processor_client::ExternalProcessorClient, processing_request,
+        processing_response, HttpBody, HttpHeaders, ProcessingRequest,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-picker-big-")
+        .tempdir()
+        .unwrap();
+    let endpoint = "127.0.0.1:18000";
+    let config = json!({"plugin": {
+        "pools": [{"name": "pool", "endpoints": [endpoint]}],
+        "models": [{"name": "m", "pool": "pool"}]
+    }});
+    let picker = PickerProcess::start(dir.path(), &config, None, &["--insecure"], &[]).await;
+    let mut client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{}", picker.grpc))
+        .await
+        .expect("picker gRPC")
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+
+    let limit = inference_gateway::config::DEFAULT_MAX_REQUEST_BODY_BYTES;
+    let head = r#"{"model":"m","prompt":""#;
+    let body = format!("{head}{}\"}}", "a".repeat(limit - head.len() - 2));
+    assert_eq!(body.len(), limit);
+    let hv = |k: &str, v: &str| HeaderValue {
+        key: k.into(),
+        raw_value: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let msg = |r| ProcessingRequest {
+        request: Some(r),
+        ..Default::default()
+    };
+    let len = limit.to_string();
+    let requests = vec![
+        msg(processing_request::Request::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    hv(":method", "POST"),
+                    hv(":path", "/v1/completions"),
+                    hv("content-type", "application/json"),
+                    hv("content-length", &len),
+                ],
+            }),
+            ..Default::default()
+        })),
+        msg(processing_request::Request::RequestBody(HttpBody {
+            body: body.into_bytes(),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+    ];
+    let mut responses = client
+        .process(futures_util::stream::iter(requests))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", picker.guard.log_tail(4096)))
+        .into_inner();
+    let mut routed = false;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("the picker answers")
+        .unwrap_or_else(|e| panic!("the stream failed: {e}\n{}", picker.guard.log_tail(4096)))
+    {
+        let mutation = match r.response {
+            Some(processing_response::Response::RequestBody(b)) => {
+                b.response.and_then(|c| c.header_mutation)
+            }
+            Some(processing_response::Response::RequestHeaders(h)) => {
+                h.response.and_then(|c| c.header_mutation)
+            }
+            Some(processing_response::Response::ImmediateResponse(i)) => {
+                panic!("refused: {:?}", String::from_utf8_lossy(&i.body))
+            }
+            _ => None,
+        };
+        let set = mutation.map(|m| m.set_headers).unwrap_or_default();
+        if set.iter().filter_map(|h| h.header.as_ref()).any(|h| {
+            h.key == "x-gateway-destination-endpoint" && h.raw_value == endpoint.as_bytes()
+        }) {
+            routed = true;
+            break;
+        }
+    }
+    assert!(
+        routed,
+        "no destination set\n{}",
+        picker.guard.log_tail(4096)
+    );
+}

@@ -74,6 +74,27 @@ struct Common {
     /// so CI never overwrites committed numbers).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Overhead suite: only these variants (plain, floor, filter, ext_proc,
+    /// ext_proc_fd), comma-separated; results go to a temporary directory unless
+    /// `--out` says otherwise. For profiling one point (`perf record -p` on Envoy).
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
+    /// Overhead suite: only these pool sizes, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<usize>,
+    /// Overhead suite: only these body sizes in bytes, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    bodies: Vec<usize>,
+    /// Overhead suite: seconds of the closed-loop saturation run (default 3).
+    #[arg(long)]
+    saturation_s: Option<u64>,
+}
+
+impl Common {
+    /// A run narrowed to some points: never the committed results by default.
+    fn partial(&self) -> bool {
+        !(self.variants.is_empty() && self.endpoints.is_empty() && self.bodies.is_empty())
+    }
 }
 
 type Res<T> = Result<T, String>;
@@ -106,7 +127,7 @@ fn results_dir() -> PathBuf {
 }
 
 fn out_dir(c: &Common) -> Res<PathBuf> {
-    let dir = match (&c.out, c.quick) {
+    let dir = match (&c.out, c.quick || c.partial()) {
         (Some(d), _) => d.clone(),
         (None, false) => results_dir(),
         (None, true) => {
@@ -575,34 +596,53 @@ struct OverheadPlan {
     bodies: Vec<usize>,
     endpoints: Vec<usize>,
     reps: u32,
-    rate: f64,
     warm_s: u64,
     latency_s: u64,
     saturation_s: u64,
 }
 
+/// The latency runs' constant rate for a body size: 200 requests per second up to
+/// 256 KB; at 4 MiB 20 (every variant saturates near 100 per second there, and a
+/// rate near saturation measures the queue, not the added latency).
+fn overhead_rate(body_bytes: usize) -> f64 {
+    if body_bytes > 1 << 20 {
+        20.0
+    } else {
+        200.0
+    }
+}
+
 fn overhead(c: &Common) -> Res<()> {
-    let plan = if c.quick {
+    let mut plan = if c.quick {
         OverheadPlan {
             bodies: vec![1024],
             endpoints: vec![10],
             reps: c.reps.unwrap_or(1),
-            rate: 200.0,
             warm_s: 1,
             latency_s: 3,
             saturation_s: 2,
         }
     } else {
         OverheadPlan {
-            bodies: vec![1024, 16 * 1024, 256 * 1024],
+            // 4 MiB: the filter's default max_request_body_bytes.
+            bodies: vec![1024, 16 * 1024, 256 * 1024, 4 << 20],
             endpoints: vec![10, 100, 1000],
             reps: c.reps.unwrap_or(3),
-            rate: 200.0,
             warm_s: 1,
             latency_s: 5,
             saturation_s: 3,
         }
     };
+    if !c.bodies.is_empty() {
+        plan.bodies = c.bodies.clone();
+    }
+    if !c.endpoints.is_empty() {
+        plan.endpoints = c.endpoints.clone();
+    }
+    if let Some(s) = c.saturation_s {
+        plan.saturation_s = s;
+    }
+    let wanted = |v: &str| c.variants.is_empty() || c.variants.iter().any(|w| w == v);
     let out = out_dir(c)?;
     let (mut meta, started) = start_meta("overhead", c);
     let tmp = tempdir("overhead")?;
@@ -654,6 +694,7 @@ fn overhead(c: &Common) -> Res<()> {
     for &n in &plan.endpoints {
         configs.push(("ext_proc_fd", n));
     }
+    configs.retain(|(v, _)| wanted(v));
     let mut rows = Vec::new();
     for (variant, n) in configs {
         let (gw, control, admin) = ports()?;
@@ -716,16 +757,17 @@ fn overhead(c: &Common) -> Res<()> {
         };
         let url = format!("{}/v1/completions", envoy.url);
         for (size, file) in &bodies {
+            let rate = overhead_rate(*size);
             let mut row = OverheadRow {
                 variant: variant.into(),
                 endpoints: n,
                 body_bytes: *size,
-                rate_rps: plan.rate,
+                rate_rps: rate,
                 reps: vec![],
             };
             for rep in 0..plan.reps {
-                oha(&url, file, plan.warm_s, Some(plan.rate), 16)?;
-                let lat = oha(&url, file, plan.latency_s, Some(plan.rate), 16)?;
+                oha(&url, file, plan.warm_s, Some(rate), 16)?;
+                let lat = oha(&url, file, plan.latency_s, Some(rate), 16)?;
                 let pid_cpu = |g: &ChildGuard| g.id().and_then(machine::cpu_seconds).unwrap_or(0.0);
                 let (e0, p0) = (
                     pid_cpu(&envoy.guard),
@@ -768,8 +810,8 @@ fn overhead(c: &Common) -> Res<()> {
     let results = OverheadResults {
         meta,
         load_generator: format!(
-            "{oha_version}: constant rate `-q {rate} --latency-correction -c 16` for {l} s per repetition (after {w} s of warm-up) for latency; closed loop `-c 32` for {s} s for saturation throughput and CPU",
-            rate = plan.rate,
+            "{oha_version}: constant rate `-q {rate} --latency-correction -c 16` (20 at 4 MiB) for {l} s per repetition (after {w} s of warm-up) for latency; closed loop `-c 32` for {s} s for saturation throughput and CPU",
+            rate = overhead_rate(1024),
             l = plan.latency_s,
             w = plan.warm_s,
             s = plan.saturation_s

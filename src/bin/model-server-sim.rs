@@ -71,6 +71,10 @@ struct Args {
     /// Loading an adapter that is not resident [default: 5 × --per-token-ms].
     #[arg(long)]
     lora_load_ms: Option<f64>,
+    /// Requests kept for `GET /sim/requests` (0: none; benchmarks with large
+    /// bodies keep none).
+    #[arg(long, default_value_t = 1000)]
+    record_capacity: usize,
     /// Metric names of /metrics: vllm, vllm-v0, sglang or tgi.
     #[arg(long, default_value = "vllm")]
     metrics_flavor: Flavor,
@@ -99,6 +103,7 @@ async fn main() -> ExitCode {
         per_token_ms: args.per_token_ms,
         max_tokens_default: args.max_tokens_default,
         seed: args.seed,
+        record_capacity: args.record_capacity,
         engine: EngineConfig {
             block_size: args.block_size as usize,
             num_gpu_blocks: args.num_gpu_blocks as usize,

@@ -344,13 +344,14 @@ pub async fn start(cfg: PickerConfig, opts: Options) -> Result<RunningPicker, St
         (Some(s), Some(url)) => Some(Arc::new(SafetyClient::new(url, s))),
         _ => None,
     };
-    let router =
-        builder
-            .add_service(health_service.clone())
-            .add_service(ExternalProcessorServer::new(ExtProc {
-                picker: Arc::clone(&picker),
-                safety,
-            }));
+    let max_message = max_message_bytes(picker.config.max_request_body_bytes);
+    let router = builder.add_service(health_service.clone()).add_service(
+        ExternalProcessorServer::new(ExtProc {
+            picker: Arc::clone(&picker),
+            safety,
+        })
+        .max_decoding_message_size(max_message),
+    );
     let rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
         router
@@ -558,6 +559,19 @@ async fn ingest_snapshot(
             String::from_utf8_lossy(&e.body()).into_owned(),
         ),
     }
+}
+
+/// The largest ext_proc message the picker reads. tonic's default (4 MiB) refused
+/// a BUFFERED body at the default `max_request_body_bytes` (4 MiB, plus the
+/// message's framing), so the request failed instead of being routed. Envoy
+/// buffers at most its listener limit, which the rendered configuration sets to
+/// twice the body limit (at least 1 MiB above it): the same bound here, plus room
+/// for the headers around the body.
+pub fn max_message_bytes(max_request_body_bytes: usize) -> usize {
+    max_request_body_bytes
+        .saturating_mul(2)
+        .max(max_request_body_bytes.saturating_add(1 << 20))
+        .saturating_add(64 << 10)
 }
 
 #[cfg(test)]

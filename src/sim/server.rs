@@ -7,7 +7,7 @@ use super::openai::{self, Endpoint, Request};
 use super::record::{Received, Recorder};
 use super::{tokens, SimConfig, SERVER_ID_HEADER};
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -60,6 +60,9 @@ pub async fn serve(
         .await
 }
 
+/// The largest request body the simulator reads.
+const MAX_BODY_BYTES: usize = 64 << 20;
+
 /// The simulator's routes. Starts the engine loop: call within a tokio runtime.
 pub fn router(config: SimConfig) -> Router {
     let id = HeaderValue::from_str(&config.id).unwrap_or_else(|_| HeaderValue::from_static("sim"));
@@ -80,6 +83,9 @@ pub fn router(config: SimConfig) -> Router {
         .route("/sim/requests", get(requests).delete(clear_requests))
         .route("/sim/state", get(state))
         .with_state(app)
+        // axum refuses bodies over 2 MB by default; vLLM takes what the model's
+        // context holds, and the gateway's own limit defaults to 4 MiB.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(move |mut res: Response| {
             let id = id.clone();
             async move {
@@ -106,6 +112,9 @@ fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>) -> 
 }
 
 fn record(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) {
+    if app.config.record_capacity == 0 {
+        return;
+    }
     let headers = headers
         .iter()
         .map(|(k, v)| {
