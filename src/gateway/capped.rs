@@ -55,6 +55,13 @@ pub(super) fn schedule(
     draw: u32,
 ) -> Result<Admitted, Refused> {
     let sched = &config.scheduling;
+    // An empty pool is not a capped one: the 503 says no endpoint, as without a policy.
+    if candidates.is_empty() {
+        return Err(Refused {
+            shed: false,
+            error: ApiError::no_endpoint(pool_name),
+        });
+    }
     let replicas = crate::auth::replicas(store);
     let applied: Vec<Applied> = candidates
         .iter()
@@ -290,6 +297,17 @@ mod tests {
         inflight::add(&store, held[first_a].holding.unwrap(), -1).unwrap();
         let c = pick(&cfg, &members, &store, REQ).unwrap();
         assert_eq!(c.endpoint, held[first_a].endpoint);
+    }
+
+    #[test]
+    fn an_empty_pool_is_no_endpoint_not_capacity_exhausted() {
+        let cfg = config(PREFER_A);
+        let mut snap = snapshot();
+        snap.pools[0].endpoints.clear();
+        let members = Membership::new(&cfg, Some(snap));
+        let r = pick(&cfg, &members, &MemoryStore::default(), REQ).unwrap_err();
+        assert_eq!((r.shed, r.error.status), (false, 503));
+        assert_ne!(r.error.code, "capacity_exhausted");
     }
 
     #[test]
