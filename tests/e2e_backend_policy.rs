@@ -170,6 +170,21 @@ async fn endpoint_gauge(gw: &Gateway, name: &str, endpoint: &str) -> Option<f64>
     )
 }
 
+/// POSTs `body` and reads the response to its end: the status and whether it
+/// carries `retry-after`.
+async fn post_to_the_end(client: &reqwest::Client, url: &str, body: &Value) -> (u16, bool) {
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("a response");
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().contains_key("retry-after");
+    let _ = resp.bytes().await;
+    (status, retry_after)
+}
+
 fn zone_of(gw: &Gateway, id: &str) -> &'static str {
     zone(gw.sims.iter().position(|s| s.id == id).expect("a replica"))
 }
@@ -185,16 +200,7 @@ async fn max_in_flight_per_endpoint_is_never_exceeded_under_64_concurrent_stream
         let (client, url) = (gw.client.clone(), url.clone());
         let body = streamed_completion("chat", &format!("stream {i}"), 30);
         tasks.push(tokio::spawn(async move {
-            let resp = client
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .expect("a response");
-            let status = resp.status().as_u16();
-            let retry_after = resp.headers().contains_key("retry-after");
-            let _ = resp.bytes().await;
-            (status, retry_after)
+            post_to_the_end(&client, &url, &body).await
         }));
     }
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
@@ -287,15 +293,7 @@ async fn two_gateway_replicas_each_enforce_their_share_of_the_in_flight_cap() {
             let (client, url) = (gw.client.clone(), gw.url("/v1/completions"));
             let body = streamed_completion("chat", &format!("gw{g} stream {i}"), 60);
             tasks.push(tokio::spawn(async move {
-                let r = client
-                    .post(&url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("response");
-                let status = r.status().as_u16();
-                let _ = r.bytes().await;
-                (g, status)
+                (g, post_to_the_end(&client, &url, &body).await.0)
             }));
         }
     }

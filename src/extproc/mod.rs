@@ -337,19 +337,35 @@ mod tests {
 
     fn snapshot(now: u64, waiting: [u32; 2], seq: u64) -> Vec<u8> {
         let ep = |a: &str, w| EndpointMetrics {
-            address: a.into(),
+            waiting: w,
+            ..endpoint(a, now)
+        };
+        encoded(
+            now,
+            seq,
+            vec![ep("127.0.0.1:1", waiting[0]), ep("127.0.0.1:2", waiting[1])],
+        )
+    }
+
+    /// A healthy endpoint of pool "p" scraped at `now`.
+    fn endpoint(address: &str, now: u64) -> EndpointMetrics {
+        EndpointMetrics {
+            address: address.into(),
             healthy: true,
             scraped_at_ms: now,
-            waiting: w,
             ..Default::default()
-        };
+        }
+    }
+
+    /// A snapshot of pool "p" with `endpoints`, encoded for `Picker::ingest`.
+    fn encoded(now: u64, seq: u64, endpoints: Vec<EndpointMetrics>) -> Vec<u8> {
         Snapshot {
             generated_at_ms: now,
             sequence: seq,
             collector: "t".into(),
             pools: vec![PoolSnapshot {
                 name: "p".into(),
-                endpoints: vec![ep("127.0.0.1:1", waiting[0]), ep("127.0.0.1:2", waiting[1])],
+                endpoints,
             }],
         }
         .encode()
@@ -422,22 +438,15 @@ mod tests {
         assert_eq!(counter(CAPACITY_REFUSED_TOTAL), Some(0));
         assert!(!p.counters_text().contains("pool_name=\"q\""));
         let ep = |a: &str, zone: &str| EndpointMetrics {
-            address: a.into(),
-            healthy: true,
-            scraped_at_ms: 1_000,
             labels: vec![("zone".into(), zone.into())],
-            ..Default::default()
+            ..endpoint(a, 1_000)
         };
-        let snap = Snapshot {
-            generated_at_ms: 1_000,
-            sequence: 1,
-            collector: "t".into(),
-            pools: vec![PoolSnapshot {
-                name: "p".into(),
-                endpoints: vec![ep("127.0.0.1:1", "a"), ep("127.0.0.1:2", "b")],
-            }],
-        };
-        p.ingest(&snap.encode()).unwrap();
+        let snap = encoded(
+            1_000,
+            1,
+            vec![ep("127.0.0.1:1", "a"), ep("127.0.0.1:2", "b")],
+        );
+        p.ingest(&snap).unwrap();
         let route = || p.route(ApiKind::Completions, BODY, None, 1_100, || 0);
         assert_eq!(route().unwrap().destination, "127.0.0.1:1");
         assert_eq!(counter(SPILL_TOTAL), Some(0), "the preferred one had room");

@@ -686,46 +686,18 @@ mod tests {
         };
         let a = r#"{pool_name="p\"q",endpoint="10.0.0.1:80"}"#;
         let b = r#"{pool_name="p\"q",endpoint="10.0.0.2:80"}"#;
-        // 10 × 50 % shared by two replicas; 30 × 50 % / 2, rounded down.
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_in_flight_cap{a}")),
-            Some(2)
-        );
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_rate_cap_per_second{a}")),
-            Some(7)
-        );
-        assert_eq!(
-            value(&format!(
-                "inference_pool_endpoint_capacity_scaler_percent{a}"
-            )),
-            Some(50)
-        );
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_preferred{a}")),
-            Some(1)
-        );
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_in_flight{a}")),
-            Some(3)
-        );
-        // Drained: both caps 0; the rate cap shows although the scope sets none.
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_in_flight_cap{b}")),
-            Some(0)
-        );
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_rate_cap_per_second{b}")),
-            Some(0)
-        );
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_preferred{b}")),
-            Some(0)
-        );
-        assert_eq!(
-            value(&format!("inference_pool_endpoint_in_flight{b}")),
-            Some(0)
-        );
+        for (gauge, at_a, at_b) in [
+            // 10 × 50 % shared by two replicas; drained: 0.
+            ("inference_pool_endpoint_in_flight_cap", 2, 0),
+            // 30 × 50 % / 2, rounded down; drained: 0 although the scope sets none.
+            ("inference_pool_endpoint_rate_cap_per_second", 7, 0),
+            ("inference_pool_endpoint_capacity_scaler_percent", 50, 0),
+            ("inference_pool_endpoint_preferred", 1, 0),
+            ("inference_pool_endpoint_in_flight", 3, 0),
+        ] {
+            assert_eq!(value(&format!("{gauge}{a}")), Some(at_a), "{gauge}\n{text}");
+            assert_eq!(value(&format!("{gauge}{b}")), Some(at_b), "{gauge}\n{text}");
+        }
         assert!(
             !text.contains("10.0.0.9"),
             "a pool without a policy: {text}"
