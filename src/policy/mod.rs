@@ -473,6 +473,17 @@ impl Applied {
         self.scaler_percent == 0
     }
 
+    /// Whether the capacity that decides spill-over is the scheduler's
+    /// saturation (docs/backend-policy.md, "Capacity, per balancing mode"):
+    /// `UTILIZATION`, or no mode and no cap. Caps that are set hold either way.
+    pub fn capacity_by_metrics(&self) -> bool {
+        match self.mode {
+            Some(BalancingMode::Utilization) => true,
+            Some(_) => false,
+            None => self.max_in_flight.is_none() && self.max_rate.is_none(),
+        }
+    }
+
     /// This replica's rate cap in requests a second (`None`: no rate cap).
     pub fn rate_cap(&self, replicas: u32) -> Option<u64> {
         if self.drained() {
