@@ -13,7 +13,7 @@ use support::api::streamed_completion;
 use support::collector::Collector;
 use support::deploy::envoy_config::DEMO_POOL;
 use support::gateway::{Gateway, GatewayOptions};
-use support::sim::SimOptions;
+use support::sim::{Sim, SimOptions};
 use support::traffic::{failures, Traffic};
 
 const TOKEN: &str = "backend-policy-test-token";
@@ -37,8 +37,22 @@ fn zone(i: usize) -> &'static str {
 /// replicas with their `zone` label every 50 ms. Returns once the filter holds a
 /// fresh snapshot of every replica.
 async fn start(policy: Value) -> Stack {
-    let gw = Gateway::start_ecds(GatewayOptions {
-        replicas: 4,
+    let gw = policy_gateway(policy, 4).await;
+    let dir = temp_dir();
+    let collector = start_collector(&dir, &gw.sims, &[&gw]);
+    wait_fresh(&gw, &gw.sims).await;
+    Stack {
+        gw,
+        _collector: collector,
+        _dir: dir,
+    }
+}
+
+/// Envoy and `replicas` simulators (10 ms a token), `policy` as the pool's
+/// backend policy through ECDS, ingest on the control listener.
+async fn policy_gateway(policy: Value, replicas: usize) -> Gateway {
+    Gateway::start_ecds(GatewayOptions {
+        replicas,
         sim: SimOptions {
             per_token_ms: 10,
             ..SimOptions::default()
@@ -48,25 +62,41 @@ async fn start(policy: Value) -> Stack {
             s.gateway_config["backend_policies"] = json!([policy]);
         }),
     })
-    .await;
-    let dir = tempfile::Builder::new()
+    .await
+}
+
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
         .prefix("e2e-backend-policy-")
         .tempdir()
-        .expect("temp dir");
-    let control = format!("127.0.0.1:{}", gw.settings.control_port);
+        .expect("temp dir")
+}
+
+/// A collector scraping `sims` every 50 ms (labelled by [`zone`]) and pushing
+/// them to every gateway of `push_to` (which it counts as the gateway's replicas).
+fn start_collector(dir: &tempfile::TempDir, sims: &[Sim], push_to: &[&Gateway]) -> Collector {
+    let targets: Vec<String> = push_to
+        .iter()
+        .map(|gw| format!("\"127.0.0.1:{}\"", gw.settings.control_port))
+        .collect();
     let mut config = format!(
-        "scrape_interval_ms: 50\nscrape_timeout_ms: 500\npush_targets: [\"{control}\"]\npools:\n  - name: {DEMO_POOL}\n    endpoints:\n"
+        "scrape_interval_ms: 50\nscrape_timeout_ms: 500\npush_targets: [{}]\npools:\n  - name: {DEMO_POOL}\n    endpoints:\n",
+        targets.join(", ")
     );
-    for (i, s) in gw.sims.iter().enumerate() {
+    for (i, s) in sims.iter().enumerate() {
         config.push_str(&format!(
             "      - {{address: \"{}\", labels: {{gke.io/zone: {}, gke.io/cluster-name: local}}}}\n",
             s.endpoint(),
             zone(i)
         ));
     }
-    let collector =
-        tokio::task::block_in_place(|| Collector::start(dir.path(), "collector", &config, TOKEN));
-    let endpoints: Vec<String> = gw.sims.iter().map(|s| s.endpoint()).collect();
+    tokio::task::block_in_place(|| Collector::start(dir.path(), "collector", &config, TOKEN))
+}
+
+/// Waits (15 s at most) until `gw`'s filter holds a fresh snapshot of every one
+/// of `sims`.
+async fn wait_fresh(gw: &Gateway, sims: &[Sim]) {
+    let endpoints: Vec<String> = sims.iter().map(Sim::endpoint).collect();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let state = gw.debug_state().await;
@@ -81,11 +111,6 @@ async fn start(policy: Value) -> Stack {
             "no fresh snapshot of every replica: {state}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Stack {
-        gw,
-        _collector: collector,
-        _dir: dir,
     }
 }
 
@@ -135,6 +160,31 @@ async fn pool_counter(gw: &Gateway, name: &str) -> u64 {
     found.iter().sum()
 }
 
+/// The control listener's per-endpoint policy gauge `name` for `endpoint`
+/// (`None`: no sample).
+async fn endpoint_gauge(gw: &Gateway, name: &str, endpoint: &str) -> Option<f64> {
+    let text = support::get_text(&gw.client, &gw.control_url("/metrics")).await;
+    support::sim::sample(
+        &text,
+        &format!("{name}{{pool_name=\"{DEMO_POOL}\",endpoint=\"{endpoint}\"}}"),
+    )
+}
+
+/// POSTs `body` and reads the response to its end: the status and whether it
+/// carries `retry-after`.
+async fn post_to_the_end(client: &reqwest::Client, url: &str, body: &Value) -> (u16, bool) {
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("a response");
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().contains_key("retry-after");
+    let _ = resp.bytes().await;
+    (status, retry_after)
+}
+
 fn zone_of(gw: &Gateway, id: &str) -> &'static str {
     zone(gw.sims.iter().position(|s| s.id == id).expect("a replica"))
 }
@@ -150,16 +200,7 @@ async fn max_in_flight_per_endpoint_is_never_exceeded_under_64_concurrent_stream
         let (client, url) = (gw.client.clone(), url.clone());
         let body = streamed_completion("chat", &format!("stream {i}"), 30);
         tasks.push(tokio::spawn(async move {
-            let resp = client
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .expect("a response");
-            let status = resp.status().as_u16();
-            let retry_after = resp.headers().contains_key("retry-after");
-            let _ = resp.bytes().await;
-            (status, retry_after)
+            post_to_the_end(&client, &url, &body).await
         }));
     }
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
@@ -207,6 +248,93 @@ async fn max_in_flight_per_endpoint_is_never_exceeded_under_64_concurrent_stream
     }
     let left = gw.wait_all_released(Duration::from_secs(5)).await;
     assert!(left.values().all(|&n| n == 0), "{left:?}");
+    // The same figures as gauges on the control listener's /metrics.
+    for s in &gw.sims {
+        let e = s.endpoint();
+        let g = |name| endpoint_gauge(gw, name, &e);
+        assert_eq!(g("inference_pool_endpoint_in_flight_cap").await, Some(2.0));
+        assert_eq!(g("inference_pool_endpoint_in_flight").await, Some(0.0));
+        assert_eq!(
+            g("inference_pool_endpoint_capacity_scaler_percent").await,
+            Some(100.0)
+        );
+        assert_eq!(g("inference_pool_endpoint_rate_cap_per_second").await, None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_replicas_each_enforce_their_share_of_the_in_flight_cap() {
+    let policy = json!({"pool": DEMO_POOL, "default": {"max_in_flight_per_endpoint": 4}});
+    let a = policy_gateway(policy.clone(), 2).await;
+    // b's own simulator is never used: the collector gives both a's replicas.
+    let b = policy_gateway(policy, 1).await;
+    let dir = temp_dir();
+    let _collector = start_collector(&dir, &a.sims, &[&a, &b]);
+    let endpoints: Vec<String> = a.sims.iter().map(Sim::endpoint).collect();
+    for gw in [&a, &b] {
+        wait_fresh(gw, &a.sims).await;
+        // The collector's pushes say two replicas: 4 / 2 each.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while endpoint_gauge(gw, "inference_pool_endpoint_in_flight_cap", &endpoints[0]).await
+            != Some(2.0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                gw.debug_state().await["backend_policy"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // 16 simultaneous 600 ms streams through each gateway for 2 × 2 slots each.
+    let mut tasks = Vec::new();
+    for (g, gw) in [&a, &b].into_iter().enumerate() {
+        for i in 0..16 {
+            let (client, url) = (gw.client.clone(), gw.url("/v1/completions"));
+            let body = streamed_completion("chat", &format!("gw{g} stream {i}"), 60);
+            tasks.push(tokio::spawn(async move {
+                (g, post_to_the_end(&client, &url, &body).await.0)
+            }));
+        }
+    }
+    // Each gateway's own count per endpoint, from its gauges while the load runs.
+    let mut peaks = [[0.0f64; 2]; 2];
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        for (g, gw) in [&a, &b].into_iter().enumerate() {
+            for (i, e) in endpoints.iter().enumerate() {
+                let n = endpoint_gauge(gw, "inference_pool_endpoint_in_flight", e)
+                    .await
+                    .unwrap_or(0.0);
+                peaks[g][i] = peaks[g][i].max(n);
+            }
+        }
+    }
+    let mut ok = [0usize; 2];
+    for t in tasks {
+        let (g, status) = t.await.expect("a request task");
+        assert!(status == 200 || status == 503, "gateway {g}: {status}");
+        ok[g] += usize::from(status == 200);
+    }
+    assert!(
+        peaks.iter().flatten().all(|&n| n <= 2.0),
+        "a gateway over its share: {peaks:?}"
+    );
+    assert!(
+        peaks.iter().all(|p| p.contains(&2.0)),
+        "a gateway never reached its share: {peaks:?}"
+    );
+    assert!(ok.iter().all(|&n| n >= 4), "admitted per gateway: {ok:?}");
+    let states = sim_states(&a).await;
+    let max: Vec<u64> = states
+        .values()
+        .map(|s| s["max_concurrent_requests"].as_u64().unwrap_or(99))
+        .collect();
+    assert!(max.iter().all(|&m| m <= 4), "a replica over 4: {max:?}");
+    assert!(
+        max.contains(&4),
+        "the two shares never met at a replica: {max:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,6 +143,59 @@ async fn the_picker_caps_in_flight_per_endpoint_and_samples_the_access_log() {
         assert!(peak <= Some(2), "{}: {state}", s.id);
     }
 
+    // The picker's /metrics: the counters and the per-endpoint gauges.
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", picker.metrics);
+    // Until the picker has seen every stream end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let text = support::get_text(&client, &metrics_url).await;
+        let busy = text
+            .lines()
+            .any(|l| l.starts_with("inference_pool_endpoint_in_flight{") && !l.ends_with(" 0"));
+        if !busy || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let value = |series: &str| support::sim::sample(&metrics, series);
+    // Every zone-b request was a spill-over (zone a is PREFERRED).
+    let spilled = sims[1]
+        .requests(&client)
+        .await
+        .iter()
+        .filter(|r| r["path"] == "/v1/completions")
+        .count();
+    assert!(spilled > 0, "nothing spilled to zone b");
+    assert_eq!(
+        value(r#"inference_pool_spill_total{pool_name="pool"}"#),
+        Some(spilled as f64),
+        "{metrics}"
+    );
+    // Warm-up refusals (before the members were known) are no-endpoint 503s.
+    assert_eq!(
+        value(r#"inference_pool_capacity_refused_total{pool_name="pool"}"#),
+        Some(statuses[&503] as f64),
+        "{metrics}"
+    );
+    for (i, s) in sims.iter().enumerate() {
+        let l = format!("{{pool_name=\"pool\",endpoint=\"{}\"}}", s.endpoint());
+        let g = |name: &str| value(&format!("{name}{l}"));
+        assert_eq!(
+            g("inference_pool_endpoint_in_flight_cap"),
+            Some(2.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            g("inference_pool_endpoint_in_flight"),
+            Some(0.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            g("inference_pool_endpoint_preferred"),
+            Some(if i == 0 { 1.0 } else { 0.0 })
+        );
+    }
+
     // logging.enabled false: no 200 in the access log, every 503 there.
     let deadline = Instant::now() + Duration::from_secs(10);
     let count = |status: u16| {

@@ -55,6 +55,21 @@ pub struct RouteRequest<'a> {
     pub now_ms: u64,
 }
 
+/// Requests a backend policy sent to a DEFAULT endpoint because every PREFERRED
+/// one was full (the filter's Envoy counter of the same name).
+pub const SPILL_TOTAL: &str = "inference_pool_spill_total";
+/// Non-sheddable requests refused with 503 because every endpoint was drained or
+/// at its cap.
+pub const CAPACITY_REFUSED_TOTAL: &str = "inference_pool_capacity_refused_total";
+
+/// `name{pool_name="pool"}`.
+fn pool_series(name: &str, pool: &str) -> String {
+    format!(
+        "{name}{{pool_name=\"{}\"}}",
+        crate::observe::render::esc(pool)
+    )
+}
+
 /// The picker's state, shared by every gRPC stream.
 pub struct Picker {
     pub config: Arc<Config>,
@@ -73,12 +88,20 @@ impl Picker {
         let store = MemoryStore::default();
         // A fresh in-memory store cannot refuse.
         let _ = inflight::init(&store);
+        // The policy counters exist from the start (at 0), as in the filter.
+        let counters = (0..config.pools.len())
+            .filter(|&i| config.policy(i).is_some())
+            .flat_map(|i| {
+                let pool = &config.pools[i].name;
+                [SPILL_TOTAL, CAPACITY_REFUSED_TOTAL].map(|c| (pool_series(c, pool), 0))
+            })
+            .collect();
         Picker {
             members: RwLock::new(Arc::new(Membership::new(&config, None))),
             config: Arc::new(config),
             store,
             encoded: Mutex::new(None),
-            counters: Mutex::new(BTreeMap::new()),
+            counters: Mutex::new(counters),
         }
     }
 
@@ -225,6 +248,7 @@ impl Picker {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let pool = self.config.pools.get(plan.pool).map(|p| p.name.as_str());
         let choice = gateway::choose(&gateway::Inputs {
             config: &self.config,
             plan,
@@ -234,7 +258,17 @@ impl Picker {
             draw,
             subset,
         })
-        .map_err(|refused| refused.error)?;
+        .map_err(|refused| {
+            if let (false, "capacity_exhausted", Some(pool)) =
+                (refused.shed, refused.error.code, pool)
+            {
+                self.count(&pool_series(CAPACITY_REFUSED_TOTAL, pool), 1);
+            }
+            refused.error
+        })?;
+        if let (true, Some(pool)) = (choice.spilled, pool) {
+            self.count(&pool_series(SPILL_TOTAL, pool), 1);
+        }
         let log_skipped = self
             .config
             .policy(plan.pool)
@@ -266,6 +300,22 @@ impl Picker {
         let _ = inflight::add(&self.store, inflight::key(endpoint), -1);
     }
 
+    /// The backend policies' per-endpoint gauges of capacity and use.
+    pub fn policy_gauges(&self) -> String {
+        let members = self.members();
+        let Some(snapshot) = &members.snapshot else {
+            return String::new();
+        };
+        let policies = (0..self.config.pools.len())
+            .filter_map(|i| Some((self.config.pools[i].name.as_str(), self.config.policy(i)?)));
+        crate::policy::render_gauges(&crate::policy::endpoint_capacities(
+            policies,
+            snapshot,
+            crate::auth::replicas(&self.store),
+            &|a: &str| self.in_flight(a),
+        ))
+    }
+
     pub fn in_flight(&self, endpoint: &str) -> u64 {
         inflight::count(&inflight::table(&self.store), inflight::key(endpoint))
     }
@@ -287,19 +337,35 @@ mod tests {
 
     fn snapshot(now: u64, waiting: [u32; 2], seq: u64) -> Vec<u8> {
         let ep = |a: &str, w| EndpointMetrics {
-            address: a.into(),
+            waiting: w,
+            ..endpoint(a, now)
+        };
+        encoded(
+            now,
+            seq,
+            vec![ep("127.0.0.1:1", waiting[0]), ep("127.0.0.1:2", waiting[1])],
+        )
+    }
+
+    /// A healthy endpoint of pool "p" scraped at `now`.
+    fn endpoint(address: &str, now: u64) -> EndpointMetrics {
+        EndpointMetrics {
+            address: address.into(),
             healthy: true,
             scraped_at_ms: now,
-            waiting: w,
             ..Default::default()
-        };
+        }
+    }
+
+    /// A snapshot of pool "p" with `endpoints`, encoded for `Picker::ingest`.
+    fn encoded(now: u64, seq: u64, endpoints: Vec<EndpointMetrics>) -> Vec<u8> {
         Snapshot {
             generated_at_ms: now,
             sequence: seq,
             collector: "t".into(),
             pools: vec![PoolSnapshot {
                 name: "p".into(),
-                endpoints: vec![ep("127.0.0.1:1", waiting[0]), ep("127.0.0.1:2", waiting[1])],
+                endpoints,
             }],
         }
         .encode()
@@ -346,6 +412,66 @@ mod tests {
         assert_eq!(route(&capped, 0).unwrap_err().status, 503);
         capped.release("127.0.0.1:1");
         assert_eq!(route(&capped, 0).unwrap().destination, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn spills_and_capacity_refusals_are_counted_per_pool() {
+        let p = Picker::new(
+            Config::from_json(
+                br#"{"pools": [{"name": "p", "endpoints": []}, {"name": "q", "endpoints": []}],
+                     "models": [{"name": "m", "pool": "p"}],
+                     "backend_policies": [{"pool": "p",
+                        "default": {"max_in_flight_per_endpoint": 1},
+                        "scopes": [{"selector": {"zone": "a"}, "backend_preference": "PREFERRED"}]}]}"#,
+            )
+            .unwrap(),
+        );
+        let counter = |name: &str| -> Option<u64> {
+            p.counters_text().lines().find_map(|l| {
+                l.strip_prefix(&format!("{name}{{pool_name=\"p\"}} "))?
+                    .parse()
+                    .ok()
+            })
+        };
+        // Defined at 0 before any request; none for the pool without a policy.
+        assert_eq!(counter(SPILL_TOTAL), Some(0));
+        assert_eq!(counter(CAPACITY_REFUSED_TOTAL), Some(0));
+        assert!(!p.counters_text().contains("pool_name=\"q\""));
+        let ep = |a: &str, zone: &str| EndpointMetrics {
+            labels: vec![("zone".into(), zone.into())],
+            ..endpoint(a, 1_000)
+        };
+        let snap = encoded(
+            1_000,
+            1,
+            vec![ep("127.0.0.1:1", "a"), ep("127.0.0.1:2", "b")],
+        );
+        p.ingest(&snap).unwrap();
+        let route = || p.route(ApiKind::Completions, BODY, None, 1_100, || 0);
+        assert_eq!(route().unwrap().destination, "127.0.0.1:1");
+        assert_eq!(counter(SPILL_TOTAL), Some(0), "the preferred one had room");
+        assert_eq!(route().unwrap().destination, "127.0.0.1:2");
+        assert_eq!(counter(SPILL_TOTAL), Some(1));
+        assert_eq!(route().unwrap_err().status, 503);
+        assert_eq!(counter(CAPACITY_REFUSED_TOTAL), Some(1));
+        let gauges = p.policy_gauges();
+        for (endpoint, preferred) in [("127.0.0.1:1", 1), ("127.0.0.1:2", 0)] {
+            let l = format!("{{pool_name=\"p\",endpoint=\"{endpoint}\"}}");
+            for line in [
+                format!("inference_pool_endpoint_in_flight_cap{l} 1"),
+                format!("inference_pool_endpoint_in_flight{l} 1"),
+                format!("inference_pool_endpoint_preferred{l} {preferred}"),
+            ] {
+                assert!(gauges.lines().any(|g| g == line), "{line}\n{gauges}");
+            }
+        }
+        // A sheddable request refused at the caps is a shed, not this counter.
+        let sheddable = br#"{"model":"m","prompt":"hello","priority":-1}"#;
+        let e = p
+            .route(ApiKind::Completions, sheddable, None, 1_100, || 0)
+            .unwrap_err();
+        assert_eq!(e.status, 429);
+        assert_eq!(counter(CAPACITY_REFUSED_TOTAL), Some(1));
     }
 
     #[test]

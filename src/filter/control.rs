@@ -52,7 +52,29 @@ impl ControlStream {
                 .collect(),
             endpoint_names: names,
         };
-        observe::render::render(&observe::read_all(&HostStore), &state)
+        let mut text = observe::render::render(&observe::read_all(&HostStore), &state);
+        // The policies' per-endpoint gauges, computed now from the shared counts:
+        // scrapes pay for them, requests do not.
+        if let Some(s) = &snapshot {
+            let policies = published_policies();
+            if !policies.is_empty() {
+                let counts: BTreeMap<&str, u64> = state
+                    .in_flight
+                    .iter()
+                    .map(|(a, n)| (a.as_str(), *n))
+                    .collect();
+                let count = |a: &str| counts.get(a).copied().unwrap_or(0);
+                text.push_str(&crate::policy::render_gauges(
+                    &crate::policy::endpoint_capacities(
+                        policies.iter().map(|(n, p)| (n.as_str(), p)),
+                        s,
+                        crate::auth::replicas(&HostStore),
+                        &count,
+                    ),
+                ));
+            }
+        }
+        text
     }
 
     fn state(&self) -> Vec<u8> {
@@ -60,11 +82,7 @@ impl ControlStream {
         let snapshot = store::stored_snapshot();
         let in_flight =
             inflight::by_endpoint(&HostStore, &endpoint_names(&self.config, snapshot.as_ref()));
-        let policies: Vec<(String, crate::policy::PoolPolicy)> = HostStore
-            .get(crate::policy::POLICIES_KEY)
-            .0
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let policies = published_policies();
         let backend_policy = match &snapshot {
             Some(s) if !policies.is_empty() => crate::policy::endpoint_report(
                 &policies,
@@ -96,6 +114,15 @@ impl ControlStream {
         };
         serde_json::to_vec(&state).unwrap_or_default()
     }
+}
+
+/// The gateway listener's pools' policies (none when unreadable).
+fn published_policies() -> Vec<(String, crate::policy::PoolPolicy)> {
+    HostStore
+        .get(crate::policy::POLICIES_KEY)
+        .0
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// The endpoints the gateway knows, by in-flight key: the snapshot's and the

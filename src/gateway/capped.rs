@@ -55,6 +55,13 @@ pub(super) fn schedule(
     draw: u32,
 ) -> Result<Admitted, Refused> {
     let sched = &config.scheduling;
+    // An empty pool is not a capped one: the 503 says no endpoint, as without a policy.
+    if candidates.is_empty() {
+        return Err(Refused {
+            shed: false,
+            error: ApiError::no_endpoint(pool_name),
+        });
+    }
     let replicas = crate::auth::replicas(store);
     let applied: Vec<Applied> = candidates
         .iter()
@@ -71,7 +78,7 @@ pub(super) fn schedule(
                 applied[i].preferred
                     && room(i)
                     && !known_down(&candidates[i])
-                    && (caps[i].is_some()
+                    && (!applied[i].capacity_by_metrics()
                         || !full_by_metrics(&candidates[i], &applied[i], &sched.saturation))
             })
             .collect();
@@ -293,6 +300,17 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_pool_is_no_endpoint_not_capacity_exhausted() {
+        let cfg = config(PREFER_A);
+        let mut snap = snapshot();
+        snap.pools[0].endpoints.clear();
+        let members = Membership::new(&cfg, Some(snap));
+        let r = pick(&cfg, &members, &MemoryStore::default(), REQ).unwrap_err();
+        assert_eq!((r.shed, r.error.status), (false, 503));
+        assert_ne!(r.error.code, "capacity_exhausted");
+    }
+
+    #[test]
     fn a_zero_scaler_drains_and_the_replica_count_shares_the_cap() {
         let cfg = config(
             r#"{"pool": "p", "default": {"max_in_flight_per_endpoint": 4},
@@ -335,6 +353,38 @@ mod tests {
         let members = Membership::new(&cfg, Some(snap));
         let c = pick(&cfg, &members, &store, REQ).unwrap();
         assert_eq!(zone(&c), "b");
+    }
+
+    #[test]
+    fn the_balancing_mode_decides_whether_saturation_makes_a_preferred_endpoint_full() {
+        let mut snap = snapshot();
+        for e in &mut snap.pools[0].endpoints[..2] {
+            e.waiting = 50;
+        }
+        let zone_of_pick = |policy: &str| {
+            let cfg = config(policy);
+            let members = Membership::new(&cfg, Some(snap.clone()));
+            zone(&pick(&cfg, &members, &MemoryStore::default(), REQ).unwrap())
+        };
+        // UTILIZATION: saturated zone a is full although under its in-flight cap.
+        assert_eq!(
+            zone_of_pick(
+                r#"{"pool": "p", "default": {"balancing_mode": "UTILIZATION", "max_in_flight_per_endpoint": 8},
+                    "scopes": [{"selector": {"gke.io/zone": "a"}, "backend_preference": "PREFERRED"}]}"#
+            ),
+            "b"
+        );
+        // RATE (or a rate cap without a mode): the bucket is the capacity, not the queue.
+        for default in [
+            r#"{"balancing_mode": "RATE", "max_rate_per_endpoint": 100}"#,
+            r#"{"max_rate_per_endpoint": 100}"#,
+        ] {
+            let policy = format!(
+                r#"{{"pool": "p", "default": {default},
+                    "scopes": [{{"selector": {{"gke.io/zone": "a"}}, "backend_preference": "PREFERRED"}}]}}"#
+            );
+            assert_eq!(zone_of_pick(&policy), "a", "{default}");
+        }
     }
 
     #[test]

@@ -348,15 +348,15 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
 
     let mut policies = Vec::new();
     for p in &inv.policies {
-        let pool = (p.target_kind == "InferencePool")
-            .then(|| {
-                pools.iter().find(|q| {
-                    q.meta.name == p.target_name
-                        && q.meta.namespace == p.meta.namespace
-                        && q.api.group() == p.target_group
-                })
-            })
-            .flatten();
+        // A GCPInferencePoolImport (multi-cluster) carries the exported pool's
+        // name: the policy applies to the rendered pool of that name, whose
+        // endpoints from every cluster the collector labels.
+        let import = p.target_kind == "GCPInferencePoolImport";
+        let pool = pools.iter().find(|q| {
+            q.meta.name == p.target_name
+                && q.meta.namespace == p.meta.namespace
+                && (import || (p.target_kind == "InferencePool" && q.api.group() == p.target_group))
+        });
         if let Some(pool) = pool {
             if p.plugin["default"].get("custom_metrics").is_some()
                 || p.plugin["scopes"]
@@ -376,10 +376,23 @@ pub fn render(inv: &Inventory, opts: &RenderOptions) -> Result<Rendered, Vec<K8s
             }
             policies.push(entry);
             report.summary.push(format!(
-                "GCPBackendPolicy {}/{} applied to pool {} (docs/backend-policy.md)",
-                p.meta.namespace, p.meta.name, pool.meta.name,
+                "GCPBackendPolicy {}/{} applied to pool {}{} (docs/backend-policy.md)",
+                p.meta.namespace,
+                p.meta.name,
+                pool.meta.name,
+                if import {
+                    " (through its GCPInferencePoolImport)"
+                } else {
+                    ""
+                },
             ));
             continue;
+        }
+        if import {
+            report.warnings.push(format!(
+                "GCPBackendPolicy {}/{} targets GCPInferencePoolImport {}: not applied, no InferencePool {} in namespace {} among the inputs (the import names the exported pool: render that pool with this policy)",
+                p.meta.namespace, p.meta.name, p.target_name, p.target_name, p.meta.namespace,
+            ));
         }
         report.summary.push(format!(
             "GCPBackendPolicy {}/{} on {} {} checked ({}{}): not applied by this gateway",
@@ -992,6 +1005,102 @@ spec:
         assert!(errors.is_empty(), "{errors:#?}");
         let e = render(&inv, &RenderOptions::default()).unwrap_err();
         assert!(e[0].to_string().contains("CUSTOM_METRICS"), "{e:?}");
+    }
+
+    #[test]
+    fn a_policy_on_a_pool_import_applies_to_the_pool_of_that_name() {
+        // The documented example, whose import names "experimental", with the
+        // exported pool rendered under that name.
+        let example = std::fs::read_to_string(example("backend-policy-scopes.yaml")).unwrap();
+        let pool = POOL_V1.replace("name: ga", "name: experimental");
+        let r = render_yaml(&format!("{pool}---\n{example}"));
+        let p = &r.plugin_config["backend_policies"][0];
+        assert_eq!(p["pool"], "experimental");
+        assert_eq!(
+            p["scopes"][0],
+            json!({"selector": {"gke.io/region": "us-west2"}, "capacity_scaler_percent": 50})
+        );
+        assert_eq!(p["scopes"][2]["backend_preference"], "PREFERRED");
+        assert_eq!(p["scopes"][2]["max_rate_per_endpoint"], 50);
+        assert!(r.report.summary.iter().any(
+            |l| l.contains("applied to pool experimental (through its GCPInferencePoolImport)")
+        ));
+        // What the example's comments promise, per endpoint's labels.
+        let cfg = Config::from_json(r.plugin_config.to_string().as_bytes()).unwrap();
+        let policy = cfg.policy(0).unwrap();
+        let applied = |labels: &[(&str, &str)]| {
+            let l: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let a = policy.applied(&l);
+            (a.scope, a.scaler_percent, a.max_rate, a.preferred)
+        };
+        assert_eq!(
+            applied(&[("gke.io/region", "us-west2")]),
+            (Some(0), 50, None, false)
+        );
+        assert_eq!(applied(&[("env", "prod")]), (Some(1), 100, Some(40), false));
+        assert_eq!(
+            applied(&[("gke.io/region", "us-west2"), ("env", "prod")]),
+            (Some(0), 50, None, false),
+            "only the first matching scope"
+        );
+        let mine = [
+            ("gke.io/cluster-name", "my-cluster"),
+            ("gke.io/zone", "us-central1-a"),
+        ];
+        assert_eq!(applied(&mine), (Some(2), 100, Some(50), true));
+        assert_eq!(
+            applied(&mine[..1]),
+            (None, 100, None, false),
+            "every selector label must match"
+        );
+        // No pool of that name: not applied, with a warning saying what to pass.
+        let r = render_yaml(&format!("{POOL_V1}---\n{example}"));
+        assert!(r.plugin_config.get("backend_policies").is_none());
+        assert!(
+            r.report.warnings.iter().any(|w| w.contains(
+                "targets GCPInferencePoolImport experimental: not applied, no InferencePool experimental in namespace default"
+            )),
+            "{:?}",
+            r.report.warnings
+        );
+    }
+
+    #[test]
+    fn the_logging_example_samples_its_pools_access_log() {
+        let inv = load_examples(&["inferencepool-v1alpha2.yaml", "backend-policy-logging.yaml"]);
+        let r = render(&inv, &RenderOptions::default()).unwrap();
+        assert_eq!(
+            r.plugin_config["backend_policies"],
+            json!([{"pool": "vllm-llama3-8b-instruct-preview", "default": {}, "scopes": [],
+                    "logging": {"enabled": true, "sample_rate": 500000}}])
+        );
+    }
+
+    #[test]
+    fn utilization_balancing_is_rendered() {
+        let r = render_yaml(&format!(
+            "{POOL_V1}---\napiVersion: networking.gke.io/v1
+kind: GCPBackendPolicy
+metadata: {{name: bp}}
+spec:
+  targetRef: {{group: inference.networking.k8s.io, kind: InferencePool, name: ga}}
+  default:
+    balancingMode: UTILIZATION
+    scopes:
+    - selector: {{gke.io/zone: zone-a}}
+      backendPreference: PREFERRED
+"
+        ));
+        let p = &r.plugin_config["backend_policies"][0];
+        assert_eq!(p["default"], json!({"balancing_mode": "UTILIZATION"}));
+        let cfg = Config::from_json(r.plugin_config.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            cfg.policy(0).unwrap().default.balancing_mode,
+            Some(crate::policy::BalancingMode::Utilization)
+        );
     }
 
     /// Every valid example, in the two sets that do not define the same object

@@ -1211,7 +1211,7 @@ fn backend_fields(
         };
         match canonical {
             "balancingMode" => {
-                let mode = v.one_of(&["RATE", "IN_FLIGHT", "CUSTOM_METRICS"])?;
+                let mode = v.one_of(&["RATE", "IN_FLIGHT", "UTILIZATION", "CUSTOM_METRICS"])?;
                 if let Some(implied) = implied_by_mode(&mode) {
                     set.push((implied.to_string(), format!("balancingMode {mode}")));
                 }

@@ -507,6 +507,7 @@ pub fn metrics_text(picker: &Picker, collector: Option<&RunningCollector>) -> St
     };
     let mut text = render::render(&observe::read_all(picker.store()), &state);
     text.push_str(&picker.counters_text());
+    text.push_str(&picker.policy_gauges());
     if let Some(c) = collector {
         text.push_str(&c.metrics_text());
     }

@@ -319,6 +319,48 @@ pub fn log_sampled(logging: Option<&Logging>, draw: u32) -> bool {
 /// (`[[pool name, policy], …]` as JSON) for the control listener's report.
 pub const POLICIES_KEY: &str = "igw.backend_policies";
 
+/// One endpoint of a pool with a policy, as this replica applies it: what
+/// `GET /debug/state` reports and the per-endpoint gauges render.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointCapacity {
+    pub pool: String,
+    pub endpoint: String,
+    pub applied: Applied,
+    /// This replica's caps, after the scaler and the replica share.
+    pub in_flight_cap: Option<u64>,
+    pub rate_cap: Option<u64>,
+    /// The gateway's own in-flight count.
+    pub in_flight: u64,
+}
+
+/// Every endpoint the snapshot lists for a pool of `policies`, with what applies
+/// to it; `in_flight(address)` is the gateway's count.
+pub fn endpoint_capacities<'a>(
+    policies: impl IntoIterator<Item = (&'a str, &'a PoolPolicy)>,
+    snapshot: &crate::snapshot::Snapshot,
+    replicas: u32,
+    in_flight: &dyn Fn(&str) -> u64,
+) -> Vec<EndpointCapacity> {
+    let mut out = Vec::new();
+    for (pool, policy) in policies {
+        let Some(p) = snapshot.pool(pool) else {
+            continue;
+        };
+        for e in &p.endpoints {
+            let a = policy.applied(&e.labels);
+            out.push(EndpointCapacity {
+                pool: pool.to_string(),
+                endpoint: e.address.clone(),
+                in_flight_cap: a.in_flight_cap(replicas),
+                rate_cap: a.rate_cap(replicas),
+                in_flight: in_flight(&e.address),
+                applied: a,
+            });
+        }
+    }
+    out
+}
+
 /// What `GET /debug/state` shows per endpoint of a pool with a policy: the
 /// applied scope (`"default"` or `"scopes[i]"`), preference, this replica's
 /// caps and the gateway's in-flight count.
@@ -328,26 +370,80 @@ pub fn endpoint_report(
     replicas: u32,
     in_flight: &BTreeMap<String, u64>,
 ) -> BTreeMap<String, serde_json::Value> {
-    let mut out = BTreeMap::new();
-    for (pool, policy) in policies {
-        let Some(p) = snapshot.pool(pool) else {
-            continue;
-        };
-        for e in &p.endpoints {
-            let a = policy.applied(&e.labels);
-            out.insert(
-                e.address.clone(),
-                serde_json::json!({
-                    "pool": pool,
-                    "scope": a.scope.map_or_else(|| "default".to_string(), |i| format!("scopes[{i}]")),
-                    "preference": if a.preferred { "PREFERRED" } else { "DEFAULT" },
-                    "capacity_scaler_percent": a.scaler_percent,
-                    "drained": a.drained(),
-                    "in_flight_cap": a.in_flight_cap(replicas),
-                    "rate_cap_per_second": a.rate_cap(replicas),
-                    "in_flight": in_flight.get(&e.address).copied().unwrap_or(0),
-                }),
-            );
+    let count = |a: &str| in_flight.get(a).copied().unwrap_or(0);
+    endpoint_capacities(
+        policies.iter().map(|(n, p)| (n.as_str(), p)),
+        snapshot,
+        replicas,
+        &count,
+    )
+    .into_iter()
+    .map(|c| {
+        let a = c.applied;
+        let report = serde_json::json!({
+            "pool": c.pool,
+            "scope": a.scope.map_or_else(|| "default".to_string(), |i| format!("scopes[{i}]")),
+            "preference": if a.preferred { "PREFERRED" } else { "DEFAULT" },
+            "capacity_scaler_percent": a.scaler_percent,
+            "drained": a.drained(),
+            "in_flight_cap": c.in_flight_cap,
+            "rate_cap_per_second": c.rate_cap,
+            "in_flight": c.in_flight,
+        });
+        (c.endpoint, report)
+    })
+    .collect()
+}
+
+/// The per-endpoint gauges of capacity and use in Prometheus' text format
+/// (docs/backend-policy.md, Observability). Rendered when scraped, from the
+/// shared counts: nothing on the request path. A cap that is not set has no
+/// sample.
+pub fn render_gauges(capacities: &[EndpointCapacity]) -> String {
+    use std::fmt::Write;
+    type Value = fn(&EndpointCapacity) -> Option<u64>;
+    let gauges: [(&str, &str, Value); 5] = [
+        (
+            "inference_pool_endpoint_in_flight_cap",
+            "This gateway replica's in-flight cap per endpoint (after the capacity scaler and the replica share; 0: drained).",
+            |c| c.in_flight_cap,
+        ),
+        (
+            "inference_pool_endpoint_rate_cap_per_second",
+            "This gateway replica's rate cap per endpoint in requests a second (after the capacity scaler and the replica share; 0: drained).",
+            |c| c.rate_cap,
+        ),
+        (
+            "inference_pool_endpoint_capacity_scaler_percent",
+            "The capacity scaler the backend policy applies to the endpoint (0: drained).",
+            |c| Some(u64::from(c.applied.scaler_percent)),
+        ),
+        (
+            "inference_pool_endpoint_preferred",
+            "1 when the backend policy makes the endpoint PREFERRED.",
+            |c| Some(u64::from(c.applied.preferred)),
+        ),
+        (
+            "inference_pool_endpoint_in_flight",
+            "Requests this gateway replica has in flight to the endpoint (all workers).",
+            |c| Some(c.in_flight),
+        ),
+    ];
+    let mut out = String::new();
+    if capacities.is_empty() {
+        return out;
+    }
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for c in capacities {
+            if let Some(v) = value(c) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{pool_name=\"{}\",endpoint=\"{}\"}} {v}",
+                    crate::observe::render::esc(&c.pool),
+                    crate::observe::render::esc(&c.endpoint)
+                );
+            }
         }
     }
     out
@@ -375,6 +471,17 @@ impl Applied {
     /// No new requests at all.
     pub fn drained(&self) -> bool {
         self.scaler_percent == 0
+    }
+
+    /// Whether the capacity that decides spill-over is the scheduler's
+    /// saturation (docs/backend-policy.md, "Capacity, per balancing mode"):
+    /// `UTILIZATION`, or no mode and no cap. Caps that are set hold either way.
+    pub fn capacity_by_metrics(&self) -> bool {
+        match self.mode {
+            Some(BalancingMode::Utilization) => true,
+            Some(_) => false,
+            None => self.max_in_flight.is_none() && self.max_rate.is_none(),
+        }
     }
 
     /// This replica's rate cap in requests a second (`None`: no rate cap).
@@ -552,6 +659,75 @@ mod tests {
         assert_eq!(r["10.0.0.2:80"]["drained"], true);
         assert_eq!(r["10.0.0.2:80"]["in_flight_cap"], 0);
         assert_eq!(r["10.0.0.3:80"]["scope"], "default");
+    }
+
+    #[test]
+    fn the_gauges_give_each_endpoints_caps_after_scaler_and_share_and_its_use() {
+        let p = parse(
+            r#"{"pool": "p\"q", "default": {"max_in_flight_per_endpoint": 10},
+                "scopes": [{"selector": {"zone": "a"}, "backend_preference": "PREFERRED",
+                            "capacity_scaler_percent": 50, "max_rate_per_endpoint": 30},
+                           {"selector": {"zone": "b"}, "capacity_scaler_percent": 0}]}"#,
+        )
+        .unwrap();
+        let ep = |a: &str, z: &str| crate::snapshot::EndpointMetrics {
+            address: a.into(),
+            labels: labels(&[("zone", z)]),
+            ..Default::default()
+        };
+        let snap = crate::snapshot::Snapshot {
+            pools: vec![
+                crate::snapshot::PoolSnapshot {
+                    name: "p\"q".into(),
+                    endpoints: vec![ep("10.0.0.1:80", "a"), ep("10.0.0.2:80", "b")],
+                },
+                crate::snapshot::PoolSnapshot {
+                    name: "other".into(),
+                    endpoints: vec![ep("10.0.0.9:80", "a")],
+                },
+            ],
+            ..Default::default()
+        };
+        let in_flight = |a: &str| u64::from(a == "10.0.0.1:80") * 3;
+        let caps = endpoint_capacities([("p\"q", &p)], &snap, 2, &in_flight);
+        let text = render_gauges(&caps);
+        let value = |series: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        };
+        let a = r#"{pool_name="p\"q",endpoint="10.0.0.1:80"}"#;
+        let b = r#"{pool_name="p\"q",endpoint="10.0.0.2:80"}"#;
+        for (gauge, at_a, at_b) in [
+            // 10 × 50 % shared by two replicas; drained: 0.
+            ("inference_pool_endpoint_in_flight_cap", 2, 0),
+            // 30 × 50 % / 2, rounded down; drained: 0 although the scope sets none.
+            ("inference_pool_endpoint_rate_cap_per_second", 7, 0),
+            ("inference_pool_endpoint_capacity_scaler_percent", 50, 0),
+            ("inference_pool_endpoint_preferred", 1, 0),
+            ("inference_pool_endpoint_in_flight", 3, 0),
+        ] {
+            assert_eq!(value(&format!("{gauge}{a}")), Some(at_a), "{gauge}\n{text}");
+            assert_eq!(value(&format!("{gauge}{b}")), Some(at_b), "{gauge}\n{text}");
+        }
+        assert!(
+            !text.contains("10.0.0.9"),
+            "a pool without a policy: {text}"
+        );
+        assert!(text.contains("# TYPE inference_pool_endpoint_in_flight_cap gauge"));
+        // Without a rate cap there is no rate sample.
+        let uncapped =
+            parse(r#"{"pool": "p\"q", "default": {"max_in_flight_per_endpoint": 1}}"#).unwrap();
+        let text = render_gauges(&endpoint_capacities(
+            [("p\"q", &uncapped)],
+            &snap,
+            1,
+            &in_flight,
+        ));
+        assert!(
+            !text.contains("inference_pool_endpoint_rate_cap_per_second{"),
+            "{text}"
+        );
+        assert!(render_gauges(&[]).is_empty(), "no policy: no gauge at all");
     }
 
     #[test]
