@@ -12,6 +12,14 @@ pub const REPLICAS_HEADER: &str = "x-gateway-replicas";
 /// More replicas than this in the header is not believed.
 pub const MAX_REPLICAS: u32 = 1024;
 
+/// A push's `x-gateway-replicas` value: a count in `1..=MAX_REPLICAS`, else none
+/// (the stored count is then left as it was).
+pub fn parse_replicas(value: Option<&str>) -> Option<u32> {
+    value
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|n| (1..=MAX_REPLICAS).contains(n))
+}
+
 pub const INGEST_PATH: &str = "/v1/snapshot";
 
 /// Checks a push's headers: method, bearer token, declared size.

@@ -46,6 +46,11 @@ struct Args {
     /// Serve gRPC in plain text.
     #[arg(long, conflicts_with_all = ["cert", "key"])]
     insecure: bool,
+    /// Replicas of this picker (a Deployment's `replicas`): each enforces its share
+    /// of the backend policies' per-endpoint caps, `max(1, floor(cap / N))`. A
+    /// collector pushing snapshots to `--ingest` overrides it with its count.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    gateway_replicas: u32,
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -81,6 +86,7 @@ fn options(args: &Args) -> Result<Options, String> {
         metrics_token: args.metrics_token_env.as_deref().map(token).transpose()?,
         ingest: args.ingest,
         ingest_token,
+        replicas: args.gateway_replicas,
         tls: match (&args.cert, &args.key, args.insecure) {
             (_, _, true) => Tls::Insecure,
             (Some(cert), Some(key), _) => Tls::Files {

@@ -10,7 +10,7 @@
 
 use crate::config::Config;
 use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
-use crate::inflight::{self, memory::MemoryStore};
+use crate::inflight::{self, memory::MemoryStore, SharedStore};
 use crate::ingest;
 use crate::membership::Membership;
 use crate::openai::{ApiError, ApiKind};
@@ -144,6 +144,15 @@ impl Picker {
     /// The store holding in-flight counts, the prefix index and request metrics.
     pub fn store(&self) -> &MemoryStore {
         &self.store
+    }
+
+    /// How many replicas share the backend-policy caps (each enforces its share,
+    /// docs/backend-policy.md): from a collector's push, or `--gateway-replicas`.
+    pub fn set_replicas(&self, n: u32) {
+        // An in-memory store cannot refuse.
+        let _ = self
+            .store
+            .set(crate::auth::REPLICAS_KEY, &n.max(1).to_le_bytes(), None);
     }
 
     /// The current members (for metrics and readiness).
@@ -472,6 +481,37 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.status, 429);
         assert_eq!(counter(CAPACITY_REFUSED_TOTAL), Some(1));
+    }
+
+    /// Two picker replicas: each admits its share of a cap of 4, then refuses.
+    #[test]
+    fn each_picker_replica_enforces_its_share_of_a_cap() {
+        let p = Picker::new(
+            Config::from_json(
+                br#"{"pools": [{"name": "p", "endpoints": []}],
+                     "models": [{"name": "m", "pool": "p"}],
+                     "backend_policies": [{"pool": "p", "default": {"max_in_flight_per_endpoint": 4}}]}"#,
+            )
+            .unwrap(),
+        );
+        p.ingest(&encoded(1_000, 1, vec![endpoint("127.0.0.1:1", 1_000)]))
+            .unwrap();
+        p.set_replicas(2);
+        let route = || p.route(ApiKind::Completions, BODY, None, 1_100, || 0);
+        assert!(route().is_ok() && route().is_ok());
+        assert_eq!(route().unwrap_err().status, 503, "2 of 4 for this replica");
+        assert!(p.policy_gauges().contains(
+            "inference_pool_endpoint_in_flight_cap{pool_name=\"p\",endpoint=\"127.0.0.1:1\"} 2"
+        ));
+    }
+
+    #[test]
+    fn replica_counts_outside_the_range_are_not_believed() {
+        use crate::ingest::parse_replicas;
+        assert_eq!(parse_replicas(Some(" 3 ")), Some(3));
+        for v in [None, Some("0"), Some("1025"), Some("-1"), Some("two")] {
+            assert_eq!(parse_replicas(v), None, "{v:?}");
+        }
     }
 
     #[test]

@@ -240,9 +240,9 @@ impl HttpContext for ControlStream {
                     );
                 } else {
                     self.ingesting = true;
-                    self.replicas = host::request_header(ingest::REPLICAS_HEADER)
-                        .and_then(|v| v.trim().parse::<u32>().ok())
-                        .filter(|n| (1..=ingest::MAX_REPLICAS).contains(n));
+                    self.replicas = ingest::parse_replicas(
+                        host::request_header(ingest::REPLICAS_HEADER).as_deref(),
+                    );
                 }
             }
             _ => reply(self, &ApiError::not_found(route)),

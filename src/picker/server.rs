@@ -64,6 +64,9 @@ pub struct Options {
     pub ingest: Option<SocketAddr>,
     pub ingest_token: Option<String>,
     pub tls: Tls,
+    /// Replicas of the picker sharing the backend-policy caps, until a collector's
+    /// push says otherwise.
+    pub replicas: u32,
 }
 
 /// Streams so far: seeds each stream's RNG differently.
@@ -273,6 +276,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr),
 pub async fn start(cfg: PickerConfig, opts: Options) -> Result<RunningPicker, String> {
     let tls = tls_config(&opts.tls)?;
     let picker = Arc::new(Picker::new(cfg.plugin));
+    picker.set_replicas(opts.replicas);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -554,7 +558,15 @@ async fn ingest_snapshot(
         })
         .and_then(|()| st.picker.ingest(&body));
     match result {
-        Ok(()) => (StatusCode::NO_CONTENT, String::new()),
+        Ok(()) => {
+            let replicas = headers
+                .get(ingest::REPLICAS_HEADER)
+                .and_then(|v| v.to_str().ok());
+            if let Some(n) = ingest::parse_replicas(replicas) {
+                st.picker.set_replicas(n);
+            }
+            (StatusCode::NO_CONTENT, String::new())
+        }
         Err(e) => (
             StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
             String::from_utf8_lossy(&e.body()).into_owned(),
