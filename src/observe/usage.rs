@@ -61,38 +61,8 @@ impl UsageScanner {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        let mut at = 0;
-        while at < chunk.len() {
-            at += self.skippable(&chunk[at..]);
-            if let Some(&b) = chunk.get(at) {
-                self.byte(b);
-                at += 1;
-            }
-        }
-    }
-
-    /// How many leading bytes of `rest` cannot change the state: inside a string
-    /// past the bytes a key comparison needs, everything up to a quote or a
-    /// backslash; between strings with no `usage` key pending, everything up to a
-    /// quote. Skipped in one search, since most of a response is generated text and
-    /// the state machine costs ~30 Wasm instructions a byte.
-    fn skippable(&mut self, rest: &[u8]) -> usize {
-        if self.capture.is_some() {
-            return 0;
-        }
-        if self.in_string {
-            if self.escape || self.key_len < self.key.len() {
-                return 0;
-            }
-            // What `byte` would do for each skipped byte: the key can no longer match.
-            self.key_len = usize::MAX;
-            rest.iter()
-                .position(|&b| b == b'"' || b == b'\\')
-                .unwrap_or(rest.len())
-        } else if self.after == After::Nothing {
-            rest.iter().position(|&b| b == b'"').unwrap_or(rest.len())
-        } else {
-            0
+        for &b in chunk {
+            self.byte(b);
         }
     }
 
@@ -247,34 +217,6 @@ mod tests {
                 completion_tokens: 3
             })
         );
-    }
-
-    /// The bulk skip changes nothing: the same usage as feeding every byte
-    /// through the state machine, for bodies with keys, escapes and strings cut
-    /// at every length.
-    #[test]
-    fn skipping_agrees_with_the_byte_machine() {
-        let bodies: [&[u8]; 5] = [
-            br#"{"id":"x","choices":[{"text":"a \"usage\": {\"prompt_tokens\": 9}"}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
-            b"data: {\"usage\":null,\"c\":\"usag\"}\n\ndata: {\"usage\" : {\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n",
-            br#"{"usages":{"prompt_tokens":5},"usag":{"prompt_tokens":6},"u\sage":{"prompt_tokens":7}}"#,
-            br#"{"a":"\\","usage":{"prompt_tokens":8,"completion_tokens":1,"d":{"x":"}"}}}"#,
-            br#"{"usage" {"prompt_tokens":1}, "usage": "x", "usage":{"completion_tokens":2}"#,
-        ];
-        for body in bodies {
-            let mut reference = UsageScanner::new();
-            for &b in body {
-                reference.byte(b);
-            }
-            for piece in 1..=body.len() {
-                assert_eq!(
-                    scan_in_pieces(body, piece),
-                    reference.usage(),
-                    "{} in pieces of {piece}",
-                    String::from_utf8_lossy(body)
-                );
-            }
-        }
     }
 
     #[test]
