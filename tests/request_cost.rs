@@ -88,6 +88,14 @@ fn scenarios() -> Vec<Scenario> {
             true,
         ),
         s(
+            "chat 16 KB, 100 endpoints, no prefix scorer",
+            100,
+            16 * 1024,
+            Json,
+            false,
+            false,
+        ),
+        s(
             "chat 256 KB, 100 endpoints",
             100,
             256 * 1024,

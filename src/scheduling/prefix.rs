@@ -5,9 +5,10 @@
 //! covers everything before it), as vLLM's automatic prefix cache does, so equal
 //! hashes mean equal prefixes. The index lives in shared data so every Envoy worker
 //! sees what the others routed. It is a fixed table of `slots` keys (bounded memory:
-//! about 150 bytes a slot): a block hash maps to slot `hash % slots`, which keeps the
-//! most recently used (hash, endpoint) entries. Collisions and evictions only make
-//! the index forget, never lie: entries carry the full hash.
+//! up to about 450 bytes a slot): the blocks go in groups of [`BLOCKS_PER_SLOT`], a
+//! group maps to slot `hash of its first block % slots`, which keeps the most
+//! recently used (endpoint, the group's hashes) entries. Collisions and evictions
+//! only make the index forget, never lie: entries carry the full hashes.
 
 use crate::inflight::{SharedStore, StoreError};
 use serde::{Deserialize, Serialize};
@@ -34,11 +35,31 @@ pub fn block_hashes(model: &str, prompt: &str, block_bytes: usize, max_blocks: u
         .collect()
 }
 
+/// Blocks per index slot: one shared-data read covers this many consecutive
+/// blocks. A read is a host call that copies the slot (Envoy takes a lock and calls
+/// back into the module to allocate); per block, a 16 KB prompt cost 64 of them.
+pub const BLOCKS_PER_SLOT: usize = 8;
+
+/// One endpoint's recent prompt through one group of [`BLOCKS_PER_SLOT`] blocks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
-    hash: u64,
+    /// The chained hashes of the group's blocks it served, from the group's first
+    /// (the slot's key), at most [`BLOCKS_PER_SLOT`].
+    blocks: Vec<u64>,
     at_ms: u64,
     endpoint: String,
+}
+
+impl Entry {
+    /// How many of `group`'s blocks this entry holds, from the first (hashes are
+    /// chained: equal at a position means equal before it).
+    fn shared(&self, group: &[u64]) -> usize {
+        self.blocks
+            .iter()
+            .zip(group)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
 }
 
 /// What [`PrefixIndex::matches`] found.
@@ -47,7 +68,7 @@ pub struct Matches {
     /// Endpoint → leading blocks it served: a handful of endpoints at most (a slot
     /// keeps four entries), so a list, searched per candidate without hashing.
     runs: Vec<(String, usize)>,
-    /// The slots read, in block order, for [`PrefixIndex::record_after`].
+    /// The slots read, in group order, for [`PrefixIndex::record_after`].
     read: Vec<(Vec<Entry>, Option<u32>)>,
 }
 
@@ -81,12 +102,14 @@ impl<'s> PrefixIndex<'s> {
         }
     }
 
-    fn key(&self, hash: u64) -> String {
-        format!("igw.prefix.{}", hash % self.slots)
+    /// The slot of the group whose first block hashes to `first`. (`igw.prefix8`:
+    /// the per-block layout before it used `igw.prefix`.)
+    fn key(&self, first: u64) -> String {
+        format!("igw.prefix8.{}", first % self.slots)
     }
 
-    fn read(&self, hash: u64) -> (Vec<Entry>, Option<u32>) {
-        let (bytes, cas) = self.store.get(&self.key(hash));
+    fn read(&self, first: u64) -> (Vec<Entry>, Option<u32>) {
+        let (bytes, cas) = self.store.get(&self.key(first));
         let entries = bytes
             .and_then(|b| postcard::from_bytes::<Vec<Entry>>(&b).ok())
             .unwrap_or_default();
@@ -94,31 +117,38 @@ impl<'s> PrefixIndex<'s> {
     }
 
     /// For each endpoint, how many leading blocks of `hashes` it recently served.
-    /// Reads stop at the first block no endpoint has, so a miss costs one read.
+    /// One read per group of blocks; reads stop at the first group no endpoint
+    /// holds whole, so a miss costs one read.
     pub fn matches(&self, hashes: &[u64], now_ms: u64) -> Matches {
         let mut m = Matches::default();
-        for (depth, &h) in hashes.iter().enumerate() {
-            let (entries, cas) = self.read(h);
-            let mut extended = false;
+        for (g, group) in hashes.chunks(BLOCKS_PER_SLOT).enumerate() {
+            let before = g * BLOCKS_PER_SLOT;
+            let (entries, cas) = self.read(group[0]);
+            let mut whole = false;
             for e in entries
                 .iter()
-                .filter(|e| e.hash == h && now_ms.saturating_sub(e.at_ms) <= self.ttl_ms)
+                .filter(|e| now_ms.saturating_sub(e.at_ms) <= self.ttl_ms)
             {
+                let shared = e.shared(group);
+                if shared == 0 {
+                    continue;
+                }
                 // Only an endpoint that matched every block so far extends its run.
                 let run = match m.runs.iter_mut().find(|(ep, _)| *ep == e.endpoint) {
                     Some((_, run)) => run,
-                    None => {
+                    None if g == 0 => {
                         m.runs.push((e.endpoint.clone(), 0));
                         &mut m.runs.last_mut().expect("just pushed").1
                     }
+                    None => continue,
                 };
-                if *run == depth {
-                    *run = depth + 1;
-                    extended = true;
+                if *run >= before && before + shared > *run {
+                    *run = before + shared;
+                    whole |= shared == group.len();
                 }
             }
             m.read.push((entries, cas));
-            if !extended {
+            if !whole {
                 break;
             }
         }
@@ -128,7 +158,7 @@ impl<'s> PrefixIndex<'s> {
 
     /// Records that `endpoint` now holds the blocks of `hashes`. Entries younger than
     /// a quarter of the TTL are not rewritten, so a hot prefix costs no writes.
-    /// Best effort: a lost CAS race skips that block.
+    /// Best effort: a lost CAS race skips that group.
     pub fn record(&self, hashes: &[u64], endpoint: &str, now_ms: u64) {
         self.record_after(hashes, endpoint, now_ms, Matches::default());
     }
@@ -138,23 +168,26 @@ impl<'s> PrefixIndex<'s> {
     /// skipped, as a lost race is).
     pub fn record_after(&self, hashes: &[u64], endpoint: &str, now_ms: u64, matched: Matches) {
         let mut already_read = matched.read.into_iter();
-        for &h in hashes {
-            let (mut entries, cas) = already_read.next().unwrap_or_else(|| self.read(h));
+        for group in hashes.chunks(BLOCKS_PER_SLOT) {
+            let (mut entries, cas) = already_read.next().unwrap_or_else(|| self.read(group[0]));
             let fresh_enough = |e: &Entry| now_ms.saturating_sub(e.at_ms) < self.ttl_ms / 4;
-            if let Some(e) = entries
-                .iter_mut()
-                .find(|e| e.hash == h && e.endpoint == endpoint)
-            {
-                if fresh_enough(e) {
-                    continue;
+            // This endpoint's entry for the same blocks, or for a prompt that shares
+            // the group's start with this one (the longer of the two is kept).
+            match entries.iter_mut().find(|e| {
+                e.endpoint == endpoint && e.shared(group) >= e.blocks.len().min(group.len())
+            }) {
+                Some(e) if e.blocks.len() >= group.len() && fresh_enough(e) => continue,
+                Some(e) => {
+                    if group.len() > e.blocks.len() {
+                        e.blocks = group.to_vec();
+                    }
+                    e.at_ms = now_ms;
                 }
-                e.at_ms = now_ms;
-            } else {
-                entries.push(Entry {
-                    hash: h,
+                None => entries.push(Entry {
+                    blocks: group.to_vec(),
                     at_ms: now_ms,
                     endpoint: endpoint.to_string(),
-                });
+                }),
             }
             // Keep the most recent entries; expired ones go first.
             entries.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
@@ -162,7 +195,7 @@ impl<'s> PrefixIndex<'s> {
             let Ok(bytes) = postcard::to_allocvec(&entries) else {
                 continue;
             };
-            match self.store.set(&self.key(h), &bytes, cas) {
+            match self.store.set(&self.key(group[0]), &bytes, cas) {
                 Ok(()) | Err(StoreError::CasMismatch) => {}
                 Err(StoreError::Host | StoreError::Full) => return,
             }
@@ -249,7 +282,7 @@ mod tests {
         let reads = store.reads();
         let m = ix.matches(&h, 1);
         ix.record_after(&h, "e2", 1, m);
-        assert_eq!(store.reads() - reads, h.len(), "one read per block");
+        assert_eq!(store.reads() - reads, 1, "one read per group of blocks");
         let m = ix.matches(&h, 2);
         assert_eq!((m.get("e1"), m.get("e2")), (Some(4), Some(4)));
         // A miss stops the matching reads; recording reads the rest.
@@ -258,8 +291,44 @@ mod tests {
         let m = ix.matches(&other, 3);
         assert!(m.is_empty());
         ix.record_after(&other, "e1", 3, m);
-        assert_eq!(store.reads() - reads, other.len());
+        assert_eq!(store.reads() - reads, 1);
         assert_eq!(ix.matches(&other, 4).get("e1"), Some(4));
+    }
+
+    /// Prompts longer than a group: one read per group, runs continue across
+    /// groups only for an endpoint that held every block before, and a longer
+    /// prompt's entry serves the shorter prompts that start like it.
+    #[test]
+    fn runs_cross_groups_with_one_read_per_group() {
+        let store = MemoryStore::default();
+        let ix = PrefixIndex::new(&store, 4096, 60_000);
+        let system = "s".repeat(16 * 11);
+        let long = block_hashes("m", &format!("{system}{}", "x".repeat(16 * 9)), 16, 64);
+        let other = block_hashes("m", &format!("{system}{}", "y".repeat(16 * 9)), 16, 64);
+        assert_eq!((long.len(), other.len()), (20, 20));
+        ix.record(&long, "e1", 0);
+        ix.record(&other[..5], "e2", 0);
+        ix.record(&other[8..], "e2", 0); // the second group without the first: no run
+        let reads = store.reads();
+        let m = ix.matches(&other, 1);
+        assert_eq!(
+            store.reads() - reads,
+            2,
+            "groups 0 and 1; group 1 is not whole"
+        );
+        assert_eq!((m.get("e1"), m.get("e2")), (Some(11), Some(5)));
+        ix.record_after(&other, "e2", 1, m);
+        let m = ix.matches(&other, 2);
+        assert_eq!((m.get("e1"), m.get("e2")), (Some(11), Some(20)));
+        // The first 13 blocks of `long`: e1's entries cover them.
+        assert_eq!(ix.matches(&long[..13], 2).get("e1"), Some(13));
+        let (reads, (_, cas)) = (store.reads(), store.get(&ix.key(long[8])));
+        ix.record(&long[..13], "e1", 3);
+        assert_eq!(store.reads() - reads, 3, "one read per group, and ours");
+        assert_eq!(store.get(&ix.key(long[8])).1, cas, "fresh: not rewritten");
+        let (entries, _) = ix.read(long[8]);
+        let e1 = entries.iter().find(|e| e.endpoint == "e1").unwrap();
+        assert_eq!(e1.blocks.len(), 8, "the longer prompt's entry is kept");
     }
 
     #[test]
