@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::fmt::Write as _;
 
 /// The header the filter writes and the `ORIGINAL_DST` cluster routes on.
-pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+pub use crate::gateway::headers::DESTINATION_HEADER;
 /// Where build.rs puts the filter, relative to the repository root.
 pub const DEMO_WASM_PATH: &str = "target/wasm-filter/wasm32-wasip1/release/inference_gateway.wasm";
 /// The committed bootstrap, relative to the repository root.

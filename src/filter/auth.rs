@@ -2,7 +2,6 @@
 //! they may and can (after the body is planned), the `x-ratelimit-*` headers on
 //! the response, and what the request is charged when it ends.
 
-use super::host;
 use super::http::GatewayStream;
 use super::metrics::{self, label};
 use super::store::HostStore;
@@ -74,15 +73,21 @@ impl GatewayStream {
         let Some(a) = &self.config.auth else {
             return Ok(());
         };
-        let x_api_key = host::request_header(API_KEY_HEADER);
-        let authorization = host::request_header("authorization");
+        let (x_api_key, authorization) = (
+            self.headers.api_key.take(),
+            self.headers.authorization.take(),
+        );
         let found = a.identify(auth::presented(
             x_api_key.as_deref(),
             authorization.as_deref(),
         ));
         // Removed whatever the outcome: a model server never sees a key.
-        self.set_http_request_header(API_KEY_HEADER, None);
-        self.set_http_request_header("authorization", None);
+        if x_api_key.is_some() {
+            self.set_http_request_header(API_KEY_HEADER, None);
+        }
+        if authorization.is_some() {
+            self.set_http_request_header("authorization", None);
+        }
         let key = found?;
         self.obs.consumer = Some(a.keys[key].id.clone());
         self.consumer = Some(Consumer {

@@ -33,6 +33,34 @@ fn value(map: MapType, name: &str) -> Option<String> {
     }
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
+}
+
+/// The request headers the gateway reads, in one host call (`None`: the host
+/// refused or sent a malformed map).
+pub fn request_headers() -> Option<crate::gateway::headers::RequestHeaders> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `value`: a buffer the host allocated through the SDK's exported
+    // allocator, which we take ownership of.
+    unsafe {
+        match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
+            Status::Ok if data.is_null() => Some(Default::default()),
+            Status::Ok => {
+                let bytes = Vec::from_raw_parts(data, size, size);
+                crate::gateway::headers::RequestHeaders::from_proxy_wasm_map(&bytes)
+            }
+            _ => None,
+        }
+    }
+}
+
 pub fn request_header(name: &str) -> Option<String> {
     value(MapType::HttpRequestHeaders, name)
 }

@@ -6,18 +6,17 @@ use super::host;
 use super::safety::{PendingPrompt, ResponseCheck};
 use super::store::{HostStore, SnapshotCache};
 use crate::config::Config;
+use crate::gateway::headers::RequestHeaders;
 use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
 use crate::inflight;
 use crate::observe::{self, request as obs, request::RequestObs};
 use crate::openai::{ApiError, ApiKind};
-use crate::routing::OBJECTIVE_HEADER;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// The header the ORIGINAL_DST cluster routes on.
-pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+pub use crate::gateway::headers::DESTINATION_HEADER;
 /// Response header with the scored candidates, when `scheduling.explain` is on.
 pub const EXPLAIN_HEADER: &str = "x-gateway-scheduling";
 /// The property (Envoy filter state `wasm.igw`) holding the access-log fields.
@@ -43,6 +42,8 @@ pub struct GatewayStream {
     /// Safety: the response check's state once the response started.
     pub(super) response_check: Option<ResponseCheck>,
     request_id: String,
+    /// The request headers the gateway reads, from the headers callback.
+    pub(super) headers: RequestHeaders,
     /// What the request metrics and the access log record.
     pub(super) obs: RequestObs,
     /// The API key the request presented (`auth`), once identified.
@@ -63,6 +64,7 @@ impl GatewayStream {
             response_template: None,
             response_check: None,
             request_id: String::from("-"),
+            headers: RequestHeaders::default(),
             obs: RequestObs::default(),
             consumer: None,
         }
@@ -88,12 +90,11 @@ impl GatewayStream {
 
     /// A complete body: plan the route, screen the prompt if configured, forward.
     fn route(&mut self, kind: ApiKind, body: &[u8], body_size: usize) -> Action {
-        let objective = host::request_header(OBJECTIVE_HEADER);
         let mut plan = match gateway::plan_route(
             &self.config,
             kind,
             body,
-            objective.as_deref(),
+            self.headers.objective.as_deref(),
             self.rng.u32(..),
         ) {
             Ok(plan) => plan,
@@ -182,7 +183,7 @@ impl GatewayStream {
 
         if let Some(new_body) = &plan.new_body {
             self.set_http_request_body(0, body_size, new_body);
-            if host::request_header("content-length").is_some() {
+            if self.headers.content_length.is_some() {
                 self.set_http_request_header("content-length", Some(&new_body.len().to_string()));
             }
         }
@@ -267,27 +268,31 @@ impl Context for GatewayStream {
 
 impl HttpContext for GatewayStream {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        if let Some(id) = host::request_header("x-request-id") {
+        let Some(headers) = host::request_headers() else {
+            // Nothing the gateway reads can be trusted: refuse rather than pass.
+            return self.reject(&ApiError::internal("request headers unreadable"));
+        };
+        self.headers = headers;
+        if let Some(id) = self.headers.request_id.take() {
             self.request_id = id;
         }
         // Only the filter picks upstreams: a destination sent by the client must
         // never steer the ORIGINAL_DST cluster, on any path.
-        self.set_http_request_header(DESTINATION_HEADER, None);
+        if self.headers.destination {
+            self.set_http_request_header(DESTINATION_HEADER, None);
+        }
         if let Err(e) = self.identify() {
             return self.reject(&e);
         }
-        let method = host::request_header(":method").unwrap_or_default();
-        let path = host::request_header(":path").unwrap_or_default();
-        if ApiKind::from_path(&path).is_some_and(|k| k != ApiKind::Models) {
+        if ApiKind::from_path(&self.headers.path).is_some_and(|k| k != ApiKind::Models) {
             self.obs.started_ns = Some(super::now_ns());
         }
-        let content_type = host::request_header("content-type");
-        let content_length = host::request_header("content-length");
+        let h = &self.headers;
         let head = RequestHead {
-            method: &method,
-            path: &path,
-            content_type: content_type.as_deref(),
-            content_length: content_length.as_deref(),
+            method: &h.method,
+            path: &h.path,
+            content_type: h.content_type.as_deref(),
+            content_length: h.content_length.as_deref(),
             end_of_stream,
         };
         match gateway::on_request_head(&self.config, &head) {

@@ -4,6 +4,7 @@
 
 mod capped;
 mod choose;
+pub mod headers;
 
 pub use choose::{choose, Choice, Inputs, Refused};
 

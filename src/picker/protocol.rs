@@ -37,7 +37,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
 use std::sync::Arc;
 
 /// The header (and `envoy.lb` metadata key) carrying the picked endpoint(s).
-pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+pub use crate::gateway::headers::DESTINATION_HEADER;
 /// Dynamic metadata namespace of the pick and of the served endpoint.
 pub const LB_NAMESPACE: &str = "envoy.lb";
 /// Filter metadata namespace of the subset hint, and its key.
