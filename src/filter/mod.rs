@@ -18,7 +18,7 @@ use std::time::UNIX_EPOCH;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, snapshot: Rc::default() }) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { config: None, snapshot: Rc::default(), rng: RefCell::new(fastrand::Rng::with_seed(u64::from(id))) }) });
 }}
 
 /// One per plugin configuration per worker VM.
@@ -27,6 +27,9 @@ struct Root {
     /// This VM's decoded copy of the metrics snapshot and the pools' members
     /// under it, shared by its streams.
     snapshot: Rc<RefCell<store::SnapshotCache>>,
+    /// Seeds the streams' RNGs: seeded from the clock once per configuration, so a
+    /// stream costs no clock read for its seed.
+    rng: RefCell<fastrand::Rng>,
 }
 
 impl Context for Root {}
@@ -57,6 +60,8 @@ impl RootContext for Root {
             config.models.len()
         );
         self.config = Some(Rc::new(config));
+        let seed = seed(self, self.rng.borrow_mut().u32(..));
+        self.rng = RefCell::new(fastrand::Rng::with_seed(seed));
         true
     }
 
@@ -71,7 +76,7 @@ impl RootContext for Root {
             Role::Gateway => Box::new(http::GatewayStream::new(
                 config,
                 Rc::clone(&self.snapshot),
-                seed(self, context_id),
+                self.rng.borrow_mut().u64(..) ^ u64::from(context_id),
             )),
             Role::Control => Box::new(control::ControlStream::new(config)),
         })
@@ -126,13 +131,13 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// A per-stream RNG seed: host time mixed with the context id, so concurrent
-/// streams on different workers do not draw the same numbers.
-fn seed(ctx: &dyn Context, context_id: u32) -> u64 {
+/// An RNG seed: host time mixed with `salt`, so VMs on different workers do not
+/// draw the same numbers.
+fn seed(ctx: &dyn Context, salt: u32) -> u64 {
     let nanos = ctx
         .get_current_time()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    nanos ^ u64::from(context_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    nanos ^ u64::from(salt).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
