@@ -73,6 +73,33 @@ pub fn table(store: &dyn SharedStore) -> Vec<u8> {
     store.get(COUNTS_KEY).0.unwrap_or_default()
 }
 
+/// The table as read, with its CAS token: a later [`add_after`] starts from it
+/// instead of reading it again.
+pub struct Read {
+    pub table: Vec<u8>,
+    cas: Option<u32>,
+}
+
+/// Reads the table for counting now and one [`add_after`] later.
+pub fn read(store: &dyn SharedStore) -> Read {
+    let (value, cas) = store.get(COUNTS_KEY);
+    Read {
+        table: value.unwrap_or_default(),
+        cas,
+    }
+}
+
+/// [`add`], first trying the table as `read` saw it (one host read fewer per
+/// routed request); a table changed since fails the CAS and is read again.
+pub fn add_after(
+    store: &dyn SharedStore,
+    read: Read,
+    k: u64,
+    delta: i64,
+) -> Result<u64, StoreError> {
+    update(store, k, delta, None, Some((read.table, read.cas))).map(|n| n.unwrap_or(0))
+}
+
 /// The count of the endpoint with key `k` in `table`.
 pub fn count(table: &[u8], k: u64) -> u64 {
     decode(table)
@@ -94,7 +121,7 @@ pub fn init(store: &dyn SharedStore) -> Result<(), StoreError> {
 /// first free one, else appends; a release of an endpoint without an entry changes
 /// nothing. Trailing free entries are dropped, so the table shrinks as load falls.
 pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreError> {
-    update(store, k, delta, None).map(|n| n.unwrap_or(0))
+    update(store, k, delta, None, None).map(|n| n.unwrap_or(0))
 }
 
 /// Takes one count of the endpoint with key `k` unless it already holds `cap`
@@ -106,7 +133,7 @@ pub fn add_capped(store: &dyn SharedStore, k: u64, cap: u64) -> Result<Option<u6
     if cap == 0 {
         return Ok(None);
     }
-    update(store, k, 1, Some(cap))
+    update(store, k, 1, Some(cap), None)
 }
 
 /// [`add`], refusing (`Ok(None)`) an increment from a count at or above `cap`.
@@ -116,10 +143,13 @@ fn update(
     k: u64,
     delta: i64,
     cap: Option<u64>,
+    mut first: Option<(Vec<u8>, Option<u32>)>,
 ) -> Result<Option<u64>, StoreError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
-        let (value, cas) = store.get(COUNTS_KEY);
-        let mut bytes = value.unwrap_or_default();
+        let (mut bytes, cas) = first.take().unwrap_or_else(|| {
+            let (value, cas) = store.get(COUNTS_KEY);
+            (value.unwrap_or_default(), cas)
+        });
         bytes.truncate(bytes.len() / ENTRY_BYTES * ENTRY_BYTES);
         let mut own = None;
         let mut free = None;
@@ -328,6 +358,24 @@ mod tests {
         assert_eq!(entries(&s), 2, "a's free entry stays before b's");
         add(&s, b, -1).unwrap();
         assert_eq!(entries(&s), 0, "trailing free entries are dropped");
+    }
+
+    /// An add from an earlier read: no read of its own when nothing changed, and
+    /// the count another writer took in between is kept (the CAS fails, re-read).
+    #[test]
+    fn an_add_after_a_read_reuses_it_or_reads_again() {
+        let s = MemoryStore::default();
+        init(&s).unwrap();
+        let (a, b) = (key("127.0.0.1:1"), key("127.0.0.1:2"));
+        let r = read(&s);
+        let reads = s.reads();
+        assert_eq!(add_after(&s, r, a, 1).unwrap(), 1);
+        assert_eq!(s.reads(), reads, "the read was reused");
+        let stale = read(&s);
+        add(&s, b, 1).unwrap();
+        add(&s, a, 1).unwrap();
+        assert_eq!(add_after(&s, stale, a, 1).unwrap(), 3);
+        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (3, 1));
     }
 
     #[test]

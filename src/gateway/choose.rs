@@ -102,7 +102,8 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // Every candidate's in-flight count from one read; everything else by
     // position in the membership built once per snapshot.
     let pool_members = members.members(plan.pool);
-    let in_flight = members.in_flight(plan.pool, &inflight::table(store));
+    let table = inflight::read(store);
+    let in_flight = members.in_flight(plan.pool, &table.table);
     // `Snapshot::endpoint_is_fresh`, with the snapshot's own age checked once.
     let stale_after = config.snapshot_stale_after_ms;
     let snapshot_fresh = members
@@ -206,7 +207,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     let key = pool_members[position].key;
     let holding = match taken {
         Some(held) => held,
-        None => match inflight::add(store, key, 1) {
+        None => match inflight::add_after(store, table, key, 1) {
             Ok(_) => Some(key),
             Err(err) => {
                 log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
