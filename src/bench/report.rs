@@ -513,6 +513,50 @@ mod tests {
         }
     }
 
+    /// Issue 16's verdicts: CPU against the cheaper picker wiring, latency against
+    /// the BUFFERED picker, the 1.3× ratio at 1 KB / 100 endpoints.
+    #[test]
+    fn cost_targets_are_judged_at_every_point() {
+        let with =
+            |variant: &str, n: usize, body: usize, cpu: f64, picker: f64, p50: f64| OverheadRow {
+                reps: vec![OverheadRep {
+                    envoy_cpu_us: cpu,
+                    picker_cpu_us: picker,
+                    ..rep(p50, p50 * 2.0)
+                }],
+                ..cpu_row(variant, n, body, &[])
+            };
+        let r = OverheadResults {
+            rows: vec![
+                with("plain", 0, 1024, 100.0, 0.0, 1.0),
+                with("plain", 0, 16384, 100.0, 0.0, 1.0),
+                with("filter", 100, 1024, 125.0, 0.0, 1.1),
+                with("filter", 100, 16384, 200.0, 0.0, 1.3),
+                with("ext_proc", 100, 1024, 120.0, 50.0, 1.4),
+                with("ext_proc_fd", 100, 1024, 130.0, 60.0, 1.4),
+                with("ext_proc", 100, 16384, 120.0, 60.0, 1.5),
+                with("ext_proc_fd", 100, 16384, 110.0, 30.0, 1.5),
+            ],
+            ..Default::default()
+        };
+        let v = cost_verdicts(&r);
+        assert_eq!(v[0].met, Some(true), "1.25× plain: {:?}", v[0]);
+        assert_eq!(v[1].met, Some(false));
+        assert!(
+            v[1].measured
+                .contains("misses 1 of 2 points: 100 endpoints 16 KB: 200 vs 140 µs"),
+            "the cheaper wiring (fd) is the bar: {}",
+            v[1].measured
+        );
+        // 16 KB: +0.3 vs +0.5 p50 (over half), +0.6 vs +1.0 p99 (over half).
+        assert_eq!(v[2].met, Some(false));
+        assert!(
+            v[2].measured.starts_with("misses 2 of 4 percentiles"),
+            "{}",
+            v[2].measured
+        );
+    }
+
     #[test]
     fn envoy_cpu_is_a_multiple_of_plain_next_to_the_floor() {
         let r = OverheadResults {
@@ -645,10 +689,99 @@ pub fn added_p99(r: &OverheadResults, variant: &str, n: usize, body: usize) -> O
     Some(row_of(r, variant, n, body)?.spread(|x| x.p99_ms).median - base)
 }
 
+/// Added p50 and p99 over plain Envoy (medians over repetitions), ms.
+fn added(r: &OverheadResults, variant: &str, n: usize, body: usize) -> Option<(f64, f64)> {
+    let base = row_of(r, "plain", 0, body)?;
+    let row = row_of(r, variant, n, body)?;
+    let m = |row: &OverheadRow, f: fn(&OverheadRep) -> f64| row.spread(f).median;
+    Some((
+        m(row, |x| x.p50_ms) - m(base, |x| x.p50_ms),
+        m(row, |x| x.p99_ms) - m(base, |x| x.p99_ms),
+    ))
+}
+
+/// Issue 16's targets, over every (pool size, body) point the run has: the
+/// filter's Envoy CPU below the ext_proc picker's (Envoy + picker, the cheaper of
+/// its two wirings), and its added p50 and p99 at most half the BUFFERED
+/// picker's; at 1 KB / 100 endpoints at most 1.3× plain Envoy's CPU.
+fn cost_verdicts(r: &OverheadResults) -> Vec<Verdict> {
+    let cpu = |row: &OverheadRow| row.spread(|x| x.envoy_cpu_us + x.picker_cpu_us).median;
+    let points = uniq(
+        r.rows
+            .iter()
+            .filter(|x| x.variant == "filter")
+            .map(|x| (x.endpoints, x.body_bytes)),
+    );
+    let name = |(n, b): (usize, usize)| format!("{n} endpoints {}", human_bytes(b));
+    let (mut cpu_misses, mut lat_misses, mut compared) = (Vec::new(), Vec::new(), 0);
+    for &(n, b) in &points {
+        let Some(filter) = row_of(r, "filter", n, b) else {
+            continue;
+        };
+        let pickers: Vec<f64> = ["ext_proc", "ext_proc_fd"]
+            .iter()
+            .filter_map(|v| row_of(r, v, n, b).map(cpu))
+            .collect();
+        let Some(cheapest) = pickers.into_iter().reduce(f64::min) else {
+            continue;
+        };
+        compared += 1;
+        if cpu(filter) >= cheapest {
+            cpu_misses.push(format!(
+                "{}: {:.0} vs {cheapest:.0} µs",
+                name((n, b)),
+                cpu(filter)
+            ));
+        }
+        if let (Some((f50, f99)), Some((e50, e99))) =
+            (added(r, "filter", n, b), added(r, "ext_proc", n, b))
+        {
+            for (what, f, e) in [("p50", f50, e50), ("p99", f99, e99)] {
+                if f > 0.5 * e.max(0.0) {
+                    lat_misses.push(format!("{} {what}: {f:+.3} vs {e:+.3} ms", name((n, b))));
+                }
+            }
+        }
+    }
+    let all = |misses: &[String], of: usize, what: &str| {
+        if compared == 0 {
+            "not measured".to_string()
+        } else if misses.is_empty() {
+            format!("all {of} {what}")
+        } else {
+            format!(
+                "misses {} of {of} {what}: {}",
+                misses.len(),
+                misses.join("; ")
+            )
+        }
+    };
+    let ratio = row_of(r, "filter", 100, 1024).and_then(|row| envoy_cpu_x_plain(r, row));
+    vec![
+        Verdict {
+            target: "filter's Envoy CPU at 1 KB / 100 endpoints at most 1.3× plain Envoy's".into(),
+            measured: ratio
+                .map(|x| format!("{x:.2}×"))
+                .unwrap_or("not measured".into()),
+            met: ratio.map(|x| x <= 1.3),
+        },
+        Verdict {
+            target: "filter's CPU below the ext_proc picker's (Envoy + picker) at every body and pool size".into(),
+            measured: all(&cpu_misses, compared, "points"),
+            met: (compared > 0).then_some(cpu_misses.is_empty()),
+        },
+        Verdict {
+            target: "filter's added p50 and p99 at most half the ext_proc picker's at every body and pool size".into(),
+            measured: all(&lat_misses, 2 * compared, "percentiles"),
+            met: (compared > 0).then_some(lat_misses.is_empty()),
+        },
+    ]
+}
+
 pub fn overhead_verdicts(r: &OverheadResults) -> Vec<Verdict> {
     let f = added_p99(r, "filter", 100, 1024);
     let e = added_p99(r, "ext_proc", 100, 1024);
-    vec![
+    let mut verdicts = vec![
         Verdict {
             target: "filter adds ≤ 0.2 ms p99 at 1 KB / 100 endpoints".into(),
             measured: f
@@ -669,7 +802,9 @@ pub fn overhead_verdicts(r: &OverheadResults) -> Vec<Verdict> {
                 _ => None,
             },
         },
-    ]
+    ];
+    verdicts.extend(cost_verdicts(r));
+    verdicts
 }
 
 pub fn routing_verdicts(r: &RoutingResults) -> Vec<Verdict> {
