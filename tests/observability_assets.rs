@@ -119,7 +119,18 @@ fn exported_names() -> BTreeSet<String> {
         }],
     };
     let collector = Telemetry::default().render(&snapshot);
-    let mut names: BTreeSet<String> = format!("{gateway}\n{collector}")
+    // The backend-policy gauges (control /metrics, the picker's /metrics).
+    let cfg = inference_gateway::config::Config::from_json(
+        br#"{"pools": [{"name": "p", "endpoints": []}], "models": [{"name": "m", "pool": "p"}],
+             "backend_policies": [{"pool": "p", "default":
+                {"max_in_flight_per_endpoint": 2, "max_rate_per_endpoint": 5}}]}"#,
+    )
+    .expect("a configuration with a backend policy");
+    let policy = cfg.policy(0).expect("the policy");
+    let policy_gauges = inference_gateway::policy::render_gauges(
+        &inference_gateway::policy::endpoint_capacities([("p", policy)], &snapshot, 1, &|_| 0),
+    );
+    let mut names: BTreeSet<String> = format!("{gateway}\n{collector}\n{policy_gauges}")
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| l.split(['{', ' ']).next().map(str::to_string))
@@ -168,6 +179,8 @@ fn dashboard_queries_name_only_exported_metrics() {
         "inference_pool_average_kv_cache_utilization",
         "inference_pool_endpoint_queue_size",
         "inference_gateway_endpoint_picks_total",
+        "inference_pool_endpoint_in_flight_cap",
+        "inference_pool_spill_total",
     ] {
         assert!(used.contains(must), "the dashboard shows {must}");
     }
