@@ -45,13 +45,7 @@ pub fn check_head(
 
 /// Whether an `authorization` header carries `Bearer <token>`.
 pub fn bearer_ok(authorization: Option<&str>, token: &str) -> bool {
-    authorization
-        .and_then(|a| {
-            a.strip_prefix("Bearer ")
-                .or_else(|| a.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .is_some_and(|t| token_eq(t, token))
+    crate::auth::bearer_token(authorization).is_some_and(|t| token_eq(t, token))
 }
 
 /// The 401 for a request without the right bearer token, to do `what`.
@@ -122,6 +116,29 @@ mod tests {
             token: "s3cret".into(),
             max_snapshot_bytes: 100,
         }
+    }
+
+    #[test]
+    fn the_bearer_scheme_in_any_case_and_nothing_else() {
+        for ok in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER  s3cret ",
+            " Bearer s3cret",
+        ] {
+            assert!(bearer_ok(Some(ok), "s3cret"), "{ok:?}");
+        }
+        for bad in [
+            "Basic s3cret",
+            "Bearers3cret",
+            "Bearer",
+            "Bearer s3cre",
+            "s3cret",
+            "",
+        ] {
+            assert!(!bearer_ok(Some(bad), "s3cret"), "{bad:?}");
+        }
+        assert!(!bearer_ok(None, "s3cret"));
     }
 
     #[test]

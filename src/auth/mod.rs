@@ -181,8 +181,13 @@ pub fn presented<'a>(
     if let Some(k) = x_api_key.map(str::trim).filter(|k| !k.is_empty()) {
         return Some(k);
     }
-    let a = authorization?.trim();
-    let (scheme, rest) = a.split_once(' ')?;
+    bearer_token(authorization)
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in any case,
+/// RFC 7235); the one parser of it for API keys, snapshot pushes and `/metrics`.
+pub fn bearer_token(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, rest) = authorization?.trim().split_once(' ')?;
     let token = rest.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }

@@ -463,15 +463,10 @@ struct MetricsState {
 /// collector serves them), behind the optional bearer token.
 async fn metrics_handler(State(st): State<MetricsState>, headers: HeaderMap) -> HttpResponse {
     if let Some(token) = &st.token {
-        let presented = headers
+        let authorization = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|a| {
-                a.strip_prefix("Bearer ")
-                    .or_else(|| a.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        if !presented.is_some_and(|t| ingest::token_eq(t, token)) {
+            .and_then(|v| v.to_str().ok());
+        if !ingest::bearer_ok(authorization, token) {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
