@@ -165,6 +165,9 @@ pub struct Admitted {
     pub reserved_tokens: u64,
     /// The key's use just after the admission (for the `x-ratelimit-*` headers).
     pub after: Usage,
+    /// The limits it was admitted under (this replica's share), for the same
+    /// headers: the replica count is not read again.
+    pub limits: Limits,
 }
 
 /// Admits one request of key `id` with `estimate` input tokens, or the 429 it
@@ -188,6 +191,7 @@ pub fn admit(
         Ok(Admitted {
             reserved_tokens: estimate,
             after: *u,
+            limits: *limits,
         })
     })
 }

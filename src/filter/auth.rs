@@ -128,16 +128,11 @@ impl GatewayStream {
 
     /// OpenAI's `x-ratelimit-*` headers on every response of a limited key.
     pub(super) fn rate_limit_headers(&mut self) {
-        let (Some(a), Some(c)) = (&self.config.auth, &self.consumer) else {
+        let Some(admitted) = self.consumer.as_ref().and_then(|c| c.admitted) else {
             return;
         };
-        let Some(admitted) = c.admitted else {
-            return;
-        };
-        let key = &a.keys[c.key];
-        let limits = key.limits.share(auth::replicas(&HostStore));
         let now_ms = super::now_ms(self);
-        for (name, value) in quota::headers(&limits, &admitted.after, now_ms) {
+        for (name, value) in quota::headers(&admitted.limits, &admitted.after, now_ms) {
             self.set_http_response_header(name, Some(&value));
         }
     }
