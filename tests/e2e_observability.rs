@@ -136,6 +136,10 @@ async fn gie_metrics_alerts_dashboard_and_access_log_through_a_real_prometheus()
                 .as_array_mut()
                 .expect("models")
                 .push(json!({"name": "tiny-model", "pool": TINY_POOL}));
+            // A backend policy no request reaches the cap of: the dashboard's
+            // policy panels then have their series (gauges and counters).
+            cfg["backend_policies"] = json!([{"pool": DEMO_POOL,
+                "default": {"max_in_flight_per_endpoint": 1000}}]);
             s.gateway_config = cfg;
             s.safety_address = Some(safety_address);
         }),

@@ -74,24 +74,29 @@ impl RequestHeaders {
     }
 }
 
+/// The host's side of the format [`RequestHeaders::from_proxy_wasm_map`] reads
+/// (what Envoy writes; the wasmtime test host writes maps with it).
+pub fn serialize_map<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend((k.as_ref().len() as u32).to_le_bytes());
+        out.extend((v.as_ref().len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend(k.as_ref());
+        out.push(0);
+        out.extend(v.as_ref());
+        out.push(0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The host's serialization of `pairs`.
     fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            out.extend((k.len() as u32).to_le_bytes());
-            out.extend((v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend(k.as_bytes());
-            out.push(0);
-            out.extend(*v);
-            out.push(0);
-        }
-        out
+        serialize_map(pairs)
     }
 
     #[test]

@@ -282,18 +282,7 @@ fn give(caller: &mut Caller<'_, HostState>, data: &[u8], ret_ptr: i32, ret_size:
 }
 
 pub fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (k, v) in pairs {
-        out.extend((k.len() as u32).to_le_bytes());
-        out.extend((v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend(k.as_bytes());
-        out.push(0);
-        out.extend(v.as_bytes());
-        out.push(0);
-    }
-    out
+    inference_gateway::gateway::headers::serialize_map(pairs)
 }
 
 fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
