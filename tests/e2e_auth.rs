@@ -215,7 +215,7 @@ print("ok")
 
     // Usage per consumer: counters by key id and model (never the key), the id in
     // the access log, the keys in /debug/state.
-    let stats = support::get_text(&gw.client, &gw.admin_url("/stats/prometheus")).await;
+    let stats = gw.admin_text("/stats/prometheus").await;
     let requests = |id: &str| {
         sim::sample(
             &stats,

@@ -134,15 +134,7 @@ async fn sim_states(gw: &Gateway) -> BTreeMap<String, Value> {
 
 /// The filter's counter `name` for the demo pool, from Envoy's Prometheus stats.
 async fn pool_counter(gw: &Gateway, name: &str) -> u64 {
-    let text = gw
-        .client
-        .get(gw.admin_url("/stats/prometheus"))
-        .send()
-        .await
-        .expect("admin stats")
-        .text()
-        .await
-        .unwrap_or_default();
+    let text = gw.admin_text("/stats/prometheus").await;
     let label = format!("pool_name=\"{DEMO_POOL}\"");
     let found: Vec<u64> = text
         .lines()

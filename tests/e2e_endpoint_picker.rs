@@ -11,8 +11,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::deploy::envoy_config::{self, EnvoySettings, FailureMode, PickerLb, Routing};
-use support::deploy::process;
+use support::deploy::envoy_config::{self, EnvoySettings};
 use support::envoy::Envoy;
 use support::picker::{PickerProcess, SUBSET_LUA};
 use support::sim::{self, Sim, SimOptions};
@@ -140,23 +139,9 @@ async fn the_endpoint_picker_routes_behind_envoy_as_a_conformant_gateway_wires_i
     }
 
     // Envoy, wired as a conformant gateway, plus the subset-hint Lua filter and the echo.
-    let port = || process::free_port().expect("free port");
     let settings = EnvoySettings {
-        gateway_port: port(),
-        control_port: port(),
-        admin_port: port(),
-        wasm_path: "/nonexistent.wasm".into(),
-        gateway_config: json!({"pools": [{"name": "pool", "endpoints": []}]}),
-        concurrency: Some(2),
-        log_level: "warning".into(),
         component_log_level: "ext_proc:info,lua:info".into(),
-        log_flush_interval_ms: 100,
-        routing: Routing::EndpointPicker {
-            grpc: format!("127.0.0.1:{}", picker.grpc),
-            lb: PickerLb::OriginalDst,
-            failure_mode: FailureMode::FailClose,
-        },
-        ..EnvoySettings::demo()
+        ..picker.envoy_settings()
     };
     let yaml = envoy_config::render(&settings);
     assert!(yaml.contains("request_body_mode: FULL_DUPLEX_STREAMED"));

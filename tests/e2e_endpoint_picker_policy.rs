@@ -9,8 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use support::deploy::envoy_config::{self, EnvoySettings, FailureMode, PickerLb, Routing};
-use support::deploy::process;
+use support::deploy::envoy_config;
 use support::envoy::Envoy;
 use support::picker::PickerProcess;
 use support::sim::{Sim, SimOptions};
@@ -53,23 +52,7 @@ async fn the_picker_caps_in_flight_per_endpoint_and_samples_the_access_log() {
         }
     });
     let picker = PickerProcess::start(dir.path(), &config, None, &[], &[]).await;
-    let port = || process::free_port().expect("free port");
-    let settings = EnvoySettings {
-        gateway_port: port(),
-        control_port: port(),
-        admin_port: port(),
-        wasm_path: "/nonexistent.wasm".into(),
-        gateway_config: json!({"pools": [{"name": "pool", "endpoints": []}]}),
-        concurrency: Some(2),
-        log_level: "warning".into(),
-        log_flush_interval_ms: 100,
-        routing: Routing::EndpointPicker {
-            grpc: format!("127.0.0.1:{}", picker.grpc),
-            lb: PickerLb::OriginalDst,
-            failure_mode: FailureMode::FailClose,
-        },
-        ..EnvoySettings::demo()
-    };
+    let settings = picker.envoy_settings();
     let envoy_yaml = dir.path().join("envoy.yaml");
     std::fs::write(&envoy_yaml, envoy_config::render(&settings)).unwrap();
     let envoy = {

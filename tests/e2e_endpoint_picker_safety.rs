@@ -9,8 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::api::openai_error;
-use support::deploy::envoy_config::{self, EnvoySettings, FailureMode, PickerLb, Routing};
-use support::deploy::process;
+use support::deploy::envoy_config::{self, EnvoySettings};
 use support::envoy::Envoy;
 use support::picker::PickerProcess;
 use support::safety::SafetySim;
@@ -46,23 +45,9 @@ async fn the_picker_screens_prompts_and_responses_like_the_filter() {
     });
     let picker = PickerProcess::start(dir.path(), &config, None, &[], &[]).await;
 
-    let port = || process::free_port().expect("free port");
     let settings = EnvoySettings {
-        gateway_port: port(),
-        control_port: port(),
-        admin_port: port(),
-        wasm_path: "/nonexistent.wasm".into(),
-        gateway_config: json!({"pools": [{"name": "pool", "endpoints": []}]}),
-        concurrency: Some(2),
-        log_level: "warning".into(),
         component_log_level: "ext_proc:info".into(),
-        log_flush_interval_ms: 100,
-        routing: Routing::EndpointPicker {
-            grpc: format!("127.0.0.1:{}", picker.grpc),
-            lb: PickerLb::OriginalDst,
-            failure_mode: FailureMode::FailClose,
-        },
-        ..EnvoySettings::demo()
+        ..picker.envoy_settings()
     };
     let yaml = envoy_config::render(&settings);
     let envoy_yaml = dir.path().join("envoy.yaml");

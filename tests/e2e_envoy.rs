@@ -658,14 +658,8 @@ async fn a_dead_first_choice_falls_back_to_the_next_endpoint() {
     let logs = gw.envoy_logs();
     // Envoy's retry counter: requests that tried the dead endpoint first.
     let stats = gw
-        .client
-        .get(gw.admin_url("/stats?filter=cluster.model_servers.upstream_rq_retry$"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .admin_text("/stats?filter=cluster.model_servers.upstream_rq_retry$")
+        .await;
     let retries: u64 = stats
         .lines()
         .find_map(|l| l.strip_prefix("cluster.model_servers.upstream_rq_retry: "))

@@ -423,15 +423,7 @@ async fn gie_metrics_alerts_dashboard_and_access_log_through_a_real_prometheus()
     .expect("the dashboard is JSON");
     let mut known = metric_names(&text);
     known.extend(metric_names(&collector.metrics()));
-    let envoy_stats = gw
-        .client
-        .get(gw.admin_url("/stats/prometheus"))
-        .send()
-        .await
-        .expect("GET /stats/prometheus")
-        .text()
-        .await
-        .expect("body");
+    let envoy_stats = gw.admin_text("/stats/prometheus").await;
     known.extend(metric_names(&envoy_stats));
     let exprs: Vec<String> = dashboard["panels"]
         .as_array()

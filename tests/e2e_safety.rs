@@ -90,15 +90,7 @@ fn echo_completion(prompt: &str, stream: bool) -> Value {
 /// The gateway's own counter `name` with exactly these labels, from Envoy's
 /// Prometheus stats (0 when absent).
 async fn counter(gw: &Gateway, name: &str, labels: &[(&str, &str)]) -> u64 {
-    let text = gw
-        .client
-        .get(gw.admin_url("/stats/prometheus"))
-        .send()
-        .await
-        .expect("admin stats")
-        .text()
-        .await
-        .unwrap_or_default();
+    let text = gw.admin_text("/stats/prometheus").await;
     let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     want.sort();
     text.lines()

@@ -294,17 +294,16 @@ impl Gateway {
         std::fs::rename(&tmp, &path).expect("rename ECDS");
     }
 
+    /// The text of Envoy's admin `path` (stats: `/stats/prometheus`, `/stats?…`).
+    pub async fn admin_text(&self, path: &str) -> String {
+        super::get_text(&self.client, &self.admin_url(path)).await
+    }
+
     /// ECDS reloads of the gateway filter Envoy has done so far.
     pub async fn ecds_reloads(&self) -> u64 {
         let text = self
-            .client
-            .get(self.admin_url("/stats?filter=extension_config_discovery"))
-            .send()
-            .await
-            .expect("admin stats")
-            .text()
-            .await
-            .unwrap_or_default();
+            .admin_text("/stats?filter=extension_config_discovery")
+            .await;
         text.lines()
             .filter(|l| l.contains("envoy.filters.http.wasm.config_reload:"))
             .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())

@@ -2,6 +2,7 @@
 //! (gRPC health `readiness` SERVING on its plain-text probe port) before
 //! [`PickerProcess::start`] returns.
 
+use super::deploy::envoy_config::{EnvoySettings, FailureMode, PickerLb, Routing};
 use super::deploy::process::{self, ChildGuard};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -107,5 +108,29 @@ impl PickerProcess {
 
     pub fn log_tail(&self) -> String {
         self.guard.log_tail(8192)
+    }
+}
+
+impl PickerProcess {
+    /// Envoy in front of this picker as a conformant gateway wires it (ext_proc,
+    /// an ORIGINAL_DST cluster, fail closed) on free ports, pool `pool`, no Wasm.
+    pub fn envoy_settings(&self) -> EnvoySettings {
+        let port = || process::free_port().expect("free port");
+        EnvoySettings {
+            gateway_port: port(),
+            control_port: port(),
+            admin_port: port(),
+            wasm_path: "/nonexistent.wasm".into(),
+            gateway_config: serde_json::json!({"pools": [{"name": "pool", "endpoints": []}]}),
+            concurrency: Some(2),
+            log_level: "warning".into(),
+            log_flush_interval_ms: 100,
+            routing: Routing::EndpointPicker {
+                grpc: format!("127.0.0.1:{}", self.grpc),
+                lb: PickerLb::OriginalDst,
+                failure_mode: FailureMode::FailClose,
+            },
+            ..EnvoySettings::demo()
+        }
     }
 }
