@@ -100,11 +100,11 @@ impl GatewayStream {
             Ok(plan) => plan,
             Err(e) => return self.reject(&e),
         };
+        // Admission sets priority and profile, never the model: the labels stand.
+        self.obs.labels = Some((plan.model.clone(), plan.target_model.clone()));
         if let Err(e) = self.admit(&mut plan) {
-            self.obs.labels = Some((plan.model.clone(), plan.target_model.clone()));
             return self.reject(&e);
         }
-        self.obs.labels = Some((plan.model.clone(), plan.target_model.clone()));
         self.obs.request_bytes = body_size as u64;
         self.obs.streamed = plan.stream;
         self.obs.priority = Some(plan.priority);
