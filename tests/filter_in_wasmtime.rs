@@ -991,6 +991,59 @@ fn requests_feed_shared_data_metrics_that_the_control_vm_renders() {
 }
 
 #[test]
+fn a_busy_worker_batches_its_request_metrics() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    let mut c = control(&host);
+    let total = r#"inference_model_request_total{model_name="food-review",target_model_name="food-review"}"#;
+    let running = r#"inference_model_running_requests{model_name="food-review"}"#;
+    let served = |vm: &mut Vm| {
+        let (s, a) = chat(vm, &chat_body("food-review"));
+        assert_eq!(a, Action::Continue);
+        vm.response_headers(s, &[(":status", "200")], false);
+        vm.response_body(s, b"{}", true, false);
+        vm.end(s);
+    };
+    // Alone on its worker, a request is in shared data as soon as it ends.
+    served(&mut vm);
+    assert_eq!(scrape(&mut c)[total], 1.0);
+
+    // With another request open (waiting for its body), the worker batches.
+    let open = vm.stream();
+    let len = "100".to_string();
+    vm.request_headers(open, &post("/v1/chat/completions", &len), false);
+    vm.advance_ms(1);
+    served(&mut vm);
+    let m = scrape(&mut c);
+    assert_eq!((m[total], m[running]), (1.0, 0.0), "batched");
+    // The root's tick merges the batch.
+    vm.tick();
+    let m = scrape(&mut c);
+    assert_eq!((m[total], m[running]), (2.0, 0.0), "merged on the tick");
+
+    // Under load, at most 100 ms after the last merge.
+    vm.advance_ms(1);
+    served(&mut vm);
+    assert_eq!(scrape(&mut c)[total], 2.0);
+    vm.advance_ms(100);
+    let (s, a) = chat(&mut vm, &chat_body("food-review"));
+    assert_eq!(a, Action::Continue);
+    let m = scrape(&mut c);
+    assert_eq!((m[total], m[running]), (3.0, 1.0), "merged when routed, 100 ms on");
+
+    // The last open request ending merges everything.
+    vm.response_headers(s, &[(":status", "200")], false);
+    vm.response_body(s, b"{}", true, false);
+    vm.end(s);
+    assert_eq!(scrape(&mut c)[total], 3.0, "another request is still open");
+    vm.end(open);
+    let m = scrape(&mut c);
+    assert_eq!((m[total], m[running]), (4.0, 0.0));
+    assert_eq!(host.in_flight(E1) + host.in_flight(E2), 0);
+    vm.assert_alive();
+}
+
+#[test]
 fn metrics_survive_garbage_in_shared_data() {
     let host = Host::new();
     let mut vm = gateway(&host, &config());
@@ -1117,13 +1170,18 @@ fn churn_keeps_shared_data_bounded_and_in_flight_counts_exact() {
     let mut workers = [gateway(&host, &cfg), gateway(&host, &cfg)];
     let mut c = control(&host);
     let address = |i: usize| format!("10.{}.{}.{}:8000", (i >> 16) & 255, (i >> 8) & 255, i & 255);
-    let now = c.now_ms();
     // (worker, stream, endpoint, round it was opened)
     let mut open: Vec<(usize, u32, String, usize)> = Vec::new();
     let mut held: std::collections::HashMap<String, u64> = Default::default();
     let mut size_at_1000 = 0;
     let rounds = 2_500;
     for round in 0..rounds {
+        // A worker with streams open looks for a newer snapshot every 10 ms
+        // (`VERSION_CHECK_MS`): a round is that long.
+        for vm in workers.iter_mut().chain([&mut c]) {
+            vm.advance_ms(10);
+        }
+        let now = c.now_ms();
         let members: Vec<String> = (round..round + 10).map(address).collect();
         let endpoints = members
             .iter()

@@ -54,6 +54,10 @@ struct Scenario {
     /// Every endpoint of the pool has been picked before (the request metrics
     /// hold a pick counter per endpoint, as on a gateway that has run a while).
     busy: bool,
+    /// Another request stays open on the worker meanwhile, as under load: the
+    /// request metrics wait in the worker's batch (merged at most 100 ms later,
+    /// a cost shared by every request of the interval).
+    under_load: bool,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -65,6 +69,7 @@ fn scenarios() -> Vec<Scenario> {
         safety,
         prefix,
         busy: false,
+        under_load: false,
     };
     use Response::{Json, Sse};
     vec![
@@ -115,6 +120,17 @@ fn scenarios() -> Vec<Scenario> {
             busy: true,
             ..s(
                 "chat 1 KB, 100 endpoints, each picked before",
+                100,
+                1024,
+                Json,
+                false,
+                true,
+            )
+        },
+        Scenario {
+            under_load: true,
+            ..s(
+                "chat 1 KB, 100 endpoints, another request open",
                 100,
                 1024,
                 Json,
@@ -409,6 +425,16 @@ fn measure(sc: &Scenario) -> Figures {
             &series.encode(),
         );
     }
+    let open = sc.under_load.then(|| {
+        let s = vm.stream();
+        let headers = [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("content-type", "application/json"),
+        ];
+        assert_eq!(vm.request_headers(s, &headers, false), Action::Pause);
+        s
+    });
     let body = chat_body(sc.body_bytes);
     // Two requests first: per-VM caches (the decoded snapshot, metric ids, the
     // shared-data layout) are built once, not per request.
@@ -416,6 +442,10 @@ fn measure(sc: &Scenario) -> Figures {
         one_request(&mut vm, sc, &body);
     }
     let m = one_request(&mut vm, sc, &body);
+    if let Some(s) = open {
+        vm.end(s);
+        vm.assert_alive();
+    }
     Figures {
         request_instructions: m.request.instructions,
         response_instructions: m.response.instructions,

@@ -4,7 +4,7 @@ use super::auth::Consumer;
 use super::control::reply;
 use super::host;
 use super::safety::{PendingPrompt, ResponseCheck};
-use super::store::{HostStore, SnapshotCache};
+use super::store::{self, HostStore, SnapshotCache};
 use crate::config::Config;
 use crate::gateway::headers::RequestHeaders;
 use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
@@ -48,6 +48,8 @@ pub struct GatewayStream {
     pub(super) obs: RequestObs,
     /// The API key the request presented (`auth`), once identified.
     pub(super) consumer: Option<Consumer>,
+    /// Counted among the worker's open requests (`store::metrics_request`).
+    metrics_open: bool,
 }
 
 impl GatewayStream {
@@ -67,6 +69,7 @@ impl GatewayStream {
             headers: RequestHeaders::default(),
             obs: RequestObs::default(),
             consumer: None,
+            metrics_open: false,
         }
     }
 
@@ -126,7 +129,7 @@ impl GatewayStream {
     pub(super) fn forward(&mut self, plan: &RoutePlan, body_size: usize) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
         let now_ms = super::now_ms(self);
-        let members = self.snapshot.borrow_mut().current(&config);
+        let members = self.snapshot.borrow_mut().current(&config, now_ms);
         let choice = gateway::choose(&gateway::Inputs {
             config: &config,
             plan,
@@ -179,7 +182,7 @@ impl GatewayStream {
         }
         self.explanation = choice.explanation;
         self.holding = choice.holding;
-        self.record_routed(&plan.model, &plan.target_model, &choice.endpoint);
+        self.record_routed(&plan.model, &plan.target_model, &choice.endpoint, now_ms);
 
         if let Some(new_body) = &plan.new_body {
             self.set_http_request_body(0, body_size, new_body);
@@ -199,14 +202,26 @@ impl GatewayStream {
         Ok(())
     }
 
-    /// Running gauge and pick count: one shared-data update per routed request.
-    fn record_routed(&mut self, model: &str, target: &str, endpoint: &str) {
+    /// Running gauge and pick count (batched per worker: `store::record_metrics`).
+    fn record_routed(&mut self, model: &str, target: &str, endpoint: &str, now_ms: u64) {
         let key = observe::series_key(model, target);
-        match observe::update(&HostStore, &key, |s| obs::apply_routed(s, endpoint)) {
-            Ok(()) => self.obs.running = true,
-            Err(err) => log::debug!("inference-gateway: request metrics not updated: {err:?}"),
-        }
+        store::record_metrics(&key, now_ms, 1, |d| obs::apply_routed(d, endpoint));
+        self.obs.running = true;
         self.obs.endpoint = Some(endpoint.to_string());
+    }
+
+    /// Counts the request among the worker's open ones once it is observed.
+    fn open_metrics(&mut self) {
+        if !self.metrics_open {
+            self.metrics_open = true;
+            store::metrics_request(true);
+        }
+    }
+
+    fn close_metrics(&mut self) {
+        if std::mem::take(&mut self.metrics_open) {
+            store::metrics_request(false);
+        }
     }
 
     /// Everything else, once, when the stream ends; then the access-log fields.
@@ -215,15 +230,16 @@ impl GatewayStream {
             return;
         }
         self.obs.finished = true;
+        self.close_metrics();
         let now = super::now_ns();
         let key = match &self.obs.labels {
             Some((m, t)) => observe::series_key(m, t),
             None => observe::series_key("", ""),
         };
         let o = &self.obs;
-        if let Err(err) = observe::update(&HostStore, &key, |s| obs::apply_finished(s, o, now)) {
-            log::debug!("inference-gateway: request metrics not updated: {err:?}");
-        }
+        store::record_metrics(&key, now / 1_000_000, 0, |d| {
+            obs::apply_finished(d, o, now)
+        });
         let line = obs::access_log_fields(&self.obs, now);
         if let Err(err) =
             proxy_wasm::hostcalls::set_property(vec![ACCESS_LOG_PROPERTY], Some(line.as_bytes()))
@@ -242,7 +258,7 @@ impl GatewayStream {
             return;
         }
         let bytes = self.get_http_response_body(start, len).unwrap_or_default();
-        self.obs.response_bytes(&bytes, super::now_ns());
+        self.obs.response_bytes(&bytes, super::now_ns);
     }
 
     fn release(&mut self) {
@@ -251,6 +267,13 @@ impl GatewayStream {
                 log::warn!("inference-gateway: in-flight release (key {key:016x}) failed: {err:?}");
             }
         }
+    }
+}
+
+impl Drop for GatewayStream {
+    /// A stream dropped without its log callback is no longer open.
+    fn drop(&mut self) {
+        self.close_metrics();
     }
 }
 
@@ -286,6 +309,7 @@ impl HttpContext for GatewayStream {
         }
         if ApiKind::from_path(&self.headers.path).is_some_and(|k| k != ApiKind::Models) {
             self.obs.started_ns = Some(super::now_ns());
+            self.open_metrics();
         }
         let h = &self.headers;
         let head = RequestHead {

@@ -52,6 +52,8 @@ impl RootContext for Root {
             store::publish_policies(&config);
             define_counters(&config);
             auth::configure(&config);
+            // Merges request metrics a worker still holds when its traffic stops.
+            self.set_tick_period(std::time::Duration::from_secs(1));
         }
         log::info!(
             "inference-gateway: configured as {:?} with {} pool(s), {} model(s)",
@@ -63,6 +65,10 @@ impl RootContext for Root {
         let seed = seed(self, self.rng.borrow_mut().u32(..));
         self.rng = RefCell::new(fastrand::Rng::with_seed(seed));
         true
+    }
+
+    fn on_tick(&mut self) {
+        store::flush_metrics(now_ms(self));
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -474,7 +474,7 @@ impl GatewayStream {
             st.in_envoy = tail.len() + body_size;
             bytes
         };
-        self.obs.response_bytes(&new, super::now_ns());
+        self.obs.response_bytes(&new, super::now_ns);
         let now = super::now_ms(self);
         let mut calls = st.screen.feed(&new, now);
         if end_of_stream {

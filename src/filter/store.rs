@@ -118,6 +118,8 @@ pub fn stored_snapshot() -> Option<crate::snapshot::Snapshot> {
 #[derive(Default)]
 pub struct SnapshotCache {
     version: Option<Vec<u8>>,
+    /// Host time (ms) the version was last read.
+    checked_ms: u64,
     members: Option<std::rc::Rc<Membership>>,
     /// What was last logged as refused (logged again only when it changes).
     refused: Vec<String>,
@@ -127,7 +129,22 @@ impl SnapshotCache {
     /// The members of `config`'s pools under the newest snapshot (the bootstrap
     /// lists before one arrives). The cache belongs to one configuration: the
     /// root makes a new one on reconfigure.
-    pub fn current(&mut self, config: &crate::config::Config) -> std::rc::Rc<Membership> {
+    ///
+    /// The version is read for every request while this worker has no other one
+    /// open; under load at most every [`VERSION_CHECK_MS`] (a host call and a
+    /// buffer allocated in the VM per request otherwise), so a new snapshot is
+    /// routed on within that long: collectors scrape every 50 ms at the least.
+    pub fn current(
+        &mut self,
+        config: &crate::config::Config,
+        now_ms: u64,
+    ) -> std::rc::Rc<Membership> {
+        if let Some(members) = &self.members {
+            if others_open(1) && now_ms.saturating_sub(self.checked_ms) < VERSION_CHECK_MS {
+                return std::rc::Rc::clone(members);
+            }
+        }
+        self.checked_ms = now_ms;
         let version = HostStore.get(SNAPSHOT_VERSION_KEY).0;
         if version.is_some() && version != self.version {
             match stored_snapshot() {
@@ -152,5 +169,69 @@ impl SnapshotCache {
             self.members
                 .get_or_insert_with(|| std::rc::Rc::new(Membership::new(config, None))),
         )
+    }
+}
+
+thread_local! {
+    /// This worker VM's request-metric updates not yet in shared data
+    /// (`observe::pending`: merged when the worker has no other request open, at
+    /// least every 100 ms under load, and on the root's tick).
+    static PENDING: std::cell::RefCell<observe::pending::Pending> = std::cell::RefCell::default();
+}
+
+/// How long a worker under load routes on its snapshot before it checks for a
+/// newer one.
+pub const VERSION_CHECK_MS: u64 = 10;
+
+/// Whether this worker has observed requests open besides the caller's `own`.
+pub fn others_open(own: u32) -> bool {
+    PENDING
+        .try_with(|p| p.borrow().open() > own)
+        .unwrap_or(false)
+}
+
+/// An observed request opened (`true`) or ended (`false`) on this worker.
+pub fn metrics_request(open: bool) {
+    // `try_with`: also called from a stream's `Drop`, which must never panic.
+    let _ = PENDING.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if open {
+            p.opened()
+        } else {
+            p.closed()
+        }
+    });
+}
+
+/// Records `f` into the series `key`, then merges this worker's updates into
+/// shared data if due; `own_open`: the caller's request is still open (1) or
+/// finished (0).
+pub fn record_metrics(
+    key: &str,
+    now_ms: u64,
+    own_open: u32,
+    f: impl FnOnce(&mut observe::pending::Delta),
+) {
+    PENDING.with_borrow_mut(|p| {
+        p.record(key, f);
+        if p.due(now_ms, own_open) {
+            flush(p, now_ms);
+        }
+    });
+}
+
+/// The tick: merges whatever waits (a worker whose traffic stopped while a long
+/// stream stays open).
+pub fn flush_metrics(now_ms: u64) {
+    PENDING.with_borrow_mut(|p| {
+        if !p.is_empty() {
+            flush(p, now_ms);
+        }
+    });
+}
+
+fn flush(p: &mut observe::pending::Pending, now_ms: u64) {
+    if let Err(err) = p.flush(&HostStore, now_ms) {
+        log::debug!("inference-gateway: request metrics not merged yet: {err:?}");
     }
 }

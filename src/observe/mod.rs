@@ -6,12 +6,13 @@
 //! `inference_model_request_duration_seconds` has sub-second buckets and a
 //! fractional `_sum`. So each `(model_name, target_model_name)` pair has one
 //! shared-data key holding a [`Series`]: counters, the running gauge, errors by
-//! code, picks by endpoint and every histogram. A request touches its key twice
-//! (one compare-and-swap when it is routed, one when it ends), whatever the number
-//! of metrics it feeds.
+//! code, picks by endpoint and every histogram. A request records into its worker's
+//! batch ([`pending`]) when it is routed and when it ends; the batch reaches the
+//! key by compare-and-swap, whatever the number of metrics it feeds.
 //!
 //! Everything here is host-free: the filter passes a [`SharedStore`].
 
+pub mod pending;
 pub mod render;
 pub mod request;
 pub mod usage;
@@ -453,6 +454,11 @@ fn encode_errors(errors: &[(String, u64)]) -> Vec<u8> {
 /// Adds 1 to `key`'s entry of a pick table (whole entries only); past
 /// [`MAX_PICK_ENDPOINTS`] entries, to [`OTHER_PICKS`].
 fn bump_pick(table: &mut Vec<u8>, key: u64) {
+    bump_pick_by(table, key, 1);
+}
+
+/// [`bump_pick`] by `n`.
+fn bump_pick_by(table: &mut Vec<u8>, key: u64, n: u64) {
     let find = |t: &[u8], key: u64| t.chunks_exact(16).position(|c| u64_at(c, 0) == key);
     let at = match find(table, key) {
         Some(at) => at,
@@ -472,8 +478,8 @@ fn bump_pick(table: &mut Vec<u8>, key: u64) {
             }
         }
     };
-    let n = u64_at(table, at * 16 + 8);
-    set_u64(table, at * 16 + 8, n.saturating_add(1));
+    let count = u64_at(table, at * 16 + 8);
+    set_u64(table, at * 16 + 8, count.saturating_add(n));
 }
 
 /// A stored series, updated in place (see the layout above).
@@ -505,6 +511,39 @@ impl SeriesBytes {
             n.saturating_sub(1)
         };
         set_u64(&mut self.0, at, n);
+    }
+}
+
+impl SeriesBytes {
+    /// Adds a worker's batched updates ([`pending::Delta`]): each one the same
+    /// in-place change a direct update makes; the running gauge may go down.
+    pub fn merge(&mut self, d: &pending::Delta) {
+        let requests = u64_at(&self.0, REQUESTS_AT).saturating_add(d.requests);
+        set_u64(&mut self.0, REQUESTS_AT, requests);
+        let running = u64_at(&self.0, RUNNING_AT).saturating_add_signed(d.running);
+        set_u64(&mut self.0, RUNNING_AT, running);
+        for &(kind, value) in &d.observed {
+            Record::observe(self, kind, value);
+        }
+        if !d.errors.is_empty() {
+            let end = picks_start(&self.0);
+            let mut errors = decode_errors(&self.0[ERRORS_AT..end]);
+            for (code, n) in &d.errors {
+                bump_by(&mut errors, code, MAX_ERROR_CODES, *n);
+            }
+            let encoded = encode_errors(&errors);
+            self.0.splice(ERRORS_AT..end, encoded.iter().copied());
+            self.0[ERRORS_LEN_AT..ERRORS_AT]
+                .copy_from_slice(&(encoded.len() as u32).to_le_bytes());
+        }
+        if !d.picks.is_empty() {
+            let start = picks_start(&self.0);
+            let mut table = self.0.split_off(start);
+            for &(key, n) in &d.picks {
+                bump_pick_by(&mut table, key, n);
+            }
+            self.0.append(&mut table);
+        }
     }
 }
 
@@ -550,14 +589,19 @@ impl Record for SeriesBytes {
 
 /// Adds 1 to `key` in a bounded list; past `max` entries, to "other".
 fn bump(list: &mut Vec<(String, u64)>, key: &str, max: usize) {
+    bump_by(list, key, max, 1);
+}
+
+/// [`bump`] by `n`.
+fn bump_by(list: &mut Vec<(String, u64)>, key: &str, max: usize, n: u64) {
     let key = if list.iter().any(|(k, _)| k == key) || list.len() < max {
         key
     } else {
         "other"
     };
     match list.iter_mut().find(|(k, _)| k == key) {
-        Some((_, n)) => *n = n.saturating_add(1),
-        None => list.push((key.to_string(), 1)),
+        Some((_, count)) => *count = count.saturating_add(n),
+        None => list.push((key.to_string(), n)),
     }
 }
 

@@ -111,13 +111,14 @@ impl RequestObs {
         (start, body_size - start)
     }
 
-    /// Feeds new response bytes (at host time `now_ns`).
-    pub fn response_bytes(&mut self, bytes: &[u8], now_ns: u64) {
+    /// Feeds new response bytes; `now_ns` (the host clock) is read only for the
+    /// first ones: a clock read per streamed chunk was a host call per chunk.
+    pub fn response_bytes(&mut self, bytes: &[u8], now_ns: impl FnOnce() -> u64) {
         if bytes.is_empty() {
             return;
         }
         if self.first_byte_ns.is_none() {
-            self.first_byte_ns = Some(now_ns);
+            self.first_byte_ns = Some(now_ns());
         }
         self.response_bytes = self.response_bytes.saturating_add(bytes.len() as u64);
         self.usage.feed(bytes);
@@ -324,10 +325,10 @@ mod tests {
         apply_routed(&mut s, "e1");
         assert_eq!(s.running, 1);
         let mut o = obs();
-        o.response_bytes(b"data: {\"choices\":[]}\n\n", 1_050_000_000);
+        o.response_bytes(b"data: {\"choices\":[]}\n\n", || 1_050_000_000);
         o.response_bytes(
             b"data: {\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":10}}\n\ndata: [DONE]\n\n",
-            1_400_000_000,
+            || 1_400_000_000,
         );
         apply_finished(&mut s, &o, 1_500_000_000);
         assert_eq!((s.running, s.requests), (0, 1));
@@ -386,7 +387,7 @@ mod tests {
         o.safety_prompt = Some("pass");
         o.response_bytes(
             b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
-            1_020_000_000,
+            || 1_020_000_000,
         );
         assert_eq!(
             access_log_fields(&o, 1_500_000_000),
@@ -432,13 +433,13 @@ mod tests {
             b"data: {\"c\":\"data: not an event\"}\n",
             b"\ndata: [DONE]\n\n",
         ] {
-            o.response_bytes(chunk, 1);
+            o.response_bytes(chunk, || 1);
         }
         // A line split across chunks is counted once, [DONE] never; "data:"
         // inside a line is not a new event.
         assert_eq!(o.events, 3);
         let mut off = RequestObs::default();
-        off.response_bytes(b"data: {}\n\n", 1);
+        off.response_bytes(b"data: {}\n\n", || 1);
         assert_eq!(off.events, 0);
     }
 }

@@ -480,7 +480,7 @@ impl Exchange {
 
     fn response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
         let now = self.now_ns();
-        self.obs.response_bytes(&b.body, now);
+        self.obs.response_bytes(&b.body, || now);
         let end = b.end_of_stream;
         let out = if self.screening_response() {
             self.screen_response_body(b.body, end)

@@ -798,6 +798,13 @@ impl Vm {
         }
     }
 
+    /// The root's timer fires (as Envoy does every tick period).
+    pub fn tick(&mut self) {
+        self.set_current(self.root);
+        self.call0("proxy_on_tick", (self.root as i32,));
+        self.assert_alive();
+    }
+
     /// A new HTTP stream (context) under the root.
     pub fn stream(&mut self) -> u32 {
         let id = self.next_context;
