@@ -1029,7 +1029,11 @@ fn a_busy_worker_batches_its_request_metrics() {
     let (s, a) = chat(&mut vm, &chat_body("food-review"));
     assert_eq!(a, Action::Continue);
     let m = scrape(&mut c);
-    assert_eq!((m[total], m[running]), (3.0, 1.0), "merged when routed, 100 ms on");
+    assert_eq!(
+        (m[total], m[running]),
+        (3.0, 1.0),
+        "merged when routed, 100 ms on"
+    );
 
     // The last open request ending merges everything.
     vm.response_headers(s, &[(":status", "200")], false);

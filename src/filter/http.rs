@@ -237,9 +237,7 @@ impl GatewayStream {
             None => observe::series_key("", ""),
         };
         let o = &self.obs;
-        store::record_metrics(&key, now / 1_000_000, 0, |d| {
-            obs::apply_finished(d, o, now)
-        });
+        store::record_metrics(&key, now / 1_000_000, 0, |d| obs::apply_finished(d, o, now));
         let line = obs::access_log_fields(&self.obs, now);
         if let Err(err) =
             proxy_wasm::hostcalls::set_property(vec![ACCESS_LOG_PROPERTY], Some(line.as_bytes()))

@@ -533,8 +533,7 @@ impl SeriesBytes {
             }
             let encoded = encode_errors(&errors);
             self.0.splice(ERRORS_AT..end, encoded.iter().copied());
-            self.0[ERRORS_LEN_AT..ERRORS_AT]
-                .copy_from_slice(&(encoded.len() as u32).to_le_bytes());
+            self.0[ERRORS_LEN_AT..ERRORS_AT].copy_from_slice(&(encoded.len() as u32).to_le_bytes());
         }
         if !d.picks.is_empty() {
             let start = picks_start(&self.0);

@@ -226,7 +226,10 @@ mod tests {
         assert!((h.sum - 2.3).abs() < 1e-12, "{}", h.sum);
         let cum: Vec<u64> = h.cumulative().collect();
         assert_eq!((cum[5], cum[11]), (1, 2), "0.3 <= 0.4, 2.0 <= 2.0");
-        assert_eq!(got.hist(Hist::OutputTokens), direct.hist(Hist::OutputTokens));
+        assert_eq!(
+            got.hist(Hist::OutputTokens),
+            direct.hist(Hist::OutputTokens)
+        );
     }
 
     #[test]
@@ -254,7 +257,10 @@ mod tests {
         assert!(p.due(0, 1), "the only open request: merged at once");
         p.opened();
         assert!(!p.due(0, 1), "another request is open");
-        assert!(p.due(FLUSH_INTERVAL_MS, 1), "but not for longer than the interval");
+        assert!(
+            p.due(FLUSH_INTERVAL_MS, 1),
+            "but not for longer than the interval"
+        );
         p.closed();
         assert!(!p.due(0, 0), "one is still open");
         p.closed();
@@ -281,7 +287,12 @@ mod tests {
             fn get(&self, _: &str) -> (Option<Vec<u8>>, Option<u32>) {
                 (Some(Series::decode(None).encode()), Some(1))
             }
-            fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<(), crate::inflight::StoreError> {
+            fn set(
+                &self,
+                _: &str,
+                _: &[u8],
+                _: Option<u32>,
+            ) -> Result<(), crate::inflight::StoreError> {
                 Err(crate::inflight::StoreError::Host)
             }
         }
