@@ -52,8 +52,11 @@ impl RootContext for Root {
             store::publish_policies(&config);
             define_counters(&config);
             auth::configure(&config);
-            // Merges request metrics a worker still holds when its traffic stops.
-            self.set_tick_period(std::time::Duration::from_secs(1));
+            // Merges the request metrics a worker under load holds, at most
+            // `FLUSH_INTERVAL_MS` late even when no request records meanwhile.
+            self.set_tick_period(std::time::Duration::from_millis(
+                crate::observe::pending::FLUSH_INTERVAL_MS,
+            ));
         }
         log::info!(
             "inference-gateway: configured as {:?} with {} pool(s), {} model(s)",

@@ -140,7 +140,8 @@ impl SnapshotCache {
         now_ms: u64,
     ) -> std::rc::Rc<Membership> {
         if let Some(members) = &self.members {
-            if others_open(1) && now_ms.saturating_sub(self.checked_ms) < VERSION_CHECK_MS {
+            let recent = !observe::pending::elapsed(self.checked_ms, now_ms, VERSION_CHECK_MS);
+            if others_open(1) && recent {
                 return std::rc::Rc::clone(members);
             }
         }
@@ -175,7 +176,7 @@ impl SnapshotCache {
 thread_local! {
     /// This worker VM's request-metric updates not yet in shared data
     /// (`observe::pending`: merged when the worker has no other request open, at
-    /// least every 100 ms under load, and on the root's tick).
+    /// least every 100 ms under load: on a request or the root's tick).
     static PENDING: std::cell::RefCell<observe::pending::Pending> = std::cell::RefCell::default();
 }
 
@@ -194,11 +195,12 @@ pub fn others_open(own: u32) -> bool {
 pub fn metrics_request(open: bool) {
     // `try_with`: also called from a stream's `Drop`, which must never panic.
     let _ = PENDING.try_with(|p| {
-        let mut p = p.borrow_mut();
-        if open {
-            p.opened()
-        } else {
-            p.closed()
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if open {
+                p.opened()
+            } else {
+                p.closed()
+            }
         }
     });
 }

@@ -8,13 +8,12 @@
 //! [`Pending::due`] says so:
 //! - when it has no other request open: one request at a time (tests, light
 //!   traffic) is in shared data as soon as it is recorded, exactly as before;
-//! - under load, at most [`FLUSH_INTERVAL_MS`] after its last merge, so
-//!   `/metrics` lags by at most that much, and the merge's cost is shared by every
-//!   request of the interval;
+//! - under load, when a request records [`FLUSH_INTERVAL_MS`] or more after the
+//!   last merge, and on the root's tick of that period (the filter's glue): so
+//!   `/metrics` lags by at most about that much, and the merge's cost is shared by
+//!   every request of the interval;
 //! - when it holds [`MAX_PENDING_SERIES`] series (clients can name many models)
 //!   or [`MAX_PENDING_OBSERVATIONS`] histogram observations;
-//! - on the root's tick (the filter's glue), for a worker whose traffic stopped
-//!   while a long stream stays open.
 //!
 //! Host-free: the filter passes its `SharedStore`.
 
@@ -93,6 +92,13 @@ pub struct Pending {
     last_flush_ms: u64,
 }
 
+/// `interval_ms` or more passed from `since_ms` to `now_ms`, or the host clock (wall
+/// time) stepped back: a clock set back must not hold a merge (or a cache) until it
+/// catches up.
+pub fn elapsed(since_ms: u64, now_ms: u64, interval_ms: u64) -> bool {
+    now_ms < since_ms || now_ms - since_ms >= interval_ms
+}
+
 /// Most observations waiting (a few per request); one more merges at once.
 pub const MAX_PENDING_OBSERVATIONS: usize = 4096;
 
@@ -131,7 +137,7 @@ impl Pending {
     pub fn due(&self, now_ms: u64, own_open: u32) -> bool {
         !self.is_empty()
             && (self.open <= own_open
-                || now_ms.saturating_sub(self.last_flush_ms) >= FLUSH_INTERVAL_MS
+                || elapsed(self.last_flush_ms, now_ms, FLUSH_INTERVAL_MS)
                 || self.deltas.len() >= MAX_PENDING_SERIES
                 || self.observed >= MAX_PENDING_OBSERVATIONS)
     }
@@ -281,6 +287,19 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_set_back_does_not_hold_the_merge() {
+        let mut p = Pending::default();
+        p.opened();
+        p.opened();
+        p.record("k", |d| d.add_request());
+        p.flush(&MemoryStore::default(), 5_000).unwrap();
+        p.record("k", |d| d.add_request());
+        assert!(!p.due(5_050, 1), "within the interval");
+        assert!(p.due(4_000, 1), "the host clock stepped back");
+        assert!(elapsed(5_000, 4_999, 10) && !elapsed(5_000, 5_009, 10));
+    }
+
+    #[test]
     fn a_refused_merge_keeps_the_delta() {
         struct Refusing;
         impl SharedStore for Refusing {
@@ -304,5 +323,7 @@ mod tests {
         register(&store, &["k".to_string()]).unwrap();
         p.flush(&store, 1).unwrap();
         assert!(p.is_empty());
+        let stored = Series::decode(store.get("k").0.as_deref());
+        assert_eq!(stored.requests, 1, "merged once, not lost, not twice");
     }
 }

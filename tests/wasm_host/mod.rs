@@ -104,6 +104,8 @@ struct HostState {
     /// data, properties) and read out of it (keys, values, bodies it set).
     bytes_in: u64,
     bytes_out: u64,
+    /// The root's timer period, once it set one.
+    tick_period_ms: Option<u32>,
 }
 
 /// Counts a host call by name.
@@ -608,8 +610,9 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_set_tick_period_milliseconds",
-        |mut c: Caller<'_, HostState>, _ms: i32| {
+        |mut c: Caller<'_, HostState>, ms: i32| {
             counted(&mut c, "proxy_set_tick_period_milliseconds");
+            c.data_mut().tick_period_ms = Some(ms as u32);
             OK
         },
     )?;
@@ -798,8 +801,15 @@ impl Vm {
         }
     }
 
-    /// The root's timer fires (as Envoy does every tick period).
+    /// The root's timer period, if it set one.
+    pub fn tick_period_ms(&self) -> Option<u32> {
+        self.store.data().tick_period_ms
+    }
+
+    /// The root's timer fires (as Envoy does every tick period; only once the root
+    /// set one).
     pub fn tick(&mut self) {
+        assert!(self.tick_period_ms().is_some(), "no tick period set");
         self.set_current(self.root);
         self.call0("proxy_on_tick", (self.root as i32,));
         self.assert_alive();
