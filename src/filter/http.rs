@@ -48,8 +48,8 @@ pub struct GatewayStream {
     pub(super) obs: RequestObs,
     /// The API key the request presented (`auth`), once identified.
     pub(super) consumer: Option<Consumer>,
-    /// Counted among the worker's open requests (`store::metrics_request`).
-    metrics_open: bool,
+    /// The request-metrics series key, formatted once when the request is routed.
+    series_key: Option<String>,
 }
 
 impl GatewayStream {
@@ -69,7 +69,7 @@ impl GatewayStream {
             headers: RequestHeaders::default(),
             obs: RequestObs::default(),
             consumer: None,
-            metrics_open: false,
+            series_key: None,
         }
     }
 
@@ -206,36 +206,33 @@ impl GatewayStream {
     fn record_routed(&mut self, model: &str, target: &str, endpoint: &str, now_ms: u64) {
         let key = observe::series_key(model, target);
         store::record_metrics(&key, now_ms, 1, |d| obs::apply_routed(d, endpoint));
+        self.series_key = Some(key);
         self.obs.running = true;
         self.obs.endpoint = Some(endpoint.to_string());
     }
 
-    /// Counts the request among the worker's open ones once it is observed.
-    fn open_metrics(&mut self) {
-        if !self.metrics_open {
-            self.metrics_open = true;
-            store::metrics_request(true);
-        }
-    }
-
-    fn close_metrics(&mut self) {
-        if std::mem::take(&mut self.metrics_open) {
-            store::metrics_request(false);
-        }
+    /// Among the worker's open requests (`store::metrics_request`): from the
+    /// headers of an inference request until its metrics are finished.
+    fn metrics_open(&self) -> bool {
+        self.obs.started_ns.is_some() && !self.obs.finished
     }
 
     /// Everything else, once, when the stream ends; then the access-log fields.
     fn record_finished(&mut self) {
-        if self.obs.finished || self.obs.started_ns.is_none() {
+        if !self.metrics_open() {
             return;
         }
         self.obs.finished = true;
-        self.close_metrics();
+        store::metrics_request(false);
         let now = super::now_ns();
-        let key = match &self.obs.labels {
-            Some((m, t)) => observe::series_key(m, t),
-            None => observe::series_key("", ""),
-        };
+        // Routed requests formatted their key then; others (refused) do it here.
+        let key = self
+            .series_key
+            .take()
+            .unwrap_or_else(|| match &self.obs.labels {
+                Some((m, t)) => observe::series_key(m, t),
+                None => observe::series_key("", ""),
+            });
         let o = &self.obs;
         store::record_metrics(&key, now / 1_000_000, 0, |d| obs::apply_finished(d, o, now));
         let line = obs::access_log_fields(&self.obs, now);
@@ -271,7 +268,9 @@ impl GatewayStream {
 impl Drop for GatewayStream {
     /// A stream dropped without its log callback is no longer open.
     fn drop(&mut self) {
-        self.close_metrics();
+        if self.metrics_open() {
+            store::metrics_request(false);
+        }
     }
 }
 
@@ -307,7 +306,7 @@ impl HttpContext for GatewayStream {
         }
         if ApiKind::from_path(&self.headers.path).is_some_and(|k| k != ApiKind::Models) {
             self.obs.started_ns = Some(super::now_ns());
-            self.open_metrics();
+            store::metrics_request(true);
         }
         let h = &self.headers;
         let head = RequestHead {
