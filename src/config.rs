@@ -17,6 +17,17 @@ use std::net::SocketAddr;
 /// limit must be larger, or Envoy answers 413 itself before the filter can.
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+/// The gateway listener's buffer limit for a body cap: twice the cap, and at
+/// least 1 MiB above it. The rendered Envoy configuration sets it on the gateway
+/// listener (`deploy::envoy_config`) and the ext_proc picker bounds the messages
+/// it reads by it (`picker::server::max_message_bytes`): one formula, so the two
+/// cannot drift apart.
+pub fn listener_buffer_limit_bytes(max_request_body_bytes: u64) -> u64 {
+    max_request_body_bytes
+        .saturating_mul(2)
+        .max(max_request_body_bytes.saturating_add(1 << 20))
+}
+
 /// What a listener's instance of the filter does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -204,6 +204,14 @@ impl Membership {
         self.pools.get(pool).is_some_and(|p| p.reports_adapters)
     }
 
+    /// The position in `members(pool)` of the member with this in-flight key
+    /// (`inflight::key` of its address), if it is one.
+    pub fn position(&self, pool: usize, key: u64) -> Option<usize> {
+        let p = self.pools.get(pool)?;
+        let at = p.by_key.binary_search_by(|&(k, _)| k.cmp(&key)).ok()?;
+        Some(p.by_key[at].1 as usize)
+    }
+
     /// Each member's in-flight count, read from the in-flight table (`table`, as
     /// [`inflight::table`] returns it), in member order.
     pub fn in_flight(&self, pool: usize, table: &[u8]) -> Vec<u64> {

@@ -232,8 +232,7 @@ impl EnvoySettings {
     /// The gateway listener's buffer limit: explicit, or derived from the body cap.
     pub fn effective_buffer_limit_bytes(&self) -> u64 {
         self.buffer_limit_bytes.unwrap_or_else(|| {
-            let max_body = self.max_request_body_bytes();
-            max_body.saturating_mul(2).max(max_body + (1 << 20))
+            crate::config::listener_buffer_limit_bytes(self.max_request_body_bytes())
         })
     }
 

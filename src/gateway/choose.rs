@@ -110,7 +110,20 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         .snapshot
         .as_ref()
         .is_some_and(|s| !s.is_stale(now_ms, stale_after));
-    let candidate = |member: &'_ crate::membership::Member, in_flight: u64| {
+    // Leading prompt blocks per member position: the few endpoints the index
+    // matched, found by key (comparing every candidate's address with each of
+    // them was a string comparison per candidate per match).
+    let mut prefix_at = Vec::new();
+    if !matches.is_empty() {
+        prefix_at.resize(pool_members.len(), 0);
+        for (endpoint, blocks) in matches.runs() {
+            if let Some(i) = members.position(plan.pool, inflight::key(endpoint)) {
+                prefix_at[i] = blocks;
+            }
+        }
+    }
+    let candidate = |position: usize, in_flight: u64| {
+        let member = &pool_members[position];
         let (endpoint, metrics) = members.address_and_metrics(member);
         Candidate {
             endpoint,
@@ -120,21 +133,20 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
                 && metrics.is_some_and(|m| {
                     m.scraped_at_ms != 0 && now_ms.saturating_sub(m.scraped_at_ms) <= stale_after
                 }),
-            prefix_blocks: matches.get(endpoint).unwrap_or(0),
+            prefix_blocks: prefix_at.get(position).copied().unwrap_or(0),
         }
     };
     // Member positions the request may go to: all, unless a subset hint narrows
     // them (a list of positions only then: it costs per candidate).
     let allowed: Option<Vec<usize>> = subset.map(|s| subset_positions(s, members, pool_members));
     let candidates: Vec<Candidate<'_>> = match &allowed {
-        None => pool_members
-            .iter()
+        None => (0..pool_members.len())
             .zip(&in_flight)
-            .map(|(m, &n)| candidate(m, n))
+            .map(|(i, &n)| candidate(i, n))
             .collect(),
         Some(positions) => positions
             .iter()
-            .map(|&i| candidate(&pool_members[i], in_flight.get(i).copied().unwrap_or(0)))
+            .map(|&i| candidate(i, in_flight.get(i).copied().unwrap_or(0)))
             .collect(),
     };
     // A model the config does not mark is an adapter when a fresh replica says so

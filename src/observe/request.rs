@@ -130,7 +130,7 @@ impl RequestObs {
     fn count_event_lines(&mut self, bytes: &[u8]) {
         let mut rest = bytes;
         loop {
-            let end = rest.iter().position(|&b| b == b'\n');
+            let end = memchr::memchr(b'\n', rest);
             let line = &rest[..end.unwrap_or(rest.len())];
             let h = &mut self.line_head;
             let take = line.len().min(h.bytes.len() - usize::from(h.len));
@@ -183,12 +183,11 @@ fn push_field(out: &mut String, v: &str) {
 /// one string with integer arithmetic (float formatting cost thousands of
 /// instructions per request).
 pub fn access_log_fields(o: &RequestObs, now_ns: u64) -> String {
-    use std::fmt::Write as _;
-    fn opt(out: &mut String, v: Option<impl std::fmt::Display>) {
+    // Integers by itoa, not `write!`: core::fmt's machinery is most of this
+    // function's instructions in Wasm, and it runs once per request.
+    fn opt(out: &mut String, v: Option<impl itoa::Integer>) {
         match v {
-            Some(v) => {
-                let _ = write!(out, "{v}");
-            }
+            Some(v) => out.push_str(itoa::Buffer::new().format(v)),
             None => out.push('-'),
         }
     }
@@ -197,7 +196,9 @@ pub fn access_log_fields(o: &RequestObs, now_ns: u64) -> String {
         match (from, to) {
             (Some(a), Some(b)) => {
                 let tenths = b.saturating_sub(a).saturating_add(50_000) / 100_000;
-                let _ = write!(out, "{}.{}", tenths / 10, tenths % 10);
+                out.push_str(itoa::Buffer::new().format(tenths / 10));
+                out.push('.');
+                out.push(char::from(b'0' + (tenths % 10) as u8));
             }
             _ => out.push('-'),
         }

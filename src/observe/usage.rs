@@ -60,9 +60,39 @@ impl UsageScanner {
         self.usage
     }
 
-    pub fn feed(&mut self, chunk: &[u8]) {
-        for &b in chunk {
-            self.byte(b);
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if self.in_string && !self.escape && self.capture.is_none() {
+                // Most of a response is string text (generated content), where only
+                // a quote or a backslash changes the state: skip to it by a word-wise
+                // search instead of stepping the state machine per byte.
+                let text = memchr::memchr2(b'"', b'\\', chunk).unwrap_or(chunk.len());
+                self.string_text(&chunk[..text]);
+                chunk = &chunk[text..];
+                let Some((&b, rest)) = chunk.split_first() else {
+                    return;
+                };
+                self.byte(b);
+                chunk = rest;
+            } else {
+                self.byte(chunk[0]);
+                chunk = &chunk[1..];
+            }
+        }
+    }
+
+    /// Bytes of a string without a quote or a backslash: what [`Self::byte`] does
+    /// with each of them, at once (only the key's first bytes are kept).
+    fn string_text(&mut self, text: &[u8]) {
+        if self.key_len == usize::MAX || text.is_empty() {
+            return;
+        }
+        match self.key.get_mut(self.key_len..self.key_len + text.len()) {
+            Some(room) => {
+                room.copy_from_slice(text);
+                self.key_len += text.len();
+            }
+            None => self.key_len = usize::MAX,
         }
     }
 
@@ -217,6 +247,48 @@ mod tests {
                 completion_tokens: 3
             })
         );
+    }
+
+    /// The fast path over string text finds what stepping every byte finds.
+    #[test]
+    fn feeding_chunks_equals_stepping_each_byte() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let alphabet = b"{}\":usage \\,0123456789promptcletin_x\n";
+        let mut found = 0;
+        for _ in 0..2000 {
+            let len = rng.usize(0..300);
+            let mut bytes: Vec<u8> = (0..len).map(|_| *rng.choice(alphabet).unwrap()).collect();
+            if rng.bool() {
+                let at = rng.usize(0..=bytes.len());
+                let usage = br#"{"usage":{"prompt_tokens":4,"completion_tokens":2}}"#;
+                bytes.splice(at..at, usage.iter().copied());
+            }
+            let mut stepped = UsageScanner::new();
+            for &b in &bytes {
+                stepped.byte(b);
+            }
+            let mut fed = UsageScanner::new();
+            for c in bytes.chunks(rng.usize(1..=bytes.len().max(1))) {
+                fed.feed(c);
+            }
+            assert_eq!(
+                fed.usage(),
+                stepped.usage(),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
+            assert_eq!(
+                (fed.in_string, fed.escape, fed.key_len, fed.after),
+                (
+                    stepped.in_string,
+                    stepped.escape,
+                    stepped.key_len,
+                    stepped.after
+                )
+            );
+            found += usize::from(stepped.usage().is_some());
+        }
+        assert!(found > 100, "the inputs must reach usage objects: {found}");
     }
 
     #[test]

@@ -572,13 +572,13 @@ async fn ingest_snapshot(
 /// The largest ext_proc message the picker reads. tonic's default (4 MiB) refused
 /// a BUFFERED body at the default `max_request_body_bytes` (4 MiB, plus the
 /// message's framing), so the request failed instead of being routed. Envoy
-/// buffers at most its listener limit, which the rendered configuration sets to
-/// twice the body limit (at least 1 MiB above it): the same bound here, plus room
-/// for the headers around the body.
+/// buffers at most its listener limit (`config::listener_buffer_limit_bytes`, as
+/// the rendered configuration sets it): the same bound here, plus room for the
+/// headers around the body.
 pub fn max_message_bytes(max_request_body_bytes: usize) -> usize {
-    max_request_body_bytes
-        .saturating_mul(2)
-        .max(max_request_body_bytes.saturating_add(1 << 20))
+    let limit = crate::config::listener_buffer_limit_bytes(max_request_body_bytes as u64);
+    usize::try_from(limit)
+        .unwrap_or(usize::MAX)
         .saturating_add(64 << 10)
 }
 

@@ -171,9 +171,20 @@ pub fn schedule(
     // 4. Score. The pool-wide ranges are computed once: per candidate they would
     // make a decision quadratic in the pool size (6 ms at 1000 endpoints).
     let ranges = Ranges::of(candidates, &pool, cfg.saturation.queue_depth);
+    let weights = Weights::of(profile);
     let mut scored: Vec<Scored> = pool
         .iter()
-        .map(|&i| score(profile, req, &candidates[i], &ranges, i, cfg.explain))
+        .map(|&i| {
+            score(
+                profile,
+                &weights,
+                req,
+                &candidates[i],
+                &ranges,
+                i,
+                cfg.explain,
+            )
+        })
         .collect();
     // Only the best few are ordered (the picker's choice among ties or its top k,
     // then the fallbacks); sorting every candidate is most of a decision's work
@@ -309,46 +320,111 @@ impl Ranges {
     }
 }
 
+/// A profile's weights by scorer, summed once per decision: per candidate, a
+/// loop over the profile's list with a dispatch per entry was most of a
+/// candidate's cost. A scorer listed twice counts with both weights.
+struct Weights {
+    queue: f64,
+    kv_cache: f64,
+    prefix_cache: f64,
+    lora_affinity: f64,
+    in_flight: f64,
+    total: f64,
+}
+
+impl Weights {
+    fn of(profile: &Profile) -> Weights {
+        let mut w = Weights {
+            queue: 0.0,
+            kv_cache: 0.0,
+            prefix_cache: 0.0,
+            lora_affinity: 0.0,
+            in_flight: 0.0,
+            total: 0.0,
+        };
+        for &(kind, weight) in &profile.scorers {
+            *match kind {
+                ScorerKind::Queue => &mut w.queue,
+                ScorerKind::KvCache => &mut w.kv_cache,
+                ScorerKind::PrefixCache => &mut w.prefix_cache,
+                ScorerKind::LoraAffinity => &mut w.lora_affinity,
+                ScorerKind::InFlight => &mut w.in_flight,
+            } += weight;
+            w.total += weight;
+        }
+        w
+    }
+}
+
+/// One scorer's 0..1 score for a candidate.
+fn scorer(
+    kind: ScorerKind,
+    req: &Request<'_>,
+    c: &Candidate<'_>,
+    fresh: Option<&EndpointMetrics>,
+    ranges: &Ranges,
+) -> f64 {
+    match kind {
+        ScorerKind::Queue => fresh.map_or(UNKNOWN, |m| {
+            queue_score(f64::from(m.waiting), ranges.waiting)
+        }),
+        ScorerKind::KvCache => fresh.map_or(UNKNOWN, |m| {
+            (1.0 - f64::from(m.kv_cache_utilization)).clamp(0.0, 1.0)
+        }),
+        ScorerKind::InFlight => {
+            let (min, max) = ranges.in_flight;
+            lower_is_better(c.in_flight as f64, min, max)
+        }
+        ScorerKind::PrefixCache => {
+            if req.prompt_blocks == 0 {
+                0.0
+            } else {
+                lesser(1.0, c.prefix_blocks as f64 / req.prompt_blocks as f64)
+            }
+        }
+        ScorerKind::LoraAffinity => lora_score(req, c),
+    }
+}
+
+/// The weighted mean of the scorers, summed in one fixed order (the built-in
+/// profiles' order) whatever the profile's list order; with `explain`, each
+/// listed scorer's score too.
 fn score(
     profile: &Profile,
+    w: &Weights,
     req: &Request<'_>,
     c: &Candidate<'_>,
     ranges: &Ranges,
     i: usize,
     explain: bool,
 ) -> Scored {
-    let (fmin, fmax) = ranges.in_flight;
-
-    let mut parts = Vec::with_capacity(if explain { profile.scorers.len() } else { 0 });
-    let (mut sum, mut weights) = (0.0, 0.0);
     let fresh = c.fresh_metrics();
-    for &(kind, weight) in &profile.scorers {
-        let s = match kind {
-            ScorerKind::Queue => fresh.map_or(UNKNOWN, |m| {
-                queue_score(f64::from(m.waiting), ranges.waiting)
-            }),
-            ScorerKind::KvCache => fresh.map_or(UNKNOWN, |m| {
-                (1.0 - f64::from(m.kv_cache_utilization)).clamp(0.0, 1.0)
-            }),
-            ScorerKind::InFlight => lower_is_better(c.in_flight as f64, fmin, fmax),
-            ScorerKind::PrefixCache => {
-                if req.prompt_blocks == 0 {
-                    0.0
-                } else {
-                    lesser(1.0, c.prefix_blocks as f64 / req.prompt_blocks as f64)
-                }
-            }
-            ScorerKind::LoraAffinity => lora_score(req, c),
-        };
-        if explain {
-            parts.push((kind, s));
+    let mut sum = 0.0;
+    // A scorer without weight is not computed: it would add 0 (every score is
+    // finite).
+    for (kind, weight) in [
+        (ScorerKind::Queue, w.queue),
+        (ScorerKind::KvCache, w.kv_cache),
+        (ScorerKind::PrefixCache, w.prefix_cache),
+        (ScorerKind::LoraAffinity, w.lora_affinity),
+        (ScorerKind::InFlight, w.in_flight),
+    ] {
+        if weight != 0.0 {
+            sum += weight * scorer(kind, req, c, fresh, ranges);
         }
-        sum += weight * s;
-        weights += weight;
     }
+    let parts = if explain {
+        profile
+            .scorers
+            .iter()
+            .map(|&(kind, _)| (kind, scorer(kind, req, c, fresh, ranges)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Scored {
         index: i,
-        total: if weights > 0.0 { sum / weights } else { 0.0 },
+        total: if w.total > 0.0 { sum / w.total } else { 0.0 },
         parts,
     }
 }

@@ -84,6 +84,11 @@ impl Matches {
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
     }
+
+    /// Every endpoint that served leading blocks, with how many.
+    pub fn runs(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.runs.iter().map(|(e, n)| (e.as_str(), *n))
+    }
 }
 
 /// The shared prefix index, over any [`SharedStore`].

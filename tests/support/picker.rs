@@ -109,9 +109,7 @@ impl PickerProcess {
     pub fn log_tail(&self) -> String {
         self.guard.log_tail(8192)
     }
-}
 
-impl PickerProcess {
     /// Envoy in front of this picker as a conformant gateway wires it (ext_proc,
     /// an ORIGINAL_DST cluster, fail closed) on free ports, pool `pool`, no Wasm.
     pub fn envoy_settings(&self) -> EnvoySettings {
