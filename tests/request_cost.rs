@@ -379,6 +379,12 @@ struct Figures {
 }
 
 fn measure(sc: &Scenario) -> Figures {
+    measure_last_of(sc, 1)
+}
+
+/// [`measure`], the measured request being the last of `requests` (the
+/// profiler runs many on one VM).
+fn measure_last_of(sc: &Scenario, requests: usize) -> Figures {
     let host = Host::new();
     let mut control = host.vm();
     control
@@ -441,7 +447,10 @@ fn measure(sc: &Scenario) -> Figures {
     for _ in 0..2 {
         one_request(&mut vm, sc, &body);
     }
-    let m = one_request(&mut vm, sc, &body);
+    let mut m = one_request(&mut vm, sc, &body);
+    for _ in 1..requests {
+        m = one_request(&mut vm, sc, &body);
+    }
     if let Some(s) = open {
         vm.end(s);
         vm.assert_alive();
@@ -613,4 +622,30 @@ fn request_cost_stays_within_the_committed_budget() {
         "the request cost grew past its budget:\n{}\n(if on purpose: REQUEST_COST_UPDATE=1 cargo test --test request_cost, and commit the new budget)",
         over.join("\n")
     );
+}
+
+/// Where a 1 KB chat request at 100 endpoints spends its time in the module: a
+/// sampling profile of many requests (`WASM_PROFILE=1 cargo test --release --test
+/// request_cost -- --ignored --nocapture profile`). Prints the functions with
+/// the most samples; it asserts nothing (a tool, not a check).
+#[test]
+#[ignore = "a profiling tool: run it by name with WASM_PROFILE=1"]
+fn profile_a_chat_request() {
+    let name = std::env::var("WASM_PROFILE_SCENARIO")
+        .unwrap_or_else(|_| "chat 1 KB, 100 endpoints".to_string());
+    let sc = scenarios()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no scenario {name:?}"));
+    let requests = 20_000;
+    let (_, rows) = wasm_host::profile(std::time::Duration::from_micros(20), || {
+        measure_last_of(&sc, requests);
+    });
+    let total: u64 = rows.iter().map(|r| r.1).sum();
+    println!("{name}: {total} samples over {requests} requests on one VM (after its set-up)");
+    println!("{:>6} {:>6}  function", "self%", "total%");
+    for (f, own, all) in rows.iter().take(60) {
+        let pct = |n: u64| 100.0 * n as f64 / total.max(1) as f64;
+        println!("{:>6.1} {:>6.1}  {f}", pct(*own), pct(*all));
+    }
 }

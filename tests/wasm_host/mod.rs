@@ -147,11 +147,92 @@ fn engine_and_module() -> &'static (Engine, Module) {
         // structural ones cost none), a deterministic count of the module's work.
         let mut config = wasmtime::Config::new();
         config.consume_fuel(true);
+        // Epoch interruption only for the sampling profiler (`profile`): it adds
+        // a check per loop and call, not fuel.
+        config.epoch_interruption(profiling());
         let engine = Engine::new(&config).expect("wasmtime engine");
         let module = Module::from_file(&engine, env!("GATEWAY_WASM"))
             .unwrap_or_else(|e| panic!("cannot load {}: {e:#}", env!("GATEWAY_WASM")));
         (engine, module)
     })
+}
+
+/// `WASM_PROFILE=1`: VMs sample their Wasm stacks (see [`profile`]).
+fn profiling() -> bool {
+    std::env::var("WASM_PROFILE").is_ok_and(|v| v == "1")
+}
+
+/// A sampling profile of the module (with `WASM_PROFILE=1`): a thread advances the
+/// engine's epoch every `period`; at each tick the running VM records the Wasm
+/// function on top of its stack (self time) and every function on it (total).
+/// Wall-clock samples of Cranelift's code, not fuel: where the time goes, to
+/// find what to cut; the fuel figures stay the measure. Returns what `run`
+/// returns and the samples, `(function, self, total)`, most self first.
+pub fn profile<T>(
+    period: std::time::Duration,
+    run: impl FnOnce() -> T,
+) -> (T, Vec<(String, u64, u64)>) {
+    assert!(profiling(), "set WASM_PROFILE=1 to profile");
+    let (engine, _) = engine_and_module();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let (engine, stop) = (engine.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(period);
+                engine.increment_epoch();
+            }
+        })
+    };
+    SAMPLES.lock().unwrap().clear();
+    let out = run();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    ticker.join().expect("profile ticker");
+    let mut rows: Vec<(String, u64, u64)> = SAMPLES
+        .lock()
+        .unwrap()
+        .drain()
+        .map(|(name, (own, total))| (name, own, total))
+        .collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)));
+    (out, rows)
+}
+
+/// Function name → (samples on top, samples anywhere on the stack).
+static SAMPLES: Mutex<Option<HashMap<String, (u64, u64)>>> = Mutex::new(None);
+
+trait SamplesExt {
+    fn clear(&mut self);
+    fn drain(&mut self) -> std::collections::hash_map::IntoIter<String, (u64, u64)>;
+}
+
+impl SamplesExt for Option<HashMap<String, (u64, u64)>> {
+    fn clear(&mut self) {
+        *self = Some(HashMap::new());
+    }
+    fn drain(&mut self) -> std::collections::hash_map::IntoIter<String, (u64, u64)> {
+        self.take().unwrap_or_default().into_iter()
+    }
+}
+
+fn sample(backtrace: &wasmtime::WasmBacktrace) {
+    let mut samples = SAMPLES.lock().unwrap();
+    let Some(map) = samples.as_mut() else {
+        return;
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (depth, frame) in backtrace.frames().iter().enumerate() {
+        let name = frame
+            .func_name()
+            .map_or_else(|| format!("func[{}]", frame.func_index()), str::to_string);
+        let entry = map.entry(name.clone()).or_default();
+        if depth == 0 {
+            entry.0 += 1;
+        }
+        if seen.insert(name) {
+            entry.1 += 1;
+        }
+    }
 }
 
 /// Several VMs (Envoy workers) over one shared-data store.
@@ -735,6 +816,13 @@ impl Vm {
         };
         let mut store = Store::new(engine, state);
         store.set_fuel(FUEL).expect("fuel is enabled");
+        if profiling() {
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(|ctx| {
+                sample(&wasmtime::WasmBacktrace::capture(&ctx));
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            });
+        }
         let instance = linker.instantiate(&mut store, module).expect("instantiate");
         let memory = instance.get_memory(&mut store, "memory").expect("memory");
         let mut vm = Vm {
