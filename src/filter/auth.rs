@@ -168,7 +168,7 @@ impl GatewayStream {
             }
         }
         if let Some(admitted) = c.admitted {
-            let answered = self.obs.first_byte_ns.is_some() && self.obs.error.is_none();
+            let answered = self.obs.response_bytes > 0 && self.obs.error.is_none();
             let tokens =
                 auth::charged_tokens(usage, admitted.reserved_tokens, self.obs.events, answered);
             let now_ms = super::now_ms(self);

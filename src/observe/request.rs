@@ -50,6 +50,7 @@ pub struct RequestObs {
     pub running: bool,
     pub error: Option<&'static str>,
     pub streamed: bool,
+    /// When a streamed response's first bytes arrived (TTFT); not read otherwise.
     pub first_byte_ns: Option<u64>,
     pub response_bytes: u64,
     pub usage: UsageScanner,
@@ -112,12 +113,13 @@ impl RequestObs {
     }
 
     /// Feeds new response bytes; `now_ns` (the host clock) is read only for the
-    /// first ones: a clock read per streamed chunk was a host call per chunk.
+    /// first bytes of a streamed response (its TTFT): a clock read per streamed
+    /// chunk was a host call per chunk, and a non-streamed response reports no TTFT.
     pub fn response_bytes(&mut self, bytes: &[u8], now_ns: impl FnOnce() -> u64) {
         if bytes.is_empty() {
             return;
         }
-        if self.first_byte_ns.is_none() {
+        if self.streamed && self.first_byte_ns.is_none() {
             self.first_byte_ns = Some(now_ns());
         }
         self.response_bytes = self.response_bytes.saturating_add(bytes.len() as u64);
