@@ -180,8 +180,13 @@ fuzz_target!(|data: &[u8]| {
             };
             if check_head(&cfg, method, auth, len).is_ok() {
                 assert!(method.eq_ignore_ascii_case("POST"));
-                let presented = auth.unwrap()[7..].trim();
-                assert_eq!(presented, cfg.token);
+                // The header, trimmed, is "Bearer" in any case, one space, then
+                // the token (surrounding whitespace allowed). Slicing at 7 found a
+                // false crash on " Bearer t" before the header was trimmed here.
+                let header = auth.unwrap().trim();
+                let (scheme, presented) = header.split_at_checked(7).unwrap();
+                assert!(scheme.eq_ignore_ascii_case("bearer "), "{header:?}");
+                assert_eq!(presented.trim(), cfg.token);
                 assert!(!cfg.token.is_empty());
             }
         }
