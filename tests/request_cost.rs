@@ -638,11 +638,17 @@ fn profile_a_chat_request() {
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no scenario {name:?}"));
     let requests = 20_000;
+    let started = std::time::Instant::now();
     let (_, rows) = wasm_host::profile(std::time::Duration::from_micros(20), || {
         measure_last_of(&sc, requests);
     });
+    // Wall time, with fuel metering and the sampler on: for comparing two
+    // builds of the module on one quiet machine, not a benchmark.
+    let per_request = started.elapsed() / requests;
     let total: u64 = rows.iter().map(|r| r.1).sum();
-    println!("{name}: {total} samples over {requests} requests on one VM (after its set-up)");
+    println!(
+        "{name}: {total} samples over {requests} requests on one VM (after its set-up), {per_request:?} per request in this host"
+    );
     println!("{:>6} {:>6}  function", "self%", "total%");
     for (f, own, all) in rows.iter().take(60) {
         let pct = |n: u64| 100.0 * n as f64 / total.max(1) as f64;

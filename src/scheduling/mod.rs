@@ -172,38 +172,45 @@ pub fn schedule(
     // make a decision quadratic in the pool size (6 ms at 1000 endpoints).
     let ranges = Ranges::of(candidates, &pool, cfg.saturation.queue_depth);
     let weights = Weights::of(profile);
-    let mut scored: Vec<Scored> = pool
+    // Each candidate is ranked by its total alone (16 bytes, no explanation
+    // slot); a `Scored` is built only for those kept.
+    let mut ranked: Vec<Ranked> = pool
         .iter()
-        .map(|&i| {
-            score(
-                profile,
-                &weights,
-                req,
-                &candidates[i],
-                &ranges,
-                i,
-                cfg.explain,
-            )
+        .map(|&i| Ranked {
+            total: weights.total(req, &candidates[i], &ranges),
+            index: i,
         })
         .collect();
     // Only the best few are ordered (the picker's choice among ties or its top k,
     // then the fallbacks); sorting every candidate is most of a decision's work
     // in a large pool. With `explain`, all of them, for the explanation.
-    let ties = count_ties(&scored);
+    let ties = count_ties(&ranked);
     let needed = match profile.picker {
         Picker::MaxScore => ties,
         Picker::WeightedRandom { top_k } => top_k.max(1),
     }
     .max(cfg.fallback_endpoints + 1);
-    if cfg.explain || needed >= scored.len() {
-        scored.sort_by(best_first);
+    if cfg.explain || needed >= ranked.len() {
+        ranked.sort_by(best_first);
     } else if needed <= SMALL_TOP {
-        keep_best(&mut scored, needed);
+        keep_best(&mut ranked, needed);
     } else {
-        scored.select_nth_unstable_by(needed - 1, best_first);
-        scored.truncate(needed);
-        scored.sort_by(best_first);
+        ranked.select_nth_unstable_by(needed - 1, best_first);
+        ranked.truncate(needed);
+        ranked.sort_by(best_first);
     }
+    let scored: Vec<Scored> = ranked
+        .iter()
+        .map(|r| Scored {
+            index: r.index,
+            total: r.total,
+            parts: if cfg.explain {
+                parts(profile, req, &candidates[r.index], &ranges)
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
 
     // 5. Pick, then fallbacks in score order.
     let chosen = pick(profile.picker, &scored, draw);
@@ -218,43 +225,50 @@ pub fn schedule(
     Outcome::Route(Decision { order, scored })
 }
 
+/// A candidate's place in the ranking: its total and its index.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ranked {
+    total: f64,
+    index: usize,
+}
+
 /// Up to this many best candidates are kept by one insertion pass; more by
 /// `select_nth_unstable` (a partition costs tens of instructions per candidate,
 /// the pass about one comparison with the current last kept).
 const SMALL_TOP: usize = 8;
 
-/// Leaves the `k` best of `scored` in it, best first, in one pass.
-fn keep_best(scored: &mut Vec<Scored>, k: usize) {
+/// Leaves the `k` best of `ranked` in it, best first, in one pass.
+fn keep_best(ranked: &mut Vec<Ranked>, k: usize) {
     let mut kept = 0;
-    for i in 0..scored.len() {
-        if kept == k && best_first(&scored[i], &scored[k - 1]).is_ge() {
+    for i in 0..ranked.len() {
+        if kept == k && best_first(&ranked[i], &ranked[k - 1]).is_ge() {
             continue;
         }
         // Insert candidate i into the sorted prefix (dropping its last when full).
         let mut at = kept.min(k - 1);
-        scored.swap(at, i);
-        while at > 0 && best_first(&scored[at], &scored[at - 1]).is_lt() {
-            scored.swap(at, at - 1);
+        ranked.swap(at, i);
+        while at > 0 && best_first(&ranked[at], &ranked[at - 1]).is_lt() {
+            ranked.swap(at, at - 1);
             at -= 1;
         }
         kept = (kept + 1).min(k);
     }
-    scored.truncate(kept);
+    ranked.truncate(kept);
 }
 
 /// Higher total first; equal totals by candidate index, so the order is total
 /// and the same whether all candidates are sorted or only the best selected.
-fn best_first(a: &Scored, b: &Scored) -> std::cmp::Ordering {
+fn best_first(a: &Ranked, b: &Ranked) -> std::cmp::Ordering {
     b.total.total_cmp(&a.total).then(a.index.cmp(&b.index))
 }
 
 /// How many candidates tie with the best score (`pick`'s tolerance).
-fn count_ties(scored: &[Scored]) -> usize {
-    let best = scored
+fn count_ties(ranked: &[Ranked]) -> usize {
+    let best = ranked
         .iter()
-        .map(|s| s.total)
+        .map(|r| r.total)
         .fold(f64::NEG_INFINITY, greater);
-    scored.iter().filter(|s| best - s.total <= TIE).count()
+    ranked.iter().filter(|r| best - r.total <= TIE).count()
 }
 
 /// Scores this close to the best one are a tie, broken at random.
@@ -386,47 +400,46 @@ fn scorer(
     }
 }
 
-/// The weighted mean of the scorers, summed in one fixed order (the built-in
-/// profiles' order) whatever the profile's list order; with `explain`, each
-/// listed scorer's score too.
-fn score(
+impl Weights {
+    /// The weighted mean of the scorers, summed in one fixed order (the built-in
+    /// profiles' order) whatever the profile's list order. A scorer without
+    /// weight is not computed: it would add 0 (every score is finite).
+    fn total(&self, req: &Request<'_>, c: &Candidate<'_>, ranges: &Ranges) -> f64 {
+        let fresh = c.fresh_metrics();
+        let mut sum = 0.0;
+        for (kind, weight) in [
+            (ScorerKind::Queue, self.queue),
+            (ScorerKind::KvCache, self.kv_cache),
+            (ScorerKind::PrefixCache, self.prefix_cache),
+            (ScorerKind::LoraAffinity, self.lora_affinity),
+            (ScorerKind::InFlight, self.in_flight),
+        ] {
+            if weight != 0.0 {
+                sum += weight * scorer(kind, req, c, fresh, ranges);
+            }
+        }
+        // No weights at all rank every candidate 0.
+        if self.total > 0.0 {
+            sum / self.total
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Each listed scorer's score, for `explain`.
+fn parts(
     profile: &Profile,
-    w: &Weights,
     req: &Request<'_>,
     c: &Candidate<'_>,
     ranges: &Ranges,
-    i: usize,
-    explain: bool,
-) -> Scored {
+) -> Vec<(ScorerKind, f64)> {
     let fresh = c.fresh_metrics();
-    let mut sum = 0.0;
-    // A scorer without weight is not computed: it would add 0 (every score is
-    // finite).
-    for (kind, weight) in [
-        (ScorerKind::Queue, w.queue),
-        (ScorerKind::KvCache, w.kv_cache),
-        (ScorerKind::PrefixCache, w.prefix_cache),
-        (ScorerKind::LoraAffinity, w.lora_affinity),
-        (ScorerKind::InFlight, w.in_flight),
-    ] {
-        if weight != 0.0 {
-            sum += weight * scorer(kind, req, c, fresh, ranges);
-        }
-    }
-    let parts = if explain {
-        profile
-            .scorers
-            .iter()
-            .map(|&(kind, _)| (kind, scorer(kind, req, c, fresh, ranges)))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    Scored {
-        index: i,
-        total: if w.total > 0.0 { sum / w.total } else { 0.0 },
-        parts,
-    }
+    profile
+        .scorers
+        .iter()
+        .map(|&(kind, _)| (kind, scorer(kind, req, c, fresh, ranges)))
+        .collect()
 }
 
 fn lora_score(req: &Request<'_>, c: &Candidate<'_>) -> f64 {

@@ -380,11 +380,10 @@ fn keep_best_equals_a_full_sort_cut_to_k() {
         let n = rng.usize(1..40);
         let k = rng.usize(1..=SMALL_TOP);
         // Few distinct totals, so ties (broken by index) are common.
-        let scored: Vec<Scored> = (0..n)
-            .map(|index| Scored {
+        let scored: Vec<Ranked> = (0..n)
+            .map(|index| Ranked {
                 index,
                 total: f64::from(rng.u8(0..6)) / 5.0,
-                parts: Vec::new(),
             })
             .collect();
         let mut want = scored.clone();
@@ -392,7 +391,7 @@ fn keep_best_equals_a_full_sort_cut_to_k() {
         want.truncate(k);
         let mut got = scored;
         keep_best(&mut got, k);
-        let ids = |v: &[Scored]| v.iter().map(|s| s.index).collect::<Vec<_>>();
+        let ids = |v: &[Ranked]| v.iter().map(|s| s.index).collect::<Vec<_>>();
         assert_eq!(ids(&got), ids(&want), "round {round}, n {n}, k {k}");
     }
 }
