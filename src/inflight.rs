@@ -14,6 +14,12 @@
 //! is reused only after its last stream ended. The table therefore never holds more
 //! entries than the most endpoints that had requests in flight at the same time
 //! (members, plus departed endpoints still finishing streams), whatever the churn.
+//!
+//! A host may hold back releases (the filter does while its worker has other
+//! requests open: a release is a read and a write of shared data, the costliest
+//! host calls a request makes) and hand them to the next take, which corrects the
+//! table it read by them and writes them in the same compare-and-swap
+//! ([`read_releasing`], [`add_after`]), or write them alone ([`release`]).
 
 use std::collections::{BTreeMap, HashMap};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -78,6 +84,8 @@ pub fn table(store: &dyn SharedStore) -> Vec<u8> {
 pub struct Read {
     pub table: Vec<u8>,
     cas: Option<u32>,
+    /// The releases `table` is corrected by (see [`read_releasing`]).
+    released: Vec<u64>,
 }
 
 /// Reads the table for counting now and one [`add_after`] later.
@@ -86,18 +94,53 @@ pub fn read(store: &dyn SharedStore) -> Read {
     Read {
         table: value.unwrap_or_default(),
         cas,
+        released: Vec::new(),
     }
 }
 
 /// [`add`], first trying the table as `read` saw it (one host read fewer per
-/// routed request); a table changed since fails the CAS and is read again.
+/// routed request); a table changed since fails the CAS and is read again. The
+/// releases `read` was corrected by ([`read_releasing`]) are written with it.
 pub fn add_after(
     store: &dyn SharedStore,
     read: Read,
     k: u64,
     delta: i64,
 ) -> Result<u64, StoreError> {
-    update(store, k, delta, None, Some((read.table, read.cas))).map(|n| n.unwrap_or(0))
+    let released = read.released;
+    update(
+        store,
+        k,
+        delta,
+        None,
+        Some((read.table, read.cas)),
+        &released,
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
+/// [`read`], with the table corrected by `released`: counts this host gave back
+/// and has not written yet, one key per stream (a key may repeat). A later
+/// [`add_after`] writes them, so the host forgets them once it succeeds.
+pub fn read_releasing(store: &dyn SharedStore, released: &[u64]) -> Read {
+    let mut read = read(store);
+    if !released.is_empty() {
+        read.table
+            .truncate(read.table.len() / ENTRY_BYTES * ENTRY_BYTES);
+        for &k in released {
+            let _ = change(&mut read.table, k, -1, None);
+        }
+        read.released = released.to_vec();
+    }
+    read
+}
+
+/// Writes held-back releases (one key per stream; unknown keys change nothing).
+pub fn release(store: &dyn SharedStore, released: &[u64]) -> Result<(), StoreError> {
+    let Some((&last, rest)) = released.split_last() else {
+        return Ok(());
+    };
+    update(store, last, -1, None, None, rest).map(|_| ())
 }
 
 /// The count of the endpoint with key `k` in `table`.
@@ -121,7 +164,7 @@ pub fn init(store: &dyn SharedStore) -> Result<(), StoreError> {
 /// first free one, else appends; a release of an endpoint without an entry changes
 /// nothing. Trailing free entries are dropped, so the table shrinks as load falls.
 pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreError> {
-    update(store, k, delta, None, None).map(|n| n.unwrap_or(0))
+    update(store, k, delta, None, None, &[]).map(|n| n.unwrap_or(0))
 }
 
 /// Takes one count of the endpoint with key `k` unless it already holds `cap`
@@ -133,10 +176,12 @@ pub fn add_capped(store: &dyn SharedStore, k: u64, cap: u64) -> Result<Option<u6
     if cap == 0 {
         return Ok(None);
     }
-    update(store, k, 1, Some(cap), None)
+    update(store, k, 1, Some(cap), None, &[])
 }
 
-/// [`add`], refusing (`Ok(None)`) an increment from a count at or above `cap`.
+/// [`add`], refusing (`Ok(None)`) an increment from a count at or above `cap`;
+/// `released` (counts given back, see [`read_releasing`]) are applied in the
+/// same write. `first`, when given, is a read already corrected by `released`.
 #[inline(always)]
 fn update(
     store: &dyn SharedStore,
@@ -144,47 +189,25 @@ fn update(
     delta: i64,
     cap: Option<u64>,
     mut first: Option<(Vec<u8>, Option<u32>)>,
+    released: &[u64],
 ) -> Result<Option<u64>, StoreError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (mut bytes, cas) = first.take().unwrap_or_else(|| {
             let (value, cas) = store.get(COUNTS_KEY);
-            (value.unwrap_or_default(), cas)
+            let mut bytes = value.unwrap_or_default();
+            bytes.truncate(bytes.len() / ENTRY_BYTES * ENTRY_BYTES);
+            for &r in released {
+                let _ = change(&mut bytes, r, -1, None);
+            }
+            (bytes, cas)
         });
         bytes.truncate(bytes.len() / ENTRY_BYTES * ENTRY_BYTES);
-        let mut own = None;
-        let mut free = None;
-        for (i, (e, n)) in decode(&bytes).enumerate() {
-            if e == k && n > 0 {
-                own = Some((i, n));
-                break;
-            }
-            if n == 0 && free.is_none() {
-                free = Some(i);
-            }
-        }
-        if let Some(cap) = cap {
-            if own.map_or(0, |(_, n)| u64::from(n)) >= cap {
-                return Ok(None);
-            }
-        }
-        let (at, current) = match (own, free) {
-            (Some((i, n)), _) => (i, n),
-            (None, _) if delta <= 0 => return Ok(Some(0)),
-            (None, Some(i)) => (i, 0),
-            (None, None) if bytes.len() / ENTRY_BYTES >= MAX_ENTRIES => {
-                return Err(StoreError::Full)
-            }
-            (None, None) => {
-                bytes.resize(bytes.len() + ENTRY_BYTES, 0);
-                (bytes.len() / ENTRY_BYTES - 1, 0)
-            }
+        let next = match change(&mut bytes, k, delta, cap)? {
+            Change::To(next) => next,
+            Change::Refused => return Ok(None),
+            Change::Nothing if released.is_empty() => return Ok(Some(0)),
+            Change::Nothing => 0,
         };
-        let next = u64::from(current)
-            .saturating_add_signed(delta)
-            .min(u64::from(u32::MAX));
-        let entry = &mut bytes[at * ENTRY_BYTES..(at + 1) * ENTRY_BYTES];
-        entry[..8].copy_from_slice(&k.to_le_bytes());
-        entry[8..].copy_from_slice(&(next as u32).to_le_bytes());
         while bytes.len() >= ENTRY_BYTES && bytes[bytes.len() - 4..] == [0, 0, 0, 0] {
             bytes.truncate(bytes.len() - ENTRY_BYTES);
         }
@@ -195,6 +218,55 @@ fn update(
         }
     }
     Err(StoreError::CasMismatch)
+}
+
+/// What [`change`] did to a table.
+enum Change {
+    /// The entry's count is now this.
+    To(u64),
+    /// An increment refused at the cap.
+    Refused,
+    /// A release of an endpoint without an entry: nothing.
+    Nothing,
+}
+
+/// Adds `delta` to the entry of `k` in a table held in memory (whole entries
+/// only). An increment takes the endpoint's entry, else the first free one, else
+/// appends.
+fn change(bytes: &mut Vec<u8>, k: u64, delta: i64, cap: Option<u64>) -> Result<Change, StoreError> {
+    let mut own = None;
+    let mut free = None;
+    for (i, (e, n)) in decode(bytes).enumerate() {
+        if e == k && n > 0 {
+            own = Some((i, n));
+            break;
+        }
+        if n == 0 && free.is_none() {
+            free = Some(i);
+        }
+    }
+    if let Some(cap) = cap {
+        if own.map_or(0, |(_, n)| u64::from(n)) >= cap {
+            return Ok(Change::Refused);
+        }
+    }
+    let (at, current) = match (own, free) {
+        (Some((i, n)), _) => (i, n),
+        (None, _) if delta <= 0 => return Ok(Change::Nothing),
+        (None, Some(i)) => (i, 0),
+        (None, None) if bytes.len() / ENTRY_BYTES >= MAX_ENTRIES => return Err(StoreError::Full),
+        (None, None) => {
+            bytes.resize(bytes.len() + ENTRY_BYTES, 0);
+            (bytes.len() / ENTRY_BYTES - 1, 0)
+        }
+    };
+    let next = u64::from(current)
+        .saturating_add_signed(delta)
+        .min(u64::from(u32::MAX));
+    let entry = &mut bytes[at * ENTRY_BYTES..(at + 1) * ENTRY_BYTES];
+    entry[..8].copy_from_slice(&k.to_le_bytes());
+    entry[8..].copy_from_slice(&(next as u32).to_le_bytes());
+    Ok(Change::To(next))
 }
 
 /// The configured (bootstrap) endpoints of every gateway configuration, a JSON
@@ -376,6 +448,46 @@ mod tests {
         add(&s, a, 1).unwrap();
         assert_eq!(add_after(&s, stale, a, 1).unwrap(), 3);
         assert_eq!((count(&table(&s), a), count(&table(&s), b)), (3, 1));
+    }
+
+    /// Releases held back by a host correct the table the next take reads and
+    /// are written with it, once, also when another writer forces a re-read; alone,
+    /// `release` writes them all (a key per stream, repeats allowed).
+    #[test]
+    fn held_back_releases_ride_on_the_next_take() {
+        let s = MemoryStore::default();
+        init(&s).unwrap();
+        let (a, b, gone) = (key("a:1"), key("b:1"), key("gone:1"));
+        for _ in 0..3 {
+            add(&s, a, 1).unwrap();
+        }
+        add(&s, b, 1).unwrap();
+        // Two of a's streams and one of an unknown endpoint ended, not written.
+        let held = [a, gone, a];
+        let r = read_releasing(&s, &held);
+        assert_eq!(
+            (count(&r.table, a), count(&r.table, b)),
+            (1, 1),
+            "corrected"
+        );
+        assert_eq!(count(&table(&s), a), 3, "not written by the read");
+        let reads = s.reads();
+        assert_eq!(add_after(&s, r, b, 1).unwrap(), 2);
+        assert_eq!(s.reads(), reads, "one write, no read");
+        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (1, 2));
+
+        // Another writer between the read and the take: re-read, re-corrected.
+        let r = read_releasing(&s, &[b]);
+        add(&s, a, 1).unwrap();
+        assert_eq!(add_after(&s, r, a, 1).unwrap(), 3);
+        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (3, 1));
+
+        release(&s, &[a, b, a, a]).unwrap();
+        assert_eq!(entries(&s), 0, "all given back, trailing entries dropped");
+        release(&s, &[]).unwrap();
+        let reads = s.reads();
+        release(&s, &[gone]).unwrap();
+        assert_eq!(s.reads(), reads + 1);
     }
 
     #[test]

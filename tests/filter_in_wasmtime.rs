@@ -332,6 +332,43 @@ fn in_flight_counts_spread_load_across_workers_and_return_to_zero() {
     assert_eq!(state["in_flight"], json!({E1: 0, E2: 0}));
 }
 
+/// A worker with other requests open holds a release back (a shared-data read
+/// and write saved): its next take writes it, and so does its tick; the last
+/// stream to end writes everything at once.
+#[test]
+fn releases_under_load_ride_on_the_next_take_or_the_tick() {
+    let host = Host::new();
+    let mut w = gateway(&host, &config());
+    let streams: Vec<u32> = (0..4)
+        .map(|_| chat(&mut w, &chat_body("food-review")).0)
+        .collect();
+    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (2, 2));
+    let to = |w: &Vm, s: u32| {
+        w.request_header(s, "x-gateway-destination-endpoint")
+            .unwrap()
+    };
+    let first = to(&w, streams[0]);
+    w.end(streams[0]);
+    assert_eq!(host.in_flight(&first), 2, "held back while others are open");
+    // The next request sees the release and writes it with its own count.
+    let (s, _) = chat(&mut w, &chat_body("food-review"));
+    assert_eq!(to(&w, s), first, "the endpoint with the released stream");
+    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (2, 2));
+    w.end(s);
+    assert_eq!(host.in_flight(&first), 2);
+    w.tick();
+    assert_eq!(host.in_flight(&first), 1, "the tick writes it");
+    w.end(streams[1]);
+    w.end(streams[2]);
+    assert_ne!((host.in_flight(E1), host.in_flight(E2)), (0, 0));
+    w.end(streams[3]);
+    assert_eq!(
+        (host.in_flight(E1), host.in_flight(E2)),
+        (0, 0),
+        "the last one writes all"
+    );
+}
+
 fn snapshot(generated_at_ms: u64, sequence: u64, endpoints: Vec<EndpointMetrics>) -> Snapshot {
     Snapshot {
         generated_at_ms,
@@ -1225,6 +1262,11 @@ fn churn_keeps_shared_data_bounded_and_in_flight_counts_exact() {
             false
         });
         held.retain(|_, n| *n > 0);
+        // Releases on a worker with other streams open wait for its next take
+        // or its tick: counts are exact once each worker has ticked.
+        for vm in workers.iter_mut() {
+            vm.tick();
+        }
         for (endpoint, n) in &held {
             assert_eq!(host.in_flight(endpoint), *n, "round {round}: {endpoint}");
         }

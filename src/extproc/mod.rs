@@ -266,6 +266,8 @@ impl Picker {
             now_ms,
             draw,
             subset,
+            // One process: a release is a store update without a host call.
+            released: &[],
         })
         .map_err(|refused| {
             if let (false, "capacity_exhausted", Some(pool)) =

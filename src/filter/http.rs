@@ -8,7 +8,6 @@ use super::store::{self, HostStore, SnapshotCache};
 use crate::config::Config;
 use crate::gateway::headers::RequestHeaders;
 use crate::gateway::{self, HeadAction, RequestHead, RoutePlan};
-use crate::inflight;
 use crate::observe::{self, request as obs, request::RequestObs};
 use crate::openai::{ApiError, ApiKind};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -33,6 +32,10 @@ pub struct GatewayStream {
     body_seen: usize,
     /// The in-flight key whose count this stream holds; released exactly once.
     holding: Option<u64>,
+    /// The pool has a backend policy: its caps are checked by every worker
+    /// against the stored counts, so this release is written at once, never
+    /// held back (`store::release_in_flight`).
+    capped_pool: bool,
     /// The scheduling decision, for the `x-gateway-scheduling` response header.
     explanation: Option<String>,
     /// Safety: the prompt check in flight (the request waits for it).
@@ -61,6 +64,7 @@ impl GatewayStream {
             buffering: None,
             body_seen: 0,
             holding: None,
+            capped_pool: false,
             explanation: None,
             prompt_check: None,
             response_template: None,
@@ -130,14 +134,26 @@ impl GatewayStream {
         let config = Rc::clone(&self.config);
         let now_ms = super::now_ms(self);
         let members = self.snapshot.borrow_mut().current(&config, now_ms);
-        let choice = gateway::choose(&gateway::Inputs {
-            config: &config,
-            plan,
-            members: &members,
-            store: &HostStore,
-            now_ms,
-            draw: self.rng.u32(..),
-            subset: None,
+        self.capped_pool = config.policy(plan.pool).is_some();
+        if self.capped_pool {
+            // Caps are checked against the stored counts: no held-back release
+            // may make an endpoint look fuller than it is.
+            store::flush_released();
+        }
+        let draw = self.rng.u32(..);
+        let choice = store::with_released(|released| {
+            let choice = gateway::choose(&gateway::Inputs {
+                config: &config,
+                plan,
+                members: &members,
+                store: &HostStore,
+                now_ms,
+                draw,
+                subset: None,
+                released,
+            });
+            let written = choice.as_ref().is_ok_and(|c| c.released_written);
+            (choice, written)
         });
         let choice = match choice {
             Ok(choice) => choice,
@@ -256,11 +272,14 @@ impl GatewayStream {
         self.obs.response_bytes(&bytes, super::now_ns);
     }
 
+    /// Gives back the in-flight count this stream holds. The last open request
+    /// of the worker writes the releases held back, also when it holds none
+    /// itself (it never got past its body).
     fn release(&mut self) {
         if let Some(key) = self.holding.take() {
-            if let Err(err) = inflight::add(&HostStore, key, -1) {
-                log::warn!("inference-gateway: in-flight release (key {key:016x}) failed: {err:?}");
-            }
+            store::release_in_flight(key, !self.capped_pool);
+        } else if self.metrics_open() && !store::others_open(1) {
+            store::flush_released();
         }
     }
 }

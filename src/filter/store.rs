@@ -191,6 +191,73 @@ pub fn others_open(own: u32) -> bool {
         .unwrap_or(false)
 }
 
+thread_local! {
+    /// In-flight counts this worker gave back while it had other requests open,
+    /// not written yet: the next take on this worker writes them with its own
+    /// (`gateway::Inputs::released`), the root's tick at the latest. A release
+    /// written on its own is a shared-data read and write, the costliest host
+    /// calls a request makes; under load this saves both for every request.
+    static RELEASED: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// At most this many releases wait; one more is written with them at once.
+const MAX_HELD_RELEASES: usize = 256;
+
+/// Gives back one count of the in-flight key `key`: held back (if `may_wait`)
+/// while this worker has other requests open (the caller's own is still
+/// counted open), written now otherwise, with any held back before.
+pub fn release_in_flight(key: u64, may_wait: bool) {
+    let _ = RELEASED.try_with(|held| {
+        if let Ok(mut held) = held.try_borrow_mut() {
+            held.push(key);
+            if !may_wait || !others_open(1) || held.len() >= MAX_HELD_RELEASES {
+                write_released(&mut held);
+            }
+        }
+    });
+}
+
+/// The tick, and a pool whose backend policy caps need exact counts: writes
+/// the releases held back.
+pub fn flush_released() {
+    let _ = RELEASED.try_with(|held| {
+        if let Ok(mut held) = held.try_borrow_mut() {
+            if !held.is_empty() {
+                write_released(&mut held);
+            }
+        }
+    });
+}
+
+fn write_released(held: &mut Vec<u64>) {
+    match inflight::release(&HostStore, held) {
+        Ok(()) => held.clear(),
+        // Kept for the next try, within bounds: a host that keeps refusing
+        // loses counts (as a failed release always did), not memory.
+        Err(err) => {
+            log::warn!(
+                "inference-gateway: {} in-flight release(s) not written: {err:?}",
+                held.len()
+            );
+            if held.len() >= MAX_HELD_RELEASES {
+                held.clear();
+            }
+        }
+    }
+}
+
+/// Runs `f` (a routing decision) with the releases held back; forgets them when
+/// `f` reports it wrote them.
+pub fn with_released<T>(f: impl FnOnce(&[u64]) -> (T, bool)) -> T {
+    RELEASED.with_borrow_mut(|held| {
+        let (out, written) = f(held);
+        if written {
+            held.clear();
+        }
+        out
+    })
+}
+
 /// An observed request opened (`true`) or ended (`false`) on this worker.
 pub fn metrics_request(open: bool) {
     // `try_with`: also called from a stream's `Drop`, which must never panic.

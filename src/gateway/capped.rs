@@ -244,6 +244,7 @@ mod tests {
             now_ms: 1_050,
             draw: 7,
             subset: None,
+            released: &[],
         })
     }
 

@@ -26,6 +26,10 @@ pub struct Inputs<'a> {
     /// The Endpoint Picker Protocol's subset hint: when set, only these pool
     /// members (`ip:port`) may be picked; none of them a member is a 503.
     pub subset: Option<&'a [String]>,
+    /// In-flight counts the host gave back and has not written yet (one key per
+    /// stream, see `inflight::read_releasing`): the counts are read corrected by
+    /// them, and taking the chosen endpoint's count writes them.
+    pub released: &'a [u64],
 }
 
 /// A routed request.
@@ -43,6 +47,8 @@ pub struct Choice {
     /// A backend policy's PREFERRED endpoints were all full: this went to a
     /// DEFAULT one.
     pub spilled: bool,
+    /// `Inputs::released` are written: the host forgets them.
+    pub released_written: bool,
 }
 
 /// A request that is not routed, with the error the client gets.
@@ -64,6 +70,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         now_ms,
         draw,
         subset,
+        released,
     } = *inputs;
     let (Some(pool), Some(profile)) = (
         config.pools.get(plan.pool),
@@ -102,7 +109,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // Every candidate's in-flight count from one read; everything else by
     // position in the membership built once per snapshot.
     let pool_members = members.members(plan.pool);
-    let table = inflight::read(store);
+    let table = inflight::read_releasing(store, released);
     let in_flight = members.in_flight(plan.pool, &table.table);
     // `Snapshot::endpoint_is_fresh`, with the snapshot's own age checked once.
     let stale_after = config.snapshot_stale_after_ms;
@@ -217,10 +224,16 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // a little, a refusal fails the user.
     let position = allowed.as_ref().map_or(chosen, |p| p[chosen]);
     let key = pool_members[position].key;
+    // A backend policy's admission took the count itself, from a fresh read:
+    // the releases wait for the next take.
+    let mut released_written = false;
     let holding = match taken {
         Some(held) => held,
         None => match inflight::add_after(store, table, key, 1) {
-            Ok(_) => Some(key),
+            Ok(_) => {
+                released_written = true;
+                Some(key)
+            }
             Err(err) => {
                 log::warn!("inference-gateway: in-flight count for {endpoint} not taken: {err:?}");
                 None
@@ -245,6 +258,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         destination,
         holding,
         spilled,
+        released_written,
     })
 }
 
@@ -330,6 +344,7 @@ mod tests {
             now_ms: 1_050,
             draw: 0,
             subset: None,
+            released: &[],
         })
     }
 
@@ -345,6 +360,54 @@ mod tests {
         assert_eq!(inflight::count(&inflight::table(&store), key), 1);
         let text = c.explanation.unwrap();
         assert!(text.starts_with("127.0.0.1:2="), "{text}");
+    }
+
+    /// Counts the host gave back but has not written: the decision sees them
+    /// given back, and the take writes them with its own count.
+    #[test]
+    fn held_back_releases_count_as_given_back_and_are_written_by_the_take() {
+        let (cfg, store) = (config(), MemoryStore::default());
+        let snap = snapshot(1_000, [0, 0, 0]);
+        let k = |i: usize| inflight::key(EPS[i]);
+        for (i, n) in [(0, 2), (1, 1), (2, 1)] {
+            for _ in 0..n {
+                inflight::add(&store, k(i), 1).unwrap();
+            }
+        }
+        let plan = plan_route(
+            &cfg,
+            ApiKind::Completions,
+            br#"{"model":"m","prompt":"hi"}"#,
+            None,
+            0,
+        )
+        .unwrap();
+        let members = Membership::new(&cfg, Some(snap));
+        let pick = |released: &[u64]| {
+            choose(&Inputs {
+                config: &cfg,
+                plan: &plan,
+                members: &members,
+                store: &store,
+                now_ms: 1_050,
+                draw: 0,
+                subset: None,
+                released,
+            })
+            .unwrap()
+        };
+        // Both of endpoint 1's streams ended: it is the idle one now.
+        let c = pick(&[k(0), k(0)]);
+        assert_eq!(c.endpoint, EPS[0]);
+        assert!(c.released_written);
+        let counts = |store: &MemoryStore| {
+            let t = inflight::table(store);
+            [0, 1, 2].map(|i| inflight::count(&t, k(i)))
+        };
+        assert_eq!(counts(&store), [1, 1, 1], "two given back, one taken");
+        let c = pick(&[]);
+        assert!(c.released_written, "nothing held back: trivially written");
+        assert_eq!(counts(&store).iter().sum::<u64>(), 4);
     }
 
     #[test]
@@ -439,6 +502,7 @@ mod tests {
                 now_ms: 1_050,
                 draw: 0,
                 subset: Some(subset),
+                released: &[],
             })
         };
         let hint = vec!["127.0.0.1:1".to_string(), " 127.0.0.1:3".to_string()];
