@@ -644,7 +644,7 @@ fn profile_a_chat_request() {
     });
     // Wall time, with fuel metering and the sampler on: for comparing two
     // builds of the module on one quiet machine, not a benchmark.
-    let per_request = started.elapsed() / requests;
+    let per_request = started.elapsed() / requests as u32;
     let total: u64 = rows.iter().map(|r| r.1).sum();
     println!(
         "{name}: {total} samples over {requests} requests on one VM (after its set-up), {per_request:?} per request in this host"
