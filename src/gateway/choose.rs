@@ -335,6 +335,18 @@ mod tests {
         snap: &Snapshot,
         store: &MemoryStore,
     ) -> Result<Choice, Refused> {
+        run_with(cfg, body, snap, store, None, &[])
+    }
+
+    /// [`run`] with a subset hint and held-back releases.
+    fn run_with(
+        cfg: &Config,
+        body: &[u8],
+        snap: &Snapshot,
+        store: &MemoryStore,
+        subset: Option<&[String]>,
+        released: &[u64],
+    ) -> Result<Choice, Refused> {
         let plan = plan_route(cfg, ApiKind::Completions, body, None, 0).unwrap();
         choose(&Inputs {
             config: cfg,
@@ -343,10 +355,12 @@ mod tests {
             store,
             now_ms: 1_050,
             draw: 0,
-            subset: None,
-            released: &[],
+            subset,
+            released,
         })
     }
+
+    const HI: &[u8] = br#"{"model":"m","prompt":"hi"}"#;
 
     #[test]
     fn the_destination_lists_the_choice_then_its_fallbacks_and_the_count_is_taken() {
@@ -374,28 +388,7 @@ mod tests {
                 inflight::add(&store, k(i), 1).unwrap();
             }
         }
-        let plan = plan_route(
-            &cfg,
-            ApiKind::Completions,
-            br#"{"model":"m","prompt":"hi"}"#,
-            None,
-            0,
-        )
-        .unwrap();
-        let members = Membership::new(&cfg, Some(snap));
-        let pick = |released: &[u64]| {
-            choose(&Inputs {
-                config: &cfg,
-                plan: &plan,
-                members: &members,
-                store: &store,
-                now_ms: 1_050,
-                draw: 0,
-                subset: None,
-                released,
-            })
-            .unwrap()
-        };
+        let pick = |released: &[u64]| run_with(&cfg, HI, &snap, &store, None, released).unwrap();
         // Both of endpoint 1's streams ended: it is the idle one now.
         let c = pick(&[k(0), k(0)]);
         assert_eq!(c.endpoint, EPS[0]);
@@ -484,27 +477,7 @@ mod tests {
         let (cfg, store) = (config(), MemoryStore::default());
         // 127.0.0.1:2 is idle and would win; the hint allows 1 and 3 only.
         let snap = snapshot(1_000, [2, 0, 1]);
-        let plan = plan_route(
-            &cfg,
-            ApiKind::Completions,
-            br#"{"model":"m","prompt":"hi"}"#,
-            None,
-            0,
-        )
-        .unwrap();
-        let members = Membership::new(&cfg, Some(snap));
-        let pick = |subset: &[String]| {
-            choose(&Inputs {
-                config: &cfg,
-                plan: &plan,
-                members: &members,
-                store: &store,
-                now_ms: 1_050,
-                draw: 0,
-                subset: Some(subset),
-                released: &[],
-            })
-        };
+        let pick = |subset: &[String]| run_with(&cfg, HI, &snap, &store, Some(subset), &[]);
         let hint = vec!["127.0.0.1:1".to_string(), " 127.0.0.1:3".to_string()];
         let c = pick(&hint).unwrap();
         assert_eq!(c.endpoint, "127.0.0.1:3");
