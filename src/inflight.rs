@@ -81,20 +81,20 @@ pub fn table(store: &dyn SharedStore) -> Vec<u8> {
 
 /// The table as read, with its CAS token: a later [`add_after`] starts from it
 /// instead of reading it again.
-pub struct Read {
+pub struct Read<'a> {
     pub table: Vec<u8>,
     cas: Option<u32>,
     /// The releases `table` is corrected by (see [`read_releasing`]).
-    released: Vec<u64>,
+    released: &'a [u64],
 }
 
 /// Reads the table for counting now and one [`add_after`] later.
-pub fn read(store: &dyn SharedStore) -> Read {
+pub fn read(store: &dyn SharedStore) -> Read<'static> {
     let (value, cas) = store.get(COUNTS_KEY);
     Read {
         table: value.unwrap_or_default(),
         cas,
-        released: Vec::new(),
+        released: &[],
     }
 }
 
@@ -103,18 +103,17 @@ pub fn read(store: &dyn SharedStore) -> Read {
 /// releases `read` was corrected by ([`read_releasing`]) are written with it.
 pub fn add_after(
     store: &dyn SharedStore,
-    read: Read,
+    read: Read<'_>,
     k: u64,
     delta: i64,
 ) -> Result<u64, StoreError> {
-    let released = read.released;
     update(
         store,
         k,
         delta,
         None,
         Some((read.table, read.cas)),
-        &released,
+        read.released,
     )
     .map(|n| n.unwrap_or(0))
 }
@@ -122,17 +121,22 @@ pub fn add_after(
 /// [`read`], with the table corrected by `released`: counts this host gave back
 /// and has not written yet, one key per stream (a key may repeat). A later
 /// [`add_after`] writes them, so the host forgets them once it succeeds.
-pub fn read_releasing(store: &dyn SharedStore, released: &[u64]) -> Read {
-    let mut read = read(store);
-    if !released.is_empty() {
-        read.table
-            .truncate(read.table.len() / ENTRY_BYTES * ENTRY_BYTES);
-        for &k in released {
-            let _ = change(&mut read.table, k, -1, None);
-        }
-        read.released = released.to_vec();
+pub fn read_releasing<'a>(store: &dyn SharedStore, released: &'a [u64]) -> Read<'a> {
+    let (value, cas) = store.get(COUNTS_KEY);
+    Read {
+        table: given_back(value.unwrap_or_default(), released),
+        cas,
+        released,
     }
-    read
+}
+
+/// `table` cut to whole entries, with one count of each of `released` given back.
+fn given_back(mut table: Vec<u8>, released: &[u64]) -> Vec<u8> {
+    table.truncate(table.len() / ENTRY_BYTES * ENTRY_BYTES);
+    for &k in released {
+        let _ = change(&mut table, k, -1, None);
+    }
+    table
 }
 
 /// Writes held-back releases (one key per stream; unknown keys change nothing).
@@ -194,12 +198,7 @@ fn update(
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (mut bytes, cas) = first.take().unwrap_or_else(|| {
             let (value, cas) = store.get(COUNTS_KEY);
-            let mut bytes = value.unwrap_or_default();
-            bytes.truncate(bytes.len() / ENTRY_BYTES * ENTRY_BYTES);
-            for &r in released {
-                let _ = change(&mut bytes, r, -1, None);
-            }
-            (bytes, cas)
+            (given_back(value.unwrap_or_default(), released), cas)
         });
         bytes.truncate(bytes.len() / ENTRY_BYTES * ENTRY_BYTES);
         let next = match change(&mut bytes, k, delta, cap)? {
@@ -477,7 +476,8 @@ mod tests {
         assert_eq!((count(&table(&s), a), count(&table(&s), b)), (1, 2));
 
         // Another writer between the read and the take: re-read, re-corrected.
-        let r = read_releasing(&s, &[b]);
+        let held = [b];
+        let r = read_releasing(&s, &held);
         add(&s, a, 1).unwrap();
         assert_eq!(add_after(&s, r, a, 1).unwrap(), 3);
         assert_eq!((count(&table(&s), a), count(&table(&s), b)), (3, 1));
