@@ -3,6 +3,7 @@
 //! `deploy::envoy_config::Routing`. The harness itself is `src/bin/bench.rs` (feature `bench`); see
 //! BENCHMARKS.md.
 
+pub mod callgrind;
 pub mod machine;
 pub mod report;
 pub mod safety_stream;

@@ -11,6 +11,7 @@
 
 use clap::{Parser, Subcommand};
 use futures_util::future::join_all;
+use inference_gateway::bench::callgrind::{self, InstructionResults, InstructionRow};
 use inference_gateway::bench::machine;
 use inference_gateway::bench::report::{
     self, OverheadRep, OverheadResults, OverheadRow, RoutingPoint, RoutingResults, RunMeta,
@@ -43,6 +44,10 @@ enum Suite {
     /// floor (a minimal body-based router in Wasm) vs the filter vs an ext_proc
     /// picker.
     Overhead(Common),
+    /// Machine instructions per request in Envoy (and the picker), counted
+    /// under valgrind's callgrind: plain vs floor vs filter vs ext_proc without
+    /// the overhead suite's timing noise.
+    Instructions(Common),
     /// TTFT, latency, throughput and goodput of routing policies over 8 replicas.
     Routing(Common),
     /// The scheduler alone, natively, in process: `scheduling::schedule` and the
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.suite {
         Suite::Overhead(c) => overhead(&c),
+        Suite::Instructions(c) => instructions(&c),
         Suite::Routing(c) => routing(&c),
         Suite::Scheduler(c) => scheduler(&c),
         Suite::SafetyStream(c) => safety_stream(&c),
@@ -305,7 +311,14 @@ fn envoy_elf() -> Res<PathBuf> {
 }
 
 /// Starts Envoy on `yaml` and waits for its admin `/ready` and the gateway port.
-fn start_envoy(yaml: &str, admin_port: u16, gateway_port: u16, dir: &Path) -> Res<Envoy> {
+/// `counted`: under callgrind (the `instructions` suite), its dumps in `dir`.
+fn start_envoy(
+    yaml: &str,
+    admin_port: u16,
+    gateway_port: u16,
+    dir: &Path,
+    counted: bool,
+) -> Res<Envoy> {
     let config = dir.join(format!("envoy-{gateway_port}.yaml"));
     std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
     let settings = EnvoySettings {
@@ -314,8 +327,14 @@ fn start_envoy(yaml: &str, admin_port: u16, gateway_port: u16, dir: &Path) -> Re
         ..EnvoySettings::demo()
     };
     let args = envoy_config::envoy_args(&settings, &config.to_string_lossy());
-    let mut cmd = Command::new(envoy_elf()?);
-    cmd.args(&args).current_dir(dir);
+    let mut cmd = if counted {
+        callgrind::wrap(&envoy_elf()?, &args, dir)
+    } else {
+        let mut cmd = Command::new(envoy_elf()?);
+        cmd.args(&args);
+        cmd
+    };
+    cmd.current_dir(dir);
     let mut guard = ChildGuard::spawn(
         "envoy",
         &mut cmd,
@@ -323,7 +342,9 @@ fn start_envoy(yaml: &str, admin_port: u16, gateway_port: u16, dir: &Path) -> Re
     )
     .map_err(|e| e.to_string())?;
     let ready = format!("http://127.0.0.1:{admin_port}/ready");
-    process::wait_until("envoy", Duration::from_secs(30), || {
+    // Under valgrind start-up takes tens of seconds even uninstrumented.
+    let patience = Duration::from_secs(if counted { 300 } else { 30 });
+    process::wait_until("envoy", patience, || {
         if let Err(e) = guard.check_running() {
             return Check::Failed(e.to_string());
         }
@@ -337,7 +358,7 @@ fn start_envoy(yaml: &str, admin_port: u16, gateway_port: u16, dir: &Path) -> Re
         format!("127.0.0.1:{gateway_port}")
             .parse()
             .map_err(|_| "addr")?,
-        Duration::from_secs(10),
+        Duration::from_secs(if counted { 60 } else { 10 }),
     )
     .map_err(|e| e.to_string())?;
     Ok(Envoy {
@@ -446,6 +467,22 @@ impl Pusher {
     }
 }
 
+impl Pusher {
+    /// One push of `snapshot`, now.
+    fn once(url: &str, snapshot: Snapshot) -> Res<()> {
+        let auth = format!("Bearer {TOKEN}");
+        match process::http_request(
+            "POST",
+            url,
+            Some(&snapshot.encode()),
+            &[("authorization", &auth)],
+        ) {
+            Ok((s, _)) if s < 300 => Ok(()),
+            other => Err(format!("snapshot push to {url}: {other:?}")),
+        }
+    }
+}
+
 impl Drop for Pusher {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -536,8 +573,36 @@ struct OhaRun {
 /// the request's scheduled time) or, with `rate == None`, closed loop at
 /// `connections` for throughput.
 fn oha(url: &str, body_file: &Path, secs: u64, rate: Option<f64>, connections: u32) -> Res<OhaRun> {
+    oha_run(
+        url,
+        body_file,
+        ["-z".into(), format!("{secs}s")],
+        rate,
+        connections,
+    )
+}
+
+/// Exactly `n` requests, closed loop at `connections`.
+fn oha_n(url: &str, body_file: &Path, n: u64, connections: u32) -> Res<OhaRun> {
+    oha_run(
+        url,
+        body_file,
+        ["-n".into(), n.to_string()],
+        None,
+        connections,
+    )
+}
+
+fn oha_run(
+    url: &str,
+    body_file: &Path,
+    length: [String; 2],
+    rate: Option<f64>,
+    connections: u32,
+) -> Res<OhaRun> {
     let mut cmd = Command::new(oha_bin()?);
-    cmd.args(["-z", &format!("{secs}s"), "-c", &connections.to_string()])
+    cmd.args(length)
+        .args(["-c", &connections.to_string()])
         .args(["--no-tui", "--output-format", "json", "-m", "POST"])
         .args(["-H", "content-type: application/json", "-D"])
         .arg(body_file);
@@ -601,6 +666,56 @@ struct OverheadPlan {
     saturation_s: u64,
 }
 
+/// The overhead and instructions suites' two upstreams: zero-cost simulators.
+fn overhead_sims(tmp: &Path) -> Res<([Sim; 2], Vec<String>)> {
+    let sim_args: Vec<String> = [
+        "--per-token-ms",
+        "0",
+        "--ttft-ms",
+        "0",
+        "--max-num-seqs",
+        "512",
+        "--num-gpu-blocks",
+        "65536",
+        "--max-num-batched-tokens",
+        "1000000",
+        // 4 MiB bodies: keeping a thousand of them would take gigabytes.
+        "--record-capacity",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let sims = [
+        start_sim("sim-0", &sim_args, tmp)?,
+        start_sim("sim-1", &sim_args, tmp)?,
+    ];
+    let live = sims.iter().map(Sim::endpoint).collect();
+    Ok((sims, live))
+}
+
+/// A request body file per size, in `tmp`.
+fn body_files(sizes: &[usize], tmp: &Path) -> Res<Vec<(usize, PathBuf)>> {
+    sizes
+        .iter()
+        .map(|&b| {
+            let p = tmp.join(format!("body-{b}.json"));
+            std::fs::write(&p, body_of(b)).map(|()| (b, p))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())
+}
+
+/// (variant, endpoints) in report::OVERHEAD_VARIANTS order: plain and the
+/// floor need no pool (both route over the live simulators only).
+fn overhead_configs(endpoints: &[usize]) -> Vec<(&'static str, usize)> {
+    let mut configs: Vec<(&str, usize)> = vec![("plain", 0), ("floor", 0)];
+    for variant in ["filter", "ext_proc", "ext_proc_fd"] {
+        configs.extend(endpoints.iter().map(|&n| (variant, n)));
+    }
+    configs
+}
+
 /// The latency runs' constant rate for a body size: 200 requests per second up to
 /// 256 KB; at 4 MiB 5 (every variant saturates at 35 to 45 per second there on
 /// two cores, the simulators parsing the bodies included, and a
@@ -653,112 +768,17 @@ fn overhead(c: &Common) -> Res<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
 
-    let sim_args: Vec<String> = [
-        "--per-token-ms",
-        "0",
-        "--ttft-ms",
-        "0",
-        "--max-num-seqs",
-        "512",
-        "--num-gpu-blocks",
-        "65536",
-        "--max-num-batched-tokens",
-        "1000000",
-        // 4 MiB bodies: keeping a thousand of them would take gigabytes.
-        "--record-capacity",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let sims = [
-        start_sim("sim-0", &sim_args, &tmp)?,
-        start_sim("sim-1", &sim_args, &tmp)?,
-    ];
-    let live: Vec<String> = sims.iter().map(Sim::endpoint).collect();
-    let bodies: Vec<(usize, PathBuf)> = plan
-        .bodies
-        .iter()
-        .map(|&b| {
-            let p = tmp.join(format!("body-{b}.json"));
-            std::fs::write(&p, body_of(b)).map(|()| (b, p))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-
-    // (variant, endpoints) in report::OVERHEAD_VARIANTS order: plain and the
-    // floor need no pool (both route over the live simulators only).
-    let mut configs: Vec<(&str, usize)> = vec![("plain", 0), ("floor", 0)];
-    for &n in &plan.endpoints {
-        configs.push(("filter", n));
-    }
-    for &n in &plan.endpoints {
-        configs.push(("ext_proc", n));
-    }
-    for &n in &plan.endpoints {
-        configs.push(("ext_proc_fd", n));
-    }
+    let (_sims, live) = overhead_sims(&tmp)?;
+    let bodies = body_files(&plan.bodies, &tmp)?;
+    let mut configs = overhead_configs(&plan.endpoints);
     configs.retain(|(v, _)| wanted(v));
     let mut rows = Vec::new();
     for (variant, n) in configs {
-        let (gw, control, admin) = ports()?;
-        let eps = pool_endpoints(&live, n.max(live.len()));
-        let gateway_config = json!({
-            "pools": [{"name": POOL, "endpoints": eps}],
-            "default_pool": POOL,
-        });
-        let mut picker: Option<ChildGuard> = None;
-        let (yaml, push_url) = match variant {
-            "plain" => {
-                let live_pool = json!({"pools": [{"name": POOL, "endpoints": live}]});
-                let rr = Routing::EnvoyLb(LbPolicy::RoundRobin);
-                (envoy_yaml(rr, live_pool, gw, control, admin), None)
-            }
-            "floor" => (floor_envoy_yaml(&live, gw, control, admin), None),
-            "filter" => (
-                envoy_yaml(
-                    Routing::WasmFilter,
-                    gateway_config.clone(),
-                    gw,
-                    control,
-                    admin,
-                ),
-                Some(format!("http://127.0.0.1:{control}/v1/snapshot")),
-            ),
-            _ => {
-                // The endpoint-picker either way; Envoy's ext_proc settings pick the
-                // body mode: BUFFERED (headers and the whole body, the destination
-                // header back; responses skipped) or the Endpoint Picker Protocol's
-                // FULL_DUPLEX_STREAMED (bodies streamed both ways, responses too).
-                let grpc = process::free_port().map_err(|e| e.to_string())?;
-                picker = Some(start_picker(&gateway_config, grpc, control, &tmp)?);
-                let grpc = format!("127.0.0.1:{grpc}");
-                let routing = if variant == "ext_proc_fd" {
-                    Routing::EndpointPicker {
-                        grpc,
-                        lb: PickerLb::OriginalDst,
-                        failure_mode: FailureMode::FailClose,
-                    }
-                } else {
-                    Routing::ExtProc { grpc }
-                };
-                (
-                    envoy_yaml(routing, gateway_config.clone(), gw, control, admin),
-                    Some(format!("http://127.0.0.1:{control}/v1/snapshot")),
-                )
-            }
-        };
-        let envoy = start_envoy(&yaml, admin, gw, &tmp)?;
-        let _pusher = match push_url {
-            Some(u) => {
-                let eps = eps.clone();
-                let nlive = live.len();
-                Some(Pusher::start(u, move |now, seq| {
-                    overhead_snapshot(&eps, nlive, now, seq)
-                })?)
-            }
-            None => None,
-        };
+        let Variant {
+            envoy,
+            picker,
+            pusher: _pusher,
+        } = start_variant(variant, n, &live, &tmp, false)?;
         let url = format!("{}/v1/completions", envoy.url);
         for (size, file) in &bodies {
             let rate = overhead_rate(*size);
@@ -828,15 +848,114 @@ fn overhead(c: &Common) -> Res<()> {
     finish(c, &out)
 }
 
+/// One compared variant running: its Envoy, the picker (ext_proc variants) and
+/// the snapshot pusher (variants with a pool).
+struct Variant {
+    envoy: Envoy,
+    picker: Option<ChildGuard>,
+    pusher: Option<Pusher>,
+}
+
+/// Starts `variant` over a pool of `n` endpoints (`live` first; plain and the
+/// floor route over `live` alone). `counted`: Envoy and the picker run under
+/// callgrind and one snapshot is pushed, fresh for the whole count (see
+/// `instructions`), instead of one every 300 ms.
+fn start_variant(
+    variant: &str,
+    n: usize,
+    live: &[String],
+    tmp: &Path,
+    counted: bool,
+) -> Res<Variant> {
+    let (gw, control, admin) = ports()?;
+    let eps = pool_endpoints(live, n.max(live.len()));
+    let mut gateway_config = json!({
+        "pools": [{"name": POOL, "endpoints": eps}],
+        "default_pool": POOL,
+    });
+    if counted {
+        gateway_config["snapshot_stale_after_ms"] = json!(COUNTED_STALE_AFTER_MS);
+    }
+    let mut picker: Option<ChildGuard> = None;
+    let (yaml, push_url) = match variant {
+        "plain" => {
+            let live_pool = json!({"pools": [{"name": POOL, "endpoints": live}]});
+            let rr = Routing::EnvoyLb(LbPolicy::RoundRobin);
+            (envoy_yaml(rr, live_pool, gw, control, admin), None)
+        }
+        "floor" => (floor_envoy_yaml(live, gw, control, admin), None),
+        "filter" => (
+            envoy_yaml(
+                Routing::WasmFilter,
+                gateway_config.clone(),
+                gw,
+                control,
+                admin,
+            ),
+            Some(format!("http://127.0.0.1:{control}/v1/snapshot")),
+        ),
+        _ => {
+            // The endpoint-picker either way; Envoy's ext_proc settings pick the
+            // body mode: BUFFERED (headers and the whole body, the destination
+            // header back; responses skipped) or the Endpoint Picker Protocol's
+            // FULL_DUPLEX_STREAMED (bodies streamed both ways, responses too).
+            let grpc = process::free_port().map_err(|e| e.to_string())?;
+            picker = Some(start_picker(&gateway_config, grpc, control, tmp, counted)?);
+            let grpc = format!("127.0.0.1:{grpc}");
+            let routing = if variant == "ext_proc_fd" {
+                Routing::EndpointPicker {
+                    grpc,
+                    lb: PickerLb::OriginalDst,
+                    failure_mode: FailureMode::FailClose,
+                }
+            } else {
+                Routing::ExtProc { grpc }
+            };
+            (
+                envoy_yaml(routing, gateway_config.clone(), gw, control, admin),
+                Some(format!("http://127.0.0.1:{control}/v1/snapshot")),
+            )
+        }
+    };
+    let envoy = start_envoy(&yaml, admin, gw, tmp, counted)?;
+    let nlive = live.len();
+    let pusher = match push_url {
+        Some(u) if counted => {
+            Pusher::once(&u, overhead_snapshot(&eps, nlive, now_ms(), 1))?;
+            None
+        }
+        Some(u) => Some(Pusher::start(u, move |now, seq| {
+            overhead_snapshot(&eps, nlive, now, seq)
+        })?),
+        None => None,
+    };
+    Ok(Variant {
+        envoy,
+        picker,
+        pusher,
+    })
+}
+
+/// The counted runs' `snapshot_stale_after_ms`: one snapshot pushed before the
+/// count stays fresh through it (pushes during the count would be counted, and
+/// how many fall in it depends on valgrind's speed).
+const COUNTED_STALE_AFTER_MS: u64 = 600_000;
+
 /// The `endpoint-picker` with the plugin configuration only (static members, no
 /// discovery), plain-text gRPC, snapshots pushed to its ingest listener as to the
 /// filter's control listener; no health or metrics listeners.
-fn start_picker(gateway_config: &Value, grpc: u16, ingest: u16, dir: &Path) -> Res<ChildGuard> {
+/// `counted`: under callgrind, its dumps in `dir`.
+fn start_picker(
+    gateway_config: &Value,
+    grpc: u16,
+    ingest: u16,
+    dir: &Path,
+    counted: bool,
+) -> Res<ChildGuard> {
     let cfg = dir.join(format!("picker-{grpc}.json"));
     std::fs::write(&cfg, json!({"plugin": gateway_config}).to_string())
         .map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(sibling("endpoint-picker")?);
-    cmd.args([
+    let args: Vec<String> = [
         "--grpc",
         &format!("127.0.0.1:{grpc}"),
         "--ingest",
@@ -846,11 +965,21 @@ fn start_picker(gateway_config: &Value, grpc: u16, ingest: u16, dir: &Path) -> R
         "--metrics",
         "",
         "--insecure",
-    ])
-    .arg("--config")
-    .arg(&cfg)
-    .env("IGW_INGEST_TOKEN", TOKEN)
-    .env("RUST_LOG", "warn");
+        "--config",
+        &cfg.to_string_lossy(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let program = sibling("endpoint-picker")?;
+    let mut cmd = if counted {
+        callgrind::wrap(&program, &args, dir)
+    } else {
+        let mut cmd = Command::new(program);
+        cmd.args(&args);
+        cmd
+    };
+    cmd.env("IGW_INGEST_TOKEN", TOKEN).env("RUST_LOG", "warn");
     let mut g = ChildGuard::spawn(
         "endpoint-picker",
         &mut cmd,
@@ -859,11 +988,128 @@ fn start_picker(gateway_config: &Value, grpc: u16, ingest: u16, dir: &Path) -> R
     .map_err(|e| e.to_string())?;
     for port in [grpc, ingest] {
         let addr = format!("127.0.0.1:{port}").parse().map_err(|_| "addr")?;
-        process::wait_for_tcp(addr, Duration::from_secs(10))
+        process::wait_for_tcp(addr, Duration::from_secs(if counted { 120 } else { 10 }))
             .map_err(|e| format!("{e}; picker log: {}", g.log_tail(2000)))?;
     }
     g.check_running().map_err(|e| e.to_string())?;
     Ok(g)
+}
+
+// ---------------------------------------------------------------- instructions
+
+/// Requests counted per point, after warm-up: at 1 KB two counts of the same
+/// binaries agree within 0.1 %; larger bodies are slow under valgrind.
+fn counted_requests(body_bytes: usize) -> u64 {
+    match body_bytes {
+        b if b >= 1 << 20 => 20,
+        b if b >= 64 << 10 => 100,
+        _ => 300,
+    }
+}
+
+/// The instructions suite: each overhead variant's Envoy (and picker) under
+/// callgrind, instructions per request counted over a fixed number of requests
+/// (4 connections, closed loop) after a warm-up.
+fn instructions(c: &Common) -> Res<()> {
+    if !callgrind::available() {
+        return Err("valgrind and callgrind_control are needed (apt install valgrind)".into());
+    }
+    let (bodies, endpoints) = if c.quick {
+        (vec![1024], vec![10])
+    } else {
+        (vec![1024, 16 * 1024, 256 * 1024], vec![10, 100, 1000])
+    };
+    let bodies = if c.bodies.is_empty() {
+        bodies
+    } else {
+        c.bodies.clone()
+    };
+    let endpoints = if c.endpoints.is_empty() {
+        endpoints
+    } else {
+        c.endpoints.clone()
+    };
+    let wanted = |v: &str| c.variants.is_empty() || c.variants.iter().any(|w| w == v);
+    let out = out_dir(c)?;
+    let (mut meta, started) = start_meta("instructions", c);
+    let tmp = tempdir("instructions")?;
+    let (_sims, live) = overhead_sims(&tmp)?;
+    let bodies = body_files(&bodies, &tmp)?;
+    let mut configs = overhead_configs(&endpoints);
+    configs.retain(|(v, _)| wanted(v));
+    let mut rows = Vec::new();
+    for (variant, n) in configs {
+        let v = start_variant(variant, n, &live, &tmp, true)?;
+        let url = format!("{}/v1/completions", v.envoy.url);
+        let counter = |g: &ChildGuard| {
+            g.id()
+                .map(|pid| callgrind::Counter::new(pid, &tmp))
+                .ok_or_else(|| format!("{} is not running", g.name()))
+        };
+        let envoy = counter(&v.envoy.guard)?;
+        let picker = v.picker.as_ref().map(counter).transpose()?;
+        let counters: Vec<&callgrind::Counter> =
+            std::iter::once(&envoy).chain(picker.as_ref()).collect();
+        for (size, file) in &bodies {
+            let requests = counted_requests(*size);
+            oha_n(&url, file, requests / 2, 4)?;
+            for k in &counters {
+                k.instrument(true)?;
+            }
+            // Valgrind translates the code again once instrumented.
+            oha_n(&url, file, 20, 4)?;
+            for k in &counters {
+                k.zero()?;
+            }
+            let run = oha_n(&url, file, requests, 4)?;
+            let envoy_ir = envoy.dump()?;
+            let picker_ir = picker.as_ref().map(|p| p.dump()).transpose()?;
+            for k in &counters {
+                k.instrument(false)?;
+            }
+            if run.ok != requests {
+                return Err(format!(
+                    "{variant} n={n} body={size}: {} of {requests} requests answered 2xx (see {})",
+                    run.ok,
+                    tmp.display()
+                ));
+            }
+            let row = InstructionRow {
+                variant: variant.into(),
+                endpoints: n,
+                body_bytes: *size,
+                requests,
+                envoy: envoy_ir / requests,
+                picker: picker_ir.unwrap_or(0) / requests,
+            };
+            println!(
+                "{variant:11} n={n:4} body={size:6}: envoy {} picker {} instructions per request",
+                callgrind::thousands(row.envoy),
+                callgrind::thousands(row.picker)
+            );
+            rows.push(row);
+        }
+    }
+    finish_meta(&mut meta, started);
+    let results = InstructionResults {
+        meta,
+        method: format!(
+            "Machine instructions executed per request ({}, callgrind `Ir`), counted over a fixed number of requests after a warm-up (300 at 1 KB, 100 at 16 and 256 KB; `oha -n N -c 4`, closed loop), Envoy with `--concurrency 2`, the picker for the ext_proc variants. One snapshot of the pool is pushed before the count and stays fresh through it (`snapshot_stale_after_ms` {COUNTED_STALE_AFTER_MS}), so no push is counted. Timer work (the filter's 100 ms tick, its 10 ms snapshot-version check) falls on fewer requests than at full speed: it is counted a little high. A count is not a time (a cache miss costs no instruction): this table complements the overhead suite's CPU per request, it does not replace it.",
+            valgrind_version()
+        ),
+        rows,
+    };
+    write_json(&out.join("instructions.json"), &results)?;
+    println!("{}", callgrind::section(&results));
+    finish(c, &out)
+}
+
+fn valgrind_version() -> String {
+    Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------- scheduler
@@ -1224,7 +1470,7 @@ impl RoutingStack {
                 )
             }
         };
-        let envoy = start_envoy(&yaml, admin, gw, dir)?;
+        let envoy = start_envoy(&yaml, admin, gw, dir, false)?;
         let collector = if collector {
             Some(start_collector(&eps, control, dir)?)
         } else {
@@ -1479,7 +1725,7 @@ fn safety_stream(c: &Common) -> Res<()> {
             routing: Routing::WasmFilter,
             ..EnvoySettings::demo()
         };
-        let envoy = start_envoy(&envoy_config::render(&settings), admin, gw, &dir)?;
+        let envoy = start_envoy(&envoy_config::render(&settings), admin, gw, &dir, false)?;
         let url = format!("{}/v1/chat/completions", envoy.url);
         let body = json!({"model": "chat", "stream": true, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}]});
@@ -1588,6 +1834,21 @@ fn render_all(dir: &Path, md: &Path) -> Res<()> {
             "{text}\n## Safety: hold and release\n\nWhat screening streamed responses costs a client \
              (`bench safety-stream`; the modes are explained in [docs/safety.md](docs/safety.md#streamed-responses-hold-or-detect)).\n\n{}",
             inference_gateway::bench::safety_stream::section(&r)
+        ),
+        None => text,
+    };
+    // The instructions suite's counts, after the overhead suite's times.
+    let text = match read("instructions.json")
+        .and_then(|b| serde_json::from_slice::<InstructionResults>(&b).ok())
+    {
+        Some(r) => text.replacen(
+            "### The scheduler alone",
+            &format!(
+                "### Instructions per request (callgrind)\n\nThe same variants counted instead of timed \
+                 (`bench instructions`, [src/bench/callgrind.rs](src/bench/callgrind.rs)).\n\n{}### The scheduler alone",
+                callgrind::section(&r)
+            ),
+            1,
         ),
         None => text,
     };
