@@ -369,6 +369,43 @@ fn releases_under_load_ride_on_the_next_take_or_the_tick() {
     );
 }
 
+#[test]
+fn under_load_a_worker_reads_a_prefix_slot_once_per_10_ms() {
+    let host = Host::new();
+    let mut w = gateway(&host, &config());
+    // Two full 256-byte blocks: the prompt has a prefix-index slot.
+    let body = json!({"model": "food-review",
+        "messages": [{"role": "user", "content": "a long shared system prompt ".repeat(20)}]})
+    .to_string();
+    let slot_reads = |w: &mut Vm| {
+        w.reset_host_calls();
+        let (s, _) = chat(w, &body);
+        let n = w
+            .shared_reads()
+            .iter()
+            .filter(|k| k.starts_with("igw.prefix"))
+            .count();
+        (s, n)
+    };
+    let (alone, n) = slot_reads(&mut w);
+    assert_eq!(n, 1, "the first request reads its slot");
+    // Under load (`alone` still open): read once, then served from the copy.
+    let (s1, n1) = slot_reads(&mut w);
+    let (s2, n2) = slot_reads(&mut w);
+    assert_eq!((n1, n2), (1, 0), "read, then the worker's copy");
+    w.advance_ms(10);
+    let (s3, n3) = slot_reads(&mut w);
+    assert_eq!(n3, 1, "a copy 10 ms old is read again");
+    for s in [s1, s2, s3, alone] {
+        w.end(s);
+    }
+    // Alone again: every request reads the host.
+    let (s4, n4) = slot_reads(&mut w);
+    assert_eq!(n4, 1);
+    w.end(s4);
+    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (0, 0));
+}
+
 fn snapshot(generated_at_ms: u64, sequence: u64, endpoints: Vec<EndpointMetrics>) -> Snapshot {
     Snapshot {
         generated_at_ms,

@@ -997,6 +997,11 @@ fn start_picker(
 
 // ---------------------------------------------------------------- instructions
 
+/// Connections of the counted runs' closed loop (as in the overhead suite's
+/// saturation runs: every worker has other requests open, the regime the
+/// filter's batching is made for).
+const COUNTED_CONNECTIONS: u32 = 32;
+
 /// Requests counted per point, after warm-up: at 1 KB two counts of the same
 /// binaries agree within 0.1 %; larger bodies are slow under valgrind.
 fn counted_requests(body_bytes: usize) -> u64 {
@@ -1052,16 +1057,16 @@ fn instructions(c: &Common) -> Res<()> {
             std::iter::once(&envoy).chain(picker.as_ref()).collect();
         for (size, file) in &bodies {
             let requests = counted_requests(*size);
-            oha_n(&url, file, requests / 2, 4)?;
+            oha_n(&url, file, requests / 2, COUNTED_CONNECTIONS)?;
             for k in &counters {
                 k.instrument(true)?;
             }
             // Valgrind translates the code again once instrumented.
-            oha_n(&url, file, 20, 4)?;
+            oha_n(&url, file, 20, COUNTED_CONNECTIONS)?;
             for k in &counters {
                 k.zero()?;
             }
-            let run = oha_n(&url, file, requests, 4)?;
+            let run = oha_n(&url, file, requests, COUNTED_CONNECTIONS)?;
             let envoy_ir = envoy.dump()?;
             let picker_ir = picker.as_ref().map(|p| p.dump()).transpose()?;
             for k in &counters {

@@ -263,6 +263,8 @@ impl Picker {
             plan,
             members: &members,
             store: &self.store,
+            // One process: every read is a lock and a clone, not a host call.
+            prefix_store: &self.store,
             now_ms,
             draw,
             subset,

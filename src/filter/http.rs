@@ -147,6 +147,7 @@ impl GatewayStream {
                 plan,
                 members: &members,
                 store: &HostStore,
+                prefix_store: &store::RecentSlots { now_ms },
                 now_ms,
                 draw,
                 subset: None,

@@ -241,6 +241,7 @@ mod tests {
             plan: &plan,
             members,
             store,
+            prefix_store: store,
             now_ms: 1_050,
             draw: 7,
             subset: None,

@@ -18,8 +18,11 @@ pub struct Inputs<'a> {
     /// The pools' members under the latest snapshot from the collector (if any
     /// arrived), with its metrics.
     pub members: &'a Membership,
-    /// Shared data: in-flight counters and the prefix index.
+    /// Shared data: the in-flight counters.
     pub store: &'a dyn SharedStore,
+    /// Shared data: the prefix index (the same store, or one that serves a
+    /// worker's recent reads again: the index is a hint, not a count).
+    pub prefix_store: &'a dyn SharedStore,
     pub now_ms: u64,
     /// A uniform random `u32` for the picker's tie-break.
     pub draw: u32,
@@ -67,6 +70,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         plan,
         members,
         store,
+        prefix_store,
         now_ms,
         draw,
         subset,
@@ -99,7 +103,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     } else {
         Vec::new()
     };
-    let index = PrefixIndex::new(store, pc.index_slots, pc.ttl_ms);
+    let index = PrefixIndex::new(prefix_store, pc.index_slots, pc.ttl_ms);
     let matches = if hashes.is_empty() {
         Default::default()
     } else {
@@ -353,6 +357,7 @@ mod tests {
             plan: &plan,
             members: &Membership::new(cfg, Some(snap.clone())),
             store,
+            prefix_store: store,
             now_ms: 1_050,
             draw: 0,
             subset,

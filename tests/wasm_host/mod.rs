@@ -100,6 +100,8 @@ struct HostState {
     rng: u64,
     /// How often the filter called each host function (see [`Vm::host_calls`]).
     host_calls: HashMap<&'static str, u64>,
+    /// The shared-data keys it read, in order (see [`Vm::shared_reads`]).
+    shared_reads: Vec<String>,
     /// Bytes the host copied into the module's memory (buffers, headers, shared
     /// data, properties) and read out of it (keys, values, bodies it set).
     bytes_in: u64,
@@ -521,6 +523,7 @@ fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, HostState>, kp: i32, kl: i32, rp: i32, rs: i32, rcas: i32| {
             counted(&mut c, "proxy_get_shared_data");
             let key = read_str(&mut c, kp, kl);
+            c.data_mut().shared_reads.push(key.clone());
             let found = c.data().shared.lock().unwrap().entries.get(&key).cloned();
             let Some((value, cas)) = found else {
                 return NOT_FOUND;
@@ -1116,6 +1119,12 @@ impl Vm {
 
     pub fn reset_host_calls(&mut self) {
         self.store.data_mut().host_calls.clear();
+        self.store.data_mut().shared_reads.clear();
+    }
+
+    /// The shared-data keys read since the last [`Vm::reset_host_calls`].
+    pub fn shared_reads(&self) -> Vec<String> {
+        self.store.data().shared_reads.clone()
     }
 
     /// What the module cost since the last [`Vm::reset_cost`]: instructions
@@ -1134,6 +1143,7 @@ impl Vm {
         self.fuel_mark = self.store.get_fuel().expect("fuel is enabled");
         let st = self.store.data_mut();
         st.host_calls.clear();
+        st.shared_reads.clear();
         st.bytes_in = 0;
         st.bytes_out = 0;
     }
