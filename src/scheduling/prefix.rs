@@ -5,7 +5,7 @@
 //! covers everything before it), as vLLM's automatic prefix cache does, so equal
 //! hashes mean equal prefixes. The index lives in shared data so every Envoy worker
 //! sees what the others routed. It is a fixed table of `slots` keys (bounded memory:
-//! up to about 450 bytes a slot): the blocks go in groups of [`BLOCKS_PER_SLOT`], a
+//! up to about 750 bytes a slot): the blocks go in groups of [`BLOCKS_PER_SLOT`], a
 //! group maps to slot `hash of its first block % slots`, which keeps the most
 //! recently used (endpoint, the group's hashes) entries. Collisions and evictions
 //! only make the index forget, never lie: entries carry the full hashes.
@@ -37,8 +37,10 @@ pub fn block_hashes(model: &str, prompt: &str, block_bytes: usize, max_blocks: u
 
 /// Blocks per index slot: one shared-data read covers this many consecutive
 /// blocks. A read is a host call that copies the slot (Envoy takes a lock and calls
-/// back into the module to allocate); per block, a 16 KB prompt cost 64 of them.
-pub const BLOCKS_PER_SLOT: usize = 8;
+/// back into the module to allocate: about 12,000 of Envoy's instructions, `bench
+/// instructions`); per block, a 16 KB prompt cost 64 of them, at 8 per slot 8, at
+/// 16 per slot 4 (with the default 256-byte blocks: a group is 4 KB of prompt).
+pub const BLOCKS_PER_SLOT: usize = 16;
 
 /// One endpoint's recent prompt through one group of [`BLOCKS_PER_SLOT`] blocks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,10 +109,11 @@ impl<'s> PrefixIndex<'s> {
         }
     }
 
-    /// The slot of the group whose first block hashes to `first`. (`igw.prefix8`:
-    /// the per-block layout before it used `igw.prefix`.)
+    /// The slot of the group whose first block hashes to `first`. (Earlier
+    /// layouts used `igw.prefix8`, groups of 8 blocks, and `igw.prefix`, a slot
+    /// per block: a new layout never reads an old one's entries.)
     fn key(&self, first: u64) -> String {
-        format!("igw.prefix8.{}", first % self.slots)
+        format!("igw.prefix16.{}", first % self.slots)
     }
 
     fn read(&self, first: u64) -> (Vec<Entry>, Option<u32>) {
@@ -305,15 +308,27 @@ mod tests {
     /// prompt's entry serves the shorter prompts that start like it.
     #[test]
     fn runs_cross_groups_with_one_read_per_group() {
+        const B: usize = BLOCKS_PER_SLOT;
         let store = MemoryStore::default();
         let ix = PrefixIndex::new(&store, 4096, 60_000);
-        let system = "s".repeat(16 * 11);
-        let long = block_hashes("m", &format!("{system}{}", "x".repeat(16 * 9)), 16, 64);
-        let other = block_hashes("m", &format!("{system}{}", "y".repeat(16 * 9)), 16, 64);
-        assert_eq!((long.len(), other.len()), (20, 20));
+        // Three groups: a whole one, one that differs after 3 blocks, 4 blocks.
+        let system = "s".repeat(16 * (B + 3));
+        let long = block_hashes(
+            "m",
+            &format!("{system}{}", "x".repeat(16 * (B + 1))),
+            16,
+            64,
+        );
+        let other = block_hashes(
+            "m",
+            &format!("{system}{}", "y".repeat(16 * (B + 1))),
+            16,
+            64,
+        );
+        assert_eq!((long.len(), other.len()), (2 * B + 4, 2 * B + 4));
         ix.record(&long, "e1", 0);
         ix.record(&other[..5], "e2", 0);
-        ix.record(&other[8..], "e2", 0); // the second group without the first: no run
+        ix.record(&other[B..], "e2", 0); // the second group without the first: no run
         let reads = store.reads();
         let m = ix.matches(&other, 1);
         assert_eq!(
@@ -321,19 +336,19 @@ mod tests {
             2,
             "groups 0 and 1; group 1 is not whole"
         );
-        assert_eq!((m.get("e1"), m.get("e2")), (Some(11), Some(5)));
+        assert_eq!((m.get("e1"), m.get("e2")), (Some(B + 3), Some(5)));
         ix.record_after(&other, "e2", 1, m);
         let m = ix.matches(&other, 2);
-        assert_eq!((m.get("e1"), m.get("e2")), (Some(11), Some(20)));
-        // The first 13 blocks of `long`: e1's entries cover them.
-        assert_eq!(ix.matches(&long[..13], 2).get("e1"), Some(13));
-        let (reads, (_, cas)) = (store.reads(), store.get(&ix.key(long[8])));
-        ix.record(&long[..13], "e1", 3);
+        assert_eq!((m.get("e1"), m.get("e2")), (Some(B + 3), Some(2 * B + 4)));
+        // The first B + 5 blocks of `long`: e1's entries cover them.
+        assert_eq!(ix.matches(&long[..B + 5], 2).get("e1"), Some(B + 5));
+        let (reads, (_, cas)) = (store.reads(), store.get(&ix.key(long[B])));
+        ix.record(&long[..B + 5], "e1", 3);
         assert_eq!(store.reads() - reads, 3, "one read per group, and ours");
-        assert_eq!(store.get(&ix.key(long[8])).1, cas, "fresh: not rewritten");
-        let (entries, _) = ix.read(long[8]);
+        assert_eq!(store.get(&ix.key(long[B])).1, cas, "fresh: not rewritten");
+        let (entries, _) = ix.read(long[B]);
         let e1 = entries.iter().find(|e| e.endpoint == "e1").unwrap();
-        assert_eq!(e1.blocks.len(), 8, "the longer prompt's entry is kept");
+        assert_eq!(e1.blocks.len(), B, "the longer prompt's entry is kept");
     }
 
     #[test]
