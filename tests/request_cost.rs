@@ -490,17 +490,7 @@ fn table(figures: &BTreeMap<String, Figures>, order: &[Scenario]) -> String {
          | scenario | instructions: request | response | total | host calls | bytes in | bytes out |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );
-    let n = |v: u64| {
-        let s = v.to_string();
-        let mut out = String::new();
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i).is_multiple_of(3) {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        out
-    };
+    let n = inference_gateway::bench::report::thousands;
     for sc in order {
         let f = &figures[sc.name];
         md.push_str(&format!(

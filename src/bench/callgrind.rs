@@ -15,7 +15,7 @@
 //! compiles the Wasm module at run time: `--smc-check=all-non-file` makes
 //! valgrind see the generated code.
 
-use super::report::{human_bytes, RunMeta};
+use super::report::{human_bytes, thousands, RunMeta};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -195,19 +195,6 @@ pub fn section(r: &InstructionResults) -> String {
     o
 }
 
-/// `1234567` → `1,234,567`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,13 +206,5 @@ mod tests {
         assert_eq!(summary(dump), Some(148_414_641));
         assert_eq!(summary("events: Ir\nsummary: \n"), None);
         assert_eq!(summary("events: Ir\n"), None);
-    }
-
-    #[test]
-    fn thousands_are_grouped() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(148_414_641), "148,414,641");
     }
 }

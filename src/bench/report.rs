@@ -308,6 +308,19 @@ fn envoy_cpu_table(r: &OverheadResults) -> String {
     o
 }
 
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 pub fn human_bytes(b: usize) -> String {
     if b >= 1024 && b.is_multiple_of(1024) {
         format!("{} KB", b / 1024)
@@ -455,6 +468,14 @@ pub fn overhead_csv(r: &OverheadResults) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(148_414_641), "148,414,641");
+    }
 
     fn rep(p50: f64, p99: f64) -> OverheadRep {
         OverheadRep {

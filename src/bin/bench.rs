@@ -1089,8 +1089,8 @@ fn instructions(c: &Common) -> Res<()> {
             };
             println!(
                 "{variant:11} n={n:4} body={size:6}: envoy {} picker {} instructions per request",
-                callgrind::thousands(row.envoy),
-                callgrind::thousands(row.picker)
+                report::thousands(row.envoy),
+                report::thousands(row.picker)
             );
             rows.push(row);
         }
@@ -1099,7 +1099,7 @@ fn instructions(c: &Common) -> Res<()> {
     let results = InstructionResults {
         meta,
         method: format!(
-            "Machine instructions executed per request ({}, callgrind `Ir`), counted over a fixed number of requests after a warm-up (300 at 1 KB, 100 at 16 and 256 KB; `oha -n N -c 4`, closed loop), Envoy with `--concurrency 2`, the picker for the ext_proc variants. One snapshot of the pool is pushed before the count and stays fresh through it (`snapshot_stale_after_ms` {COUNTED_STALE_AFTER_MS}), so no push is counted. Timer work (the filter's 100 ms tick, its 10 ms snapshot-version check) falls on fewer requests than at full speed: it is counted a little high. A count is not a time (a cache miss costs no instruction): this table complements the overhead suite's CPU per request, it does not replace it.",
+            "Machine instructions executed per request ({}, callgrind `Ir`), counted over a fixed number of requests after a warm-up (300 at 1 KB, 100 at 16 and 256 KB; `oha -n N -c 32`, closed loop: every worker has other requests open), Envoy with `--concurrency 2`, the picker for the ext_proc variants. One snapshot of the pool is pushed before the count and stays fresh through it (`snapshot_stale_after_ms` {COUNTED_STALE_AFTER_MS}), so no push is counted. Work bound to the clock (the filter's 100 ms tick, its 10 ms snapshot-version check and prefix-slot reuse) falls on fewer requests than at full speed, valgrind being about 50 times slower: it is counted high. A count is not a time (a cache miss costs no instruction): this table complements the overhead suite's CPU per request, it does not replace it.",
             valgrind_version()
         ),
         rows,
