@@ -1002,8 +1002,8 @@ fn start_picker(
 /// filter's batching is made for).
 const COUNTED_CONNECTIONS: u32 = 32;
 
-/// Requests counted per point, after warm-up: at 1 KB two counts of the same
-/// binaries agree within 0.1 %; larger bodies are slow under valgrind.
+/// Requests counted per point, after warm-up: at 1 KB counts of the same
+/// binaries agree within about 0.3 %; larger bodies are slow under valgrind.
 fn counted_requests(body_bytes: usize) -> u64 {
     match body_bytes {
         b if b >= 1 << 20 => 20,
@@ -1014,7 +1014,7 @@ fn counted_requests(body_bytes: usize) -> u64 {
 
 /// The instructions suite: each overhead variant's Envoy (and picker) under
 /// callgrind, instructions per request counted over a fixed number of requests
-/// (4 connections, closed loop) after a warm-up.
+/// ([`COUNTED_CONNECTIONS`], closed loop) after a warm-up.
 fn instructions(c: &Common) -> Res<()> {
     if !callgrind::available() {
         return Err("valgrind and callgrind_control are needed (apt install valgrind)".into());
@@ -1099,7 +1099,7 @@ fn instructions(c: &Common) -> Res<()> {
     let results = InstructionResults {
         meta,
         method: format!(
-            "Machine instructions executed per request ({}, callgrind `Ir`), counted over a fixed number of requests after a warm-up (300 at 1 KB, 100 at 16 and 256 KB; `oha -n N -c 32`, closed loop: every worker has other requests open), Envoy with `--concurrency 2`, the picker for the ext_proc variants. One snapshot of the pool is pushed before the count and stays fresh through it (`snapshot_stale_after_ms` {COUNTED_STALE_AFTER_MS}), so no push is counted. Work bound to the clock (the filter's 100 ms tick, its 10 ms snapshot-version check and prefix-slot reuse) falls on fewer requests than at full speed, valgrind being about 50 times slower: it is counted high. A count is not a time (a cache miss costs no instruction): this table complements the overhead suite's CPU per request, it does not replace it.",
+            "Machine instructions executed per request ({}, callgrind `Ir`), counted over a fixed number of requests after a warm-up (300 per point below 64 KB, 100 up to 1 MiB; `oha -n N -c 32`, closed loop: every worker has other requests open), Envoy with `--concurrency 2`, the picker for the ext_proc variants. One snapshot of the pool is pushed before the count and stays fresh through it (`snapshot_stale_after_ms` {COUNTED_STALE_AFTER_MS}), so no push is counted. Work bound to the clock (the filter's 100 ms tick, its 10 ms snapshot-version check and prefix-slot reuse) falls on fewer requests than at full speed, valgrind being about 50 times slower: it is counted high. A count is not a time (a cache miss costs no instruction): this table complements the overhead suite's CPU per request, it does not replace it.",
             valgrind_version()
         ),
         rows,

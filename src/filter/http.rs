@@ -142,19 +142,21 @@ impl GatewayStream {
         }
         let draw = self.rng.u32(..);
         let choice = store::with_released(|released| {
-            let choice = gateway::choose(&gateway::Inputs {
-                config: &config,
-                plan,
-                members: &members,
-                store: &HostStore,
-                prefix_store: &store::RecentSlots { now_ms },
-                now_ms,
-                draw,
-                subset: None,
-                released,
-            });
-            let written = choice.as_ref().is_ok_and(|c| c.released_written);
-            (choice, written)
+            store::with_prefix_store(now_ms, |prefix_store| {
+                let choice = gateway::choose(&gateway::Inputs {
+                    config: &config,
+                    plan,
+                    members: &members,
+                    store: &HostStore,
+                    prefix_store,
+                    now_ms,
+                    draw,
+                    subset: None,
+                    released,
+                });
+                let written = choice.as_ref().is_ok_and(|c| c.released_written);
+                (choice, written)
+            })
         });
         let choice = match choice {
             Ok(choice) => choice,

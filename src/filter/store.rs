@@ -173,74 +173,29 @@ impl SnapshotCache {
     }
 }
 
-/// The prefix index as this worker sees it: under load (other requests open on
-/// the worker), a slot read less than [`VERSION_CHECK_MS`] ago is served again
-/// from the worker's copy instead of the host (a shared-data read and a buffer
-/// allocated in the VM: about 12k of Envoy's instructions, `bench
-/// instructions`). The index is a hint: an entry another worker wrote within
-/// that window is seen by this one that much later, as a new snapshot is. A
-/// worker without other requests open reads the host every time and keeps no
-/// copy.
-pub struct RecentSlots {
-    pub now_ms: u64,
-}
-
-/// One slot as read from the host.
-struct RecentSlot {
-    key: String,
-    value: Option<Vec<u8>>,
-    cas: Option<u32>,
-    read_ms: u64,
-}
-
-/// At most this many slots are kept (the oldest read goes first): a worker's
-/// recent prompts' first groups, for about 10 ms.
-const MAX_RECENT_SLOTS: usize = 32;
-
 thread_local! {
-    static RECENT_SLOTS: std::cell::RefCell<Vec<RecentSlot>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// This worker's copies of prefix-index slots (`scheduling::recent_slots`).
+    static PREFIX_COPIES: std::cell::RefCell<Vec<crate::scheduling::recent_slots::Copy>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-impl SharedStore for RecentSlots {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        let reuse = others_open(1);
-        let hit = RECENT_SLOTS.with_borrow(|slots| {
-            slots
-                .iter()
-                .find(|s| {
-                    reuse
-                        && s.key == key
-                        && !observe::pending::elapsed(s.read_ms, self.now_ms, VERSION_CHECK_MS)
-                })
-                .map(|s| (s.value.clone(), s.cas))
-        });
-        if let Some(hit) = hit {
-            return hit;
-        }
-        let (value, cas) = HostStore.get(key);
-        if !reuse {
-            return (value, cas);
-        }
-        RECENT_SLOTS.with_borrow_mut(|slots| {
-            slots.retain(|s| s.key != key);
-            if slots.len() >= MAX_RECENT_SLOTS {
-                slots.remove(0);
-            }
-            slots.push(RecentSlot {
-                key: key.to_string(),
-                value: value.clone(),
-                cas,
-                read_ms: self.now_ms,
-            });
-        });
-        (value, cas)
-    }
+/// How long a busy worker routes on its copy of a prefix-index slot (as on its
+/// snapshot: [`VERSION_CHECK_MS`]).
+pub const PREFIX_COPY_MS: u64 = VERSION_CHECK_MS;
 
-    /// Written through; the copy is dropped (the host's new CAS is unknown).
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        RECENT_SLOTS.with_borrow_mut(|slots| slots.retain(|s| s.key != key));
-        HostStore.set(key, value, cas)
-    }
+/// Runs `f` with the prefix index as this worker sees it at `now_ms`: slots read
+/// less than [`PREFIX_COPY_MS`] ago served from its copies while it has other
+/// requests open.
+pub fn with_prefix_store<T>(now_ms: u64, f: impl FnOnce(&dyn SharedStore) -> T) -> T {
+    PREFIX_COPIES.with(|copies| {
+        f(&crate::scheduling::recent_slots::RecentSlots {
+            store: &HostStore,
+            copies,
+            now_ms,
+            busy: others_open(1),
+            window_ms: PREFIX_COPY_MS,
+        })
+    })
 }
 
 thread_local! {

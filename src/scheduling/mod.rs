@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod prefix;
+pub mod recent_slots;
 
 pub use config::{Picker, Profile, Saturation, Scheduling, ScorerKind};
 
