@@ -10,9 +10,11 @@
 
 use crate::config::Config;
 use crate::inflight;
+use crate::scheduling;
 use crate::snapshot::{EndpointMetrics, Snapshot};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 
 /// One endpoint a request of its pool may go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +45,7 @@ struct PoolMembers {
 }
 
 /// Every configured pool's members under one snapshot (or none).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Membership {
     pub snapshot: Option<Snapshot>,
     /// By configured pool index.
@@ -52,6 +54,27 @@ pub struct Membership {
     /// Snapshot members refused: not a canonical `ip:port`, port 0, or outside
     /// `allowed_endpoint_cidrs`. Reported, never routed to.
     pub refused: Vec<String>,
+    /// Decisions prepared over these members (`gateway::choose`): one per pool,
+    /// profile and request kind (sheddable or not), made by the first request
+    /// that needs it, made again when a member's metrics turn stale. Behind a
+    /// lock: the picker's threads share a membership.
+    prepared: Vec<RwLock<Option<Arc<PreparedAt>>>>,
+    profiles: usize,
+}
+
+/// A [`scheduling::Prepared`] and the host times between which it holds: no
+/// member's metrics turn fresh or stale in between.
+#[derive(Debug, Clone)]
+pub struct PreparedAt {
+    pub prepared: scheduling::Prepared,
+    pub from_ms: u64,
+    pub until_ms: u64,
+}
+
+impl PreparedAt {
+    pub fn holds_at(&self, now_ms: u64) -> bool {
+        (self.from_ms..=self.until_ms).contains(&now_ms)
+    }
 }
 
 impl Membership {
@@ -147,7 +170,39 @@ impl Membership {
             pools,
             bootstrap: config.pools.iter().map(|p| p.endpoints.clone()).collect(),
             refused,
+            prepared: (0..config.pools.len() * config.scheduling.profiles.len() * 2)
+                .map(|_| RwLock::new(None))
+                .collect(),
+            profiles: config.scheduling.profiles.len(),
         }
+    }
+
+    /// The decision prepared for `pool`, `profile` and the request kind
+    /// (`sheddable`) that holds at `now_ms`: the kept one, or a new one from
+    /// `make` (`None` for an index out of range). Racing threads may both make
+    /// one; either is right.
+    pub fn prepared(
+        &self,
+        pool: usize,
+        profile: usize,
+        sheddable: bool,
+        now_ms: u64,
+        make: impl FnOnce() -> PreparedAt,
+    ) -> Option<Arc<PreparedAt>> {
+        if profile >= self.profiles {
+            return None;
+        }
+        let slot = self
+            .prepared
+            .get((pool * self.profiles + profile) * 2 + usize::from(sheddable))?;
+        // A poisoned lock still holds a whole value (it is only ever replaced).
+        let kept = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(p) = kept.filter(|p| p.holds_at(now_ms)) {
+            return Some(p);
+        }
+        let made = Arc::new(make());
+        *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&made));
+        Some(made)
     }
 
     /// The members of configured pool `pool` (none for an unknown index).

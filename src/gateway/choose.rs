@@ -6,10 +6,11 @@
 use super::RoutePlan;
 use crate::config::Config;
 use crate::inflight::{self, SharedStore};
-use crate::membership::Membership;
+use crate::membership::{Membership, PreparedAt};
 use crate::openai::ApiError;
 use crate::scheduling::prefix::{self, PrefixIndex};
 use crate::scheduling::{self, Candidate, Outcome, Request, ScorerKind};
+use crate::snapshot::EndpointMetrics;
 
 /// What one decision reads.
 pub struct Inputs<'a> {
@@ -133,6 +134,12 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             }
         }
     }
+    let is_fresh = |metrics: Option<&EndpointMetrics>| {
+        snapshot_fresh
+            && metrics.is_some_and(|m| {
+                m.scraped_at_ms != 0 && now_ms.saturating_sub(m.scraped_at_ms) <= stale_after
+            })
+    };
     let candidate = |position: usize, in_flight: u64| {
         let member = &pool_members[position];
         let (endpoint, metrics) = members.address_and_metrics(member);
@@ -140,69 +147,115 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             endpoint,
             in_flight,
             metrics,
-            fresh: snapshot_fresh
-                && metrics.is_some_and(|m| {
-                    m.scraped_at_ms != 0 && now_ms.saturating_sub(m.scraped_at_ms) <= stale_after
-                }),
+            fresh: is_fresh(metrics),
             prefix_blocks: prefix_at.get(position).copied().unwrap_or(0),
         }
     };
-    // Member positions the request may go to: all, unless a subset hint narrows
-    // them (a list of positions only then: it costs per candidate).
-    let allowed: Option<Vec<usize>> = subset.map(|s| subset_positions(s, members, pool_members));
-    let candidates: Vec<Candidate<'_>> = match &allowed {
-        None => (0..pool_members.len())
-            .zip(&in_flight)
-            .map(|(i, &n)| candidate(i, n))
-            .collect(),
-        Some(positions) => positions
-            .iter()
-            .map(|&i| candidate(i, in_flight.get(i).copied().unwrap_or(0)))
-            .collect(),
-    };
-    // A model the config does not mark is an adapter when a fresh replica says so
-    // (no candidate is looked at when no member reports any adapter).
-    let adapter = plan.adapter.unwrap_or_else(|| {
-        members.reports_adapters(plan.pool)
-            && candidates
-                .iter()
-                .filter(|c| c.fresh)
-                .filter_map(|c| c.metrics)
-                .any(|m| {
-                    m.running_adapters.contains(&plan.target_model)
-                        || m.waiting_adapters.contains(&plan.target_model)
-                })
-    });
-    let request = Request {
+    let policy = config.policy(plan.pool);
+
+    // The common request (no backend policy, no subset hint, no adapter, no
+    // explanation) is scored on the decision prepared once per snapshot: the
+    // filters and the metric scorers are the same for every such request until a
+    // member's metrics turn stale, so per request only the in-flight counts and
+    // the prefix matches are added (`scheduling::finish`).
+    let plain = policy.is_none()
+        && subset.is_none()
+        && !sched.explain
+        && !plan
+            .adapter
+            .unwrap_or_else(|| members.reports_adapters(plan.pool));
+    let request = |adapter: bool| Request {
         model: &plan.target_model,
         priority: plan.priority,
         adapter,
         prompt_blocks: hashes.len(),
     };
+    let prepared = plain
+        .then(|| {
+            members.prepared(plan.pool, plan.profile, plan.priority < 0, now_ms, || {
+                let candidates: Vec<Candidate<'_>> =
+                    (0..pool_members.len()).map(|i| candidate(i, 0)).collect();
+                PreparedAt {
+                    prepared: scheduling::prepare(sched, profile, &request(false), &candidates),
+                    from_ms: now_ms,
+                    until_ms: fresh_until(
+                        members,
+                        pool_members,
+                        snapshot_fresh,
+                        now_ms,
+                        stale_after,
+                    ),
+                }
+            })
+        })
+        .flatten();
 
-    // A pool with a backend policy: caps, preference and an admission that is
-    // atomic with the pick (gateway::capped). Without one, nothing changes.
-    let (mut taken, mut spilled) = (None, false);
-    let outcome = match config.policy(plan.pool) {
-        None => scheduling::schedule(sched, profile, &request, &candidates, draw),
-        Some(policy) => {
-            let key = |i: usize| pool_members[allowed.as_ref().map_or(i, |p| p[i])].key;
-            let admitted = super::capped::schedule(
-                config,
-                &pool.name,
-                policy,
-                profile,
-                &request,
-                &candidates,
-                &key,
-                store,
-                now_ms,
-                draw,
-            )?;
-            taken = Some(admitted.holding);
-            spilled = admitted.spilled;
-            Outcome::Route(admitted.decision)
+    // Member positions the request may go to: all, unless a subset hint narrows
+    // them (a list of positions only then: it costs per candidate).
+    let allowed: Option<Vec<usize>> = subset.map(|s| subset_positions(s, members, pool_members));
+    let position = |i: usize| allowed.as_ref().map_or(i, |p| p[i]);
+    let (mut taken, mut spilled, mut explanation) = (None, false, None);
+    let outcome = if let Some(p) = prepared {
+        scheduling::finish(
+            sched,
+            profile,
+            &request(false),
+            &p.prepared,
+            |i| (in_flight[i], prefix_at.get(i).copied().unwrap_or(0)),
+            draw,
+        )
+    } else {
+        let candidates: Vec<Candidate<'_>> = match &allowed {
+            None => (0..pool_members.len())
+                .zip(&in_flight)
+                .map(|(i, &n)| candidate(i, n))
+                .collect(),
+            Some(positions) => positions
+                .iter()
+                .map(|&i| candidate(i, in_flight.get(i).copied().unwrap_or(0)))
+                .collect(),
+        };
+        // A model the config does not mark is an adapter when a fresh replica
+        // says so (no candidate is looked at when no member reports any adapter).
+        let adapter = plan.adapter.unwrap_or_else(|| {
+            members.reports_adapters(plan.pool)
+                && candidates
+                    .iter()
+                    .filter(|c| c.fresh)
+                    .filter_map(|c| c.metrics)
+                    .any(|m| {
+                        m.running_adapters.contains(&plan.target_model)
+                            || m.waiting_adapters.contains(&plan.target_model)
+                    })
+        });
+        let request = request(adapter);
+        // A pool with a backend policy: caps, preference and an admission that is
+        // atomic with the pick (gateway::capped).
+        let outcome = match policy {
+            None => scheduling::schedule(sched, profile, &request, &candidates, draw),
+            Some(policy) => {
+                let key = |i: usize| pool_members[position(i)].key;
+                let admitted = super::capped::schedule(
+                    config,
+                    &pool.name,
+                    policy,
+                    profile,
+                    &request,
+                    &candidates,
+                    &key,
+                    store,
+                    now_ms,
+                    draw,
+                )?;
+                taken = Some(admitted.holding);
+                spilled = admitted.spilled;
+                Outcome::Route(admitted.decision)
+            }
+        };
+        if let (true, Outcome::Route(decision)) = (sched.explain, &outcome) {
+            explanation = Some(scheduling::explain(decision, &candidates));
         }
+        outcome
     };
     let decision = match outcome {
         Outcome::Route(d) => d,
@@ -219,15 +272,16 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             })
         }
     };
+    // A candidate index is a member position, or a subset's entry.
+    let address = |i: usize| members.address(&pool_members[position(i)]);
     let chosen = decision.chosen();
-    let endpoint = candidates[chosen].endpoint.to_string();
+    let endpoint = address(chosen).to_string();
     if !hashes.is_empty() {
         index.record_after(&hashes, &endpoint, now_ms, matches);
     }
     // Route anyway when the count cannot be taken: a missed count skews balancing
     // a little, a refusal fails the user.
-    let position = allowed.as_ref().map_or(chosen, |p| p[chosen]);
-    let key = pool_members[position].key;
+    let key = pool_members[position(chosen)].key;
     // A backend policy's admission took the count itself, from a fresh read:
     // the releases wait for the next take.
     let mut released_written = false;
@@ -248,22 +302,46 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         decision
             .order
             .iter()
-            .map(|&i| candidates[i].endpoint)
+            .map(|&i| address(i))
             .collect::<Vec<_>>()
             .join(",")
     } else {
         endpoint.clone()
     };
     Ok(Choice {
-        explanation: sched
-            .explain
-            .then(|| scheduling::explain(&decision, &candidates)),
+        explanation,
         endpoint,
         destination,
         holding,
         spilled,
         released_written,
     })
+}
+
+/// Until when (host ms) every member's freshness stays as it is at `now_ms`: a
+/// fresh member turns stale `stale_after` past its scrape, the snapshot past its
+/// making; a stale one never turns fresh (only a new snapshot, a new membership,
+/// brings newer metrics).
+fn fresh_until(
+    members: &Membership,
+    pool_members: &[crate::membership::Member],
+    snapshot_fresh: bool,
+    now_ms: u64,
+    stale_after: u64,
+) -> u64 {
+    let Some(snapshot) = members.snapshot.as_ref().filter(|_| snapshot_fresh) else {
+        return u64::MAX;
+    };
+    let mut until = snapshot.generated_at_ms.saturating_add(stale_after);
+    for m in pool_members {
+        if let Some(metrics) = members.metrics(m) {
+            let fresh_to = metrics.scraped_at_ms.saturating_add(stale_after);
+            if metrics.scraped_at_ms != 0 && now_ms <= fresh_to {
+                until = until.min(fresh_to);
+            }
+        }
+    }
+    until
 }
 
 /// The positions of the pool's members the subset hint lists. Out of line: the
@@ -475,6 +553,111 @@ mod tests {
         empty.pools[0].endpoints.clear();
         let refused = run(&cfg, br#"{"model":"m","prompt":"hi"}"#, &empty, &store).unwrap_err();
         assert_eq!(refused.error.status, 503);
+    }
+
+    /// The prepared decision (kept per snapshot, only in-flight counts and prefix
+    /// matches added per request) routes exactly as the full one (`explain` on
+    /// takes the full path): 400 requests on one membership, with queues, KV
+    /// caches, health and scrape times drawn at random, members turning stale
+    /// as the clock runs past their scrapes, sheddable and normal requests,
+    /// prompts that share prefixes, counts taken as they are routed.
+    #[test]
+    fn the_prepared_decision_routes_as_the_full_one() {
+        let config = |explain: bool| {
+            let eps: Vec<String> = (1..=6).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+            Config::from_json(
+                format!(
+                    r#"{{"pools": [{{"name": "p", "endpoints": [{}]}}],
+                         "models": [{{"name": "m", "pool": "p"}}],
+                         "destination_list": true,
+                         "snapshot_stale_after_ms": 2000,
+                         "scheduling": {{"explain": {explain}, "fallback_endpoints": 2,
+                                         "prefix_cache": {{"block_bytes": 4}}}}}}"#,
+                    eps.join(",")
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let (fast_cfg, full_cfg) = (config(false), config(true));
+        // A small linear congruential generator: the same draws every run.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let mut kinds = std::collections::BTreeSet::new();
+        for round in 0..10 {
+            let endpoints = (1..=6)
+                .map(|p| EndpointMetrics {
+                    address: format!("127.0.0.1:{p}"),
+                    healthy: next(8) != 0,
+                    // Some scraped long before the snapshot: they turn stale
+                    // mid-round.
+                    scraped_at_ms: [0, 200, 600, 1_000][next(4) as usize],
+                    waiting: next(10) as u32,
+                    kv_cache_utilization: next(100) as f32 / 100.0,
+                    ..Default::default()
+                })
+                .collect();
+            let snap = Snapshot {
+                generated_at_ms: 1_000,
+                sequence: 1,
+                collector: "t".into(),
+                pools: vec![PoolSnapshot {
+                    name: "p".into(),
+                    endpoints,
+                }],
+            };
+            let fast_members = Membership::new(&fast_cfg, Some(snap.clone()));
+            let full_members = Membership::new(&full_cfg, Some(snap));
+            let (fast_store, full_store) = (MemoryStore::default(), MemoryStore::default());
+            for n in 0..60u64 {
+                // The clock crosses each scrape's staleness (2200, 2600, 3000).
+                let now_ms = 1_000 + n * 40;
+                let priority = if next(3) == 0 { -1 } else { 0 };
+                let prompt = ["abcdefgh", "abcdwxyz", "qrstuvwx"][next(3) as usize];
+                let body =
+                    format!(r#"{{"model":"m","prompt":"{prompt}{n}","priority":{priority}}}"#);
+                let draw = next(u64::from(u32::MAX)) as u32;
+                let choose_on = |cfg: &Config, members: &Membership, store: &MemoryStore| {
+                    let plan =
+                        plan_route(cfg, ApiKind::Completions, body.as_bytes(), None, 0).unwrap();
+                    choose(&Inputs {
+                        config: cfg,
+                        plan: &plan,
+                        members,
+                        store,
+                        prefix_store: store,
+                        now_ms,
+                        draw,
+                        subset: None,
+                        released: &[],
+                    })
+                    .map(|c| (c.destination, c.holding))
+                    .map_err(|r| r.shed)
+                };
+                let fast = choose_on(&fast_cfg, &fast_members, &fast_store);
+                let full = choose_on(&full_cfg, &full_members, &full_store);
+                assert_eq!(fast, full, "round {round}, request {n} at {now_ms} ms");
+                kinds.insert(match &fast {
+                    Ok((d, _)) => d.split(',').next().unwrap_or("").to_string(),
+                    Err(shed) => format!("refused, shed: {shed}"),
+                });
+                // Some requests end: their counts are given back.
+                if next(2) == 0 {
+                    if let Ok((_, Some(key))) = fast {
+                        inflight::release(&fast_store, &[key]).unwrap();
+                        inflight::release(&full_store, &[key]).unwrap();
+                    }
+                }
+            }
+        }
+        // The run went through several choices and through shedding.
+        assert!(kinds.len() >= 4, "{kinds:?}");
+        assert!(kinds.contains("refused, shed: true"), "{kinds:?}");
     }
 
     #[test]

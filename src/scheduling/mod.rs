@@ -128,6 +128,10 @@ pub struct Scored {
 }
 
 /// Chooses an endpoint. `draw` is a uniform random `u32` (tie-break / weighted pick).
+///
+/// [`prepare`] then [`finish`]: a host that routes many requests over the same
+/// metrics keeps the prepared part (see `gateway::choose`) and calls only
+/// `finish` per request; this is both at once, with the explanation.
 pub fn schedule(
     cfg: &Scheduling,
     profile: &Profile,
@@ -135,13 +139,87 @@ pub fn schedule(
     candidates: &[Candidate<'_>],
     draw: u32,
 ) -> Outcome {
+    let prepared = prepare(cfg, profile, req, candidates);
+    let outcome = finish(
+        cfg,
+        profile,
+        req,
+        &prepared,
+        |i| (candidates[i].in_flight, candidates[i].prefix_blocks),
+        draw,
+    );
+    match outcome {
+        Outcome::Route(mut d) if cfg.explain => {
+            let ranges = Ranges {
+                waiting: prepared.waiting,
+                in_flight: in_flight_range(&prepared.pool, |i| candidates[i].in_flight),
+            };
+            for s in &mut d.scored {
+                s.parts = parts(profile, req, &candidates[s.index], &ranges);
+            }
+            Outcome::Route(d)
+        }
+        other => other,
+    }
+}
+
+/// The part of a decision that reads only the candidates' metrics and the
+/// request's model and priority: the filters and the scorers of metrics alone.
+/// The same for every request of a kind until the metrics change, so a host may
+/// keep it (valid while no candidate's `fresh` changes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// What became of the filters: a pool to score, a shed, or no candidates.
+    verdict: Verdict,
+    /// Candidate indexes left by the filters (health, LoRA, saturation).
+    pool: Vec<usize>,
+    /// Per `pool` entry: the weighted queue and KV-cache scores, summed (the
+    /// first terms of `Weights::total`, in its order).
+    base: Vec<f64>,
+    /// Per `pool` entry, for an adapter request: the LoRA affinity score (empty
+    /// otherwise: every candidate scores 1).
+    lora: Vec<f64>,
+    /// The waiting-queue range the queue scores were normalised by.
+    waiting: (f64, f64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Score,
+    Shed,
+    NoEndpoint,
+}
+
+impl Prepared {
+    /// Candidate indexes the request may still go to, after the filters.
+    pub fn pool(&self) -> &[usize] {
+        &self.pool
+    }
+}
+
+/// Filters the candidates and scores what only their metrics decide (steps 1–3
+/// and the metric scorers of step 4).
+pub fn prepare(
+    cfg: &Scheduling,
+    profile: &Profile,
+    req: &Request<'_>,
+    candidates: &[Candidate<'_>],
+) -> Prepared {
+    let mut prepared = Prepared {
+        verdict: Verdict::NoEndpoint,
+        pool: Vec::new(),
+        base: Vec::new(),
+        lora: Vec::new(),
+        waiting: EMPTY_RANGE,
+    };
     if candidates.is_empty() {
-        return Outcome::NoEndpoint;
+        return prepared;
     }
     // One list of candidate indexes, narrowed in place by each filter (a filter
     // that would leave nothing leaves it as it was).
     let n = candidates.len();
-    let mut pool: Vec<usize> = Vec::with_capacity(n);
+    let pool = &mut prepared.pool;
+    pool.reserve(n);
 
     // 1. Health: fresh-and-up first, then not-known-down, then anything.
     pool.extend((0..n).filter(|&i| candidates[i].known_up()));
@@ -154,7 +232,7 @@ pub fn schedule(
 
     // 2. LoRA: never evict when another endpoint can take the adapter.
     if req.adapter {
-        narrow(&mut pool, |i| !candidates[i].would_evict(req.model));
+        narrow(pool, |i| !candidates[i].would_evict(req.model));
     }
 
     // 3. Saturation and shedding.
@@ -165,20 +243,66 @@ pub fn schedule(
     };
     let open = |i: usize| !candidates[i].saturated(&cfg.saturation, headroom);
     if req.priority < 0 && !pool.iter().any(|&i| open(i)) {
-        return Outcome::Shed;
+        prepared.verdict = Verdict::Shed;
+        return prepared;
     }
-    narrow(&mut pool, open);
+    narrow(pool, open);
 
-    // 4. Score. The pool-wide ranges are computed once: per candidate they would
-    // make a decision quadratic in the pool size (6 ms at 1000 endpoints).
-    let ranges = Ranges::of(candidates, &pool, cfg.saturation.queue_depth);
+    // 4, the metric scorers. The pool-wide range is computed once: per candidate
+    // it would make a decision quadratic in the pool size.
+    prepared.waiting = waiting_range(candidates, pool, cfg.saturation.queue_depth);
     let weights = Weights::of(profile);
+    prepared.base = pool
+        .iter()
+        .map(|&i| weights.metric_terms(&candidates[i], prepared.waiting))
+        .collect();
+    if req.adapter {
+        prepared.lora = pool
+            .iter()
+            .map(|&i| lora_score(req, &candidates[i]))
+            .collect();
+    }
+    prepared.verdict = Verdict::Score;
+    prepared
+}
+
+/// Scores the prepared pool with what changes per request, `dynamic(i)`:
+/// candidate `i`'s in-flight count and leading prefix blocks; then picks (steps 4
+/// and 5). `Scored::parts` are left empty.
+pub fn finish(
+    cfg: &Scheduling,
+    profile: &Profile,
+    req: &Request<'_>,
+    prepared: &Prepared,
+    dynamic: impl Fn(usize) -> (u64, usize),
+    draw: u32,
+) -> Outcome {
+    match prepared.verdict {
+        Verdict::Score => {}
+        Verdict::Shed => return Outcome::Shed,
+        Verdict::NoEndpoint => return Outcome::NoEndpoint,
+    }
+    let pool = &prepared.pool;
+    let weights = Weights::of(profile);
+    let in_flight = if weights.in_flight != 0.0 {
+        in_flight_range(pool, |i| dynamic(i).0)
+    } else {
+        EMPTY_RANGE
+    };
     // Each candidate is ranked by its total alone (16 bytes, no explanation
     // slot); a `Scored` is built only for those kept.
     let mut ranked: Vec<Ranked> = pool
         .iter()
-        .map(|&i| Ranked {
-            total: weights.total(req, &candidates[i], &ranges),
+        .zip(&prepared.base)
+        .enumerate()
+        .map(|(k, (&i, &base))| Ranked {
+            total: weights.total(
+                req,
+                base,
+                prepared.lora.get(k).copied(),
+                dynamic(i),
+                in_flight,
+            ),
             index: i,
         })
         .collect();
@@ -205,11 +329,7 @@ pub fn schedule(
         .map(|r| Scored {
             index: r.index,
             total: r.total,
-            parts: if cfg.explain {
-                parts(profile, req, &candidates[r.index], &ranges)
-            } else {
-                Vec::new()
-            },
+            parts: Vec::new(),
         })
         .collect();
 
@@ -316,23 +436,23 @@ struct Ranges {
     in_flight: (f64, f64),
 }
 
-impl Ranges {
-    fn of(cands: &[Candidate<'_>], pool: &[usize], queue_depth: u32) -> Ranges {
-        // One pass for both (each range folds in pool order, as two passes would).
-        let (mut waiting, mut in_flight) = (EMPTY_RANGE, EMPTY_RANGE);
-        for &j in pool {
-            let c = &cands[j];
-            if let Some(m) = c.fresh_metrics() {
-                waiting = widen(waiting, f64::from(m.waiting));
-            }
-            in_flight = widen(in_flight, c.in_flight as f64);
-        }
-        let (min, max) = waiting;
-        Ranges {
-            waiting: (min, greater(max - min, f64::from(queue_depth))),
-            in_flight,
+/// The waiting-queue minimum and the spread to normalise by (see `queue_score`),
+/// over the pool's candidates with fresh metrics.
+fn waiting_range(cands: &[Candidate<'_>], pool: &[usize], queue_depth: u32) -> (f64, f64) {
+    let mut waiting = EMPTY_RANGE;
+    for &j in pool {
+        if let Some(m) = cands[j].fresh_metrics() {
+            waiting = widen(waiting, f64::from(m.waiting));
         }
     }
+    let (min, max) = waiting;
+    (min, greater(max - min, f64::from(queue_depth)))
+}
+
+/// The in-flight counts' `(min, max)` over the pool.
+fn in_flight_range(pool: &[usize], in_flight: impl Fn(usize) -> u64) -> (f64, f64) {
+    pool.iter()
+        .fold(EMPTY_RANGE, |r, &i| widen(r, in_flight(i) as f64))
 }
 
 /// A profile's weights by scorer, summed once per decision: per candidate, a
@@ -371,7 +491,8 @@ impl Weights {
     }
 }
 
-/// One scorer's 0..1 score for a candidate.
+/// One scorer's 0..1 score for a candidate (for `explain`; a decision sums the
+/// same functions in `Weights::metric_terms` and `Weights::total`).
 fn scorer(
     kind: ScorerKind,
     req: &Request<'_>,
@@ -380,44 +501,75 @@ fn scorer(
     ranges: &Ranges,
 ) -> f64 {
     match kind {
-        ScorerKind::Queue => fresh.map_or(UNKNOWN, |m| {
-            queue_score(f64::from(m.waiting), ranges.waiting)
-        }),
-        ScorerKind::KvCache => fresh.map_or(UNKNOWN, |m| {
-            (1.0 - f64::from(m.kv_cache_utilization)).clamp(0.0, 1.0)
-        }),
-        ScorerKind::InFlight => {
-            let (min, max) = ranges.in_flight;
-            lower_is_better(c.in_flight as f64, min, max)
-        }
-        ScorerKind::PrefixCache => {
-            if req.prompt_blocks == 0 {
-                0.0
-            } else {
-                lesser(1.0, c.prefix_blocks as f64 / req.prompt_blocks as f64)
-            }
-        }
+        ScorerKind::Queue => queue_scorer(fresh, ranges.waiting),
+        ScorerKind::KvCache => kv_cache_scorer(fresh),
+        ScorerKind::InFlight => in_flight_scorer(c.in_flight, ranges.in_flight),
+        ScorerKind::PrefixCache => prefix_scorer(req, c.prefix_blocks),
         ScorerKind::LoraAffinity => lora_score(req, c),
     }
 }
 
+fn queue_scorer(fresh: Option<&EndpointMetrics>, waiting: (f64, f64)) -> f64 {
+    fresh.map_or(UNKNOWN, |m| queue_score(f64::from(m.waiting), waiting))
+}
+
+fn kv_cache_scorer(fresh: Option<&EndpointMetrics>) -> f64 {
+    fresh.map_or(UNKNOWN, |m| {
+        (1.0 - f64::from(m.kv_cache_utilization)).clamp(0.0, 1.0)
+    })
+}
+
+fn in_flight_scorer(in_flight: u64, (min, max): (f64, f64)) -> f64 {
+    lower_is_better(in_flight as f64, min, max)
+}
+
+fn prefix_scorer(req: &Request<'_>, blocks: usize) -> f64 {
+    if req.prompt_blocks == 0 {
+        0.0
+    } else {
+        lesser(1.0, blocks as f64 / req.prompt_blocks as f64)
+    }
+}
+
+/// The weighted mean of the scorers, summed in one fixed order (the built-in
+/// profiles' order: queue, KV cache, prefix, LoRA, in flight) whatever the
+/// profile's list order. A scorer without weight is not computed: it would add 0
+/// (every score is finite). The metric scorers come first, so their partial sum
+/// is prepared once ([`prepare`]) and the rest added per request, with the same
+/// result as one sum.
 impl Weights {
-    /// The weighted mean of the scorers, summed in one fixed order (the built-in
-    /// profiles' order) whatever the profile's list order. A scorer without
-    /// weight is not computed: it would add 0 (every score is finite).
-    fn total(&self, req: &Request<'_>, c: &Candidate<'_>, ranges: &Ranges) -> f64 {
+    /// The queue and KV-cache terms.
+    fn metric_terms(&self, c: &Candidate<'_>, waiting: (f64, f64)) -> f64 {
         let fresh = c.fresh_metrics();
         let mut sum = 0.0;
-        for (kind, weight) in [
-            (ScorerKind::Queue, self.queue),
-            (ScorerKind::KvCache, self.kv_cache),
-            (ScorerKind::PrefixCache, self.prefix_cache),
-            (ScorerKind::LoraAffinity, self.lora_affinity),
-            (ScorerKind::InFlight, self.in_flight),
-        ] {
-            if weight != 0.0 {
-                sum += weight * scorer(kind, req, c, fresh, ranges);
-            }
+        if self.queue != 0.0 {
+            sum += self.queue * queue_scorer(fresh, waiting);
+        }
+        if self.kv_cache != 0.0 {
+            sum += self.kv_cache * kv_cache_scorer(fresh);
+        }
+        sum
+    }
+
+    /// `base` (the metric terms) plus the prefix, LoRA (`lora`, or 1 for a
+    /// request that names no adapter) and in-flight terms, over the weights.
+    fn total(
+        &self,
+        req: &Request<'_>,
+        base: f64,
+        lora: Option<f64>,
+        (in_flight, prefix_blocks): (u64, usize),
+        in_flight_range: (f64, f64),
+    ) -> f64 {
+        let mut sum = base;
+        if self.prefix_cache != 0.0 {
+            sum += self.prefix_cache * prefix_scorer(req, prefix_blocks);
+        }
+        if self.lora_affinity != 0.0 {
+            sum += self.lora_affinity * lora.unwrap_or(1.0);
+        }
+        if self.in_flight != 0.0 {
+            sum += self.in_flight * in_flight_scorer(in_flight, in_flight_range);
         }
         // No weights at all rank every candidate 0.
         if self.total > 0.0 {

@@ -138,21 +138,20 @@ fn a_request_caught_in_the_queue_does_not_outweigh_lora_affinity() {
     // Differences are judged against the saturation queue depth (5 by default);
     // a wider gap spans the whole range.
     let depth = cfg().saturation.queue_depth;
-    let near = Ranges::of(
+    let near = waiting_range(
         &[cand("idle", 0, &idle), cand("q4", 0, &m(4, 0.0))],
         &[0, 1],
         depth,
     );
-    assert_eq!(queue_score(0.0, near.waiting), 1.0);
-    assert!((queue_score(4.0, near.waiting) - 0.2).abs() < 1e-9);
-    let wide = Ranges::of(
+    assert_eq!(queue_score(0.0, near), 1.0);
+    assert!((queue_score(4.0, near) - 0.2).abs() < 1e-9);
+    let wide = waiting_range(
         &[cand("idle", 0, &idle), cand("q20", 0, &m(20, 0.0))],
         &[0, 1],
         depth,
     );
-    assert_eq!(queue_score(20.0, wide.waiting), 0.0);
-    assert_eq!(queue_score(10.0, wide.waiting), 0.5);
-    assert_eq!(queue_score(10.0, wide.waiting), 0.5);
+    assert_eq!(queue_score(20.0, wide), 0.0);
+    assert_eq!(queue_score(10.0, wide), 0.5);
 }
 
 #[test]
