@@ -81,7 +81,7 @@ struct ModelOnly<'a> {
 
 /// Parses a request body for `kind`. Every failure is a 400 in the OpenAI shape.
 pub fn parse(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiError> {
-    let text = std::str::from_utf8(body)
+    let text = simdutf8::basic::from_utf8(body)
         .map_err(|_| ApiError::invalid_request("invalid_json", "The request body is not UTF-8."))?;
     if text.trim().is_empty() {
         return Err(ApiError::invalid_request(

@@ -43,8 +43,9 @@ pub struct RecentSlots<'a> {
 }
 
 impl RecentSlots<'_> {
+    /// Read within the window (a clock set back ends it, as for the snapshot).
     fn fresh(&self, c: &Copy) -> bool {
-        self.now_ms >= c.read_ms && self.now_ms - c.read_ms < self.window_ms
+        !crate::observe::pending::elapsed(c.read_ms, self.now_ms, self.window_ms)
     }
 }
 
