@@ -39,6 +39,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=Cargo.toml");
     println!("cargo:rerun-if-changed=Cargo.lock");
+    // The filter's rustflags (Wasm SIMD).
+    println!("cargo:rerun-if-changed=.cargo/config.toml");
     println!("cargo:rerun-if-env-changed=INFERENCE_GATEWAY_WASM");
 
     let target = env::var("TARGET").unwrap_or_default();

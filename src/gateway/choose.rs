@@ -557,13 +557,17 @@ mod tests {
 
     /// The prepared decision (kept per snapshot, only in-flight counts and prefix
     /// matches added per request) routes exactly as the full one (`explain` on
-    /// takes the full path): 400 requests on one membership, with queues, KV
-    /// caches, health and scrape times drawn at random, members turning stale
-    /// as the clock runs past their scrapes, sheddable and normal requests,
-    /// prompts that share prefixes, counts taken as they are routed.
+    /// takes the full path): 12 pools with queues, KV caches, health and scrape
+    /// times drawn at random, 60 requests on each, under three profiles (both
+    /// pickers, with and without metric scorers), members turning stale as the
+    /// clock runs past their scrapes, sheddable and normal requests, prompts that
+    /// share prefixes, counts taken as they are routed and given back.
     #[test]
     fn the_prepared_decision_routes_as_the_full_one() {
-        let config = |explain: bool| {
+        // The default profile, one without metric scorers, and a weighted
+        // random pick among the top 3.
+        let profiles = ["default", "least-request", "wr"];
+        let config = |explain: bool, profile: &str| {
             let eps: Vec<String> = (1..=6).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
             Config::from_json(
                 format!(
@@ -572,6 +576,11 @@ mod tests {
                          "destination_list": true,
                          "snapshot_stale_after_ms": 2000,
                          "scheduling": {{"explain": {explain}, "fallback_endpoints": 2,
+                                         "default_profile": "{profile}",
+                                         "profiles": [{{"name": "wr",
+                                             "scorers": [{{"type": "queue", "weight": 1}},
+                                                         {{"type": "in_flight", "weight": 1}}],
+                                             "picker": {{"type": "weighted_random", "top_k": 3}}}}],
                                          "prefix_cache": {{"block_bytes": 4}}}}}}"#,
                     eps.join(",")
                 )
@@ -579,7 +588,6 @@ mod tests {
             )
             .unwrap()
         };
-        let (fast_cfg, full_cfg) = (config(false), config(true));
         // A small linear congruential generator: the same draws every run.
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = move |n: u64| {
@@ -589,7 +597,10 @@ mod tests {
             (seed >> 33) % n
         };
         let mut kinds = std::collections::BTreeSet::new();
-        for round in 0..10 {
+        for round in 0..12 {
+            let name = profiles[round % profiles.len()];
+            let (fast_cfg, full_cfg) = (config(false, name), config(true, name));
+            let profile = fast_cfg.scheduling.profile_index(name).unwrap();
             let endpoints = (1..=6)
                 .map(|p| EndpointMetrics {
                     address: format!("127.0.0.1:{p}"),
@@ -641,7 +652,16 @@ mod tests {
                 };
                 let fast = choose_on(&fast_cfg, &fast_members, &fast_store);
                 let full = choose_on(&full_cfg, &full_members, &full_store);
-                assert_eq!(fast, full, "round {round}, request {n} at {now_ms} ms");
+                assert_eq!(
+                    fast, full,
+                    "round {round} ({name}), request {n} at {now_ms} ms"
+                );
+                // The fast one went through a kept decision: one holds now.
+                assert!(fast_members
+                    .prepared(0, profile, priority < 0, now_ms, || {
+                        panic!("no prepared decision kept at {now_ms} ms")
+                    })
+                    .is_some());
                 kinds.insert(match &fast {
                     Ok((d, _)) => d.split(',').next().unwrap_or("").to_string(),
                     Err(shed) => format!("refused, shed: {shed}"),

@@ -190,13 +190,6 @@ enum Verdict {
     NoEndpoint,
 }
 
-impl Prepared {
-    /// Candidate indexes the request may still go to, after the filters.
-    pub fn pool(&self) -> &[usize] {
-        &self.pool
-    }
-}
-
 /// Filters the candidates and scores what only their metrics decide (steps 1–3
 /// and the metric scorers of step 4).
 pub fn prepare(
