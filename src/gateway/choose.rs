@@ -560,7 +560,7 @@ mod tests {
     /// takes the full path): 12 pools with queues, KV caches, health and scrape
     /// times drawn at random, 60 requests on each, under three profiles (both
     /// pickers, with and without metric scorers), members turning stale as the
-    /// clock runs past their scrapes, sheddable and normal requests, prompts that
+    /// clock runs past their scrapes or is set back, sheddable and normal requests, prompts that
     /// share prefixes, counts taken as they are routed and given back.
     #[test]
     fn the_prepared_decision_routes_as_the_full_one() {
@@ -626,8 +626,10 @@ mod tests {
             let full_members = Membership::new(&full_cfg, Some(snap));
             let (fast_store, full_store) = (MemoryStore::default(), MemoryStore::default());
             for n in 0..60u64 {
-                // The clock crosses each scrape's staleness (2200, 2600, 3000).
-                let now_ms = 1_000 + n * 40;
+                // The clock crosses each scrape's staleness (2200, 2600, 3000),
+                // and every seventh request it is set back half a second (a
+                // member stale at the kept decision's time may be fresh again).
+                let now_ms = 1_000 + n * 40 - if n % 7 == 6 { 500 } else { 0 };
                 let priority = if next(3) == 0 { -1 } else { 0 };
                 let prompt = ["abcdefgh", "abcdwxyz", "qrstuvwx"][next(3) as usize];
                 let body =
