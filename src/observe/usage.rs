@@ -62,21 +62,46 @@ impl UsageScanner {
 
     pub fn feed(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() {
-            if self.in_string && !self.escape && self.capture.is_none() {
-                // Most of a response is string text (generated content), where only
-                // a quote or a backslash changes the state: skip to it by a word-wise
-                // search instead of stepping the state machine per byte.
-                let text = memchr::memchr2(b'"', b'\\', chunk).unwrap_or(chunk.len());
-                self.string_text(&chunk[..text]);
-                chunk = &chunk[text..];
-                let Some((&b, rest)) = chunk.split_first() else {
-                    return;
-                };
-                self.byte(b);
-                chunk = rest;
-            } else {
+            if self.escape || self.after != After::Nothing {
+                // An escaped byte, or what follows a `"usage"` key: a byte or two,
+                // stepped one by one.
                 self.byte(chunk[0]);
                 chunk = &chunk[1..];
+                continue;
+            }
+            // Everywhere else only a few bytes change the state: in string text
+            // (most of a response is generated content) a quote or a backslash,
+            // between tokens a quote, and in a captured object also its braces.
+            // Skip to the next one by a word-wise search instead of stepping the
+            // state machine per byte; what is skipped is text or is copied whole.
+            let next = if self.in_string {
+                memchr::memchr2(b'"', b'\\', chunk)
+            } else if self.capture.is_some() {
+                memchr::memchr3(b'"', b'{', b'}', chunk)
+            } else {
+                memchr::memchr(b'"', chunk)
+            };
+            let (skipped, rest) = chunk.split_at(next.unwrap_or(chunk.len()));
+            if self.in_string {
+                self.string_text(skipped);
+            }
+            self.capture_text(skipped);
+            let Some((&b, rest)) = rest.split_first() else {
+                return;
+            };
+            self.byte(b);
+            chunk = rest;
+        }
+    }
+
+    /// Bytes of the captured object that change no state: what [`Self::byte`]
+    /// does with each of them, at once (the capture ends when it grows too big).
+    fn capture_text(&mut self, text: &[u8]) {
+        if let Some((buf, _)) = self.capture.as_mut() {
+            if buf.len() + text.len() > MAX_USAGE_BYTES {
+                self.capture = None;
+            } else {
+                buf.extend_from_slice(text);
             }
         }
     }
