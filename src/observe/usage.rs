@@ -288,6 +288,14 @@ mod tests {
                 let usage = br#"{"usage":{"prompt_tokens":4,"completion_tokens":2}}"#;
                 bytes.splice(at..at, usage.iter().copied());
             }
+            if rng.u8(..) < 32 {
+                // A usage object about as large as a capture may grow: runs copied
+                // whole must end the capture exactly where stepping does.
+                let filler = "a".repeat(MAX_USAGE_BYTES - 30 + rng.usize(0..12));
+                let usage = format!(r#"{{"usage":{{"x":"{filler}","prompt_tokens":7}}}}"#);
+                let at = rng.usize(0..=bytes.len());
+                bytes.splice(at..at, usage.bytes());
+            }
             let mut stepped = UsageScanner::new();
             for &b in &bytes {
                 stepped.byte(b);
