@@ -557,22 +557,38 @@ mod tests {
 
     /// The prepared decision (kept per snapshot, only in-flight counts and prefix
     /// matches added per request) routes exactly as the full one (`explain` on
-    /// takes the full path): 12 pools with queues, KV caches, health and scrape
-    /// times drawn at random, 60 requests on each, under three profiles (both
-    /// pickers, with and without metric scorers), members turning stale as the
-    /// clock runs past their scrapes or is set back, sheddable and normal requests, prompts that
-    /// share prefixes, counts taken as they are routed and given back.
+    /// takes the full path): 12 rounds of three pools (two with queues, KV caches,
+    /// health and scrape times drawn at random, one the snapshot does not list:
+    /// ten members tied on every metric), 90 requests across them, under three
+    /// profiles (both pickers, with and without metric scorers), members turning
+    /// stale as the clock runs past their scrapes or is set back, sheddable and
+    /// normal requests, prompts that share prefixes, counts taken as they are
+    /// routed and given back.
     #[test]
     fn the_prepared_decision_routes_as_the_full_one() {
         // The default profile, one without metric scorers, and a weighted
         // random pick among the top 3.
         let profiles = ["default", "least-request", "wr"];
+        // Pools p (6 members) and r (4) are in the snapshot, q (10) only in
+        // the configuration.
+        let eps = |host: u8, n: u16| -> Vec<String> {
+            (1..=n).map(|p| format!("127.0.0.{host}:{p}")).collect()
+        };
         let config = |explain: bool, profile: &str| {
-            let eps: Vec<String> = (1..=6).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+            let quoted = |host, n| {
+                eps(host, n)
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             Config::from_json(
                 format!(
-                    r#"{{"pools": [{{"name": "p", "endpoints": [{}]}}],
-                         "models": [{{"name": "m", "pool": "p"}}],
+                    r#"{{"pools": [{{"name": "p", "endpoints": [{}]}},
+                                   {{"name": "q", "endpoints": [{}]}},
+                                   {{"name": "r", "endpoints": [{}]}}],
+                         "models": [{{"name": "m", "pool": "p"}}, {{"name": "n", "pool": "q"}},
+                                    {{"name": "o", "pool": "r"}}],
                          "destination_list": true,
                          "snapshot_stale_after_ms": 2000,
                          "scheduling": {{"explain": {explain}, "fallback_endpoints": 2,
@@ -582,7 +598,9 @@ mod tests {
                                                          {{"type": "in_flight", "weight": 1}}],
                                              "picker": {{"type": "weighted_random", "top_k": 3}}}}],
                                          "prefix_cache": {{"block_bytes": 4}}}}}}"#,
-                    eps.join(",")
+                    quoted(1, 6),
+                    quoted(2, 10),
+                    quoted(3, 4)
                 )
                 .as_bytes(),
             )
@@ -601,39 +619,42 @@ mod tests {
             let name = profiles[round % profiles.len()];
             let (fast_cfg, full_cfg) = (config(false, name), config(true, name));
             let profile = fast_cfg.scheduling.profile_index(name).unwrap();
-            let endpoints = (1..=6)
-                .map(|p| EndpointMetrics {
-                    address: format!("127.0.0.1:{p}"),
-                    healthy: next(8) != 0,
-                    // Some scraped long before the snapshot: they turn stale
-                    // mid-round.
-                    scraped_at_ms: [0, 200, 600, 1_000][next(4) as usize],
-                    waiting: next(10) as u32,
-                    kv_cache_utilization: next(100) as f32 / 100.0,
-                    ..Default::default()
-                })
-                .collect();
+            let mut pool = |name: &str, host: u8, n: u16| PoolSnapshot {
+                name: name.into(),
+                endpoints: eps(host, n)
+                    .into_iter()
+                    .map(|address| EndpointMetrics {
+                        address,
+                        healthy: next(8) != 0,
+                        // Some scraped long before the snapshot: they turn stale
+                        // mid-round.
+                        scraped_at_ms: [0, 200, 600, 1_000][next(4) as usize],
+                        waiting: next(10) as u32,
+                        kv_cache_utilization: next(100) as f32 / 100.0,
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
             let snap = Snapshot {
                 generated_at_ms: 1_000,
                 sequence: 1,
                 collector: "t".into(),
-                pools: vec![PoolSnapshot {
-                    name: "p".into(),
-                    endpoints,
-                }],
+                pools: vec![pool("p", 1, 6), pool("r", 3, 4)],
             };
             let fast_members = Membership::new(&fast_cfg, Some(snap.clone()));
             let full_members = Membership::new(&full_cfg, Some(snap));
             let (fast_store, full_store) = (MemoryStore::default(), MemoryStore::default());
-            for n in 0..60u64 {
+            for n in 0..90u64 {
                 // The clock crosses each scrape's staleness (2200, 2600, 3000),
                 // and every seventh request it is set back half a second (a
                 // member stale at the kept decision's time may be fresh again).
                 let now_ms = 1_000 + n * 40 - if n % 7 == 6 { 500 } else { 0 };
                 let priority = if next(3) == 0 { -1 } else { 0 };
                 let prompt = ["abcdefgh", "abcdwxyz", "qrstuvwx"][next(3) as usize];
-                let body =
-                    format!(r#"{{"model":"m","prompt":"{prompt}{n}","priority":{priority}}}"#);
+                let model = ["m", "n", "o"][next(3) as usize];
+                let body = format!(
+                    r#"{{"model":"{model}","prompt":"{prompt}{n}","priority":{priority}}}"#
+                );
                 let draw = next(u64::from(u32::MAX)) as u32;
                 let choose_on = |cfg: &Config, members: &Membership, store: &MemoryStore| {
                     let plan =
@@ -659,8 +680,11 @@ mod tests {
                     "round {round} ({name}), request {n} at {now_ms} ms"
                 );
                 // The fast one went through a kept decision: one holds now.
+                let pool =
+                    ["p", "q", "r"][["m", "n", "o"].iter().position(|m| *m == model).unwrap()];
+                let pool = fast_cfg.pools.iter().position(|p| p.name == pool).unwrap();
                 assert!(fast_members
-                    .prepared(0, profile, priority < 0, now_ms, || {
+                    .prepared(pool, profile, priority < 0, now_ms, || {
                         panic!("no prepared decision kept at {now_ms} ms")
                     })
                     .is_some());
@@ -679,6 +703,12 @@ mod tests {
         }
         // The run went through several choices and through shedding.
         assert!(kinds.len() >= 4, "{kinds:?}");
+        for host in ["127.0.0.1:", "127.0.0.2:", "127.0.0.3:"] {
+            assert!(
+                kinds.iter().any(|k| k.starts_with(host)),
+                "{host} {kinds:?}"
+            );
+        }
         assert!(kinds.contains("refused, shed: true"), "{kinds:?}");
     }
 
