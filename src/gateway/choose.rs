@@ -651,7 +651,7 @@ mod tests {
                 let now_ms = 1_000 + n * 40 - if n % 7 == 6 { 500 } else { 0 };
                 let priority = if next(3) == 0 { -1 } else { 0 };
                 let prompt = ["abcdefgh", "abcdwxyz", "qrstuvwx"][next(3) as usize];
-                let model = ["m", "n", "o"][next(3) as usize];
+                let (model, pool) = [("m", "p"), ("n", "q"), ("o", "r")][next(3) as usize];
                 let body = format!(
                     r#"{{"model":"{model}","prompt":"{prompt}{n}","priority":{priority}}}"#
                 );
@@ -680,8 +680,6 @@ mod tests {
                     "round {round} ({name}), request {n} at {now_ms} ms"
                 );
                 // The fast one went through a kept decision: one holds now.
-                let pool =
-                    ["p", "q", "r"][["m", "n", "o"].iter().position(|m| *m == model).unwrap()];
                 let pool = fast_cfg.pools.iter().position(|p| p.name == pool).unwrap();
                 assert!(fast_members
                     .prepared(pool, profile, priority < 0, now_ms, || {

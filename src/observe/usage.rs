@@ -94,8 +94,9 @@ impl UsageScanner {
         }
     }
 
-    /// Bytes of the captured object that change no state: what [`Self::byte`]
-    /// does with each of them, at once (the capture ends when it grows too big).
+    /// Bytes of the captured object, kept while it stays within
+    /// [`MAX_USAGE_BYTES`] (else the capture ends): one at a time from
+    /// [`Self::byte`], runs without a quote or brace from [`Self::feed`].
     fn capture_text(&mut self, text: &[u8]) {
         if let Some((buf, _)) = self.capture.as_mut() {
             if buf.len() + text.len() > MAX_USAGE_BYTES {
@@ -122,13 +123,7 @@ impl UsageScanner {
     }
 
     fn byte(&mut self, b: u8) {
-        if let Some((buf, _)) = self.capture.as_mut() {
-            if buf.len() >= MAX_USAGE_BYTES {
-                self.capture = None;
-            } else {
-                buf.push(b);
-            }
-        }
+        self.capture_text(std::slice::from_ref(&b));
         if self.in_string {
             if self.escape {
                 self.escape = false;
