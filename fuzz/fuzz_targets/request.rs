@@ -2,6 +2,8 @@
 //! and the whole body step `gateway::plan_route` (parse, resolve, `model` rewrite).
 //!
 //! Input: byte 0 picks the API (and the routing draw), the rest is the body.
+//! Any UTF-8 body: `json::Node::parse` (its fast reader, serde_json where that
+//! gives up) accepts exactly what serde_json alone accepts, as the same tree.
 //! Invariants on an accepted body: it is a JSON object; `model_span` covers the
 //! `model` value, a JSON string that decodes to `model`; splicing another model in
 //! there (what the gateway sends upstream) parses to the same request with only
@@ -11,6 +13,7 @@
 use fuzz_support::plant;
 use inference_gateway::config::Config;
 use inference_gateway::gateway::plan_route;
+use inference_gateway::openai::json::Node;
 use inference_gateway::openai::request::{parse, rewrite_model};
 use inference_gateway::openai::ApiKind;
 use libfuzzer_sys::fuzz_target;
@@ -46,6 +49,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let kind = KINDS[(sel & 3) as usize];
+    if let Ok(text) = std::str::from_utf8(body) {
+        match (Node::parse(text), Node::parse_with_serde_json(text)) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "the two readers disagree"),
+            (Err(_), Err(_)) => {}
+            (a, b) => panic!("the fast reader says {a:?}, serde_json {b:?}"),
+        }
+    }
     let Ok(p) = parse(kind, body) else {
         // A rejected body must also be rejected by the route planner.
         assert!(plan_route(config(), kind, body, None, 0).is_err());

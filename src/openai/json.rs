@@ -8,11 +8,16 @@
 //! have no escapes (a body is mostly text), keeps object members in body order
 //! (the screened text follows the order the model reads), and keeps each number's
 //! text. Depth is bounded by serde_json's recursion limit (128).
+//!
+//! Most bodies are read by [`fast`], which scans string text 64 bytes at a time;
+//! whatever it does not accept is read again by serde_json, which decides.
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
+
+mod fast;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node<'a> {
@@ -29,6 +34,15 @@ pub enum Node<'a> {
 impl<'a> Node<'a> {
     /// Parses one JSON value from `text`, refusing duplicate object keys.
     pub fn parse(text: &'a str) -> Result<Node<'a>, serde_json::Error> {
+        match fast::parse(text) {
+            Some(node) => Ok(node),
+            None => Self::parse_with_serde_json(text),
+        }
+    }
+
+    /// [`Node::parse`] by serde_json alone: the reference the fast reader is
+    /// tested against, and the one that explains a refusal.
+    pub fn parse_with_serde_json(text: &'a str) -> Result<Node<'a>, serde_json::Error> {
         serde_json::from_str(text)
     }
 
@@ -143,26 +157,50 @@ impl<'de> Visitor<'de> for NodeVisitor {
         Ok(Node::Array(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
-        let mut members: Vec<(Cow<'de, str>, Node<'de>)> = Vec::new();
-        // Small objects are checked linearly; from WIDE members on, a set keeps a
-        // hostile body (thousands of keys) from making the check quadratic.
-        const WIDE: usize = 32;
-        let mut seen: Option<HashSet<Cow<'de, str>>> = None;
+        let mut members = Members::default();
         while let Some(CowStr(key)) = map.next_key()? {
-            let dup = match &mut seen {
-                Some(set) => !set.insert(key.clone()),
-                None => members.iter().any(|(k, _)| *k == key),
-            };
-            if dup {
+            if !members.is_new(&key) {
                 return Err(de::Error::custom(format_args!("duplicate key '{key}'")));
             }
             let value = map.next_value()?;
-            members.push((key, value));
-            if seen.is_none() && members.len() == WIDE {
-                seen = Some(members.iter().map(|(k, _)| k.clone()).collect());
-            }
+            members.push(key, value);
         }
-        Ok(Node::Object(members))
+        Ok(Node::Object(members.into_vec()))
+    }
+}
+
+/// An object's members as they are read, keys checked unique. Small objects are
+/// checked linearly; from [`Members::WIDE`] members on, a set keeps a hostile
+/// body (thousands of keys) from making the check quadratic.
+#[derive(Default)]
+struct Members<'a> {
+    list: Vec<(Cow<'a, str>, Node<'a>)>,
+    seen: Option<HashSet<Cow<'a, str>>>,
+}
+
+impl<'a> Members<'a> {
+    const WIDE: usize = 32;
+
+    /// Whether no member has `key` yet.
+    fn is_new(&self, key: &str) -> bool {
+        match &self.seen {
+            Some(set) => !set.contains(key),
+            None => !self.list.iter().any(|(k, _)| k == key),
+        }
+    }
+
+    fn push(&mut self, key: Cow<'a, str>, value: Node<'a>) {
+        if let Some(set) = &mut self.seen {
+            set.insert(key.clone());
+        }
+        self.list.push((key, value));
+        if self.seen.is_none() && self.list.len() == Self::WIDE {
+            self.seen = Some(self.list.iter().map(|(k, _)| k.clone()).collect());
+        }
+    }
+
+    fn into_vec(self) -> Vec<(Cow<'a, str>, Node<'a>)> {
+        self.list
     }
 }
 
