@@ -268,19 +268,22 @@ impl Membership {
     }
 
     /// Each member's in-flight count, read from the in-flight table (`table`, as
-    /// [`inflight::table`] returns it), in member order.
-    pub fn in_flight(&self, pool: usize, table: &[u8]) -> Vec<u64> {
+    /// [`inflight::table`] returns it), in member order, and which hold any.
+    pub fn in_flight(&self, pool: usize, table: &[u8]) -> InFlight {
+        let mut out = InFlight::default();
         let Some(p) = self.pools.get(pool) else {
-            return Vec::new();
+            return out;
         };
-        let mut counts = vec![0u64; p.members.len()];
+        out.counts = vec![0u64; p.members.len()];
         // The table holds only endpoints with requests in flight: a few entries.
         for (k, n) in inflight::decode(table).filter(|&(_, n)| n > 0) {
             if let Ok(at) = p.by_key.binary_search_by(|&(key, _)| key.cmp(&k)) {
-                counts[p.by_key[at].1 as usize] = u64::from(n);
+                let position = p.by_key[at].1 as usize;
+                out.counts[position] = u64::from(n);
+                out.held.push(position);
             }
         }
-        counts
+        out
     }
 
     /// Every member's address, in every pool (an address may repeat).
@@ -290,6 +293,16 @@ impl Membership {
             .flat_map(|p| p.members.iter())
             .map(|m| self.address(m))
     }
+}
+
+/// A pool's in-flight counts ([`Membership::in_flight`]).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Per member position.
+    pub counts: Vec<u64>,
+    /// The positions whose count is above 0 (a few: the table holds only
+    /// endpoints with requests in flight).
+    pub held: Vec<usize>,
 }
 
 fn metrics_at<'s>(s: &'s Snapshot, m: &Member) -> Option<&'s EndpointMetrics> {
@@ -440,9 +453,10 @@ mod tests {
             &cfg,
             Some(snapshot(&[("a", &["127.0.0.1:2", "127.0.0.1:3"])])),
         );
-        assert_eq!(m.in_flight(0, &inflight::table(&store)), [0, 2]);
+        assert_eq!(m.in_flight(0, &inflight::table(&store)).counts, [0, 2]);
+        assert_eq!(m.in_flight(0, &inflight::table(&store)).held, [1]);
         let m = Membership::new(&cfg, None);
-        assert_eq!(m.in_flight(0, &inflight::table(&store)), [1, 0]);
-        assert!(m.in_flight(9, &inflight::table(&store)).is_empty());
+        assert_eq!(m.in_flight(0, &inflight::table(&store)).counts, [1, 0]);
+        assert!(m.in_flight(9, &inflight::table(&store)).counts.is_empty());
     }
 }

@@ -115,7 +115,10 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // position in the membership built once per snapshot.
     let pool_members = members.members(plan.pool);
     let table = inflight::read_releasing(store, released);
-    let in_flight = members.in_flight(plan.pool, &table.table);
+    let crate::membership::InFlight {
+        counts: in_flight,
+        held: mut touched,
+    } = members.in_flight(plan.pool, &table.table);
     // `Snapshot::endpoint_is_fresh`, with the snapshot's own age checked once.
     let stale_after = config.snapshot_stale_after_ms;
     let snapshot_fresh = members
@@ -131,6 +134,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         for (endpoint, blocks) in matches.runs() {
             if let Some(i) = members.position(plan.pool, inflight::key(endpoint)) {
                 prefix_at[i] = blocks;
+                touched.push(i);
             }
         }
     }
@@ -202,6 +206,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
             &request(false),
             &p.prepared,
             |i| (in_flight[i], prefix_at.get(i).copied().unwrap_or(0)),
+            Some(&touched),
             draw,
         )
     } else {

@@ -146,6 +146,7 @@ pub fn schedule(
         req,
         &prepared,
         |i| (candidates[i].in_flight, candidates[i].prefix_blocks),
+        None,
         draw,
     );
     match outcome {
@@ -181,6 +182,12 @@ pub struct Prepared {
     lora: Vec<f64>,
     /// The waiting-queue range the queue scores were normalised by.
     waiting: (f64, f64),
+    /// `pool` slots by `base`, best first, equal bases by candidate index; empty
+    /// when the sparse ranking cannot be used (an adapter request, a base that
+    /// is not a finite number). See [`rank_sparse`].
+    by_base: Vec<u32>,
+    /// Per candidate index: its `pool` slot, or `u32::MAX` when filtered out.
+    slot_of: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +211,8 @@ pub fn prepare(
         base: Vec::new(),
         lora: Vec::new(),
         waiting: EMPTY_RANGE,
+        by_base: Vec::new(),
+        slot_of: Vec::new(),
     };
     if candidates.is_empty() {
         return prepared;
@@ -254,6 +263,17 @@ pub fn prepare(
             .iter()
             .map(|&i| lora_score(req, &candidates[i]))
             .collect();
+    } else if prepared.base.iter().all(|b| b.is_finite()) && n < u32::MAX as usize {
+        let (pool, base) = (&prepared.pool, &prepared.base);
+        prepared.slot_of = vec![u32::MAX; n];
+        for (slot, &i) in pool.iter().enumerate() {
+            prepared.slot_of[i] = slot as u32;
+        }
+        prepared.by_base = (0..pool.len() as u32).collect();
+        prepared.by_base.sort_unstable_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            base[b].total_cmp(&base[a]).then(pool[a].cmp(&pool[b]))
+        });
     }
     prepared.verdict = Verdict::Score;
     prepared
@@ -262,12 +282,18 @@ pub fn prepare(
 /// Scores the prepared pool with what changes per request, `dynamic(i)`:
 /// candidate `i`'s in-flight count and leading prefix blocks; then picks (steps 4
 /// and 5). `Scored::parts` are left empty.
+///
+/// `touched`, when the host knows it: every candidate whose `dynamic` may be
+/// other than `(0, 0)` (repeats and filtered-out indexes allowed). The others
+/// are then ranked by their prepared order instead of one by one
+/// ([`rank_sparse`]), with the same outcome.
 pub fn finish(
     cfg: &Scheduling,
     profile: &Profile,
     req: &Request<'_>,
     prepared: &Prepared,
     dynamic: impl Fn(usize) -> (u64, usize),
+    touched: Option<&[usize]>,
     draw: u32,
 ) -> Outcome {
     match prepared.verdict {
@@ -277,6 +303,19 @@ pub fn finish(
     }
     let pool = &prepared.pool;
     let weights = Weights::of(profile);
+    let needed = |ties: usize| {
+        match profile.picker {
+            Picker::MaxScore => ties,
+            Picker::WeightedRandom { top_k } => top_k.max(1),
+        }
+        .max(cfg.fallback_endpoints + 1)
+    };
+    let sparse = touched
+        .filter(|_| !cfg.explain)
+        .and_then(|t| rank_sparse(&weights, req, prepared, &dynamic, t, needed));
+    if let Some(ranked) = sparse {
+        return pick_from(cfg, profile, &ranked, draw);
+    }
     let in_flight = if weights.in_flight != 0.0 {
         in_flight_range(pool, |i| dynamic(i).0)
     } else {
@@ -302,12 +341,7 @@ pub fn finish(
     // Only the best few are ordered (the picker's choice among ties or its top k,
     // then the fallbacks); sorting every candidate is most of a decision's work
     // in a large pool. With `explain`, all of them, for the explanation.
-    let ties = count_ties(&ranked);
-    let needed = match profile.picker {
-        Picker::MaxScore => ties,
-        Picker::WeightedRandom { top_k } => top_k.max(1),
-    }
-    .max(cfg.fallback_endpoints + 1);
+    let needed = needed(count_ties(&ranked));
     if cfg.explain || needed >= ranked.len() {
         ranked.sort_by(best_first);
     } else if needed <= SMALL_TOP {
@@ -317,6 +351,12 @@ pub fn finish(
         ranked.truncate(needed);
         ranked.sort_by(best_first);
     }
+    pick_from(cfg, profile, &ranked, draw)
+}
+
+/// Picks among `ranked` (the best candidates, best first), then the fallbacks
+/// in score order (step 5).
+fn pick_from(cfg: &Scheduling, profile: &Profile, ranked: &[Ranked], draw: u32) -> Outcome {
     let scored: Vec<Scored> = ranked
         .iter()
         .map(|r| Scored {
@@ -344,6 +384,95 @@ pub fn finish(
 struct Ranked {
     total: f64,
     index: usize,
+}
+
+/// The best candidates of a prepared pool, best first, as the dense ranking in
+/// [`finish`] would keep them, when only `touched` have in-flight requests or
+/// prefix matches: those are scored one by one, the rest (most of a large pool)
+/// all score their prepared base plus the same constant terms, so they are
+/// taken in `by_base` order and only as far as the best few need. `None` when
+/// it does not apply (no order prepared, nothing untouched) or gains nothing.
+///
+/// Why it decides the same: an untouched candidate's in-flight count is 0, the
+/// pool's minimum, so its in-flight score is 1 whatever the maximum, and its
+/// prefix score 0; its total is `base` plus constants over the weights, and
+/// float addition and division are monotonic, so totals never increase along
+/// `by_base`. They may become equal there (rounding), which is why the walk
+/// goes on through equal totals and the kept ones are sorted as the dense path
+/// sorts them.
+fn rank_sparse(
+    weights: &Weights,
+    req: &Request<'_>,
+    prepared: &Prepared,
+    dynamic: &impl Fn(usize) -> (u64, usize),
+    touched: &[usize],
+    needed: impl Fn(usize) -> usize,
+) -> Option<Vec<Ranked>> {
+    let pool = &prepared.pool;
+    if prepared.by_base.len() != pool.len() || touched.len() >= pool.len() {
+        return None;
+    }
+    let mut slots: Vec<u32> = touched
+        .iter()
+        .filter_map(|&i| prepared.slot_of.get(i).copied())
+        .filter(|&slot| slot != u32::MAX)
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    if slots.len() == pool.len() {
+        return None;
+    }
+    let in_flight = if weights.in_flight != 0.0 {
+        slots.iter().fold(widen(EMPTY_RANGE, 0.0), |r, &slot| {
+            widen(r, dynamic(pool[slot as usize]).0 as f64)
+        })
+    } else {
+        EMPTY_RANGE
+    };
+    let total = |slot: u32, dynamic: (u64, usize)| Ranked {
+        total: weights.total(req, prepared.base[slot as usize], None, dynamic, in_flight),
+        index: pool[slot as usize],
+    };
+    let mut ranked: Vec<Ranked> = slots
+        .iter()
+        .map(|&slot| total(slot, dynamic(pool[slot as usize])))
+        .collect();
+    let mut rest = prepared
+        .by_base
+        .iter()
+        .filter(|slot| slots.binary_search(slot).is_err())
+        .map(|&slot| total(slot, (0, 0)));
+
+    // The untouched ones tied with the best, then as many as `needed` asks.
+    let mut next = rest.next();
+    let first = next.map_or(f64::NEG_INFINITY, |r| r.total);
+    let best = ranked.iter().map(|r| r.total).fold(first, greater);
+    let mut ties = ranked.iter().filter(|r| best - r.total <= TIE).count();
+    let from = ranked.len();
+    while let Some(r) = next.filter(|r| best - r.total <= TIE) {
+        ranked.push(r);
+        ties += 1;
+        next = rest.next();
+    }
+    let needed = needed(ties);
+    if needed >= pool.len() {
+        return None;
+    }
+    let mut last = ranked
+        .last()
+        .filter(|_| ranked.len() > from)
+        .map(|r| r.total);
+    while let Some(r) = next {
+        if ranked.len() - from >= needed && last != Some(r.total) {
+            break;
+        }
+        last = Some(r.total);
+        ranked.push(r);
+        next = rest.next();
+    }
+    ranked.sort_by(best_first);
+    ranked.truncate(needed);
+    Some(ranked)
 }
 
 /// Up to this many best candidates are kept by one insertion pass; more by

@@ -394,3 +394,72 @@ fn keep_best_equals_a_full_sort_cut_to_k() {
         assert_eq!(ids(&got), ids(&want), "round {round}, n {n}, k {k}");
     }
 }
+
+/// `finish` told which candidates have in-flight requests or prefix matches
+/// (the rest ranked by the prepared order) decides exactly as scoring each one:
+/// sparse and dense counts, ties, both pickers, fallbacks, weights switched off,
+/// candidates filtered out, repeats in the list.
+#[test]
+fn sparse_ranking_decides_as_scoring_every_candidate() {
+    let mut rng = fastrand::Rng::with_seed(23);
+    let mut sparse_used = 0;
+    for round in 0..4_000 {
+        let n = rng.usize(1..80);
+        // Few distinct metrics, so equal bases are common; some saturated or
+        // down, so the filters drop candidates.
+        let metrics: Vec<EndpointMetrics> = (0..n)
+            .map(|_| EndpointMetrics {
+                healthy: rng.u8(..20) != 0,
+                ..m(rng.u32(0..7), f32::from(rng.u8(0..10)) / 10.0)
+            })
+            .collect();
+        let names: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
+        let touched: Vec<usize> = (0..rng.usize(0..=n.min(6)))
+            .map(|_| rng.usize(..n))
+            .collect();
+        let dynamic: Vec<(u64, usize)> = (0..n)
+            .map(|i| match touched.contains(&i) {
+                true => (rng.u64(0..4), rng.usize(0..3)),
+                false => (0, 0),
+            })
+            .collect();
+        let cands: Vec<Candidate<'_>> = (0..n)
+            .map(|i| Candidate {
+                fresh: rng.u8(..10) != 0,
+                ..cand(&names[i], dynamic[i].0, &metrics[i])
+            })
+            .collect();
+        let mut c = cfg();
+        c.fallback_endpoints = rng.usize(0..4);
+        let mut p = profile(&c, "default");
+        for (_, w) in &mut p.scorers {
+            *w = [0.0, 0.5, 1.0, 2.0, 3.0][rng.usize(..5)];
+        }
+        if round % 2 == 1 {
+            p.picker = Picker::WeightedRandom {
+                top_k: rng.usize(1..6),
+            };
+        }
+        let r = Request {
+            prompt_blocks: rng.usize(0..3),
+            ..req(if rng.u8(..4) == 0 { -1 } else { 0 })
+        };
+        let prepared = prepare(&c, &p, &r, &cands);
+        let draw = rng.u32(..);
+        let dense = finish(&c, &p, &r, &prepared, |i| dynamic[i], None, draw);
+        let sparse = finish(&c, &p, &r, &prepared, |i| dynamic[i], Some(&touched), draw);
+        assert_eq!(sparse, dense, "round {round}: n {n}, touched {touched:?}");
+        let weights = Weights::of(&p);
+        if rank_sparse(&weights, &r, &prepared, &|i| dynamic[i], &touched, |t| {
+            t.max(c.fallback_endpoints + 1)
+        })
+        .is_some()
+        {
+            sparse_used += 1;
+        }
+    }
+    assert!(
+        sparse_used > 2_000,
+        "the sparse ranking ran {sparse_used} times"
+    );
+}
