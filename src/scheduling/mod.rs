@@ -188,6 +188,10 @@ pub struct Prepared {
     by_base: Vec<u32>,
     /// Per candidate index: its `pool` slot, or `u32::MAX` when filtered out.
     slot_of: Vec<u32>,
+    /// Along `by_base`, candidates without in-flight requests or prefix matches
+    /// have equal totals only where their bases are equal (rounding never makes
+    /// two bases' totals equal), so their order there is already the ranking's.
+    ranked_by_base: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +217,7 @@ pub fn prepare(
         waiting: EMPTY_RANGE,
         by_base: Vec::new(),
         slot_of: Vec::new(),
+        ranked_by_base: false,
     };
     if candidates.is_empty() {
         return prepared;
@@ -263,20 +268,36 @@ pub fn prepare(
             .iter()
             .map(|&i| lora_score(req, &candidates[i]))
             .collect();
-    } else if prepared.base.iter().all(|b| b.is_finite()) && n < u32::MAX as usize {
-        let (pool, base) = (&prepared.pool, &prepared.base);
-        prepared.slot_of = vec![u32::MAX; n];
-        for (slot, &i) in pool.iter().enumerate() {
-            prepared.slot_of[i] = slot as u32;
-        }
-        prepared.by_base = (0..pool.len() as u32).collect();
-        prepared.by_base.sort_unstable_by(|&a, &b| {
-            let (a, b) = (a as usize, b as usize);
-            base[b].total_cmp(&base[a]).then(pool[a].cmp(&pool[b]))
-        });
+    } else {
+        order_by_base(&mut prepared, &weights, req, n);
     }
     prepared.verdict = Verdict::Score;
     prepared
+}
+
+/// Fills `by_base`, `slot_of` and `ranked_by_base` for [`rank_sparse`] (left
+/// empty when a base is not a finite number: the order would not be total).
+fn order_by_base(prepared: &mut Prepared, weights: &Weights, req: &Request<'_>, n: usize) {
+    if !prepared.base.iter().all(|b| b.is_finite()) || n >= u32::MAX as usize {
+        return;
+    }
+    let (pool, base) = (&prepared.pool, &prepared.base);
+    prepared.slot_of = vec![u32::MAX; n];
+    for (slot, &i) in pool.iter().enumerate() {
+        prepared.slot_of[i] = slot as u32;
+    }
+    prepared.by_base = (0..pool.len() as u32).collect();
+    prepared.by_base.sort_unstable_by(|&a, &b| {
+        let (a, b) = (a as usize, b as usize);
+        base[b].total_cmp(&base[a]).then(pool[a].cmp(&pool[b]))
+    });
+    // An untouched candidate's total, as `rank_sparse` computes it: the
+    // in-flight range's minimum is its own 0, so its in-flight score is 1.
+    let untouched = |slot: u32| weights.total(req, base[slot as usize], None, (0, 0), (0.0, 0.0));
+    prepared.ranked_by_base = prepared
+        .by_base
+        .windows(2)
+        .all(|w| base[w[0] as usize] == base[w[1] as usize] || untouched(w[0]) != untouched(w[1]));
 }
 
 /// Scores the prepared pool with what changes per request, `dynamic(i)`:
@@ -310,9 +331,10 @@ pub fn finish(
         }
         .max(cfg.fallback_endpoints + 1)
     };
-    let sparse = touched
-        .filter(|_| !cfg.explain)
-        .and_then(|t| rank_sparse(&weights, req, prepared, &dynamic, t, needed));
+    let sparse = touched.filter(|_| !cfg.explain).and_then(|t| {
+        let ties_matter = profile.picker == Picker::MaxScore;
+        rank_sparse(&weights, req, prepared, &dynamic, t, ties_matter, needed)
+    });
     if let Some(ranked) = sparse {
         return pick_from(cfg, profile, &ranked, draw);
     }
@@ -397,15 +419,16 @@ struct Ranked {
 /// pool's minimum, so its in-flight score is 1 whatever the maximum, and its
 /// prefix score 0; its total is `base` plus constants over the weights, and
 /// float addition and division are monotonic, so totals never increase along
-/// `by_base`. They may become equal there (rounding), which is why the walk
-/// goes on through equal totals and the kept ones are sorted as the dense path
-/// sorts them.
+/// `by_base`. Where rounding makes two different bases' totals equal (not
+/// `ranked_by_base`), the walk goes on through equal totals; the kept ones are
+/// sorted as the dense path sorts them.
 fn rank_sparse(
     weights: &Weights,
     req: &Request<'_>,
     prepared: &Prepared,
     dynamic: &impl Fn(usize) -> (u64, usize),
     touched: &[usize],
+    ties_matter: bool,
     needed: impl Fn(usize) -> usize,
 ) -> Option<Vec<Ranked>> {
     let pool = &prepared.pool;
@@ -443,16 +466,20 @@ fn rank_sparse(
         .filter(|slot| slots.binary_search(slot).is_err())
         .map(|&slot| total(slot, (0, 0)));
 
-    // The untouched ones tied with the best, then as many as `needed` asks.
+    // The untouched ones tied with the best (when the picker breaks ties),
+    // then as many as `needed` asks.
     let mut next = rest.next();
-    let first = next.map_or(f64::NEG_INFINITY, |r| r.total);
-    let best = ranked.iter().map(|r| r.total).fold(first, greater);
-    let mut ties = ranked.iter().filter(|r| best - r.total <= TIE).count();
     let from = ranked.len();
-    while let Some(r) = next.filter(|r| best - r.total <= TIE) {
-        ranked.push(r);
-        ties += 1;
-        next = rest.next();
+    let mut ties = 0;
+    if ties_matter {
+        let first = next.map_or(f64::NEG_INFINITY, |r| r.total);
+        let best = ranked.iter().map(|r| r.total).fold(first, greater);
+        ties = ranked.iter().filter(|r| best - r.total <= TIE).count();
+        while let Some(r) = next.filter(|r| best - r.total <= TIE) {
+            ranked.push(r);
+            ties += 1;
+            next = rest.next();
+        }
     }
     let needed = needed(ties);
     if needed >= pool.len() {
@@ -463,7 +490,7 @@ fn rank_sparse(
         .filter(|_| ranked.len() > from)
         .map(|r| r.total);
     while let Some(r) = next {
-        if ranked.len() - from >= needed && last != Some(r.total) {
+        if ranked.len() - from >= needed && (prepared.ranked_by_base || last != Some(r.total)) {
             break;
         }
         last = Some(r.total);

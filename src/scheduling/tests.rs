@@ -449,10 +449,27 @@ fn sparse_ranking_decides_as_scoring_every_candidate() {
         let dense = finish(&c, &p, &r, &prepared, |i| dynamic[i], None, draw);
         let sparse = finish(&c, &p, &r, &prepared, |i| dynamic[i], Some(&touched), draw);
         assert_eq!(sparse, dense, "round {round}: n {n}, touched {touched:?}");
+        // The walk that does not trust the prepared order (rounding made two
+        // bases' totals equal) decides the same.
+        let cautious = Prepared {
+            ranked_by_base: false,
+            ..prepared.clone()
+        };
+        let sparse = finish(&c, &p, &r, &cautious, |i| dynamic[i], Some(&touched), draw);
+        assert_eq!(
+            sparse, dense,
+            "round {round}, cautious: n {n}, touched {touched:?}"
+        );
         let weights = Weights::of(&p);
-        if rank_sparse(&weights, &r, &prepared, &|i| dynamic[i], &touched, |t| {
-            t.max(c.fallback_endpoints + 1)
-        })
+        if rank_sparse(
+            &weights,
+            &r,
+            &prepared,
+            &|i| dynamic[i],
+            &touched,
+            true,
+            |t| t.max(c.fallback_endpoints + 1),
+        )
         .is_some()
         {
             sparse_used += 1;
@@ -462,4 +479,34 @@ fn sparse_ranking_decides_as_scoring_every_candidate() {
         sparse_used > 2_000,
         "the sparse ranking ran {sparse_used} times"
     );
+}
+
+/// Two different bases whose totals round to the same number (0.1 + 0.2 and
+/// 0.3, plus the constant terms) rank by index, as in the dense ranking, though
+/// the prepared order has the larger base first.
+#[test]
+fn sparse_ranking_sorts_totals_that_rounding_made_equal() {
+    let metrics = m(0, 0.0);
+    let names: Vec<String> = (0..4).map(|i| format!("e{i}")).collect();
+    let cands: Vec<Candidate<'_>> = names.iter().map(|n| cand(n, 0, &metrics)).collect();
+    let mut c = cfg();
+    c.fallback_endpoints = 0;
+    let mut p = profile(&c, "default");
+    for (_, w) in &mut p.scorers {
+        *w = 1.0;
+    }
+    p.picker = Picker::WeightedRandom { top_k: 1 };
+    let r = req(0);
+    let mut prepared = prepare(&c, &p, &r, &cands);
+    prepared.base = vec![0.1, 0.3, 0.1, 0.1 + 0.2];
+    order_by_base(&mut prepared, &Weights::of(&p), &r, 4);
+    assert!(
+        !prepared.ranked_by_base,
+        "the totals of 0.3 and 0.1 + 0.2 collapse"
+    );
+    assert_eq!(prepared.by_base[0], 3, "the larger base first");
+    let dense = finish(&c, &p, &r, &prepared, |_| (0, 0), None, 0);
+    let sparse = finish(&c, &p, &r, &prepared, |_| (0, 0), Some(&[]), 0);
+    assert_eq!(chosen(dense.clone()), 1);
+    assert_eq!(sparse, dense);
 }
