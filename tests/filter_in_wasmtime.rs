@@ -248,6 +248,38 @@ fn every_error_path_answers_in_the_openai_shape_and_the_vm_lives_on() {
     vm.assert_alive();
 }
 
+/// The module's string scan (Wasm SIMD: 64 bytes a step, then 16, then byte
+/// by byte) finds a raw control character wherever it sits in a string, so the
+/// body is refused as JSON requires; an escape or a multi-byte character in
+/// the same places routes.
+#[test]
+fn a_raw_control_character_anywhere_in_a_string_is_refused() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    let text = "a".repeat(200);
+    for at in 0..=text.len() {
+        let control = ["\u{0}", "\u{1}", "\t", "\n", "\u{1f}"][at % 5];
+        for (insert, routed) in [(control, false), ("\\n", true), ("é", true)] {
+            let content = format!("{}{insert}{}", &text[..at], &text[at..]);
+            let body = format!(
+                r#"{{"model":"food-review","messages":[{{"role":"user","content":"{content}"}}]}}"#
+            );
+            let (s, a) = chat(&mut vm, &body);
+            if routed {
+                assert_eq!(a, Action::Continue, "{insert:?} at {at}");
+                vm.end(s);
+            } else {
+                assert_eq!(a, Action::Pause, "{insert:?} at {at}");
+                expect_error(&mut vm, s, 400, "invalid_json");
+            }
+        }
+    }
+    for e in [E1, E2] {
+        assert_eq!(host.in_flight(e), 0);
+    }
+    vm.assert_alive();
+}
+
 #[test]
 fn other_paths_pass_and_models_are_listed() {
     let host = Host::new();

@@ -4,6 +4,10 @@
 use crate::config::ConfigError;
 use serde::Deserialize;
 
+/// Most alternates a decision lists after its choice (`fallback_endpoints`):
+/// Envoy retries a handful at most; the bound keeps the count arithmetic safe.
+pub const MAX_FALLBACKS: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScorerKind {
@@ -249,6 +253,14 @@ impl RawScheduling {
                     ));
                 }
             }
+            // Each weight finite is not enough: a sum that overflows makes every
+            // total `x / inf`, and a NaN score has no rank.
+            if !p.scorers.iter().map(|s| s.weight).sum::<f64>().is_finite() {
+                return Err(err(
+                    format!("{at}.scorers"),
+                    "the weights must add up to a finite number",
+                ));
+            }
             if let Picker::WeightedRandom { top_k: 0 } = p.picker {
                 return Err(err(format!("{at}.picker.top_k"), "must be at least 1"));
             }
@@ -282,6 +294,12 @@ impl RawScheduling {
             return Err(err(
                 "scheduling.saturation.sheddable_headroom",
                 "must be in (0, 1]",
+            ));
+        }
+        if self.fallback_endpoints > MAX_FALLBACKS {
+            return Err(err(
+                "scheduling.fallback_endpoints",
+                format!("must be at most {MAX_FALLBACKS}"),
             ));
         }
         let pc = &self.prefix_cache;
@@ -368,6 +386,16 @@ mod tests {
                 r#"{"profiles": [{"name": "p", "scorers": [{"type": "queue", "weight": 1}], "picker": {"type": "weighted_random", "top_k": 0}}]}"#
             ),
             "scheduling.profiles[0].picker.top_k"
+        );
+        assert_eq!(
+            f(
+                r#"{"profiles": [{"name": "p", "scorers": [{"type": "queue", "weight": 1e308}, {"type": "kv_cache", "weight": 1e308}]}]}"#
+            ),
+            "scheduling.profiles[0].scorers"
+        );
+        assert_eq!(
+            f(r#"{"fallback_endpoints": 65}"#),
+            "scheduling.fallback_endpoints"
         );
     }
 }

@@ -276,9 +276,13 @@ pub fn prepare(
 }
 
 /// Fills `by_base`, `slot_of` and `ranked_by_base` for [`rank_sparse`] (left
-/// empty when a base is not a finite number: the order would not be total).
+/// empty when a base or the weights' sum is not a finite number: the totals
+/// would not be ordered).
 fn order_by_base(prepared: &mut Prepared, weights: &Weights, req: &Request<'_>, n: usize) {
-    if !prepared.base.iter().all(|b| b.is_finite()) || n >= u32::MAX as usize {
+    if !weights.total.is_finite()
+        || !prepared.base.iter().all(|b| b.is_finite())
+        || n >= u32::MAX as usize
+    {
         return;
     }
     let (pool, base) = (&prepared.pool, &prepared.base);
