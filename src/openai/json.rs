@@ -72,6 +72,28 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// `==`, and the same strings borrowed from the text (`Cow`'s `==` ignores
+    /// it; the request's `model_span` relies on it): how the fast reader is
+    /// compared with serde_json in the tests and the `request` fuzz target.
+    pub fn same_reading(&self, other: &Node<'_>) -> bool {
+        let same_str = |x: &Cow<str>, y: &Cow<str>| {
+            x == y && matches!(x, Cow::Borrowed(_)) == matches!(y, Cow::Borrowed(_))
+        };
+        match (self, other) {
+            (Node::Str(x), Node::Str(y)) => same_str(x, y),
+            (Node::Array(x), Node::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| x.same_reading(y))
+            }
+            (Node::Object(x), Node::Object(y)) => {
+                x.len() == y.len()
+                    && x.iter()
+                        .zip(y)
+                        .all(|((kx, vx), (ky, vy))| same_str(kx, ky) && vx.same_reading(vy))
+            }
+            _ => self == other,
+        }
+    }
+
     /// True when no string (key or value) occurs anywhere in this value: it
     /// carries no text a model could read.
     pub fn is_textless(&self) -> bool {

@@ -353,26 +353,6 @@ mod tests {
         assert_eq!(special(long.as_bytes()), 200);
     }
 
-    /// Equal values, and the same strings borrowed (`model_span` relies on it).
-    fn same(a: &Node, b: &Node) -> bool {
-        let same_str = |x: &Cow<str>, y: &Cow<str>| {
-            x == y && matches!(x, Cow::Borrowed(_)) == matches!(y, Cow::Borrowed(_))
-        };
-        match (a, b) {
-            (Node::Str(x), Node::Str(y)) => same_str(x, y),
-            (Node::Array(x), Node::Array(y)) => {
-                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
-            }
-            (Node::Object(x), Node::Object(y)) => {
-                x.len() == y.len()
-                    && x.iter()
-                        .zip(y)
-                        .all(|((kx, vx), (ky, vy))| same_str(kx, ky) && same(vx, vy))
-            }
-            _ => a == b,
-        }
-    }
-
     /// A random JSON text of bounded depth: valid, with escapes of every kind,
     /// numbers of every shape and whitespace between tokens.
     fn random_json(rng: &mut fastrand::Rng, depth: u32, out: &mut String) {
@@ -474,7 +454,7 @@ mod tests {
             let reference = Node::parse_with_serde_json(&text);
             match (parse(&text), &reference) {
                 (Some(fast), Ok(slow)) => {
-                    assert!(same(&fast, slow), "{text:?}: {fast:?} vs {slow:?}");
+                    assert!(fast.same_reading(slow), "{text:?}: {fast:?} vs {slow:?}");
                     taken += 1;
                 }
                 (Some(fast), Err(e)) => panic!("{text:?}: accepted as {fast:?}; serde_json: {e}"),
