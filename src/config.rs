@@ -375,6 +375,12 @@ impl Config {
         self.policies.get(pool).and_then(Option::as_ref)
     }
 
+    /// Whether any pool has a backend policy (its caps are checked against the
+    /// stored in-flight counts, so no worker routes on its own view of them).
+    pub fn any_policy(&self) -> bool {
+        self.policies.iter().any(Option::is_some)
+    }
+
     pub fn pool_by_name(&self, name: &str) -> Option<usize> {
         self.pools.iter().position(|p| p.name == name)
     }

@@ -15,11 +15,11 @@
 //! entries than the most endpoints that had requests in flight at the same time
 //! (members, plus departed endpoints still finishing streams), whatever the churn.
 //!
-//! A host may hold back releases (the filter does while its worker has other
-//! requests open: a release is a read and a write of shared data, the costliest
-//! host calls a request makes) and hand them to the next take, which corrects the
-//! table it read by them and writes them in the same compare-and-swap
-//! ([`read_releasing`], [`add_after`]), or write them alone ([`release`]).
+//! A host may hold back its changes: the filter's busy worker routes on its own
+//! view of the table and writes its takes and releases together at most every
+//! few milliseconds ([`Ledger`]); a host that reads the table corrects it by its
+//! unwritten changes and writes them with its next take ([`read_with`],
+//! [`take_after`]), or writes them alone ([`write`]).
 
 use std::collections::{BTreeMap, HashMap};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -79,28 +79,84 @@ pub fn table(store: &dyn SharedStore) -> Vec<u8> {
     store.get(COUNTS_KEY).0.unwrap_or_default()
 }
 
-/// The table as read, with its CAS token: a later [`add_after`] starts from it
+/// Count changes a host made and has not written yet (one key per stream, a key
+/// may repeat): the table is read corrected by them, and the next write carries
+/// them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unwritten<'a> {
+    /// Counts taken.
+    pub taken: &'a [u64],
+    /// Counts given back.
+    pub released: &'a [u64],
+}
+
+impl Unwritten<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty() && self.released.is_empty()
+    }
+}
+
+/// The table as read, with its CAS token: a later [`take_after`] starts from it
 /// instead of reading it again.
 pub struct Read<'a> {
     pub table: Vec<u8>,
     cas: Option<u32>,
-    /// The releases `table` is corrected by (see [`read_releasing`]).
-    released: &'a [u64],
+    /// The changes `table` is corrected by (see [`read_with`]).
+    unwritten: Unwritten<'a>,
 }
 
-/// Reads the table for counting now and one [`add_after`] later.
+/// Reads the table for counting now and one [`take_after`] later.
 pub fn read(store: &dyn SharedStore) -> Read<'static> {
+    read_with(store, Unwritten::default())
+}
+
+/// [`read`], with the table corrected by `unwritten`; a later [`take_after`]
+/// writes them, so the host forgets them once it succeeds.
+pub fn read_with<'a>(store: &dyn SharedStore, unwritten: Unwritten<'a>) -> Read<'a> {
     let (value, cas) = store.get(COUNTS_KEY);
     Read {
-        table: value.unwrap_or_default(),
+        table: corrected(value.unwrap_or_default(), unwritten),
         cas,
-        released: &[],
+        unwritten,
     }
 }
 
-/// [`add`], first trying the table as `read` saw it (one host read fewer per
-/// routed request); a table changed since fails the CAS and is read again. The
-/// releases `read` was corrected by ([`read_releasing`]) are written with it.
+/// `table` cut to whole entries, with `unwritten` applied (takes first, so a
+/// stream taken and given back nets out whatever the table held).
+fn corrected(mut table: Vec<u8>, unwritten: Unwritten<'_>) -> Vec<u8> {
+    table.truncate(table.len() / ENTRY_BYTES * ENTRY_BYTES);
+    for &k in unwritten.taken {
+        apply(&mut table, k, 1);
+    }
+    for &k in unwritten.released {
+        apply(&mut table, k, -1);
+    }
+    table
+}
+
+/// Changes the count of `k` in a table held in memory (a host's own view of
+/// it): an increment the table has no room for, or a release of an endpoint
+/// without an entry, changes nothing.
+pub fn apply(table: &mut Vec<u8>, k: u64, delta: i64) {
+    table.truncate(table.len() / ENTRY_BYTES * ENTRY_BYTES);
+    let _ = change(table, k, delta, None);
+}
+
+/// [`add`] of one count, first trying the table as `read` saw it (one host read
+/// fewer per routed request); a table changed since fails the CAS and is read
+/// again. The changes `read` was corrected by are written with it. Returns the
+/// table as written.
+pub fn take_after(store: &dyn SharedStore, read: Read<'_>, k: u64) -> Result<Vec<u8>, StoreError> {
+    update(
+        store,
+        Some((k, 1, None)),
+        Some((read.table, read.cas)),
+        read.unwritten,
+    )
+    .map(|w| w.map(|(_, table)| table).unwrap_or_default())
+}
+
+/// [`take_after`], returning the endpoint's new count instead of the table.
 pub fn add_after(
     store: &dyn SharedStore,
     read: Read<'_>,
@@ -109,42 +165,130 @@ pub fn add_after(
 ) -> Result<u64, StoreError> {
     update(
         store,
-        k,
-        delta,
-        None,
+        Some((k, delta, None)),
         Some((read.table, read.cas)),
-        read.released,
+        read.unwritten,
     )
-    .map(|n| n.unwrap_or(0))
+    .map(|w| w.map_or(0, |(n, _)| n))
 }
 
-/// [`read`], with the table corrected by `released`: counts this host gave back
-/// and has not written yet, one key per stream (a key may repeat). A later
-/// [`add_after`] writes them, so the host forgets them once it succeeds.
-pub fn read_releasing<'a>(store: &dyn SharedStore, released: &'a [u64]) -> Read<'a> {
-    let (value, cas) = store.get(COUNTS_KEY);
-    Read {
-        table: given_back(value.unwrap_or_default(), released),
-        cas,
-        released,
+/// Writes a host's unwritten changes alone (unknown keys of releases change
+/// nothing); the table as written, `None` when there was nothing to write.
+pub fn write(
+    store: &dyn SharedStore,
+    unwritten: Unwritten<'_>,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    if unwritten.is_empty() {
+        return Ok(None);
     }
-}
-
-/// `table` cut to whole entries, with one count of each of `released` given back.
-fn given_back(mut table: Vec<u8>, released: &[u64]) -> Vec<u8> {
-    table.truncate(table.len() / ENTRY_BYTES * ENTRY_BYTES);
-    for &k in released {
-        let _ = change(&mut table, k, -1, None);
-    }
-    table
+    update(store, None, None, unwritten).map(|w| w.map(|(_, table)| table))
 }
 
 /// Writes held-back releases (one key per stream; unknown keys change nothing).
 pub fn release(store: &dyn SharedStore, released: &[u64]) -> Result<(), StoreError> {
-    let Some((&last, rest)) = released.split_last() else {
-        return Ok(());
-    };
-    update(store, last, -1, None, None, rest).map(|_| ())
+    write(
+        store,
+        Unwritten {
+            taken: &[],
+            released,
+        },
+    )
+    .map(|_| ())
+}
+
+/// At most this many unwritten changes wait in a [`Ledger`]; the next one is
+/// written with them.
+pub const MAX_UNWRITTEN: usize = 256;
+
+/// At most this many takes on a [`Ledger`]'s view before they are written,
+/// however young the view: other workers route without seeing them, and each
+/// could send as many to the endpoints all of them rank first.
+pub const MAX_VIEW_TAKES: usize = 16;
+
+/// A worker's side of the counts (the filter keeps one per VM): the changes it
+/// has not written yet and its view of the table.
+///
+/// A take is a read and a compare-and-swap write of the one shared key, the
+/// costliest host calls a request makes, and every worker races on that key. A
+/// busy worker (other requests open) therefore routes on its view and notes its
+/// takes and releases there, and writes them all at once when its view is
+/// `window_ms` old or holds [`MAX_VIEW_TAKES`] takes; a worker alone writes at
+/// once. Its own changes are always
+/// in its view; other workers' reach it within the window. A take given back
+/// before it was written cancels out and is never written. Configurations with
+/// capacity caps never route on a view (a cap is checked against the stored
+/// counts), the host's choice.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    taken: Vec<u64>,
+    released: Vec<u64>,
+    /// The table as last read or written, with the changes since applied.
+    view: Option<Vec<u8>>,
+    /// When `view` was read or written (host ms).
+    read_ms: u64,
+}
+
+impl Ledger {
+    /// The changes not written yet.
+    pub fn unwritten(&self) -> Unwritten<'_> {
+        Unwritten {
+            taken: &self.taken,
+            released: &self.released,
+        }
+    }
+
+    /// The view to route on at `now_ms`, if the worker may: it is `busy`, the
+    /// view is younger than `window_ms`, and the changes waiting are few.
+    pub fn recent(&self, now_ms: u64, busy: bool, window_ms: u64) -> Option<&[u8]> {
+        let young = !crate::observe::pending::elapsed(self.read_ms, now_ms, window_ms);
+        let room = self.taken.len() < MAX_VIEW_TAKES
+            && self.taken.len() + self.released.len() < MAX_UNWRITTEN;
+        self.view.as_deref().filter(|_| busy && young && room)
+    }
+
+    /// The unwritten changes are in `table`, written at `now_ms` (`None`: at a
+    /// time not read, the view keeps its age).
+    pub fn written(&mut self, table: Vec<u8>, now_ms: Option<u64>) {
+        self.taken.clear();
+        self.released.clear();
+        self.view = Some(table);
+        if let Some(now) = now_ms {
+            self.read_ms = now;
+        }
+    }
+
+    /// A count taken on the view, not written.
+    pub fn took(&mut self, k: u64) {
+        self.taken.push(k);
+        if let Some(view) = &mut self.view {
+            apply(view, k, 1);
+        }
+    }
+
+    /// A count given back: it cancels an unwritten take of the same key, or
+    /// waits to be written. Whether a write is due (too many wait).
+    pub fn release(&mut self, k: u64) -> bool {
+        match self.taken.iter().position(|&t| t == k) {
+            Some(i) => {
+                self.taken.swap_remove(i);
+            }
+            None => self.released.push(k),
+        }
+        if let Some(view) = &mut self.view {
+            apply(view, k, -1);
+        }
+        self.taken.len() + self.released.len() >= MAX_UNWRITTEN
+    }
+
+    /// A write failed past its retries: a host that keeps refusing loses counts
+    /// (as a failed write always did), not memory; the view is read again.
+    pub fn write_failed(&mut self) {
+        self.view = None;
+        if self.taken.len() + self.released.len() >= MAX_UNWRITTEN {
+            self.taken.clear();
+            self.released.clear();
+        }
+    }
 }
 
 /// The count of the endpoint with key `k` in `table`.
@@ -168,7 +312,8 @@ pub fn init(store: &dyn SharedStore) -> Result<(), StoreError> {
 /// first free one, else appends; a release of an endpoint without an entry changes
 /// nothing. Trailing free entries are dropped, so the table shrinks as load falls.
 pub fn add(store: &dyn SharedStore, k: u64, delta: i64) -> Result<u64, StoreError> {
-    update(store, k, delta, None, None, &[]).map(|n| n.unwrap_or(0))
+    update(store, Some((k, delta, None)), None, Unwritten::default())
+        .map(|w| w.map_or(0, |(n, _)| n))
 }
 
 /// Takes one count of the endpoint with key `k` unless it already holds `cap`
@@ -180,38 +325,40 @@ pub fn add_capped(store: &dyn SharedStore, k: u64, cap: u64) -> Result<Option<u6
     if cap == 0 {
         return Ok(None);
     }
-    update(store, k, 1, Some(cap), None, &[])
+    update(store, Some((k, 1, Some(cap))), None, Unwritten::default()).map(|w| w.map(|(n, _)| n))
 }
 
-/// [`add`], refusing (`Ok(None)`) an increment from a count at or above `cap`;
-/// `released` (counts given back, see [`read_releasing`]) are applied in the
-/// same write. `first`, when given, is a read already corrected by `released`.
+/// Adds `delta` to `own`'s key (an increment from a count at or above its cap
+/// refused: `Ok(None)`) with `unwritten` applied in the same write; `first`,
+/// when given, is a read already corrected by `unwritten`. Returns the key's new
+/// count and the table as written (as read, when nothing changed).
 #[inline(always)]
 fn update(
     store: &dyn SharedStore,
-    k: u64,
-    delta: i64,
-    cap: Option<u64>,
+    own: Option<(u64, i64, Option<u64>)>,
     mut first: Option<(Vec<u8>, Option<u32>)>,
-    released: &[u64],
-) -> Result<Option<u64>, StoreError> {
+    unwritten: Unwritten<'_>,
+) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (mut bytes, cas) = first.take().unwrap_or_else(|| {
             let (value, cas) = store.get(COUNTS_KEY);
-            (given_back(value.unwrap_or_default(), released), cas)
+            (corrected(value.unwrap_or_default(), unwritten), cas)
         });
         bytes.truncate(bytes.len() / ENTRY_BYTES * ENTRY_BYTES);
-        let next = match change(&mut bytes, k, delta, cap)? {
-            Change::To(next) => next,
-            Change::Refused => return Ok(None),
-            Change::Nothing if released.is_empty() => return Ok(Some(0)),
-            Change::Nothing => 0,
+        let next = match own {
+            None => 0,
+            Some((k, delta, cap)) => match change(&mut bytes, k, delta, cap)? {
+                Change::To(next) => next,
+                Change::Refused => return Ok(None),
+                Change::Nothing if unwritten.is_empty() => return Ok(Some((0, bytes))),
+                Change::Nothing => 0,
+            },
         };
         while bytes.len() >= ENTRY_BYTES && bytes[bytes.len() - 4..] == [0, 0, 0, 0] {
             bytes.truncate(bytes.len() - ENTRY_BYTES);
         }
         match store.set(COUNTS_KEY, &bytes, cas) {
-            Ok(()) => return Ok(Some(next)),
+            Ok(()) => return Ok(Some((next, bytes))),
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(e),
         }
@@ -449,11 +596,11 @@ mod tests {
         assert_eq!((count(&table(&s), a), count(&table(&s), b)), (3, 1));
     }
 
-    /// Releases held back by a host correct the table the next take reads and
-    /// are written with it, once, also when another writer forces a re-read; alone,
-    /// `release` writes them all (a key per stream, repeats allowed).
+    /// Changes held back by a host correct the table the next take reads and
+    /// are written with it, once, also when another writer forces a re-read;
+    /// alone, `write` writes them all (a key per stream, repeats allowed).
     #[test]
-    fn held_back_releases_ride_on_the_next_take() {
+    fn unwritten_changes_ride_on_the_next_take() {
         let s = MemoryStore::default();
         init(&s).unwrap();
         let (a, b, gone) = (key("a:1"), key("b:1"), key("gone:1"));
@@ -461,33 +608,110 @@ mod tests {
             add(&s, a, 1).unwrap();
         }
         add(&s, b, 1).unwrap();
-        // Two of a's streams and one of an unknown endpoint ended, not written.
-        let held = [a, gone, a];
-        let r = read_releasing(&s, &held);
+        // Two of a's streams and one of an unknown endpoint ended, one was taken
+        // for b: not written.
+        let held = Unwritten {
+            taken: &[b],
+            released: &[a, gone, a],
+        };
+        let r = read_with(&s, held);
         assert_eq!(
             (count(&r.table, a), count(&r.table, b)),
-            (1, 1),
+            (1, 2),
             "corrected"
         );
         assert_eq!(count(&table(&s), a), 3, "not written by the read");
         let reads = s.reads();
-        assert_eq!(add_after(&s, r, b, 1).unwrap(), 2);
+        let written = take_after(&s, r, b).unwrap();
         assert_eq!(s.reads(), reads, "one write, no read");
-        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (1, 2));
+        assert_eq!(written, table(&s), "the table as written");
+        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (1, 3));
 
         // Another writer between the read and the take: re-read, re-corrected.
-        let held = [b];
-        let r = read_releasing(&s, &held);
+        let held = Unwritten {
+            taken: &[],
+            released: &[b],
+        };
+        let r = read_with(&s, held);
         add(&s, a, 1).unwrap();
         assert_eq!(add_after(&s, r, a, 1).unwrap(), 3);
-        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (3, 1));
+        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (3, 2));
 
-        release(&s, &[a, b, a, a]).unwrap();
+        release(&s, &[a, b, a, a, b]).unwrap();
         assert_eq!(entries(&s), 0, "all given back, trailing entries dropped");
-        release(&s, &[]).unwrap();
+        assert_eq!(write(&s, Unwritten::default()).unwrap(), None);
         let reads = s.reads();
         release(&s, &[gone]).unwrap();
         assert_eq!(s.reads(), reads + 1);
+    }
+
+    /// A busy worker routes on its view with its own changes in it; a take given
+    /// back before it is written never reaches shared data; the view ages out,
+    /// and a worker alone gets none.
+    #[test]
+    fn a_ledger_keeps_a_busy_workers_changes_in_its_view() {
+        let s = MemoryStore::default();
+        init(&s).unwrap();
+        let (a, b, gone) = (key("a:1"), key("b:1"), key("gone:1"));
+        let mut l = Ledger::default();
+        assert!(l.recent(0, true, 10).is_none(), "nothing read yet");
+        // A decision read and wrote at t=100 (a's take).
+        let r = read_with(&s, l.unwritten());
+        l.written(take_after(&s, r, a).unwrap(), Some(100));
+        assert!(l.recent(105, false, 10).is_none(), "alone: shared data");
+        assert!(l.recent(110, true, 10).is_none(), "aged out");
+        assert!(l.recent(99, true, 10).is_none(), "the clock stepped back");
+        let view = l.recent(109, true, 10).expect("busy and young");
+        assert_eq!(count(view, a), 1);
+
+        l.took(b);
+        l.took(a);
+        let view = l.recent(109, true, 10).unwrap();
+        assert_eq!((count(view, a), count(view, b)), (2, 1), "own takes seen");
+        assert_eq!(count(&table(&s), b), 0, "not written");
+        // b's stream ends before its take was written: they cancel out.
+        assert!(!l.release(b));
+        assert_eq!(l.unwritten().taken, &[a]);
+        assert!(l.unwritten().released.is_empty());
+        // A stream of a ends: the unwritten take of a goes (a count is per
+        // endpoint, not per stream); another: its release waits.
+        l.release(a);
+        assert!(l.unwritten().is_empty());
+        assert_eq!(count(l.recent(109, true, 10).unwrap(), a), 1);
+        l.release(a);
+        assert_eq!(l.unwritten().released, &[a]);
+        assert_eq!(count(l.recent(109, true, 10).unwrap(), a), 0);
+
+        // Another worker took b meanwhile; the write carries ours and reads theirs.
+        add(&s, b, 1).unwrap();
+        let table_now = write(&s, l.unwritten()).unwrap().unwrap();
+        l.written(table_now, None);
+        assert_eq!((count(&table(&s), a), count(&table(&s), b)), (0, 1));
+        assert!(l.unwritten().is_empty());
+        assert_eq!(count(l.recent(109, true, 10).unwrap(), b), 1);
+        assert!(
+            l.recent(110, true, 10).is_none(),
+            "a write without a time keeps the age"
+        );
+
+        // A window's takes are bounded: no view after MAX_VIEW_TAKES.
+        for _ in 0..MAX_VIEW_TAKES - 1 {
+            l.took(b);
+        }
+        assert!(l.recent(109, true, 10).is_some());
+        l.took(b);
+        assert!(l.recent(109, true, 10).is_none());
+        // Too many waiting: a release says a write is due.
+        for _ in 0..MAX_UNWRITTEN - MAX_VIEW_TAKES - 1 {
+            assert!(!l.release(gone));
+        }
+        assert!(l.release(a));
+        l.write_failed();
+        assert!(
+            l.unwritten().is_empty(),
+            "a host that keeps refusing loses counts, not memory"
+        );
+        assert!(l.recent(109, true, 10).is_none());
     }
 
     #[test]

@@ -335,6 +335,8 @@ fn in_flight_counts_spread_load_across_workers_and_return_to_zero() {
     let mut open = Vec::new();
     for i in 0..8 {
         let vm = if i % 2 == 0 { &mut w1 } else { &mut w2 };
+        // A busy worker sees the other's counts once its view is 10 ms old.
+        vm.advance_ms(10);
         let (s, a) = chat(vm, &chat_body("food-review"));
         assert_eq!(a, Action::Continue);
         open.push((i % 2, s));
@@ -364,41 +366,75 @@ fn in_flight_counts_spread_load_across_workers_and_return_to_zero() {
     assert_eq!(state["in_flight"], json!({E1: 0, E2: 0}));
 }
 
-/// A worker with other requests open holds a release back (a shared-data read
-/// and write saved): its next take writes it, and so does its tick; the last
-/// stream to end writes everything at once.
+/// A worker with other requests open routes on its own view of the counts and
+/// writes its takes and releases together at most every 10 ms (a shared-data
+/// read and a write saved per request); its tick and its last stream to end
+/// write them too. A take given back before it was written never is.
 #[test]
-fn releases_under_load_ride_on_the_next_take_or_the_tick() {
+fn under_load_a_worker_writes_its_counts_at_most_every_10_ms() {
     let host = Host::new();
     let mut w = gateway(&host, &config());
-    let streams: Vec<u32> = (0..4)
-        .map(|_| chat(&mut w, &chat_body("food-review")).0)
-        .collect();
-    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (2, 2));
     let to = |w: &Vm, s: u32| {
         w.request_header(s, "x-gateway-destination-endpoint")
             .unwrap()
     };
-    let first = to(&w, streams[0]);
-    w.end(streams[0]);
-    assert_eq!(host.in_flight(&first), 2, "held back while others are open");
-    // The next request sees the release and writes it with its own count.
-    let (s, _) = chat(&mut w, &chat_body("food-review"));
-    assert_eq!(to(&w, s), first, "the endpoint with the released stream");
-    assert_eq!((host.in_flight(E1), host.in_flight(E2)), (2, 2));
-    w.end(s);
-    assert_eq!(host.in_flight(&first), 2);
+    let total = || host.in_flight(E1) + host.in_flight(E2);
+    let first = chat(&mut w, &chat_body("food-review")).0;
+    assert_eq!(total(), 1, "alone: taken in shared data at once");
+
+    // Busy: three more within the window, none read or written.
+    w.reset_host_calls();
+    let more: Vec<u32> = (0..3)
+        .map(|_| chat(&mut w, &chat_body("food-review")).0)
+        .collect();
+    let counts_read = w
+        .shared_reads()
+        .iter()
+        .filter(|k| *k == "igw.inflight")
+        .count();
+    assert_eq!(counts_read, 0, "routed on the worker's view");
+    assert_eq!(total(), 1, "held back");
+    let mut dests: Vec<String> = std::iter::once(first)
+        .chain(more.iter().copied())
+        .map(|s| to(&w, s))
+        .collect();
+    dests.sort();
+    assert_eq!(dests, [E1, E1, E2, E2], "its own takes spread the load");
+
+    // Another worker takes two counts meanwhile: this one does not know yet.
+    let mut other = gateway(&host, &config());
+    let others: Vec<u32> = (0..2)
+        .map(|_| {
+            other.advance_ms(10);
+            chat(&mut other, &chat_body("food-review")).0
+        })
+        .collect();
+    assert_eq!(total(), 3);
+
+    // A stream taken and given back inside the window cancels out.
+    w.end(more[2]);
+    assert_eq!(total(), 3);
+
+    // 10 ms on: the next request reads the others' counts and writes its own
+    // with the three held back.
+    w.advance_ms(10);
+    let late = chat(&mut w, &chat_body("food-review")).0;
+    assert_eq!(total(), 6, "first, more[0], more[1], the other's two, late");
+
+    // Within the next window a release waits; the tick writes it.
+    w.end(more[0]);
+    assert_eq!(total(), 6);
     w.tick();
-    assert_eq!(host.in_flight(&first), 1, "the tick writes it");
-    w.end(streams[1]);
-    w.end(streams[2]);
-    assert_ne!((host.in_flight(E1), host.in_flight(E2)), (0, 0));
-    w.end(streams[3]);
-    assert_eq!(
-        (host.in_flight(E1), host.in_flight(E2)),
-        (0, 0),
-        "the last one writes all"
-    );
+    assert_eq!(total(), 5, "the tick writes it");
+
+    for s in others {
+        other.end(s);
+    }
+    w.end(more[1]);
+    w.end(late);
+    assert_ne!(total(), 0, "first is still open: held back");
+    w.end(first);
+    assert_eq!(total(), 0, "the last one writes all");
 }
 
 #[test]

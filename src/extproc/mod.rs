@@ -269,7 +269,7 @@ impl Picker {
             draw,
             subset,
             // One process: a release is a store update without a host call.
-            released: &[],
+            counts: gateway::Counts::Shared(Default::default()),
         })
         .map_err(|refused| {
             if let (false, "capacity_exhausted", Some(pool)) =

@@ -135,15 +135,16 @@ impl GatewayStream {
         let now_ms = super::now_ms(self);
         let members = self.snapshot.borrow_mut().current(&config, now_ms);
         self.capped_pool = config.policy(plan.pool).is_some();
+        let exact = config.any_policy();
         if self.capped_pool {
-            // Caps are checked against the stored counts: no held-back release
-            // may make an endpoint look fuller than it is.
-            store::flush_released();
+            // Caps are checked against the stored counts: no change held back
+            // may make an endpoint look fuller (or emptier) than it is.
+            store::flush_counts();
         }
         let draw = self.rng.u32(..);
-        let choice = store::with_released(|released| {
+        let choice = store::with_counts(now_ms, exact, |counts| {
             store::with_prefix_store(now_ms, |prefix_store| {
-                let choice = gateway::choose(&gateway::Inputs {
+                gateway::choose(&gateway::Inputs {
                     config: &config,
                     plan,
                     members: &members,
@@ -152,10 +153,8 @@ impl GatewayStream {
                     now_ms,
                     draw,
                     subset: None,
-                    released,
-                });
-                let written = choice.as_ref().is_ok_and(|c| c.released_written);
-                (choice, written)
+                    counts,
+                })
             })
         });
         let choice = match choice {
@@ -276,13 +275,13 @@ impl GatewayStream {
     }
 
     /// Gives back the in-flight count this stream holds. The last open request
-    /// of the worker writes the releases held back, also when it holds none
+    /// of the worker writes the count changes noted, also when it holds none
     /// itself (it never got past its body).
     fn release(&mut self) {
         if let Some(key) = self.holding.take() {
             store::release_in_flight(key, !self.capped_pool);
         } else if self.metrics_open() && !store::others_open(1) {
-            store::flush_released();
+            store::flush_counts();
         }
     }
 }

@@ -52,7 +52,7 @@ impl RootContext for Root {
             store::publish_policies(&config);
             define_counters(&config);
             auth::configure(&config);
-            // Merges the request metrics and writes the in-flight releases a
+            // Merges the request metrics and writes the in-flight changes a
             // worker under load holds, at most `FLUSH_INTERVAL_MS` late even
             // when no request records or routes meanwhile.
             self.set_tick_period(std::time::Duration::from_millis(
@@ -73,7 +73,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         store::flush_metrics(now_ms(self));
-        store::flush_released();
+        store::flush_counts();
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -1,5 +1,6 @@
 //! Shared data through the host, behind the pure `SharedStore` trait.
 
+use crate::gateway::{Choice, Counts, Refused};
 use crate::inflight::{self, SharedStore, StoreError};
 use crate::membership::Membership;
 use crate::observe;
@@ -217,67 +218,78 @@ pub fn others_open(own: u32) -> bool {
 }
 
 thread_local! {
-    /// In-flight counts this worker gave back while it had other requests open,
-    /// not written yet: the next take on this worker writes them with its own
-    /// (`gateway::Inputs::released`), the root's tick at the latest. A release
-    /// written on its own is a shared-data read and write, the costliest host
-    /// calls a request makes; under load this saves both for every request.
-    static RELEASED: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// This worker's in-flight changes not in shared data yet and its view of
+    /// the counts (`inflight::Ledger`): written at most every
+    /// [`COUNTS_WRITE_MS`] while the worker has other requests open, at once
+    /// when it has none, on the root's tick at the latest.
+    static LEDGER: std::cell::RefCell<inflight::Ledger> = std::cell::RefCell::default();
 }
 
-/// At most this many releases wait; one more is written with them at once.
-const MAX_HELD_RELEASES: usize = 256;
+/// How long a busy worker routes on its view of the in-flight counts before it
+/// writes its changes and reads the other workers' (as on its snapshot).
+pub const COUNTS_WRITE_MS: u64 = VERSION_CHECK_MS;
 
-/// Gives back one count of the in-flight key `key`: held back (if `may_wait`)
-/// while this worker has other requests open (the caller's own is still
-/// counted open), written now otherwise, with any held back before.
+/// Gives back one count of the in-flight key `key`: noted (if `may_wait`) while
+/// this worker has other requests open (the caller's own is still counted
+/// open), written now otherwise, with everything noted before.
 pub fn release_in_flight(key: u64, may_wait: bool) {
-    let _ = RELEASED.try_with(|held| {
-        if let Ok(mut held) = held.try_borrow_mut() {
-            held.push(key);
-            if !may_wait || !others_open(1) || held.len() >= MAX_HELD_RELEASES {
-                write_released(&mut held);
+    let _ = LEDGER.try_with(|ledger| {
+        if let Ok(mut ledger) = ledger.try_borrow_mut() {
+            let due = ledger.release(key);
+            if due || !may_wait || !others_open(1) {
+                write_counts(&mut ledger);
             }
         }
     });
 }
 
 /// The tick, and a pool whose backend policy caps need exact counts: writes
-/// the releases held back.
-pub fn flush_released() {
-    let _ = RELEASED.try_with(|held| {
-        if let Ok(mut held) = held.try_borrow_mut() {
-            if !held.is_empty() {
-                write_released(&mut held);
-            }
+/// the changes noted.
+pub fn flush_counts() {
+    let _ = LEDGER.try_with(|ledger| {
+        if let Ok(mut ledger) = ledger.try_borrow_mut() {
+            write_counts(&mut ledger);
         }
     });
 }
 
-fn write_released(held: &mut Vec<u64>) {
-    match inflight::release(&HostStore, held) {
-        Ok(()) => held.clear(),
-        // Kept for the next try, within bounds: a host that keeps refusing
-        // loses counts (as a failed release always did), not memory.
+fn write_counts(ledger: &mut inflight::Ledger) {
+    match inflight::write(&HostStore, ledger.unwritten()) {
+        Ok(Some(table)) => ledger.written(table, None),
+        Ok(None) => {}
         Err(err) => {
+            let u = ledger.unwritten();
             log::warn!(
-                "inference-gateway: {} in-flight release(s) not written: {err:?}",
-                held.len()
+                "inference-gateway: {} in-flight change(s) not written: {err:?}",
+                u.taken.len() + u.released.len()
             );
-            if held.len() >= MAX_HELD_RELEASES {
-                held.clear();
-            }
+            ledger.write_failed();
         }
     }
 }
 
-/// Runs `f` (a routing decision) with the releases held back; forgets them when
-/// `f` reports it wrote them.
-pub fn with_released<T>(f: impl FnOnce(&[u64]) -> (T, bool)) -> T {
-    RELEASED.with_borrow_mut(|held| {
-        let (out, written) = f(held);
-        if written {
-            held.clear();
+/// Runs a routing decision on the in-flight counts as this worker may see them
+/// at `now_ms` (its own recent view while busy, unless the configuration needs
+/// `exact` counts), then keeps what the decision wrote or took.
+pub fn with_counts(
+    now_ms: u64,
+    exact: bool,
+    decide: impl FnOnce(Counts<'_>) -> Result<Choice, Refused>,
+) -> Result<Choice, Refused> {
+    LEDGER.with_borrow_mut(|ledger| {
+        let busy = others_open(1) && !exact;
+        let counts = match ledger.recent(now_ms, busy, COUNTS_WRITE_MS) {
+            Some(view) => Counts::Recent(view),
+            None => Counts::Shared(ledger.unwritten()),
+        };
+        let mut out = decide(counts);
+        if let Ok(choice) = &mut out {
+            if let Some(table) = choice.written.take() {
+                ledger.written(table, Some(now_ms));
+            }
+            if let (true, Some(k)) = (choice.take_unwritten, choice.holding) {
+                ledger.took(k);
+            }
         }
         out
     })

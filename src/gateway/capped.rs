@@ -245,7 +245,7 @@ mod tests {
             now_ms: 1_050,
             draw: 7,
             subset: None,
-            released: &[],
+            counts: crate::gateway::Counts::Shared(Default::default()),
         })
     }
 

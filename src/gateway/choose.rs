@@ -30,10 +30,21 @@ pub struct Inputs<'a> {
     /// The Endpoint Picker Protocol's subset hint: when set, only these pool
     /// members (`ip:port`) may be picked; none of them a member is a 503.
     pub subset: Option<&'a [String]>,
-    /// In-flight counts the host gave back and has not written yet (one key per
-    /// stream, see `inflight::read_releasing`): the counts are read corrected by
-    /// them, and taking the chosen endpoint's count writes them.
-    pub released: &'a [u64],
+    /// How the in-flight counts are read and the chosen endpoint's taken.
+    pub counts: Counts<'a>,
+}
+
+/// Where a decision reads the in-flight counts and takes its own.
+#[derive(Debug, Clone, Copy)]
+pub enum Counts<'a> {
+    /// From shared data, corrected by the host's changes not written yet; the
+    /// take writes them with it (`inflight::read_with`, `take_after`).
+    Shared(inflight::Unwritten<'a>),
+    /// From the host's own recent view of the table (`inflight::Ledger`): no
+    /// shared data is read or written, the host notes the take
+    /// (`Choice::take_unwritten`). Never for a pool with a backend policy: its
+    /// admission takes the count in shared data itself.
+    Recent(&'a [u8]),
 }
 
 /// A routed request.
@@ -51,8 +62,12 @@ pub struct Choice {
     /// A backend policy's PREFERRED endpoints were all full: this went to a
     /// DEFAULT one.
     pub spilled: bool,
-    /// `Inputs::released` are written: the host forgets them.
-    pub released_written: bool,
+    /// The table as this decision wrote it (its take, with `Counts::Shared`'s
+    /// unwritten changes, which the host forgets).
+    pub written: Option<Vec<u8>>,
+    /// `holding`'s count is taken on `Counts::Recent`'s view only: the host
+    /// notes it, to be written later.
+    pub take_unwritten: bool,
 }
 
 /// A request that is not routed, with the error the client gets.
@@ -75,7 +90,7 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         now_ms,
         draw,
         subset,
-        released,
+        counts,
     } = *inputs;
     let (Some(pool), Some(profile)) = (
         config.pools.get(plan.pool),
@@ -114,11 +129,19 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     // Every candidate's in-flight count from one read; everything else by
     // position in the membership built once per snapshot.
     let pool_members = members.members(plan.pool);
-    let table = inflight::read_releasing(store, released);
+    let read = match counts {
+        Counts::Shared(unwritten) => Some(inflight::read_with(store, unwritten)),
+        Counts::Recent(_) => None,
+    };
+    let view: &[u8] = match counts {
+        Counts::Recent(view) => view,
+        Counts::Shared(_) => &[],
+    };
+    let table = read.as_ref().map_or(view, |r| r.table.as_slice());
     let crate::membership::InFlight {
         counts: in_flight,
         held: mut touched,
-    } = members.in_flight(plan.pool, &table.table);
+    } = members.in_flight(plan.pool, table);
     // `Snapshot::endpoint_is_fresh`, with the snapshot's own age checked once.
     let stale_after = config.snapshot_stale_after_ms;
     let snapshot_fresh = members
@@ -289,12 +312,16 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
     let key = pool_members[position(chosen)].key;
     // A backend policy's admission took the count itself, from a fresh read:
     // the releases wait for the next take.
-    let mut released_written = false;
-    let holding = match taken {
-        Some(held) => held,
-        None => match inflight::add_after(store, table, key, 1) {
-            Ok(_) => {
-                released_written = true;
+    let (mut written, mut take_unwritten) = (None, false);
+    let holding = match (taken, read) {
+        (Some(held), _) => held,
+        (None, None) => {
+            take_unwritten = true;
+            Some(key)
+        }
+        (None, Some(read)) => match inflight::take_after(store, read, key) {
+            Ok(table) => {
+                written = Some(table);
                 Some(key)
             }
             Err(err) => {
@@ -319,7 +346,8 @@ pub fn choose(inputs: &Inputs<'_>) -> Result<Choice, Refused> {
         destination,
         holding,
         spilled,
-        released_written,
+        written,
+        take_unwritten,
     })
 }
 
@@ -422,17 +450,24 @@ mod tests {
         snap: &Snapshot,
         store: &MemoryStore,
     ) -> Result<Choice, Refused> {
-        run_with(cfg, body, snap, store, None, &[])
+        run_with(
+            cfg,
+            body,
+            snap,
+            store,
+            None,
+            Counts::Shared(Default::default()),
+        )
     }
 
-    /// [`run`] with a subset hint and held-back releases.
+    /// [`run`] with a subset hint and a way to the counts.
     fn run_with(
         cfg: &Config,
         body: &[u8],
         snap: &Snapshot,
         store: &MemoryStore,
         subset: Option<&[String]>,
-        released: &[u64],
+        counts: Counts<'_>,
     ) -> Result<Choice, Refused> {
         let plan = plan_route(cfg, ApiKind::Completions, body, None, 0).unwrap();
         choose(&Inputs {
@@ -444,7 +479,7 @@ mod tests {
             now_ms: 1_050,
             draw: 0,
             subset,
-            released,
+            counts,
         })
     }
 
@@ -464,10 +499,10 @@ mod tests {
         assert!(text.starts_with("127.0.0.1:2="), "{text}");
     }
 
-    /// Counts the host gave back but has not written: the decision sees them
-    /// given back, and the take writes them with its own count.
+    /// Changes the host has not written: the decision sees them, and the take
+    /// writes them with its own count.
     #[test]
-    fn held_back_releases_count_as_given_back_and_are_written_by_the_take() {
+    fn unwritten_takes_and_releases_count_and_are_written_by_the_take() {
         let (cfg, store) = (config(), MemoryStore::default());
         let snap = snapshot(1_000, [0, 0, 0]);
         let k = |i: usize| inflight::key(EPS[i]);
@@ -476,19 +511,53 @@ mod tests {
                 inflight::add(&store, k(i), 1).unwrap();
             }
         }
-        let pick = |released: &[u64]| run_with(&cfg, HI, &snap, &store, None, released).unwrap();
-        // Both of endpoint 1's streams ended: it is the idle one now.
-        let c = pick(&[k(0), k(0)]);
-        assert_eq!(c.endpoint, EPS[0]);
-        assert!(c.released_written);
-        let counts = |store: &MemoryStore| {
-            let t = inflight::table(store);
-            [0, 1, 2].map(|i| inflight::count(&t, k(i)))
+        let pick = |taken: &[u64], released: &[u64]| {
+            let unwritten = inflight::Unwritten { taken, released };
+            run_with(&cfg, HI, &snap, &store, None, Counts::Shared(unwritten)).unwrap()
         };
-        assert_eq!(counts(&store), [1, 1, 1], "two given back, one taken");
-        let c = pick(&[]);
-        assert!(c.released_written, "nothing held back: trivially written");
-        assert_eq!(counts(&store).iter().sum::<u64>(), 4);
+        let counts = |t: &[u8]| [0, 1, 2].map(|i| inflight::count(t, k(i)));
+        // Both of endpoint 0's streams ended and one more went to endpoint 1:
+        // endpoint 0 is the idle one now.
+        let c = pick(&[k(1)], &[k(0), k(0)]);
+        assert_eq!(c.endpoint, EPS[0]);
+        assert!(!c.take_unwritten);
+        assert_eq!(
+            counts(&inflight::table(&store)),
+            [1, 2, 1],
+            "all written with the take"
+        );
+        assert_eq!(
+            c.written.as_deref(),
+            Some(inflight::table(&store).as_slice())
+        );
+        let c = pick(&[], &[]);
+        assert!(c.written.is_some(), "nothing held back: the take alone");
+        assert_eq!(counts(&inflight::table(&store)).iter().sum::<u64>(), 5);
+    }
+
+    /// On a host's recent view the decision reads and writes no shared data: it
+    /// picks by the view and leaves the take to the host.
+    #[test]
+    fn a_decision_on_a_recent_view_touches_no_shared_data() {
+        let (cfg, store) = (config(), MemoryStore::default());
+        let snap = snapshot(1_000, [0, 0, 0]);
+        let k = |i: usize| inflight::key(EPS[i]);
+        inflight::add(&store, k(2), 1).unwrap();
+        // The view: endpoints 0 and 2 busy, 1 idle; shared data says 2 only.
+        let mut view = Vec::new();
+        inflight::apply(&mut view, k(0), 1);
+        inflight::apply(&mut view, k(2), 1);
+        let reads = store.reads();
+        let c = run_with(&cfg, HI, &snap, &store, None, Counts::Recent(&view)).unwrap();
+        assert_eq!(c.endpoint, EPS[1], "by the view, not by shared data");
+        assert_eq!((c.holding, c.take_unwritten), (Some(k(1)), true));
+        assert!(c.written.is_none());
+        assert_eq!(store.reads(), reads, "no read");
+        assert_eq!(
+            inflight::count(&inflight::table(&store), k(1)),
+            0,
+            "no write"
+        );
     }
 
     #[test]
@@ -673,7 +742,7 @@ mod tests {
                         now_ms,
                         draw,
                         subset: None,
-                        released: &[],
+                        counts: Counts::Shared(Default::default()),
                     })
                     .map(|c| (c.destination, c.holding))
                     .map_err(|r| r.shed)
@@ -720,7 +789,16 @@ mod tests {
         let (cfg, store) = (config(), MemoryStore::default());
         // 127.0.0.1:2 is idle and would win; the hint allows 1 and 3 only.
         let snap = snapshot(1_000, [2, 0, 1]);
-        let pick = |subset: &[String]| run_with(&cfg, HI, &snap, &store, Some(subset), &[]);
+        let pick = |subset: &[String]| {
+            run_with(
+                &cfg,
+                HI,
+                &snap,
+                &store,
+                Some(subset),
+                Counts::Shared(Default::default()),
+            )
+        };
         let hint = vec!["127.0.0.1:1".to_string(), " 127.0.0.1:3".to_string()];
         let c = pick(&hint).unwrap();
         assert_eq!(c.endpoint, "127.0.0.1:3");

@@ -6,7 +6,7 @@ mod capped;
 mod choose;
 pub mod headers;
 
-pub use choose::{choose, Choice, Inputs, Refused};
+pub use choose::{choose, Choice, Counts, Inputs, Refused};
 
 use crate::config::{Config, OtherPaths};
 use crate::openai::{request, ApiError, ApiKind};
