@@ -1149,7 +1149,11 @@ impl Vm {
     }
 
     pub fn advance_ms(&mut self, ms: u64) {
-        self.store.data_mut().now_ns += ms * 1_000_000;
+        self.advance_us(ms * 1_000);
+    }
+
+    pub fn advance_us(&mut self, us: u64) {
+        self.store.data_mut().now_ns += us * 1_000;
     }
 
     pub fn now_ms(&self) -> u64 {
