@@ -987,6 +987,44 @@ fn scrape(c: &mut Vm) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// The response's `usage` is found wherever it falls in the module's 64-byte
+/// blocks (the Wasm SIMD masks), never in generated text that quotes one, and
+/// escapes are followed across blocks and chunks.
+#[test]
+fn usage_is_read_at_every_block_position_and_never_from_generated_text() {
+    let host = Host::new();
+    let mut vm = gateway(&host, &config());
+    for pad in 0..130 {
+        let content = format!(
+            "{}say \\\"usage\\\":{{\\\"prompt_tokens\\\":999}} \\\\",
+            "x".repeat(pad)
+        );
+        // A block or more of plain text before the key: its block has no
+        // backslash, so only the masks find it.
+        let filler = "y".repeat(64 + pad % 64);
+        let body = format!(
+            r#"{{"id":"c","choices":[{{"message":{{"content":"{content}"}}}}],"filler":"{filler}","usage":{{"prompt_tokens":{pad},"completion_tokens":3}}}}"#
+        );
+        let (s, a) = chat(&mut vm, &chat_body("food-review"));
+        assert_eq!(a, Action::Continue);
+        vm.response_headers(
+            s,
+            &[(":status", "200"), ("content-type", "application/json")],
+            false,
+        );
+        // In two chunks cut at a point that moves with `pad`.
+        let cut = (pad * 7) % body.len();
+        vm.response_body(s, &body.as_bytes()[..cut], false, false);
+        vm.response_body(s, &body.as_bytes()[cut..], true, false);
+        vm.end(s);
+        let fields = vm.property(s, "igw").expect("access-log fields");
+        assert!(
+            fields.contains(&format!(" input_tokens={pad} output_tokens=3 ")),
+            "pad {pad}: {fields}\n{body}"
+        );
+    }
+}
+
 #[test]
 fn requests_feed_shared_data_metrics_that_the_control_vm_renders() {
     let host = Host::new();

@@ -62,6 +62,12 @@ impl UsageScanner {
 
     pub fn feed(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() {
+            let key_open = self.in_string && self.key_len != usize::MAX;
+            if self.after == After::Nothing && self.capture.is_none() && !key_open {
+                // Most of a response: no `usage` key in view.
+                chunk = self.skip(chunk);
+                continue;
+            }
             if self.escape || self.after != After::Nothing {
                 // An escaped byte, or what follows a `"usage"` key: a byte or two,
                 // stepped one by one.
@@ -92,6 +98,76 @@ impl UsageScanner {
             self.byte(b);
             chunk = rest;
         }
+    }
+
+    /// What [`Self::byte`] does over `chunk` while no `usage` key or object is
+    /// in view, at a cost per block of 64 bytes instead of per byte: masks of
+    /// its quotes, backslashes and `u`s ([`masks`]) show where strings open
+    /// and close. A block without backslashes whose strings do not start with
+    /// `u` is done by its masks alone; any other is followed quote by
+    /// backslash. At a string that opens as `"usage"` it stops after the key
+    /// and returns the rest; a string opening too near the end of `chunk` to
+    /// tell goes to [`Self::byte`], which keeps its first bytes. Returns what
+    /// is left for the byte path (empty: all of `chunk` done).
+    fn skip<'a>(&mut self, chunk: &'a [u8]) -> &'a [u8] {
+        let mut in_string = self.in_string;
+        // Where in `chunk` the byte an unescaped backslash escapes is.
+        let mut escaped = if self.escape { 0 } else { usize::MAX };
+        for base in (0..chunk.len()).step_by(64) {
+            let len = (chunk.len() - base).min(64);
+            let m = masks(chunk, base, len);
+            // The last byte's string may open with the next block's `u`.
+            let last = 1u64 << (len - 1);
+            if m.backslashes == 0 && escaped != base {
+                // After each byte: inside a string (a quote toggles).
+                let inside = prefix_xor(m.quotes) ^ if in_string { !0 } else { 0 };
+                let opening = m.quotes & inside;
+                if opening & ((m.us >> 1) | last) == 0 {
+                    in_string ^= m.quotes.count_ones() % 2 == 1;
+                    continue;
+                }
+            }
+            let mut special = m.quotes | m.backslashes;
+            while special != 0 {
+                let i = special.trailing_zeros();
+                special &= special - 1;
+                let at = base + i as usize;
+                if at == escaped {
+                    continue; // an escaped quote or backslash is string text
+                }
+                let quote = (m.quotes >> i) & 1 == 1;
+                if in_string {
+                    if quote {
+                        in_string = false;
+                    } else {
+                        escaped = at + 1;
+                    }
+                } else if quote {
+                    // A string opens (a backslash outside strings changes nothing).
+                    match chunk.get(at + 1..at + 7) {
+                        Some(b"usage\"") => {
+                            self.in_string = false;
+                            self.escape = false;
+                            self.after = After::Key;
+                            return &chunk[at + 7..];
+                        }
+                        Some(_) => in_string = true,
+                        None if chunk.get(at + 1).is_some_and(|&b| b != b'u') => in_string = true,
+                        None => {
+                            self.in_string = false;
+                            self.escape = false;
+                            self.byte(b'"');
+                            return &chunk[at + 1..];
+                        }
+                    }
+                }
+            }
+        }
+        self.in_string = in_string;
+        // A string the fast path opened is not a key it has to follow.
+        self.key_len = usize::MAX;
+        self.escape = escaped == chunk.len();
+        &[]
     }
 
     /// Bytes of the captured object, kept while it stays within
@@ -193,6 +269,81 @@ impl UsageScanner {
     }
 }
 
+/// Bit `i` set where byte `base + i` of `chunk` (`len` ≤ 64 bytes from
+/// `base`, none past it) is a quote, a backslash or a `u`.
+struct Masks {
+    quotes: u64,
+    backslashes: u64,
+    us: u64,
+}
+
+fn masks(chunk: &[u8], base: usize, len: usize) -> Masks {
+    let rest = &chunk[base..base + len];
+    if let Some(block) = rest.first_chunk::<64>() {
+        return block_masks(block, 0);
+    }
+    if let Some(block) = chunk.last_chunk::<64>() {
+        // The chunk's last 64 bytes, the ones before `base` shifted out.
+        return block_masks(block, 64 - len as u32);
+    }
+    let mut padded = [0u8; 64];
+    padded[..len].copy_from_slice(rest);
+    block_masks(&padded, 0)
+}
+
+/// [`Masks`] of a 64-byte `block`, shifted right by `shift`: with Wasm SIMD 16
+/// bytes a compare.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn block_masks(block: &[u8; 64], shift: u32) -> Masks {
+    use core::arch::wasm32::{u8x16_bitmask, u8x16_eq, u8x16_splat, v128_load};
+    let (quote, backslash, u) = (u8x16_splat(b'"'), u8x16_splat(b'\\'), u8x16_splat(b'u'));
+    let mut m = Masks {
+        quotes: 0,
+        backslashes: 0,
+        us: 0,
+    };
+    for lane in 0..4 {
+        // SAFETY: 16 bytes at 16 * lane (at most 48) of 64 bytes; a Wasm load
+        // has no alignment requirement.
+        let v = unsafe { v128_load(block.as_ptr().add(16 * lane).cast()) };
+        let at = 16 * lane as u32;
+        m.quotes |= u64::from(u8x16_bitmask(u8x16_eq(v, quote))) << at;
+        m.backslashes |= u64::from(u8x16_bitmask(u8x16_eq(v, backslash))) << at;
+        m.us |= u64::from(u8x16_bitmask(u8x16_eq(v, u))) << at;
+    }
+    m.quotes >>= shift;
+    m.backslashes >>= shift;
+    m.us >>= shift;
+    m
+}
+
+/// [`block_masks`] without Wasm SIMD (native builds: tests, the picker).
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn block_masks(block: &[u8; 64], shift: u32) -> Masks {
+    let mut m = Masks {
+        quotes: 0,
+        backslashes: 0,
+        us: 0,
+    };
+    for (i, &b) in block.iter().enumerate() {
+        m.quotes |= u64::from(b == b'"') << i;
+        m.backslashes |= u64::from(b == b'\\') << i;
+        m.us |= u64::from(b == b'u') << i;
+    }
+    m.quotes >>= shift;
+    m.backslashes >>= shift;
+    m.us >>= shift;
+    m
+}
+
+/// Bit `i` of the result: the parity of bits 0..=i of `x`.
+fn prefix_xor(mut x: u64) -> u64 {
+    for shift in [1, 2, 4, 8, 16, 32] {
+        x ^= x << shift;
+    }
+    x
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,14 +420,23 @@ mod tests {
         );
     }
 
-    /// The fast path over string text finds what stepping every byte finds.
+    /// Whether a string that may still be the key `usage` is open (the byte
+    /// path keeps its first bytes; the fast path decided at its quote).
+    fn key_pending(s: &UsageScanner) -> bool {
+        s.in_string && s.key_len <= 5 && s.key[..s.key_len] == b"usage"[..s.key_len]
+    }
+
+    /// The fast paths (a run of string text, a block of 64 bytes looked at
+    /// only for quotes and backslashes) find what stepping every byte finds,
+    /// cut in chunks anywhere.
     #[test]
     fn feeding_chunks_equals_stepping_each_byte() {
         let mut rng = fastrand::Rng::with_seed(11);
         let alphabet = b"{}\":usage \\,0123456789promptcletin_x\n";
         let mut found = 0;
-        for _ in 0..2000 {
-            let len = rng.usize(0..300);
+        for _ in 0..4000 {
+            let longest = if rng.bool() { 300 } else { 1500 };
+            let len = rng.usize(0..longest);
             let mut bytes: Vec<u8> = (0..len).map(|_| *rng.choice(alphabet).unwrap()).collect();
             if rng.bool() {
                 let at = rng.usize(0..=bytes.len());
@@ -296,8 +456,16 @@ mod tests {
                 stepped.byte(b);
             }
             let mut fed = UsageScanner::new();
-            for c in bytes.chunks(rng.usize(1..=bytes.len().max(1))) {
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let n = match rng.u8(0..4) {
+                    0 => rng.usize(1..=8),
+                    1 => 64,
+                    _ => rng.usize(1..=rest.len()),
+                };
+                let (c, r) = rest.split_at(n.min(rest.len()));
                 fed.feed(c);
+                rest = r;
             }
             assert_eq!(
                 fed.usage(),
@@ -306,14 +474,17 @@ mod tests {
                 String::from_utf8_lossy(&bytes)
             );
             assert_eq!(
-                (fed.in_string, fed.escape, fed.key_len, fed.after),
+                (fed.in_string, fed.escape, key_pending(&fed), fed.after),
                 (
                     stepped.in_string,
                     stepped.escape,
-                    stepped.key_len,
+                    key_pending(&stepped),
                     stepped.after
-                )
+                ),
+                "{}",
+                String::from_utf8_lossy(&bytes)
             );
+            assert_eq!(fed.capture.is_some(), stepped.capture.is_some());
             found += usize::from(stepped.usage().is_some());
         }
         assert!(found > 100, "the inputs must reach usage objects: {found}");
